@@ -1,0 +1,262 @@
+"""SAM's ViT image encoder (ViTDet-style): windowed + global attention, decomposed relative
+positions, absolute position embedding, and a neck down to ``out_chans`` channels.
+
+Module and parameter names match the official checkpoints. The arithmetic is the official one,
+reorganised for CPU speed and memory without changing results beyond float32 rounding:
+
+* the qkv projection runs on the unpadded token grid; padded window positions get the qkv bias,
+  which is exactly what the reference computes for its zero-padded (post-norm) tokens;
+* attention runs through ``scaled_dot_product_attention`` with the relative-position bias as the
+  additive mask, in query chunks for global blocks so the (N x N) attention never materialises
+  for all heads at once;
+* the output projection runs on the unpadded grid.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple, Type
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .common import LayerNorm2d, MLPBlock
+
+# Bound on the attention-bias bytes built at once in a global-attention block (per chunk).
+_ATTN_CHUNK_BYTES = 64 * 2**20
+
+
+class ImageEncoderViT(nn.Module):
+    """(B, 3, img_size, img_size) normalised image -> (B, out_chans, img_size/patch, img_size/patch)."""
+
+    def __init__(
+        self,
+        img_size: int = 1024,
+        patch_size: int = 16,
+        in_chans: int = 3,
+        embed_dim: int = 768,
+        depth: int = 12,
+        num_heads: int = 12,
+        mlp_ratio: float = 4.0,
+        out_chans: int = 256,
+        qkv_bias: bool = True,
+        norm_layer: Type[nn.Module] = nn.LayerNorm,
+        act_layer: Type[nn.Module] = nn.GELU,
+        use_abs_pos: bool = True,
+        use_rel_pos: bool = False,
+        rel_pos_zero_init: bool = True,
+        window_size: int = 0,
+        global_attn_indexes: Tuple[int, ...] = (),
+    ) -> None:
+        super().__init__()
+        self.img_size = img_size
+        self.patch_embed = PatchEmbed(
+            kernel_size=(patch_size, patch_size),
+            stride=(patch_size, patch_size),
+            in_chans=in_chans,
+            embed_dim=embed_dim,
+        )
+        grid = img_size // patch_size
+        self.pos_embed: Optional[nn.Parameter] = None
+        if use_abs_pos:
+            self.pos_embed = nn.Parameter(torch.zeros(1, grid, grid, embed_dim))
+
+        self.blocks = nn.ModuleList(
+            Block(
+                dim=embed_dim,
+                num_heads=num_heads,
+                mlp_ratio=mlp_ratio,
+                qkv_bias=qkv_bias,
+                norm_layer=norm_layer,
+                act_layer=act_layer,
+                use_rel_pos=use_rel_pos,
+                rel_pos_zero_init=rel_pos_zero_init,
+                window_size=window_size if i not in global_attn_indexes else 0,
+                input_size=(grid, grid),
+            )
+            for i in range(depth)
+        )
+        self.neck = nn.Sequential(
+            nn.Conv2d(embed_dim, out_chans, kernel_size=1, bias=False),
+            LayerNorm2d(out_chans),
+            nn.Conv2d(out_chans, out_chans, kernel_size=3, padding=1, bias=False),
+            LayerNorm2d(out_chans),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.patch_embed(x)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed
+        for blk in self.blocks:
+            x = blk(x)
+        return self.neck(x.permute(0, 3, 1, 2))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block on a (B, H, W, C) grid, windowed (``window_size`` > 0) or global."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = True,
+        norm_layer: Type[nn.Module] = nn.LayerNorm,
+        act_layer: Type[nn.Module] = nn.GELU,
+        use_rel_pos: bool = False,
+        rel_pos_zero_init: bool = True,
+        window_size: int = 0,
+        input_size: Optional[Tuple[int, int]] = None,
+    ) -> None:
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = Attention(
+            dim,
+            num_heads=num_heads,
+            qkv_bias=qkv_bias,
+            use_rel_pos=use_rel_pos,
+            rel_pos_zero_init=rel_pos_zero_init,
+            input_size=input_size if window_size == 0 else (window_size, window_size),
+        )
+        self.norm2 = norm_layer(dim)
+        self.mlp = MLPBlock(embedding_dim=dim, mlp_dim=int(dim * mlp_ratio), act=act_layer)
+        self.window_size = window_size
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), self.window_size)
+        return x + self.mlp(self.norm2(x))
+
+
+class Attention(nn.Module):
+    """Multi-head attention with decomposed relative position embeddings, on a (B, H, W, C) grid."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        qkv_bias: bool = True,
+        use_rel_pos: bool = False,
+        rel_pos_zero_init: bool = True,
+        input_size: Optional[Tuple[int, int]] = None,
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        head_dim = dim // num_heads
+        self.scale = head_dim**-0.5
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+        self.use_rel_pos = use_rel_pos
+        if use_rel_pos:
+            if input_size is None:
+                raise ValueError("input_size is needed for relative positional encoding")
+            self.rel_pos_h = nn.Parameter(torch.zeros(2 * input_size[0] - 1, head_dim))
+            self.rel_pos_w = nn.Parameter(torch.zeros(2 * input_size[1] - 1, head_dim))
+
+    def forward(self, x: torch.Tensor, window_size: int = 0) -> torch.Tensor:
+        B, H, W, C = x.shape
+        qkv = self.qkv(x)  # (B, H, W, 3C)
+        if window_size > 0:
+            pad_h = (window_size - H % window_size) % window_size
+            pad_w = (window_size - W % window_size) % window_size
+            if pad_h or pad_w:
+                # The reference pads the normalised tokens with zeros before qkv: a padded
+                # token's q, k, v is then the qkv bias.
+                Hp, Wp = H + pad_h, W + pad_w
+                fill = self.qkv.bias if self.qkv.bias is not None else qkv.new_zeros(3 * C)
+                padded = fill.to(qkv.dtype).expand(B, Hp, Wp, 3 * C).clone()
+                padded[:, :H, :W] = qkv
+                qkv = padded
+            qkv, (Hp, Wp) = window_partition(qkv, window_size)
+            out = self._attend(qkv)  # (B*nW, ws, ws, C)
+            out = window_unpartition(out, window_size, (Hp, Wp), (H, W))
+        else:
+            out = self._attend(qkv)
+        return self.proj(out)
+
+    def _attend(self, qkv: torch.Tensor) -> torch.Tensor:
+        """(B, h, w, 3C) projected tokens -> (B, h, w, C) attention output (before proj)."""
+        B, h, w, C3 = qkv.shape
+        nh = self.num_heads
+        q, k, v = qkv.reshape(B, h * w, 3, nh, C3 // (3 * nh)).permute(2, 0, 3, 1, 4).unbind(0)
+        # q, k, v: (B, nh, N, hd)
+        n = h * w
+        rows = max(1, min(n, _ATTN_CHUNK_BYTES // max(1, B * nh * n * q.element_size())))
+        rows = max(w, (rows // w) * w)  # whole rows of the grid keep the bias decomposition simple
+        if self.use_rel_pos:
+            Rh = get_rel_pos(h, h, self.rel_pos_h).to(q.dtype)  # (h, h, hd)
+            Rw = get_rel_pos(w, w, self.rel_pos_w).to(q.dtype)  # (w, w, hd)
+        outs = []
+        for start in range(0, n, rows):
+            stop = min(n, start + rows)
+            qc = q[:, :, start:stop]
+            bias = None
+            if self.use_rel_pos:
+                hr = (stop - start) // w
+                r_q = qc.reshape(B, nh, hr, w, -1)
+                h0 = start // w
+                rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, Rh[h0 : h0 + hr])
+                rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, Rw)
+                bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(B, nh, stop - start, n)
+            outs.append(F.scaled_dot_product_attention(qc, k, v, attn_mask=bias, scale=self.scale))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+        return out.transpose(1, 2).reshape(B, h, w, -1)
+
+
+def window_partition(x: torch.Tensor, window_size: int) -> Tuple[torch.Tensor, Tuple[int, int]]:
+    """(B, H, W, C) -> (B * num_windows, ws, ws, C), zero-padding H and W up to multiples of ws."""
+    B, H, W, C = x.shape
+    pad_h = (window_size - H % window_size) % window_size
+    pad_w = (window_size - W % window_size) % window_size
+    if pad_h > 0 or pad_w > 0:
+        x = F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+    Hp, Wp = H + pad_h, W + pad_w
+    x = x.view(B, Hp // window_size, window_size, Wp // window_size, window_size, C)
+    windows = x.permute(0, 1, 3, 2, 4, 5).contiguous().view(-1, window_size, window_size, C)
+    return windows, (Hp, Wp)
+
+
+def window_unpartition(
+    windows: torch.Tensor, window_size: int, pad_hw: Tuple[int, int], hw: Tuple[int, int]
+) -> torch.Tensor:
+    """(B * num_windows, ws, ws, C) -> (B, H, W, C), dropping the padding."""
+    Hp, Wp = pad_hw
+    H, W = hw
+    B = windows.shape[0] // (Hp * Wp // window_size // window_size)
+    x = windows.view(B, Hp // window_size, Wp // window_size, window_size, window_size, -1)
+    x = x.permute(0, 1, 3, 2, 4, 5).contiguous().view(B, Hp, Wp, -1)
+    if Hp > H or Wp > W:
+        x = x[:, :H, :W, :].contiguous()
+    return x
+
+
+def get_rel_pos(q_size: int, k_size: int, rel_pos: torch.Tensor) -> torch.Tensor:
+    """Relative position embeddings (q_size, k_size, C) picked (and resized if needed) from (L, C)."""
+    max_rel_dist = int(2 * max(q_size, k_size) - 1)
+    if rel_pos.shape[0] != max_rel_dist:
+        rel_pos_resized = F.interpolate(
+            rel_pos.reshape(1, rel_pos.shape[0], -1).permute(0, 2, 1), size=max_rel_dist, mode="linear"
+        )
+        rel_pos_resized = rel_pos_resized.reshape(-1, max_rel_dist).permute(1, 0)
+    else:
+        rel_pos_resized = rel_pos
+    q_coords = torch.arange(q_size)[:, None] * max(k_size / q_size, 1.0)
+    k_coords = torch.arange(k_size)[None, :] * max(q_size / k_size, 1.0)
+    relative_coords = (q_coords - k_coords) + (k_size - 1) * max(q_size / k_size, 1.0)
+    return rel_pos_resized[relative_coords.long()]
+
+
+class PatchEmbed(nn.Module):
+    """(B, C, H, W) image -> (B, H/p, W/p, embed_dim) patch tokens."""
+
+    def __init__(
+        self,
+        kernel_size: Tuple[int, int] = (16, 16),
+        stride: Tuple[int, int] = (16, 16),
+        padding: Tuple[int, int] = (0, 0),
+        in_chans: int = 3,
+        embed_dim: int = 768,
+    ) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=kernel_size, stride=stride, padding=padding)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x).permute(0, 2, 3, 1)
