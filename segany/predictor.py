@@ -1,0 +1,385 @@
+"""Interactive prediction: embed an image once, then prompt it any number of times.
+
+``SamPredictor`` has the constructor, methods, arguments and return values of
+``segment_anything.SamPredictor`` 1.0, so switching is a one-line import change. ``Segmenter``
+is segany's own, simpler API on top of it (paths or arrays in, a ``Prediction`` out, embeddings
+that can be saved and loaded).
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .modeling import Sam
+from .transforms import ResizeLongestSide
+
+ImageLike = Union[str, "os.PathLike[str]", np.ndarray, Any]
+
+
+class PromptError(ValueError):
+    """A prompt has the wrong shape, a non-finite value, or lies outside the image."""
+
+
+def _finite(name: str, a: np.ndarray) -> None:
+    if not np.all(np.isfinite(a)):
+        raise PromptError(f"{name} contains NaN or infinite values")
+
+
+def _check_in_image(name: str, xy: np.ndarray, size: Tuple[int, int]) -> None:
+    h, w = size
+    bad = (xy[..., 0] < 0) | (xy[..., 0] > w) | (xy[..., 1] < 0) | (xy[..., 1] > h)
+    if np.any(bad):
+        first = xy[bad][0]
+        raise PromptError(
+            f"{name} ({first[0]:g}, {first[1]:g}) lies outside the image "
+            f"(x in [0, {w}], y in [0, {h}])"
+        )
+
+
+class _SeparableResize:
+    """The official two-step mask upscaling (bilinear to the padded input, crop, bilinear to the
+    original size) as one precomputed separable linear map with at most 4 taps per output pixel.
+
+    Built once per image; applying it touches only the output pixels, where the official code
+    first writes a full (img_size x img_size) float map per mask. Results equal the official ones
+    up to float32 rounding.
+    """
+
+    def __init__(self, low_res: int, img_size: int, input_size: Tuple[int, int], original_size: Tuple[int, int], device) -> None:
+        self.axes = [
+            self._taps(low_res, img_size, input_size[i], original_size[i], device) for i in range(2)
+        ]
+
+    @staticmethod
+    def _taps(n_low: int, n_pad: int, n_crop: int, n_out: int, device):
+        # Push an identity through the same two interpolations: column j of the result is the
+        # weight of low-res index j for every output index.
+        eye = torch.eye(n_low, dtype=torch.float64).view(n_low, 1, n_low, 1)
+        up = F.interpolate(eye, (n_pad, 1), mode="bilinear", align_corners=False)[:, :, :n_crop]
+        out = F.interpolate(up, (n_out, 1), mode="bilinear", align_corners=False)
+        weights = out.view(n_low, n_out).T  # (n_out, n_low), at most 4 non-zeros per row
+        k = min(4, n_low)
+        w, idx = torch.topk(weights.abs(), k, dim=1)
+        w = torch.gather(weights, 1, idx)
+        return idx.to(device), w.to(device=device, dtype=torch.float32)
+
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+        """(..., low, low) -> (..., H, W)."""
+        (ih, wh), (iw, ww) = self.axes
+        dtype = logits.dtype
+        x = logits.float()
+        rows = (x[..., ih, :] * wh[..., None]).sum(-2)  # (..., H, low)
+        out = rows[..., iw[:, 0]] * ww[:, 0]
+        for t in range(1, iw.shape[1]):
+            out = out + rows[..., iw[:, t]] * ww[:, t]
+        return out.to(dtype)
+
+
+class SamPredictor:
+    """Same API as ``segment_anything.SamPredictor``."""
+
+    def __init__(self, sam_model: Sam) -> None:
+        self.model = sam_model
+        self.transform = ResizeLongestSide(sam_model.image_encoder.img_size)
+        self.reset_image()
+
+    # ----------------------------------------------------------------- image
+    def set_image(self, image: np.ndarray, image_format: str = "RGB") -> None:
+        """Embed an HxWx3 uint8 image (RGB or BGR) for the following ``predict`` calls."""
+        if image_format not in ("RGB", "BGR"):
+            raise ValueError(f"image_format must be 'RGB' or 'BGR', is {image_format!r}")
+        image = np.asarray(image)
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(f"set_image expects an HxWx3 uint8 array, got shape {image.shape} dtype {image.dtype}")
+        if min(image.shape[:2]) < 1:
+            raise ValueError(f"image is empty: shape {image.shape}")
+        if image_format != self.model.image_format:
+            image = image[..., ::-1]
+        input_image = self.transform.apply_image(image)
+        input_image_torch = torch.as_tensor(input_image, device=self.device).permute(2, 0, 1).contiguous()[None]
+        self.set_torch_image(input_image_torch, image.shape[:2])
+
+    @torch.no_grad()
+    def set_torch_image(self, transformed_image: torch.Tensor, original_image_size: Tuple[int, ...]) -> None:
+        """Embed a 1x3xHxW image already resized with ``ResizeLongestSide``."""
+        size = self.model.image_encoder.img_size
+        if not (transformed_image.ndim == 4 and transformed_image.shape[1] == 3 and max(*transformed_image.shape[2:]) == size):
+            raise ValueError(f"set_torch_image input must be BCHW with long side {size}, got {tuple(transformed_image.shape)}")
+        self.reset_image()
+        self.original_size = tuple(int(s) for s in original_image_size)
+        self.input_size = tuple(int(s) for s in transformed_image.shape[-2:])
+        input_image = self.model.preprocess(transformed_image.to(self.device))
+        encoder_dtype = next(self.model.image_encoder.parameters()).dtype
+        features = self.model.image_encoder(input_image.to(encoder_dtype))
+        self.features = features.float()
+        self.is_image_set = True
+
+    def set_embedding(self, features: torch.Tensor, original_size: Sequence[int], input_size: Sequence[int]) -> None:
+        """Use a precomputed image embedding (1, C, h, w) instead of running the encoder."""
+        pe = self.model.prompt_encoder
+        expected = (1, pe.embed_dim, *pe.image_embedding_size)
+        if tuple(features.shape) != expected:
+            raise ValueError(f"embedding has shape {tuple(features.shape)}, this model expects {expected}")
+        size = self.model.image_encoder.img_size
+        exp_input = ResizeLongestSide.get_preprocess_shape(int(original_size[0]), int(original_size[1]), size)
+        if tuple(int(s) for s in input_size) != exp_input:
+            raise ValueError(f"input_size {tuple(input_size)} does not match original_size {tuple(original_size)} for this model")
+        self.reset_image()
+        self.features = features.to(self.device, torch.float32)
+        self.original_size = tuple(int(s) for s in original_size)
+        self.input_size = exp_input
+        self.is_image_set = True
+
+    # --------------------------------------------------------------- prompts
+    def predict(
+        self,
+        point_coords: Optional[np.ndarray] = None,
+        point_labels: Optional[np.ndarray] = None,
+        box: Optional[np.ndarray] = None,
+        mask_input: Optional[np.ndarray] = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Masks (C, H, W) at the original size, scores (C,), low-res logits (C, 256, 256).
+
+        point_coords: (N, 2) xy pixels; point_labels: (N,) 1 foreground, 0 background;
+        box: (4,) xyxy; mask_input: (1, 256, 256) logits from a previous call.
+        """
+        if not self.is_image_set:
+            raise RuntimeError("An image must be set with .set_image(...) before mask prediction.")
+        coords_t = labels_t = box_t = mask_t = None
+        if point_coords is not None:
+            if point_labels is None:
+                raise PromptError("point_labels must be supplied if point_coords is supplied.")
+            pc = np.asarray(point_coords, dtype=np.float64)
+            pl = np.asarray(point_labels)
+            if pc.ndim != 2 or pc.shape[1] != 2:
+                raise PromptError(f"point_coords must have shape (N, 2), got {pc.shape}")
+            if pl.shape != (pc.shape[0],):
+                raise PromptError(f"point_labels must have shape ({pc.shape[0]},), got {pl.shape}")
+            _finite("point_coords", pc)
+            _finite("point_labels", pl.astype(np.float64))
+            if not np.all(np.isin(pl, (-1, 0, 1))):
+                raise PromptError(f"point_labels must be 1 (foreground), 0 (background) or -1 (ignore), got {np.unique(pl).tolist()}")
+            _check_in_image("point", pc, self.original_size)
+            pc = self.transform.apply_coords(pc, self.original_size)
+            coords_t = torch.as_tensor(pc, dtype=torch.float, device=self.device)[None]
+            labels_t = torch.as_tensor(pl.astype(np.int64), dtype=torch.int, device=self.device)[None]
+        elif point_labels is not None:
+            raise PromptError("point_labels given without point_coords")
+        if box is not None:
+            b = np.asarray(box, dtype=np.float64)
+            if b.size != 4:
+                raise PromptError(f"box must have 4 values (x0, y0, x1, y1), got shape {b.shape}")
+            b = b.reshape(4)
+            _finite("box", b)
+            if b[2] < b[0] or b[3] < b[1]:
+                raise PromptError(f"box must be (x0, y0, x1, y1) with x0 <= x1 and y0 <= y1, got {b.tolist()}")
+            _check_in_image("box corner", b.reshape(2, 2), self.original_size)
+            b = self.transform.apply_boxes(b, self.original_size)
+            box_t = torch.as_tensor(b, dtype=torch.float, device=self.device)
+        if mask_input is not None:
+            m = np.asarray(mask_input, dtype=np.float32)
+            exp = (1, *self.model.prompt_encoder.mask_input_size)
+            if m.shape != exp:
+                raise PromptError(f"mask_input must have shape {exp} (low-res logits of a previous prediction), got {m.shape}")
+            _finite("mask_input", m)
+            mask_t = torch.as_tensor(m, device=self.device)[None]
+
+        masks, iou, low_res = self.predict_torch(coords_t, labels_t, box_t, mask_t, multimask_output, return_logits=return_logits)
+        return masks[0].cpu().numpy(), iou[0].cpu().numpy(), low_res[0].cpu().numpy()
+
+    @torch.no_grad()
+    def predict_torch(
+        self,
+        point_coords: Optional[torch.Tensor],
+        point_labels: Optional[torch.Tensor],
+        boxes: Optional[torch.Tensor] = None,
+        mask_input: Optional[torch.Tensor] = None,
+        multimask_output: bool = True,
+        return_logits: bool = False,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Batched prompts already in the input frame: point_coords (B, N, 2), point_labels (B, N),
+        boxes (B, 4), mask_input (B, 1, 256, 256). Returns masks (B, C, H, W), iou (B, C),
+        low-res logits (B, C, 256, 256)."""
+        if not self.is_image_set:
+            raise RuntimeError("An image must be set with .set_image(...) before mask prediction.")
+        low_res, iou = self.decode(point_coords, point_labels, boxes, mask_input, multimask_output)
+        masks = self.upscale(low_res)
+        if not return_logits:
+            masks = masks > self.model.mask_threshold
+        return masks, iou, low_res
+
+    def decode(
+        self,
+        point_coords: Optional[torch.Tensor],
+        point_labels: Optional[torch.Tensor],
+        boxes: Optional[torch.Tensor] = None,
+        mask_input: Optional[torch.Tensor] = None,
+        multimask_output: bool = True,
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Prompt encoder + mask decoder only: low-res logits (B, C, 4h, 4w) and iou (B, C)."""
+        points = (point_coords, point_labels) if point_coords is not None else None
+        with torch.no_grad():
+            sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
+            return self.model.mask_decoder(
+                image_embeddings=self.features,
+                image_pe=self.model.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=multimask_output,
+            )
+
+    def upscale(self, low_res_logits: torch.Tensor) -> torch.Tensor:
+        """Low-res logits (..., 4h, 4w) -> logits at the original image size (..., H, W)."""
+        if self._resize is None:
+            self._resize = _SeparableResize(
+                low_res_logits.shape[-1], self.model.image_encoder.img_size, self.input_size, self.original_size, self.device
+            )
+        return self._resize(low_res_logits)
+
+    def get_image_embedding(self) -> torch.Tensor:
+        """The (1, C, h, w) embedding of the current image."""
+        if not self.is_image_set:
+            raise RuntimeError("An image must be set with .set_image(...) to generate an embedding.")
+        return self.features
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def reset_image(self) -> None:
+        self.is_image_set = False
+        self.features = None
+        self.orig_h = self.orig_w = self.input_h = self.input_w = None
+        self.original_size = None
+        self.input_size = None
+        self._resize = None
+
+
+@dataclass
+class Prediction:
+    """Result of ``Segmenter.predict``: masks (C, H, W) bool, scores (C,), logits (C, 256, 256)
+    low-res, to feed back as ``mask=`` on the next click."""
+
+    masks: np.ndarray
+    scores: np.ndarray
+    logits: np.ndarray
+
+    @property
+    def best(self) -> np.ndarray:
+        """The mask with the highest predicted IoU, (H, W) bool."""
+        return self.masks[int(np.argmax(self.scores))]
+
+    @property
+    def best_logits(self) -> np.ndarray:
+        """Low-res logits (1, 256, 256) of the best mask, ready for the next ``mask=``."""
+        i = int(np.argmax(self.scores))
+        return self.logits[i : i + 1]
+
+
+class Segmenter:
+    """segany's own interactive API.
+
+    >>> seg = Segmenter("tiny")                    # bundled model; or "vit_b", or a checkpoint path
+    >>> seg.set_image("photo.jpg")                 # path, PIL image or HxWx3 uint8 array
+    >>> p = seg.predict(points=[(120, 80)])        # labels default to foreground
+    >>> p = seg.predict(points=[(120, 80), (40, 40)], labels=[1, 0], mask=p.best_logits)
+    >>> seg.save_embedding("photo.emb.pt")         # reuse later with load_embedding
+    """
+
+    def __init__(self, model: Union[str, Sam] = "tiny", device: Optional[str] = None, checkpoint: Optional[str] = None) -> None:
+        if isinstance(model, Sam):
+            sam = model if device is None else model.to(device)
+            self.model_name = getattr(model, "model_name", "custom")
+        else:
+            from .checkpoints import load_model
+
+            sam = load_model(model, checkpoint=checkpoint, device=device)
+            self.model_name = getattr(sam, "model_name", model)
+        self.predictor = SamPredictor(sam)
+
+    @property
+    def model(self) -> Sam:
+        return self.predictor.model
+
+    def set_image(self, image: ImageLike) -> np.ndarray:
+        """Embed an image; returns it as the HxWx3 uint8 RGB array that was embedded."""
+        from .io import load_image
+
+        arr = load_image(image)
+        self.predictor.set_image(arr)
+        return arr
+
+    def predict(
+        self,
+        points: Optional[Sequence[Sequence[float]]] = None,
+        labels: Optional[Sequence[int]] = None,
+        box: Optional[Sequence[float]] = None,
+        mask: Optional[np.ndarray] = None,
+        multimask: Optional[bool] = None,
+    ) -> Prediction:
+        """Points (N, 2) xy with labels (default all 1), a box xyxy, and/or previous low-res logits.
+
+        ``multimask`` defaults to True for a single point without box (an ambiguous prompt, as in
+        the paper) and False otherwise."""
+        pc = None if points is None or len(points) == 0 else np.asarray(points, dtype=np.float64)
+        pl = None
+        if pc is not None:
+            pl = np.ones(len(pc), dtype=np.int64) if labels is None else np.asarray(labels)
+        if multimask is None:
+            multimask = box is None and (pc is None or len(pc) == 1)
+        b = None if box is None else np.asarray(box, dtype=np.float64)
+        if mask is not None:
+            mask = np.asarray(mask, dtype=np.float32)
+            if mask.ndim == 2:
+                mask = mask[None]
+        masks, scores, logits = self.predictor.predict(pc, pl, b, mask, multimask_output=multimask)
+        return Prediction(masks=masks, scores=scores, logits=logits)
+
+    def save_embedding(self, path: Union[str, "os.PathLike[str]"]) -> None:
+        """Write the current image embedding (with sizes and model name) atomically."""
+        from .io import atomic_torch_save
+
+        p = self.predictor
+        if not p.is_image_set:
+            raise RuntimeError("set an image before saving its embedding")
+        atomic_torch_save(
+            {
+                "features": p.features.cpu(),
+                "original_size": torch.tensor(p.original_size),
+                "input_size": torch.tensor(p.input_size),
+                "model": self.model_name,
+            },
+            path,
+        )
+
+    def load_embedding(self, path: Union[str, "os.PathLike[str]"]) -> None:
+        """Use an embedding written by ``save_embedding`` (or ``segany embed``)."""
+        data = load_embedding_file(path)
+        if data["model"] not in (self.model_name, "custom") and self.model_name != "custom":
+            raise ValueError(f"{path}: embedding was made with model {data['model']!r}, this segmenter uses {self.model_name!r}")
+        self.predictor.set_embedding(data["features"], data["original_size"], data["input_size"])
+
+
+def load_embedding_file(path: Union[str, "os.PathLike[str]"]) -> dict:
+    """Read an embedding file safely (``weights_only``); clear error if it is not one."""
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # pickle errors, truncation, not a torch file
+        raise ValueError(f"{path}: not a segany embedding file ({type(e).__name__}: {e})") from None
+    if not isinstance(data, dict) or not {"features", "original_size", "input_size"} <= set(data):
+        raise ValueError(f"{path}: not a segany embedding file (missing features/original_size/input_size)")
+    return {
+        "features": data["features"].float(),
+        "original_size": tuple(int(v) for v in data["original_size"].tolist()),
+        "input_size": tuple(int(v) for v in data["input_size"].tolist()),
+        "model": str(data.get("model", "custom")),
+    }
