@@ -53,6 +53,12 @@ class Variant:
     aliases: tuple = field(default=())
 
 
+# sha256 and byte sizes of the official files: not computed here (no download in this project's
+# build), but cross-checked against several independent public projects that hard-code them
+# (download scripts and model registries, e.g. micro_sam's checksum table, which also lists
+# MobileSAM's mobile_sam.pt at commit f706ad9; and projects that record sizes: ViT-H 2564550879,
+# ViT-L 1249524607, ViT-B 375042383, mobile_sam.pt 40728226). Every value below appeared
+# identically in at least two unrelated sources.
 VARIANTS: Dict[str, Variant] = {
     v.name: v
     for v in [
@@ -101,8 +107,8 @@ VARIANTS: Dict[str, Variant] = {
             "MobileSAM TinyViT (10M parameters)",
             url="https://github.com/ChaoningZhang/MobileSAM/raw/master/weights/mobile_sam.pt",
             filename="mobile_sam.pt",
-            sha256=None,
-            size=None,
+            sha256="6dbb90523a35330fedd7f1d3dfc66f995213d81b29a5ca8108dbcdd4e37d6c2f",
+            size=40728226,
         ),
     ]
 }
@@ -184,6 +190,9 @@ def load_model(
     the verified download cache. ``name`` may also be a path to a checkpoint, in which case the
     variant is inferred from its keys and shapes."""
     if checkpoint is None and name not in VARIANTS and os.path.exists(str(name)):
+        config = safetensors_config(name)
+        if config is not None:  # a model saved with its own config (e.g. by segany's trainer)
+            return _load_with_config(Path(name), config, "custom", device)
         checkpoint, name = name, infer_variant(read_state_dict(name))
     v = resolve_name(name)
     if checkpoint is None:
@@ -198,18 +207,35 @@ def load_model(
 
 
 def _load_bundled(v: Variant, device: Optional[str]) -> Sam:
-    from safetensors import safe_open
-
     path = Path(__file__).parent / "weights" / v.bundled
     if not path.is_file():
         raise CheckpointError(f"bundled weights {path} are missing from this installation")
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
+    return _load_with_config(path, safetensors_config(path) or v.config, v.name, device)
+
+
+def safetensors_config(path: PathLike) -> Optional[Dict[str, Any]]:
+    """The model config stored in a .safetensors file's metadata (key "config"), if any."""
+    path = Path(path)
+    if path.suffix != ".safetensors" or not path.is_file():
+        return None
     import json
 
-    config = json.loads(meta["config"]) if "config" in meta else v.config
-    sam = build_sam(config)
-    sam.model_name = v.name
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        return json.loads(meta["config"]) if "config" in meta else None
+    except Exception as e:
+        raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from None
+
+
+def _load_with_config(path: Path, config: Dict[str, Any], model_name: str, device: Optional[str]) -> Sam:
+    try:
+        sam = build_sam(config)
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{path}: its stored model config cannot be built ({type(e).__name__}: {e})") from None
+    sam.model_name = model_name
     load_state_dict_strict(sam, read_state_dict(path), source=str(path))
     return sam.to(device or "cpu").eval()
 
