@@ -12,6 +12,7 @@ from typing import List, Optional
 # ``set_defaults(func=...)`` where func(args) -> int exit code.
 COMMAND_MODULES = [
     "segany.commands",  # segment, embed, models
+    "segany.evaluate.cli",  # eval
 ]
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2

@@ -1,0 +1,260 @@
+"""segany.evaluate: metrics, the simulated user, the GrabCut baseline, reports and ``segany eval``."""
+from __future__ import annotations
+
+import json
+import os
+
+import cv2
+import numpy as np
+import pytest
+from PIL import Image
+
+from segany.evaluate import (
+    GrabCutMethod,
+    SamMethod,
+    evaluate,
+    jitter_box,
+    mask_box,
+    mask_iou,
+    next_click,
+    noc,
+    plot_miou,
+    proposal_recall,
+    simulate_clicks,
+    summarize_clicks,
+)
+
+TINY = {
+    "image_size": 64,
+    "prompt_embed_dim": 16,
+    "encoder": {"type": "vit", "embed_dim": 16, "depth": 1, "num_heads": 1, "global_attn_indexes": [0],
+                "patch_size": 8, "window_size": 0},
+    "decoder": {"depth": 1, "mlp_dim": 32, "num_heads": 1, "iou_head_hidden_dim": 16},
+}
+
+
+def rect(h, w, y0, y1, x0, x1):
+    m = np.zeros((h, w), bool)
+    m[y0:y1, x0:x1] = True
+    return m
+
+
+# ----------------------------------------------------------------------------- metrics
+def test_mask_iou_and_ignore():
+    gt = rect(10, 10, 0, 5, 0, 10)  # 50 px
+    pred = rect(10, 10, 0, 10, 0, 5)  # 50 px, overlap 25
+    assert mask_iou(pred, gt) == pytest.approx(25 / 75)
+    ignore = rect(10, 10, 5, 10, 0, 10)  # bottom half ignored: pred there does not count
+    assert mask_iou(pred, gt, ignore) == pytest.approx(25 / 50)
+    assert mask_iou(np.zeros((3, 3), bool), np.zeros((3, 3), bool)) == 1.0
+    with pytest.raises(ValueError):
+        mask_iou(np.zeros((3, 3), bool), np.zeros((3, 4), bool))
+
+
+def test_first_click_is_deepest_interior_point():
+    gt = rect(40, 60, 5, 16, 20, 31)  # 11 x 11 square: centre row 10, column 25
+    gt[20:40, 0:60] = True  # plus a thinner (20-row) band touching the image border
+    gt[16:20, 20:31] = True
+    c = next_click(np.zeros_like(gt), gt)
+    assert c.positive and (c.x, c.y) != (25, 10)  # the band is deeper (10 px) than the square (6 px)
+    sq = rect(40, 60, 5, 16, 20, 31)
+    c = next_click(np.zeros_like(sq), sq)
+    assert c.positive and (c.x, c.y) == (25, 10)
+    assert c.xy == (25.5, 10.5)
+
+
+def test_image_border_counts_as_boundary():
+    # an 11 x 11 square in the top-left corner. Without the zero padding its deepest point would
+    # be the image corner (0, 0), farthest from the object's only inner edges.
+    gt = rect(31, 40, 0, 11, 0, 11)
+    c = next_click(np.zeros_like(gt), gt)
+    assert c.positive and (c.x, c.y) == (5, 5)
+
+
+def test_next_click_negative_when_prediction_spills_over():
+    gt = rect(50, 50, 20, 30, 20, 30)
+    pred = rect(50, 50, 0, 50, 0, 50)  # covers everything: only false positives
+    c = next_click(pred, gt)
+    assert not c.positive and not gt[c.y, c.x]
+    # a large false-negative region beats a thin false-positive one
+    pred2 = rect(50, 50, 20, 22, 20, 45)
+    gt2 = rect(50, 50, 20, 40, 20, 40)
+    c2 = next_click(pred2, gt2)
+    assert c2.positive and gt2[c2.y, c2.x] and not pred2[c2.y, c2.x]
+
+
+def test_clicks_avoid_ignore_and_clicked_pixels():
+    gt = rect(30, 30, 5, 25, 5, 25)
+    ignore = rect(30, 30, 10, 20, 10, 20)  # the middle of the object is ignored
+    c = next_click(np.zeros_like(gt), gt, ignore)
+    assert gt[c.y, c.x] and not ignore[c.y, c.x]
+    clicked = np.zeros_like(gt)
+    clicked[c.y, c.x] = True
+    c2 = next_click(np.zeros_like(gt), gt, ignore, clicked)
+    assert (c2.x, c2.y) != (c.x, c.y)
+
+
+def test_perfect_and_empty_predictors():
+    gt = rect(40, 40, 10, 30, 5, 35)
+    ious, clicks = simulate_clicks(lambda cl: gt, gt, max_clicks=20)
+    assert ious == [1.0] * 20 and len(clicks) == 1  # nothing left to correct: user stops
+    assert noc(ious, 0.85) == 1 and noc(ious, 0.90) == 1
+    empty = np.zeros_like(gt)
+    ious0, clicks0 = simulate_clicks(lambda cl: empty, gt, max_clicks=20)
+    assert ious0 == [0.0] * 20 and len(clicks0) == 20 and all(c.positive for c in clicks0)
+    s = summarize_clicks([ious, ious0], 20)
+    assert s["miou"][0] == 0.5 and s["noc85"] == pytest.approx((1 + 20) / 2) and s["noc90"] == pytest.approx(10.5)
+    assert s["nof90"] == 1 and s["nof90_pct"] == 50.0
+
+
+def test_noc_and_click_feedback():
+    assert noc([0.5, 0.86, 0.91], 0.85) == 2 and noc([0.5, 0.86, 0.91], 0.9) == 3
+    assert noc([0.5, 0.6], 0.9, max_clicks=20) == 20
+    # a predictor that paints disks of radius 6 around positive clicks and erases around
+    # negative ones: the simulated user must keep improving it
+    gt = rect(60, 60, 10, 50, 10, 50)
+    yy, xx = np.mgrid[:60, :60]
+
+    def paint(clicks):
+        m = np.zeros_like(gt)
+        for c in clicks:
+            disk = (yy - c.y) ** 2 + (xx - c.x) ** 2 <= 36
+            m = (m | disk) if c.positive else (m & ~disk)
+        return m
+
+    ious, _ = simulate_clicks(paint, gt, max_clicks=20)
+    assert ious[0] < 0.15 and ious[-1] > ious[4] > ious[0]
+
+
+def test_boxes():
+    gt = rect(20, 30, 3, 9, 4, 11)
+    assert mask_box(gt).tolist() == [4, 3, 11, 9]
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        b = jitter_box(mask_box(gt), gt.shape, rng)
+        assert 0 <= b[0] < b[2] <= 30 and 0 <= b[1] < b[3] <= 20
+    a = jitter_box(mask_box(gt), gt.shape, np.random.default_rng(1))
+    assert np.array_equal(a, jitter_box(mask_box(gt), gt.shape, np.random.default_rng(1)))
+
+
+def test_proposal_recall():
+    g1, g2 = rect(20, 20, 0, 10, 0, 10), rect(20, 20, 10, 20, 10, 20)
+    near = rect(20, 20, 0, 10, 0, 8)  # IoU 0.8 with g1
+    r = proposal_recall([near, g1, rect(20, 20, 0, 1, 0, 1)], [g1, g2], ks=(1, 2))
+    # top-1 = near: recalls g1 at thresholds <= 0.8 (7 of 10); top-2 adds g1 exactly, but near
+    # already took g1 at <= 0.8, so g1 exact only helps above 0.8 -> g1 recalled at all 10
+    assert r[1] == [1] * 7 + [0] * 3
+    assert r[2] == [1] * 10
+
+
+# ---------------------------------------------------------------------------- GrabCut
+def shape_image(seed=0):
+    rng = np.random.default_rng(seed)
+    h, w = 120, 160
+    img = np.zeros((h, w, 3), np.uint8)
+    img[:] = (40, 90, 200)
+    gt = np.zeros((h, w), np.uint8)
+    cv2.ellipse(gt, (80, 60), (45, 30), 15, 0, 360, 1, -1)
+    img[gt > 0] = (220, 60, 40)
+    noise = rng.normal(0, 12, img.shape)
+    return np.clip(img + noise, 0, 255).astype(np.uint8), gt.astype(bool)
+
+
+def test_grabcut_box_and_clicks_on_a_generated_image():
+    img, gt = shape_image()
+    gc = GrabCutMethod()
+    gc.set_image(img)
+    assert mask_iou(gc.predict_box(mask_box(gt)), gt) > 0.8
+    gc.reset()
+    ious, clicks = simulate_clicks(gc.predict_clicks, gt, max_clicks=3)
+    assert max(ious) > 0.8
+
+
+# ------------------------------------------------------------------- reports and CLI
+def tiny_model(seed=0):
+    import torch
+
+    from segany.modeling import build_sam
+
+    torch.manual_seed(seed)
+    return build_sam(TINY)
+
+
+def make_coco(root, n=3, missing_one=False):
+    from pycocotools import mask as mask_utils
+
+    os.makedirs(os.path.join(root, "images"), exist_ok=True)
+    images, anns = [], []
+    for i in range(n):
+        img, gt = shape_image(i)
+        Image.fromarray(img).save(os.path.join(root, "images", f"im{i}.jpg"))
+        images.append({"id": i + 1, "file_name": f"im{i}.jpg", "height": img.shape[0], "width": img.shape[1]})
+        for k, m in enumerate([gt, rect(*gt.shape, 2, 20, 2, 30)]):
+            rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+            rle["counts"] = rle["counts"].decode("ascii")
+            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": 1, "segmentation": rle,
+                         "area": int(m.sum()), "bbox": [0, 0, 1, 1], "iscrowd": 0})
+    if missing_one:
+        images.append({"id": 99, "file_name": "gone.jpg", "height": 10, "width": 10})
+        anns.append({"id": 999, "image_id": 99, "category_id": 1, "segmentation": [[1, 1, 5, 1, 5, 5]],
+                     "area": 8, "bbox": [1, 1, 4, 4], "iscrowd": 0})
+    with open(os.path.join(root, "annotations.json"), "w") as f:
+        json.dump({"images": images, "annotations": anns, "categories": [{"id": 1, "name": "thing"}]}, f)
+
+
+def test_evaluate_sam_report_and_plot(tmp_path):
+    from segany.datasets import open_dataset
+
+    make_coco(str(tmp_path / "d"), n=2)
+    ds = open_dataset(str(tmp_path / "d"))
+    rep = evaluate(ds, SamMethod(tiny_model()), ("clicks", "box"), max_clicks=4, progress=False)
+    assert rep["objects"] == 4 and rep["skipped"] == []
+    c = rep["clicks"]
+    assert len(c["miou"]) == 4 and all(0 <= v <= 1 for v in c["miou"])
+    assert 1 <= c["noc90"] <= 4 and 0 <= c["nof90_pct"] <= 100
+    assert 0 <= rep["box"]["miou_gt_box"] <= 1
+    # the per-object records hold what the summary was made from
+    assert np.allclose(np.mean([o["clicks"] for o in rep["per_object"]], 0), c["miou"], atol=1e-4)
+    out = tmp_path / "p.png"
+    plot_miou(out, {"a": c["miou"], "b": [0.2, 0.5, 0.7, 0.9]})
+    im = Image.open(out)
+    assert im.format == "PNG" and im.size == (900, 600)
+
+
+def _main(argv, monkeypatch):
+    import segany.cli as cli
+
+    # only this command: the suite must not depend on other subcommands being importable
+    monkeypatch.setattr(cli, "COMMAND_MODULES", ["segany.evaluate.cli"])
+    return cli.main(argv)
+
+
+def test_cli_eval_tiny_coco(tmp_path, monkeypatch, capsys):
+    make_coco(str(tmp_path / "data"), n=2, missing_one=True)
+    model = tiny_model()
+    ckpt = tmp_path / "tiny_test.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt), metadata={"config": json.dumps(TINY)})
+    out = tmp_path / "rep"
+    rc = _main(["eval", str(tmp_path / "data"), "--checkpoint", str(ckpt), "--method", "sam", "--method", "grabcut",
+                "--split", "all", "--max-clicks", "3", "--no-progress", "-o", str(out)], monkeypatch)
+    cap = capsys.readouterr()
+    assert rc == 0, cap.err
+    assert "gone.jpg" in cap.err  # the bad sample is reported and skipped
+    assert "NoC90" in cap.out and "grabcut" in cap.out
+    for m in ("tiny_test", "grabcut"):
+        rep = json.loads((out / f"data.{m}.json").read_text())
+        assert rep["objects"] == 4 and len(rep["skipped"]) == 1 and len(rep["clicks"]["miou"]) == 3
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["method"] for r in summary["rows"]] == ["tiny_test", "grabcut"]
+    assert Image.open(out / "miou_vs_clicks.png").format == "PNG"
+    assert Image.open(out / "data.miou.png").format == "PNG"
+
+
+def test_cli_eval_bad_input(tmp_path, monkeypatch, capsys):
+    assert _main(["eval", str(tmp_path / "nope"), "--method", "grabcut", "-o", str(tmp_path / "r")], monkeypatch) == 2
+    assert "no such data set" in capsys.readouterr().err
+    make_coco(str(tmp_path / "d"), n=1)
+    rc = _main(["eval", str(tmp_path / "d"), "--checkpoint", str(tmp_path / "missing.pth"), "--split", "all", "-o", str(tmp_path / "r")], monkeypatch)
+    assert rc == 2 and "missing.pth" in capsys.readouterr().err
