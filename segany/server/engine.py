@@ -1,0 +1,318 @@
+"""The model side of the server: image embeddings computed once, kept in a bounded LRU, and
+prompted from many request threads.
+
+* Embeddings run on one worker thread (the encoder is the expensive part and two at once would
+  only fight over the same cores); each image has a status (queued / running / ready / error) with
+  elapsed time and an estimate from the previous runs, which the page shows as progress.
+* Each cached embedding owns its own ``SamPredictor`` (``set_embedding``) and lock, so clients on
+  different images never share predictor state and clients on the same image take turns.
+* A prediction keeps its low-res logits on the server under a short token; the next click sends
+  the token back as ``mask_input_id`` instead of 256x256 floats.
+"""
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections import OrderedDict, deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from ..predictor import PromptError, SamPredictor
+from . import rle as rle_utils
+from .storage import ImageRecord
+
+
+class NotReady(RuntimeError):
+    pass
+
+
+@dataclass
+class Entry:
+    key: tuple
+    predictor: SamPredictor
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    logits: "OrderedDict[str, torch.Tensor]" = field(default_factory=OrderedDict)
+    max_logits: int = 48  # 3 per click; 48 x 256 x 256 float32 = 12 MB per cached image
+
+    def keep_logits(self, t: torch.Tensor) -> str:
+        token = uuid.uuid4().hex[:16]
+        self.logits[token] = t
+        while len(self.logits) > self.max_logits:
+            self.logits.popitem(last=False)
+        return token
+
+
+@dataclass
+class Job:
+    key: tuple
+    state: str = "queued"  # queued | running | ready | error
+    queued_at: float = field(default_factory=time.monotonic)
+    started_at: Optional[float] = None
+    finished_at: Optional[float] = None
+    error: Optional[str] = None
+    future: Optional[Future] = None
+
+
+def _key(rec: ImageRecord) -> tuple:
+    return (rec.id, rec.mtime_ns, rec.size)
+
+
+class ModelService:
+    def __init__(self, model, cache_size: int = 8, max_parallel_predict: int = 2) -> None:
+        self.model = model
+        self.name = getattr(model, "model_name", "custom")
+        self.cache_size = max(1, int(cache_size))
+        self._cache: "OrderedDict[tuple, Entry]" = OrderedDict()
+        self._jobs: Dict[tuple, Job] = {}
+        self._lock = threading.Lock()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="segany-embed")
+        self._durations: deque = deque(maxlen=8)
+        self._predict_slots = threading.BoundedSemaphore(max(1, max_parallel_predict))
+        self._proposal_lock = threading.Lock()
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # ------------------------------------------------------------ embeddings
+    def status(self, rec: ImageRecord) -> Dict[str, Any]:
+        k = _key(rec)
+        with self._lock:
+            if k in self._cache:
+                return {"state": "ready", "progress": 1.0}
+            job = self._jobs.get(k)
+        if job is None:
+            return {"state": "none", "progress": 0.0}
+        now = time.monotonic()
+        out: Dict[str, Any] = {"state": job.state}
+        estimate = float(np.mean(self._durations)) if self._durations else None
+        out["estimate_s"] = estimate
+        if job.state == "running" and job.started_at is not None:
+            elapsed = now - job.started_at
+            out["elapsed_s"] = round(elapsed, 3)
+            out["progress"] = round(min(0.95, elapsed / estimate), 3) if estimate else None
+        elif job.state == "queued":
+            out["progress"] = 0.0
+        elif job.state == "error":
+            out["error"] = job.error
+            out["progress"] = 0.0
+        else:
+            out["progress"] = 1.0
+        return out
+
+    def request(self, rec: ImageRecord, load_pixels) -> Dict[str, Any]:
+        """Start embedding ``rec`` unless it is cached or already under way; returns status."""
+        k = _key(rec)
+        with self._lock:
+            if k in self._cache:
+                self._cache.move_to_end(k)
+                return {"state": "ready", "progress": 1.0}
+            job = self._jobs.get(k)
+            if job is None or job.state == "error":
+                job = Job(k)
+                self._jobs[k] = job
+                job.future = self._executor.submit(self._embed, job, rec, load_pixels)
+        return self.status(rec)
+
+    def _embed(self, job: Job, rec: ImageRecord, load_pixels) -> None:
+        job.state, job.started_at = "running", time.monotonic()
+        try:
+            image = load_pixels(rec)
+            p = SamPredictor(self.model)
+            p.set_image(image)
+            # warm the upscaler so the first click is as fast as the rest
+            p.upscale(torch.zeros(1, 1, *self.model.prompt_encoder.mask_input_size))
+            entry = Entry(job.key, p)
+        except Exception as e:  # an unreadable image is reported, never raised in the worker
+            job.state, job.error, job.finished_at = "error", f"{type(e).__name__}: {e}", time.monotonic()
+            return
+        job.finished_at = time.monotonic()
+        self._durations.append(job.finished_at - job.started_at)
+        with self._lock:
+            self._cache[job.key] = entry
+            self._cache.move_to_end(job.key)
+            while len(self._cache) > self.cache_size:
+                self._cache.popitem(last=False)
+            self._jobs.pop(job.key, None)
+        job.state = "ready"
+
+    def entry(self, rec: ImageRecord, load_pixels, wait: float = 120.0) -> Entry:
+        """The cached embedding of ``rec``, computing it first (waiting up to ``wait`` s)."""
+        k = _key(rec)
+        with self._lock:
+            e = self._cache.get(k)
+            if e is not None:
+                self._cache.move_to_end(k)
+                return e
+        self.request(rec, load_pixels)
+        with self._lock:
+            e = self._cache.get(k)
+            job = self._jobs.get(k)
+        if e is not None:
+            return e
+        if job is not None and job.future is not None:
+            try:
+                job.future.result(timeout=wait)
+            except TimeoutError:
+                raise NotReady(f"embedding of {rec.id!r} is still being computed; poll GET /api/status/{rec.id}") from None
+        with self._lock:
+            e = self._cache.get(k)
+        if e is None:
+            st = self.status(rec)
+            if st.get("state") == "error":
+                raise PromptError(f"cannot embed {rec.id!r}: {st.get('error')}")
+            raise NotReady(f"embedding of {rec.id!r} is not ready (state {st.get('state')})")
+        return e
+
+    def cache_info(self) -> Dict[str, Any]:
+        with self._lock:
+            return {"size": len(self._cache), "capacity": self.cache_size, "images": [k[0] for k in self._cache]}
+
+    # ------------------------------------------------------------ prompts
+    def predict(
+        self,
+        entry: Entry,
+        points: Sequence[Sequence[float]],
+        labels: Sequence[int],
+        box: Optional[Sequence[float]],
+        mask_input_id: Optional[str],
+        multimask: bool,
+    ) -> Dict[str, Any]:
+        t0 = time.perf_counter()
+        pc = np.asarray(points, dtype=np.float64).reshape(-1, 2) if len(points) else None
+        pl = np.asarray(labels, dtype=np.int64) if len(points) else None
+        if pc is None and len(labels):
+            raise PromptError("labels given without points")
+        if pc is not None and len(labels) != len(pc):
+            raise PromptError(f"{len(pc)} points but {len(labels)} labels")
+        b = None if box is None else np.asarray(box, dtype=np.float64)
+        if pc is None and b is None:
+            raise PromptError("give at least one point or a box")
+        with self._predict_slots, entry.lock:
+            mask_input = None
+            if mask_input_id is not None:
+                t = entry.logits.get(mask_input_id)
+                if t is None:
+                    raise PromptError(f"unknown or expired mask_input_id {mask_input_id!r}; send the prompt without it")
+                mask_input = t.numpy()
+            masks, scores, low = entry.predictor.predict(pc, pl, b, mask_input, multimask_output=multimask)
+            tokens = [entry.keep_logits(torch.from_numpy(low[i : i + 1].copy())) for i in range(len(scores))]
+        out = []
+        for i in range(len(scores)):
+            seg = rle_utils.encode(masks[i])
+            area, bbox = rle_utils.area_bbox(seg)
+            out.append({"segmentation": seg, "score": float(scores[i]), "area": area, "bbox": bbox, "logits_id": tokens[i]})
+        best = int(np.argmax(scores))
+        return {"masks": out, "best": best, "elapsed_ms": round((time.perf_counter() - t0) * 1000, 2)}
+
+    # ------------------------------------------------------------ proposals
+    @torch.no_grad()
+    def proposals(
+        self,
+        entry: Entry,
+        points_per_side: int = 16,
+        pred_iou_thresh: float = 0.80,
+        stability_score_thresh: float = 0.85,
+        box_nms_thresh: float = 0.7,
+        min_area_fraction: float = 0.0005,
+        max_masks: int = 100,
+        points_per_batch: int = 64,
+    ) -> List[Dict[str, Any]]:
+        """Segment everything on the *cached* embedding: a point grid over the whole image, one
+        crop, candidates filtered by predicted IoU and stability (on the low-res logits), box NMS,
+        then upscaled and RLE-encoded. Sorted by predicted IoU."""
+        with self._proposal_lock:
+            with entry.lock:
+                p = entry.predictor
+                h, w = p.original_size
+                n = int(points_per_side)
+                offs = 1.0 / (2 * n)
+                g = np.linspace(offs, 1 - offs, n)
+                xy = np.stack(np.meshgrid(g * w, g * h), axis=-1).reshape(-1, 2)
+                thr = self.model.mask_threshold
+                lows, ious, pts = [], [], []
+                for s in range(0, len(xy), points_per_batch):
+                    batch = xy[s : s + points_per_batch]
+                    coords = torch.as_tensor(p.transform.apply_coords(batch, p.original_size), dtype=torch.float)[:, None, :]
+                    labels = torch.ones(len(batch), 1, dtype=torch.int)
+                    low, iou = p.decode(coords, labels, None, None, multimask_output=True)
+                    keep = iou.flatten() >= pred_iou_thresh
+                    low = low.flatten(0, 1)[keep]
+                    if len(low):
+                        inter = (low > thr + 1.0).sum((-1, -2)).float()
+                        union = (low > thr - 1.0).sum((-1, -2)).float().clamp(min=1)
+                        stab = inter / union
+                        ok = stab >= stability_score_thresh
+                        lows.append(low[ok])
+                        ious.append(torch.stack([iou.flatten()[keep][ok], stab[ok]], 1))
+                        pts.append(torch.as_tensor(np.repeat(batch, 3, axis=0))[keep.numpy()][ok.numpy()])
+                if not lows:
+                    return []
+                low = torch.cat(lows)
+                sc = torch.cat(ious)
+                pt = torch.cat(pts)
+                if len(low) == 0:
+                    return []
+                # boxes on the low-res grid, NMS by predicted IoU
+                m = low > thr
+                boxes = _mask_boxes(m)
+                order = _nms(boxes, sc[:, 0], box_nms_thresh)[: max_masks * 2]
+                full = p.upscale(low[order]) > thr
+        min_area = min_area_fraction * h * w
+        results = []
+        for j, i in enumerate(order.tolist()):
+            mk = full[j].numpy()
+            area = int(mk.sum())
+            if area < max(1, min_area):
+                continue
+            seg = rle_utils.encode(mk)
+            _, bbox = rle_utils.area_bbox(seg)
+            results.append({
+                "segmentation": seg, "area": area, "bbox": bbox,
+                "predicted_iou": float(sc[i, 0]), "stability_score": float(sc[i, 1]),
+                "point_coords": [[float(pt[i, 0]), float(pt[i, 1])]],
+                "crop_box": [0.0, 0.0, float(w), float(h)],
+            })
+            if len(results) >= max_masks:
+                break
+        return results
+
+
+def _mask_boxes(m: torch.Tensor) -> torch.Tensor:
+    """(N, H, W) bool -> (N, 4) xyxy boxes (zeros for empty masks)."""
+    n, hh, ww = m.shape
+    cols = m.any(1)
+    rows = m.any(2)
+    xs = torch.arange(ww)
+    ys = torch.arange(hh)
+    x0 = torch.where(cols, xs, ww).min(1).values
+    x1 = torch.where(cols, xs, -1).max(1).values
+    y0 = torch.where(rows, ys, hh).min(1).values
+    y1 = torch.where(rows, ys, -1).max(1).values
+    empty = ~cols.any(1)
+    b = torch.stack([x0, y0, x1 + 1, y1 + 1], 1).float()
+    b[empty] = 0
+    return b
+
+
+def _nms(boxes: torch.Tensor, scores: torch.Tensor, thresh: float) -> torch.Tensor:
+    order = torch.argsort(scores, descending=True, stable=True)
+    b = boxes[order]
+    area = (b[:, 2] - b[:, 0]).clamp(min=0) * (b[:, 3] - b[:, 1]).clamp(min=0)
+    lt = torch.max(b[:, None, :2], b[None, :, :2])
+    rb = torch.min(b[:, None, 2:], b[None, :, 2:])
+    wh = (rb - lt).clamp(min=0)
+    inter = wh[..., 0] * wh[..., 1]
+    iou = inter / (area[:, None] + area[None, :] - inter).clamp(min=1e-6)
+    removed = torch.zeros(len(b), dtype=torch.bool)
+    keep = []
+    for i in range(len(b)):
+        if removed[i] or area[i] <= 0:
+            continue
+        keep.append(i)
+        removed |= iou[i] > thresh
+    return order[torch.as_tensor(keep, dtype=torch.long)]
