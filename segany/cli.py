@@ -14,6 +14,7 @@ COMMAND_MODULES = [
     "segany.commands",  # segment, embed, models
     "segany.server",  # serve
     "segany.evaluate.cli",  # eval
+    "segany.engine.cli",  # annotate, dataset
 ]
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
