@@ -103,9 +103,11 @@ def _install_timm_standin() -> None:
 
 def load_reference():
     """Returns the modules (segment_anything, mobile_sam)."""
-    if importlib.util.find_spec("torchvision") is None:
+    # Check sys.modules first: once a stand-in is installed, find_spec raises on it (no __spec__),
+    # so a second call must not ask again.
+    if "torchvision" not in sys.modules and importlib.util.find_spec("torchvision") is None:
         _install_torchvision_standin()
-    if importlib.util.find_spec("timm") is None and "timm" not in sys.modules:
+    if "timm" not in sys.modules and importlib.util.find_spec("timm") is None:
         _install_timm_standin()
     import mobile_sam
     import segment_anything
