@@ -7,6 +7,7 @@ is the last part of each URL, e.g. ``POST /api/predict/street/cars.jpg``.
 from __future__ import annotations
 
 import time
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -21,7 +22,7 @@ from ..io import ImageError
 from ..predictor import PromptError
 from .engine import ModelService, NotReady
 from .rle import RLEError
-from .storage import BadRequest, Dataset, Forbidden, NotFound
+from .storage import BadRequest, Dataset, Forbidden, NotFound, TooLarge
 
 STATIC = Path(__file__).parent / "static"
 
@@ -47,10 +48,6 @@ class AnnotationsBody(BaseModel):
     annotations: List[Dict[str, Any]] = Field(..., max_length=10000, description="SA-1B annotations; area and bbox are recomputed from the RLE")
 
 
-class BodyTooLarge(Exception):
-    pass
-
-
 class BodyLimit:
     """ASGI middleware: refuse request bodies above ``limit`` bytes with 413, whether the client
     declared the length or streams it."""
@@ -70,28 +67,35 @@ class BodyLimit:
             if too_big:
                 return await _send_error(send, 413, f"request body is {int(declared)} bytes, above the limit of {self.limit}")
         seen = 0
-        started = False
+        started = responded = False
 
         async def limited_receive():
-            nonlocal seen
+            nonlocal seen, responded
+            if responded:
+                return {"type": "http.disconnect"}
             msg = await receive()
             if msg["type"] == "http.request":
                 seen += len(msg.get("body", b""))
                 if seen > self.limit:
-                    raise BodyTooLarge()
+                    if not started:
+                        await _send_error(send, 413, f"request body is above the limit of {self.limit} bytes")
+                    responded = True
+                    return {"type": "http.disconnect"}  # the app stops reading
             return msg
 
         async def tracking_send(msg):
             nonlocal started
+            if responded:
+                return  # we already answered 413
             if msg["type"] == "http.response.start":
                 started = True
             await send(msg)
 
         try:
             await self.app(scope, limited_receive, tracking_send)
-        except BodyTooLarge:
-            if not started:
-                await _send_error(send, 413, f"request body is above the limit of {self.limit} bytes")
+        except Exception:
+            if not responded:
+                raise
 
 
 async def _send_error(send, status: int, message: str) -> None:
@@ -112,7 +116,14 @@ def create_app(
     """The server for ``dataset_dir`` with a loaded SAM ``model`` (see ``segany serve``)."""
     ds = Dataset(dataset_dir, max_upload_bytes=max_upload_bytes, max_pixels=max_pixels)
     svc = ModelService(model, cache_size=cache_size)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        yield
+        svc.close()
+
     app = FastAPI(
+        lifespan=lifespan,
         title="segany annotation server",
         version=__version__,
         description="Interactive Segment Anything: embed an image once, click to get masks (COCO RLE), "
@@ -120,7 +131,7 @@ def create_app(
     )
     app.state.dataset, app.state.service = ds, svc
 
-    errors = {NotFound: 404, Forbidden: 403, BadRequest: 400, PromptError: 400, ImageError: 400, RLEError: 400, NotReady: 409}
+    errors = {NotFound: 404, Forbidden: 403, BadRequest: 400, PromptError: 400, ImageError: 400, RLEError: 400, NotReady: 409, TooLarge: 413}
     for exc, code in errors.items():
         app.add_exception_handler(exc, lambda req, e, code=code: JSONResponse({"detail": str(e)}, status_code=code))
 
@@ -131,10 +142,6 @@ def create_app(
             loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
             parts.append(f"{loc or 'body'}: {err.get('msg')}")
         return JSONResponse({"detail": "invalid request: " + "; ".join(parts), "errors": [{k: v for k, v in err.items() if k in ("loc", "msg", "type")} for err in e.errors()[:20]]}, status_code=422)
-
-    @app.on_event("shutdown")
-    def _shutdown() -> None:
-        svc.close()
 
     def rec_of(image_id: str):
         return ds.get(image_id)

@@ -40,6 +40,10 @@ class Forbidden(PermissionError):
     pass
 
 
+class TooLarge(ValueError):
+    pass
+
+
 @dataclass
 class ImageRecord:
     id: str  # path relative to the dataset folder, "/"-separated
@@ -159,7 +163,7 @@ class Dataset:
     # ------------------------------------------------------------ uploads
     def save_upload(self, filename: str, data: bytes) -> ImageRecord:
         if len(data) > self.max_upload_bytes:
-            raise BadRequest(f"upload is {len(data)} bytes, above the limit of {self.max_upload_bytes}")
+            raise TooLarge(f"upload is above the limit of {self.max_upload_bytes} bytes")
         if not data:
             raise BadRequest("upload is empty")
         base = os.path.basename((filename or "").replace("\\", "/"))
