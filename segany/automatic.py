@@ -1,0 +1,464 @@
+"""Segment everything: ``SamAutomaticMaskGenerator``, the official generator's API and results,
+without its cost.
+
+The official generator upsamples every candidate (3 per grid point) to 1024x1024 and then to the
+image size in float before it filters anything. Here the same decisions are taken where they are
+cheap, exactly (up to float32 rounding, as any two implementations of the upscale differ):
+
+* The predicted-IoU filter needs no mask at all; it runs first, on the decoder's scores.
+* The stability score and the box need counts and extents of ``upscale(logits) > t`` at the
+  image resolution. The upscale (bilinear to the padded input, crop, bilinear to the image) is a
+  separable map in which every output pixel is a convex combination of at most 3x3 neighbouring
+  low-res logits. Output rows (columns) are grouped into *cells* by their first low-res tap, so
+  a cell (at most 256 x 256 of them) takes its values from one fixed 3x3 low-res window. Where the
+  window's minimum is above a threshold, every pixel of the cell is above it; where its maximum
+  is not above it, none is. Those cells are counted by their size. Only the remaining cells, the
+  ones a contour passes through, are evaluated pixel by pixel (a 3x3 -> r x c matrix product per
+  cell). Work is proportional to the low-res size plus the contour length, not to the image area.
+* Box NMS runs on those exact boxes before any full-size mask exists; full-size masks are built
+  (the same cells, expanded) only for the survivors, and RLE-encoded in one vectorised pass.
+"""
+from __future__ import annotations
+
+import math
+from itertools import product
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import masks as M
+from .modeling import Sam
+from .predictor import SamPredictor
+
+OUTPUT_MODES = ("binary_mask", "uncompressed_rle", "coco_rle")
+
+
+# ------------------------------------------------------------------------- grids and crops
+def build_point_grid(n_per_side: int) -> np.ndarray:
+    """(n*n, 2) points evenly spaced in [0, 1]^2 (cell centres), x varying fastest."""
+    offset = 1 / (2 * n_per_side)
+    one = np.linspace(offset, 1 - offset, n_per_side)
+    xs = np.tile(one[None, :], (n_per_side, 1))
+    ys = np.tile(one[:, None], (1, n_per_side))
+    return np.stack([xs, ys], axis=-1).reshape(-1, 2)
+
+
+def build_all_layer_point_grids(n_per_side: int, n_layers: int, scale_per_layer: int) -> List[np.ndarray]:
+    return [build_point_grid(int(n_per_side / (scale_per_layer**i))) for i in range(n_layers + 1)]
+
+
+def generate_crop_boxes(im_size: Tuple[int, int], n_layers: int, overlap_ratio: float) -> Tuple[List[List[int]], List[int]]:
+    """The whole image, then (2^i)^2 overlapping crops for layer i = 1..n_layers (XYXY)."""
+    crop_boxes, layer_idxs = [], []
+    im_h, im_w = im_size
+    short_side = min(im_h, im_w)
+    crop_boxes.append([0, 0, im_w, im_h])
+    layer_idxs.append(0)
+
+    def crop_len(orig_len, n_crops, overlap):
+        return int(math.ceil((overlap * (n_crops - 1) + orig_len) / n_crops))
+
+    for i_layer in range(n_layers):
+        n = 2 ** (i_layer + 1)
+        overlap = int(overlap_ratio * short_side * (2 / n))
+        crop_w = crop_len(im_w, n, overlap)
+        crop_h = crop_len(im_h, n, overlap)
+        xs0 = [int((crop_w - overlap) * i) for i in range(n)]
+        ys0 = [int((crop_h - overlap) * i) for i in range(n)]
+        for x0, y0 in product(xs0, ys0):
+            crop_boxes.append([x0, y0, min(x0 + crop_w, im_w), min(y0 + crop_h, im_h)])
+            layer_idxs.append(i_layer + 1)
+    return crop_boxes, layer_idxs
+
+
+def is_box_near_crop_edge(boxes: torch.Tensor, crop_box: Sequence[int], orig_box: Sequence[int], atol: float = 20.0) -> torch.Tensor:
+    """True for boxes (in the crop frame) near a crop edge that is not an image edge."""
+    crop_t = torch.as_tensor(crop_box, dtype=torch.float)
+    orig_t = torch.as_tensor(orig_box, dtype=torch.float)
+    x0, y0 = crop_box[0], crop_box[1]
+    b = (boxes + torch.tensor([[x0, y0, x0, y0]])).float()
+    near_crop = torch.isclose(b, crop_t[None], atol=atol, rtol=0)
+    near_image = torch.isclose(b, orig_t[None], atol=atol, rtol=0)
+    return (near_crop & ~near_image).any(1)
+
+
+# ------------------------------------------------------------------------- cell upscaler
+class _Axis:
+    """One axis of the upscale: output index -> first low-res tap ``m`` and weights of taps
+    m .. m+S-1; outputs grouped into cells by ``m``."""
+
+    def __init__(self, n_low: int, n_pad: int, n_crop: int, n_out: int) -> None:
+        eye = torch.eye(n_low, dtype=torch.float64).view(n_low, 1, n_low, 1)
+        up = F.interpolate(eye, (n_pad, 1), mode="bilinear", align_corners=False)[:, :, :n_crop]
+        out = F.interpolate(up, (n_out, 1), mode="bilinear", align_corners=False)
+        w = out.view(n_low, n_out).T.contiguous()  # (n_out, n_low)
+        nz = w.abs() > 1e-12
+        ar = torch.arange(n_low)
+        first = torch.where(nz, ar, n_low).amin(1)
+        last = torch.where(nz, ar, -1).amax(1)
+        if (last < first).any() or (first[1:] < first[:-1]).any():
+            raise RuntimeError("unexpected upscale weights (non-monotone taps)")
+        self.span = int((last - first).max()) + 1
+        S = self.span
+        idx = (first[:, None] + torch.arange(S)[None]).clamp(max=n_low - 1)
+        local = torch.gather(w, 1, idx) * ((first[:, None] + torch.arange(S)[None]) < n_low)
+        self.n_out = n_out
+        self.first = first
+        self.size = torch.bincount(first, minlength=n_low)[:n_low]  # outputs per cell
+        self.start = torch.cumsum(self.size, 0) - self.size
+        self.max_size = int(self.size.max())
+        R = self.max_size
+        # per cell: (R, S) weights of its outputs (zero rows past the cell's size), validity
+        pos = self.start[:, None] + torch.arange(R)[None]  # (n_low, R)
+        valid = torch.arange(R)[None] < self.size[:, None]
+        pos_c = pos.clamp(max=n_out - 1)
+        self.table = (local[pos_c] * valid[..., None]).float()  # (n_low, R, S)
+        self.valid = valid
+        self.pos = torch.where(valid, pos, 0)
+
+
+class CellUpscaler:
+    """Exact statistics of ``upscale(low_res) > t`` at the original size without materialising
+    it (see module doc). ``low_res`` logits are (B, n, n)."""
+
+    def __init__(self, n_low: int, img_size: int, input_size: Tuple[int, int], original_size: Tuple[int, int], max_cells: int = 1 << 17) -> None:
+        self.rows = _Axis(n_low, img_size, input_size[0], original_size[0])
+        self.cols = _Axis(n_low, img_size, input_size[1], original_size[1])
+        self.n_low = n_low
+        self.original_size = tuple(original_size)
+        self.S = max(self.rows.span, self.cols.span)
+        self.cell_valid = (self.rows.size > 0)[:, None] & (self.cols.size > 0)[None, :]
+        self.rsize = self.rows.size.double()
+        self.csize = self.cols.size.double()
+        self.max_cells = max_cells
+
+    def _window_minmax(self, L: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        S = self.S
+        x = F.pad(L[:, None], (0, S - 1, 0, S - 1), mode="replicate")
+        mx = F.max_pool2d(x, S, stride=1)[:, 0]
+        mn = -F.max_pool2d(-x, S, stride=1)[:, 0]
+        return mn, mx
+
+    def _eval_cells(self, Lp: torch.Tensor, cells: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Exact upscaled values of the pixels of ``cells`` (k, 3: mask, cell row, cell col):
+        (k, R, C) values and validity."""
+        S = self.S
+        b, cr, cc = cells[:, 0], cells[:, 1], cells[:, 2]
+        ar = torch.arange(S)
+        patch = Lp[b[:, None, None], cr[:, None, None] + ar[None, :, None], cc[:, None, None] + ar[None, None, :]]
+        ty = self.rows.table[cr]  # (k, R, Sr)
+        tx = self.cols.table[cc]  # (k, C, Sc)
+        if ty.shape[-1] < S:
+            ty = F.pad(ty, (0, S - ty.shape[-1]))
+        if tx.shape[-1] < S:
+            tx = F.pad(tx, (0, S - tx.shape[-1]))
+        vals = torch.bmm(torch.bmm(ty, patch), tx.transpose(1, 2))
+        valid = self.rows.valid[cr][:, :, None] & self.cols.valid[cc][:, None, :]
+        return vals, valid
+
+    def _pad(self, L: torch.Tensor) -> torch.Tensor:
+        return F.pad(L[:, None], (0, self.S - 1, 0, self.S - 1), mode="replicate")[:, 0]
+
+    @torch.no_grad()
+    def stats(self, L: torch.Tensor, threshold: float, offset: float) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(stability score (B,) float32, box XYXY (B, 4) int64 of ``upscale(L) > threshold``),
+        both as the official generator computes them on the full-size logits."""
+        B = L.shape[0]
+        L = L.float()
+        taus = (threshold + offset, threshold - offset, threshold)
+        if B == 0:
+            return torch.zeros(0), torch.zeros(0, 4, dtype=torch.int64)
+        mn, mx = self._window_minmax(L)
+        cv = self.cell_valid[None]
+        pos = [(mn > t) & cv for t in taus]
+        unc = torch.zeros_like(cv.expand(B, -1, -1))
+        for t, p in zip(taus, pos):
+            unc |= ~p & (mx > t) & cv
+        certain = [p & ~unc for p in pos]
+        counts = [torch.einsum("bij,i,j->b", c.double(), self.rsize, self.csize) for c in certain[:2]]
+
+        # box from certain cells
+        H, W = self.original_size
+        rows_any = certain[2].any(2)  # (B, n)
+        cols_any = certain[2].any(1)
+        r_start, r_end = self.rows.start, self.rows.start + self.rows.size - 1
+        c_start, c_end = self.cols.start, self.cols.start + self.cols.size - 1
+        y0 = torch.where(rows_any, r_start, H).amin(1)
+        y1 = torch.where(rows_any, r_end, -1).amax(1)
+        x0 = torch.where(cols_any, c_start, W).amin(1)
+        x1 = torch.where(cols_any, c_end, -1).amax(1)
+
+        cells = unc.nonzero()
+        if len(cells):
+            Lp = self._pad(L)
+            for s in range(0, len(cells), self.max_cells):
+                ch = cells[s : s + self.max_cells]
+                vals, valid = self._eval_cells(Lp, ch)
+                b = ch[:, 0]
+                for i in range(2):
+                    n = ((vals > taus[i]) & valid).sum((1, 2)).double()
+                    counts[i].index_add_(0, b, n)
+                p = (vals > taus[2]) & valid
+                ry = self.rows.pos[ch[:, 1]]  # (k, R)
+                cx = self.cols.pos[ch[:, 2]]  # (k, C)
+                pr = p.any(2)
+                pc = p.any(1)
+                y0.scatter_reduce_(0, b, torch.where(pr, ry, H).amin(1), "amin")
+                y1.scatter_reduce_(0, b, torch.where(pr, ry, -1).amax(1), "amax")
+                x0.scatter_reduce_(0, b, torch.where(pc, cx, W).amin(1), "amin")
+                x1.scatter_reduce_(0, b, torch.where(pc, cx, -1).amax(1), "amax")
+        inter = counts[0].round().to(torch.int32)
+        union = counts[1].round().to(torch.int32)
+        stability = inter / union
+        boxes = torch.stack([x0, y0, x1, y1], 1)
+        empty = y1 < 0
+        boxes[empty] = 0
+        return stability, boxes
+
+    @torch.no_grad()
+    def masks(self, L: torch.Tensor, threshold: float) -> torch.Tensor:
+        """(B, H, W) bool ``upscale(L) > threshold``."""
+        B = L.shape[0]
+        H, W = self.original_size
+        L = L.float()
+        if B == 0:
+            return torch.zeros(0, H, W, dtype=torch.bool)
+        mn, mx = self._window_minmax(L)
+        cv = self.cell_valid[None]
+        pos = (mn > threshold) & cv
+        unc = ~pos & (mx > threshold) & cv
+        out = pos.repeat_interleave(self.rows.size, dim=1).repeat_interleave(self.cols.size, dim=2)
+        cells = unc.nonzero()
+        if len(cells):
+            Lp = self._pad(L)
+            flat = out.view(-1)
+            for s in range(0, len(cells), self.max_cells):
+                ch = cells[s : s + self.max_cells]
+                vals, valid = self._eval_cells(Lp, ch)
+                ry = self.rows.pos[ch[:, 1]]
+                cx = self.cols.pos[ch[:, 2]]
+                lin = (ch[:, 0, None, None] * H + ry[:, :, None]) * W + cx[:, None, :]
+                flat[lin[valid]] = (vals > threshold)[valid]
+        return out
+
+
+# ------------------------------------------------------------------------------ generator
+class SamAutomaticMaskGenerator:
+    """Same constructor, ``generate`` and results as ``segment_anything.SamAutomaticMaskGenerator``
+    1.0 (see the module doc for how it is made fast)."""
+
+    def __init__(
+        self,
+        model: Sam,
+        points_per_side: Optional[int] = 32,
+        points_per_batch: int = 64,
+        pred_iou_thresh: float = 0.88,
+        stability_score_thresh: float = 0.95,
+        stability_score_offset: float = 1.0,
+        box_nms_thresh: float = 0.7,
+        crop_n_layers: int = 0,
+        crop_nms_thresh: float = 0.7,
+        crop_overlap_ratio: float = 512 / 1500,
+        crop_n_points_downscale_factor: int = 1,
+        point_grids: Optional[List[np.ndarray]] = None,
+        min_mask_region_area: int = 0,
+        output_mode: str = "binary_mask",
+    ) -> None:
+        if (points_per_side is None) == (point_grids is None):
+            raise ValueError("Exactly one of points_per_side or point_grids must be provided.")
+        if points_per_side is not None:
+            if int(points_per_side) < 1:
+                raise ValueError(f"points_per_side must be >= 1, got {points_per_side}")
+            if int(crop_n_layers) < 0:
+                raise ValueError(f"crop_n_layers must be >= 0, got {crop_n_layers}")
+            if int(crop_n_points_downscale_factor) < 1:
+                raise ValueError(f"crop_n_points_downscale_factor must be >= 1, got {crop_n_points_downscale_factor}")
+            self.point_grids = build_all_layer_point_grids(int(points_per_side), int(crop_n_layers), int(crop_n_points_downscale_factor))
+            if any(len(g) == 0 for g in self.point_grids):
+                raise ValueError("crop_n_points_downscale_factor leaves no points for the deepest crop layer")
+        else:
+            self.point_grids = [np.asarray(g, dtype=np.float64) for g in point_grids]
+            if len(self.point_grids) < int(crop_n_layers) + 1:
+                raise ValueError(f"point_grids must have one grid per layer ({int(crop_n_layers) + 1}), got {len(self.point_grids)}")
+            for g in self.point_grids:
+                if g.ndim != 2 or g.shape[1] != 2 or not np.all(np.isfinite(g)) or (g < 0).any() or (g > 1).any():
+                    raise ValueError("each point grid must be an (N, 2) array of finite values in [0, 1]")
+        if output_mode not in OUTPUT_MODES:
+            raise ValueError(f"Unknown output_mode {output_mode!r}; choose one of {OUTPUT_MODES}")
+        if int(points_per_batch) < 1:
+            raise ValueError(f"points_per_batch must be >= 1, got {points_per_batch}")
+        for name, v in (("box_nms_thresh", box_nms_thresh), ("crop_nms_thresh", crop_nms_thresh)):
+            if not 0.0 <= float(v) <= 1.0:
+                raise ValueError(f"{name} must be in [0, 1], got {v}")
+        if not 0.0 <= float(crop_overlap_ratio) < 1.0:
+            raise ValueError(f"crop_overlap_ratio must be in [0, 1), got {crop_overlap_ratio}")
+        if min_mask_region_area < 0:
+            raise ValueError(f"min_mask_region_area must be >= 0, got {min_mask_region_area}")
+
+        self.predictor = model if isinstance(model, SamPredictor) else SamPredictor(model)
+        self.points_per_batch = int(points_per_batch)
+        self.pred_iou_thresh = float(pred_iou_thresh)
+        self.stability_score_thresh = float(stability_score_thresh)
+        self.stability_score_offset = float(stability_score_offset)
+        self.box_nms_thresh = float(box_nms_thresh)
+        self.crop_n_layers = int(crop_n_layers)
+        self.crop_nms_thresh = float(crop_nms_thresh)
+        self.crop_overlap_ratio = float(crop_overlap_ratio)
+        self.crop_n_points_downscale_factor = int(crop_n_points_downscale_factor)
+        self.min_mask_region_area = min_mask_region_area
+        self.output_mode = output_mode
+        self._upscalers: Dict[tuple, CellUpscaler] = {}
+
+    # ------------------------------------------------------------------ public
+    @torch.no_grad()
+    def generate(self, image: Any) -> List[Dict[str, Any]]:
+        """Masks for an HxWx3 uint8 RGB image (or anything ``segany.io.load_image`` reads). Each
+        record: segmentation (HxW bool, or an RLE dict per ``output_mode``), area (int), bbox
+        (XYWH), predicted_iou, point_coords ([[x, y]]), stability_score, crop_box (XYWH)."""
+        if not (isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8):
+            from .io import load_image
+
+            image = load_image(image)
+        if min(image.shape[:2]) < 1:
+            raise ValueError(f"image is empty: shape {image.shape}")
+        data = self._generate_masks(image)
+        masks = data["masks"]
+        if self.min_mask_region_area > 0 and len(masks):
+            data = self._postprocess_small_regions(data, self.min_mask_region_area, max(self.box_nms_thresh, self.crop_nms_thresh))
+            masks = data["masks"]
+
+        rles = M.mask_to_rle(masks) if self.output_mode != "binary_mask" else None
+        areas = masks.sum((1, 2)).tolist() if len(masks) else []
+        if self.output_mode == "coco_rle":
+            segs = [M.rle_to_coco(r) for r in rles]
+        elif self.output_mode == "uncompressed_rle":
+            segs = rles
+        else:
+            segs = list(masks.numpy())
+        boxes = M.box_xyxy_to_xywh(data["boxes"]).tolist()
+        crops = M.box_xyxy_to_xywh(data["crop_boxes"]).tolist()
+        out = []
+        for i in range(len(segs)):
+            out.append(
+                {
+                    "segmentation": segs[i],
+                    "area": int(areas[i]),
+                    "bbox": boxes[i],
+                    "predicted_iou": float(data["iou_preds"][i]),
+                    "point_coords": [data["points"][i].tolist()],
+                    "stability_score": float(data["stability_score"][i]),
+                    "crop_box": crops[i],
+                }
+            )
+        return out
+
+    # ----------------------------------------------------------------- internals
+    def _set_crop_image(self, image: np.ndarray) -> None:
+        """Embed a crop (hook point for callers that cache embeddings)."""
+        self.predictor.set_image(image)
+
+    def _upscaler(self) -> CellUpscaler:
+        p = self.predictor
+        key = (p.model.image_encoder.img_size, tuple(p.input_size), tuple(p.original_size))
+        if key not in self._upscalers:
+            n_low = p.model.prompt_encoder.mask_input_size[0]
+            self._upscalers[key] = CellUpscaler(n_low, key[0], key[1], key[2])
+        return self._upscalers[key]
+
+    def _generate_masks(self, image: np.ndarray) -> Dict[str, Any]:
+        orig_size = image.shape[:2]
+        crop_boxes, layer_idxs = generate_crop_boxes(orig_size, self.crop_n_layers, self.crop_overlap_ratio)
+        crops = [self._process_crop(image, cb, li, orig_size) for cb, li in zip(crop_boxes, layer_idxs)]
+        for i, c in enumerate(crops):
+            c["src"][:, 0] = i
+        cat = {k: torch.cat([c[k] for c in crops]) for k in ("boxes", "iou_preds", "points", "stability_score", "crop_boxes", "src")}
+        if len(crop_boxes) > 1:
+            scores = 1 / M.box_xyxy_to_xywh(cat["crop_boxes"]).float()[:, 2:].prod(1)
+            keep = M.nms(cat["boxes"].float(), scores, self.crop_nms_thresh)
+            cat = {k: v[keep] for k, v in cat.items()}
+        # full-size masks for the survivors only, crop by crop
+        H, W = orig_size
+        masks = torch.zeros(len(cat["boxes"]), H, W, dtype=torch.bool)
+        src = cat.pop("src")
+        for ci, c in enumerate(crops):
+            sel = (src[:, 0] == ci).nonzero().flatten()
+            if len(sel) == 0:
+                continue
+            x0, y0, x1, y1 = c["crop_box"]
+            for s in range(0, len(sel), 32):
+                part = sel[s : s + 32]
+                m = c["upscaler"].masks(c["logits"][src[part, 1]], c["threshold"])
+                masks[part, y0:y1, x0:x1] = m
+        cat["masks"] = masks
+        return cat
+
+    def _process_crop(self, image: np.ndarray, crop_box: List[int], layer_idx: int, orig_size) -> Dict[str, Any]:
+        x0, y0, x1, y1 = crop_box
+        cropped = image[y0:y1, x0:x1, :]
+        im_size = cropped.shape[:2]
+        self._set_crop_image(cropped)
+        up = self._upscaler()
+        threshold = float(self.predictor.model.mask_threshold)
+        points_all = self.point_grids[layer_idx] * np.array(im_size)[None, ::-1]
+        orig_h, orig_w = orig_size
+        parts: Dict[str, list] = {k: [] for k in ("logits", "iou_preds", "points", "stability_score", "boxes")}
+        for s in range(0, len(points_all), self.points_per_batch):
+            points = points_all[s : s + self.points_per_batch]
+            tp = self.predictor.transform.apply_coords(points, im_size)
+            in_points = torch.as_tensor(tp, device=self.predictor.device)
+            in_labels = torch.ones(in_points.shape[0], dtype=torch.int, device=in_points.device)
+            low, iou = self.predictor.decode(in_points[:, None, :], in_labels[:, None], multimask_output=True)
+            low = low.flatten(0, 1).cpu()
+            iou = iou.flatten(0, 1).cpu()
+            pts = torch.as_tensor(points.repeat(3, axis=0))
+            if self.pred_iou_thresh > 0.0:
+                k = iou > self.pred_iou_thresh
+                low, iou, pts = low[k], iou[k], pts[k]
+            stab, boxes = up.stats(low, threshold, self.stability_score_offset)
+            if self.stability_score_thresh > 0.0:
+                k = stab >= self.stability_score_thresh
+                low, iou, pts, stab, boxes = low[k], iou[k], pts[k], stab[k], boxes[k]
+            k = ~is_box_near_crop_edge(boxes, crop_box, [0, 0, orig_w, orig_h])
+            if not torch.all(k):
+                low, iou, pts, stab, boxes = low[k], iou[k], pts[k], stab[k], boxes[k]
+            for name, v in zip(("logits", "iou_preds", "points", "stability_score", "boxes"), (low.clone(), iou, pts, stab, boxes)):
+                parts[name].append(v)
+        self.predictor.reset_image()
+        d = {k: torch.cat(v) for k, v in parts.items()}
+        keep = M.nms(d["boxes"].float(), d["iou_preds"], self.box_nms_thresh)
+        d = {k: v[keep] for k, v in d.items()}
+        n = len(keep)
+        offset = torch.tensor([[x0, y0, x0, y0]])
+        return {
+            "logits": d["logits"],
+            "upscaler": up,
+            "threshold": threshold,
+            "crop_box": crop_box,
+            "boxes": d["boxes"] + offset,
+            "points": d["points"] + torch.tensor([[x0, y0]]),
+            "iou_preds": d["iou_preds"],
+            "stability_score": d["stability_score"],
+            "crop_boxes": torch.tensor([crop_box] * n, dtype=torch.int64).reshape(n, 4),
+            "src": torch.stack([torch.full((n,), 0, dtype=torch.int64), torch.arange(n)], 1),
+        }
+
+    @staticmethod
+    def _postprocess_small_regions(data: Dict[str, Any], min_area: int, nms_thresh: float) -> Dict[str, Any]:
+        """Fill small holes, remove small islands, recompute boxes, NMS preferring unchanged
+        masks (the official ``postprocess_small_regions``)."""
+        masks = data["masks"].numpy()
+        new, scores = [], []
+        for m in masks:
+            m2, ch1 = M.remove_small_regions(m, min_area, "holes")
+            m2, ch2 = M.remove_small_regions(m2, min_area, "islands")
+            new.append(m2)
+            scores.append(0.0 if (ch1 or ch2) else 1.0)
+        new_t = torch.as_tensor(np.stack(new))
+        boxes = M.masks_to_boxes(new_t)
+        keep = M.nms(boxes.float(), torch.tensor(scores), nms_thresh)
+        out = {k: v[keep] for k, v in data.items() if k != "masks"}
+        out["masks"] = new_t[keep]
+        out["boxes"] = boxes[keep]
+        return out
