@@ -108,6 +108,18 @@ function draw() {
   }
 }
 
+// Scale the canvas (CSS size) to fill the stage, up or down; its pixels stay the image's.
+function fit() {
+  if (!S.info) return;
+  const wrap = $("canvas-wrap");
+  const W = wrap.clientWidth - 8;
+  const H = window.innerHeight - wrap.getBoundingClientRect().top - 40;
+  const s = Math.max(0.05, Math.min(W / canvas.width, H / canvas.height));
+  canvas.style.width = Math.floor(canvas.width * s) + "px";
+  canvas.style.height = Math.floor(canvas.height * s) + "px";
+}
+window.addEventListener("resize", fit);
+
 function currentMask() { return S.prediction ? S.prediction.masks[S.selected] : null; }
 
 // ---------------------------------------------------------------- image list / navigation
@@ -148,7 +160,7 @@ async function openImage(id) {
     img.src = "/api/file/" + enc(id);
     await img.decode();
     if (S.imageId !== id) return;
-    S.img = img; canvas.width = info.width; canvas.height = info.height;
+    S.img = img; canvas.width = info.width; canvas.height = info.height; fit();
     const ann = await api("GET", "/api/annotations/" + enc(id));
     if (S.imageId !== id) return;
     S.objects = ann.annotations || [];
