@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from .modeling import Sam
+from .modeling.fast_decoder import build_cache as build_decoder_cache
+from .modeling.fast_decoder import predict_masks_fast
 from .transforms import ResizeLongestSide
 
 ImageLike = Union[str, "os.PathLike[str]", np.ndarray, Any]
@@ -118,6 +120,7 @@ class SamPredictor:
         features = self.model.image_encoder(input_image.to(encoder_dtype))
         self.features = features.float()
         self.is_image_set = True
+        self._get_decoder_cache()
 
     def set_embedding(self, features: torch.Tensor, original_size: Sequence[int], input_size: Sequence[int]) -> None:
         """Use a precomputed image embedding (1, C, h, w) instead of running the encoder."""
@@ -134,6 +137,7 @@ class SamPredictor:
         self.original_size = tuple(int(s) for s in original_size)
         self.input_size = exp_input
         self.is_image_set = True
+        self._get_decoder_cache()
 
     # --------------------------------------------------------------- prompts
     def predict(
@@ -225,15 +229,31 @@ class SamPredictor:
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Prompt encoder + mask decoder only: low-res logits (B, C, 4h, 4w) and iou (B, C)."""
         points = (point_coords, point_labels) if point_coords is not None else None
+        pe = self.model.prompt_encoder
         with torch.no_grad():
-            sparse, dense = self.model.prompt_encoder(points=points, boxes=boxes, masks=mask_input)
-            return self.model.mask_decoder(
+            sparse, dense = pe(points=points, boxes=boxes, masks=mask_input)
+            if mask_input is None:
+                # Prompt-independent decoder work is done once per image (see fast_decoder).
+                return predict_masks_fast(
+                    self.model.mask_decoder, sparse, self._get_decoder_cache(), multimask_output=multimask_output
+                )
+            return predict_masks_fast(
+                self.model.mask_decoder,
+                sparse,
                 image_embeddings=self.features,
-                image_pe=self.model.prompt_encoder.get_dense_pe(),
-                sparse_prompt_embeddings=sparse,
+                image_pe=pe.get_dense_pe(),
                 dense_prompt_embeddings=dense,
                 multimask_output=multimask_output,
             )
+
+    def _get_decoder_cache(self):
+        """Prompt-independent decoder state for the current embedding (built once per image)."""
+        if self._decoder_cache is None or self._decoder_cache[0] is not self.features:
+            pe = self.model.prompt_encoder
+            with torch.no_grad():
+                cache = build_decoder_cache(self.model.mask_decoder, self.features, pe.get_dense_pe(), pe.no_mask_embed.weight)
+            self._decoder_cache = (self.features, cache)
+        return self._decoder_cache[1]
 
     def upscale(self, low_res_logits: torch.Tensor) -> torch.Tensor:
         """Low-res logits (..., 4h, 4w) -> logits at the original image size (..., H, W)."""
@@ -260,6 +280,7 @@ class SamPredictor:
         self.original_size = None
         self.input_size = None
         self._resize = None
+        self._decoder_cache = None
 
 
 @dataclass
