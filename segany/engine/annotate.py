@@ -46,6 +46,14 @@ class JobError(ValueError):
     """The job cannot start: OUTDIR is busy, or holds a job with other options."""
 
 
+# SamAutomaticMaskGenerator's defaults (the official ones); job.json records the full set.
+AMG_DEFAULTS: Dict[str, Any] = {
+    "points_per_side": 32, "points_per_batch": 64, "pred_iou_thresh": 0.88, "stability_score_thresh": 0.95,
+    "stability_score_offset": 1.0, "box_nms_thresh": 0.7, "crop_n_layers": 0, "crop_nms_thresh": 0.7,
+    "crop_overlap_ratio": 512 / 1500, "crop_n_points_downscale_factor": 1, "min_mask_region_area": 0,
+}
+
+
 @dataclass
 class EngineOptions:
     """Everything that determines an image's outputs (plus where the model runs)."""
@@ -69,9 +77,27 @@ class EngineOptions:
         d = dataclasses.asdict(self)
         for k in ("device", "threads"):
             d.pop(k)
+        d["amg"] = {**AMG_DEFAULTS, **d["amg"]}
+        d["amg"].pop("points_per_batch")  # batching changes speed, not results
         if d["checkpoint"]:
+            from ..checkpoints import safetensors_config
+
+            if safetensors_config(d["checkpoint"]) is not None:
+                d["model"] = None  # the file carries its own config; --model plays no part
+            # the weights themselves, so that a file retrained in place is not taken for the old one
+            d["checkpoint_sha256"] = _sha256(d["checkpoint"])
             d["checkpoint"] = os.path.abspath(d["checkpoint"])
         return d
+
+
+def _sha256(path: str) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------- one image
@@ -99,7 +125,7 @@ class Annotator:
             torch.set_num_threads(opts.threads)
         self.opts = opts
         self.model = load_engine_model(opts.model, opts.checkpoint, opts.device)
-        kwargs = dict(opts.amg)
+        kwargs = {**AMG_DEFAULTS, **opts.amg}
         kwargs["output_mode"] = "coco_rle"
         self.generator = SamAutomaticMaskGenerator(self.model, **kwargs)
 

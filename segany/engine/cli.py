@@ -30,18 +30,20 @@ Work with SA-1B folders (one JSON per image, as 'segany annotate' writes):
 
 
 def _add_amg_options(p: argparse.ArgumentParser) -> None:
+    from .annotate import AMG_DEFAULTS
+
     g = p.add_argument_group("segment-everything options (as SamAutomaticMaskGenerator)")
-    g.add_argument("--points-per-side", type=int, default=32)
-    g.add_argument("--points-per-batch", type=int, default=64)
-    g.add_argument("--pred-iou-thresh", type=float, default=0.88)
-    g.add_argument("--stability-score-thresh", type=float, default=0.95)
-    g.add_argument("--stability-score-offset", type=float, default=1.0)
-    g.add_argument("--box-nms-thresh", type=float, default=0.7)
-    g.add_argument("--crop-n-layers", type=int, default=0)
-    g.add_argument("--crop-nms-thresh", type=float, default=0.7)
-    g.add_argument("--crop-overlap-ratio", type=float, default=512 / 1500)
-    g.add_argument("--crop-n-points-downscale-factor", type=int, default=1)
-    g.add_argument("--min-mask-region-area", type=int, default=0, help="remove holes/islands smaller than this (pixels)")
+    g.add_argument("--points-per-side", type=int, default=AMG_DEFAULTS["points_per_side"])
+    g.add_argument("--points-per-batch", type=int, default=AMG_DEFAULTS["points_per_batch"])
+    g.add_argument("--pred-iou-thresh", type=float, default=AMG_DEFAULTS["pred_iou_thresh"])
+    g.add_argument("--stability-score-thresh", type=float, default=AMG_DEFAULTS["stability_score_thresh"])
+    g.add_argument("--stability-score-offset", type=float, default=AMG_DEFAULTS["stability_score_offset"])
+    g.add_argument("--box-nms-thresh", type=float, default=AMG_DEFAULTS["box_nms_thresh"])
+    g.add_argument("--crop-n-layers", type=int, default=AMG_DEFAULTS["crop_n_layers"])
+    g.add_argument("--crop-nms-thresh", type=float, default=AMG_DEFAULTS["crop_nms_thresh"])
+    g.add_argument("--crop-overlap-ratio", type=float, default=AMG_DEFAULTS["crop_overlap_ratio"])
+    g.add_argument("--crop-n-points-downscale-factor", type=int, default=AMG_DEFAULTS["crop_n_points_downscale_factor"])
+    g.add_argument("--min-mask-region-area", type=int, default=AMG_DEFAULTS["min_mask_region_area"], help="remove holes/islands smaller than this (pixels)")
     q = p.add_argument_group("quality filters (after the generator)")
     q.add_argument("--min-masks", type=int, default=0, help="an image with fewer masks is recorded 'rejected' and gets no JSON")
     q.add_argument("--max-masks", type=int, default=0, help="keep the N masks with the best predicted IoU (0: all)")
