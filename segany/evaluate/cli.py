@@ -41,6 +41,7 @@ def register(subparsers) -> None:
     p.add_argument("--limit", type=int, default=None, metavar="N", help="first N images of each data set (after the split)")
     p.add_argument("--max-clicks", type=int, default=20, metavar="N", help="clicks per object (default 20)")
     p.add_argument("--min-area", type=int, default=0, metavar="PX", help="skip objects smaller than PX pixels (default 0: none)")
+    p.add_argument("--max-objects", type=int, default=None, metavar="N", help="first N objects of each image only (quick runs)")
     p.add_argument("--seed", type=int, default=0, help="seed of the jittered boxes (default 0)")
     p.add_argument("--points-per-side", type=int, default=None, help="segment-everything grid (generator default if unset)")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="report folder")
@@ -77,7 +78,10 @@ def load_sam(model: str | None, checkpoint: str | None, device: str | None):
         sam = load_model(checkpoint, device=device)
         sam.model_name = os.path.splitext(os.path.basename(checkpoint))[0]
         return sam
-    return load_model(model or "tiny", checkpoint=checkpoint, device=device)
+    try:
+        return load_model(model or "tiny", checkpoint=checkpoint, device=device)
+    except KeyError as e:  # unknown model name
+        raise CheckpointError(str(e.args[0]) if e.args else str(e)) from None
 
 
 def run(args) -> int:
@@ -94,6 +98,8 @@ def run(args) -> int:
         raise UsageError("--max-clicks must be at least 1")
     if args.limit is not None and args.limit < 1:
         raise UsageError("--limit must be at least 1")
+    if args.max_objects is not None and args.max_objects < 1:
+        raise UsageError("--max-objects must be at least 1")
     if (args.model or args.checkpoint) and "sam" not in methods_wanted:
         raise UsageError("--model/--checkpoint given but --method does not include 'sam'")
     if os.path.exists(args.output) and not os.path.isdir(args.output):
@@ -133,6 +139,7 @@ def run(args) -> int:
         curves = {}
         for m in methods:
             rep = evaluate(ds, m, protocols, args.max_clicks, args.limit, args.seed, args.min_area,
+                           max_objects=args.max_objects,
                            progress=not args.no_progress, desc=f"{name} [{m.name}]", everything_kwargs=ev_kwargs)
             rep = {"dataset": name, "path": os.path.abspath(path), "split": args.split, "limit": args.limit, **rep}
             atomic_write_json(os.path.join(args.output, f"{name}.{m.name}.json"), rep, indent=1)
