@@ -87,6 +87,8 @@ class EfficientNetEncoder(nn.Module):
             neck += [nn.Conv2d(out_chans, out_chans, 3, padding=1, bias=False), LayerNorm2d(out_chans), nn.GELU()]
         neck += [nn.Conv2d(out_chans, out_chans, 1, bias=False), LayerNorm2d(out_chans)]
         self.neck = nn.Sequential(*neck)
+        # channels-last is several times faster for depthwise convolutions on CPU (backward most)
+        self.to(memory_format=torch.channels_last)
 
     def train(self, mode: bool = True) -> "EfficientNetEncoder":
         super().train(mode)
@@ -96,7 +98,7 @@ class EfficientNetEncoder(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu6(self._bn0(self._conv_stem(x)))
+        x = F.relu6(self._bn0(self._conv_stem(x.contiguous(memory_format=torch.channels_last))))
         feats = []
         for i, block in enumerate(self._blocks):
             x = block(x)
@@ -106,7 +108,7 @@ class EfficientNetEncoder(nn.Module):
         y = self.lateral[-1](feats[-1])
         for lat, f in zip(reversed(self.lateral[:-1]), reversed(feats[:-1])):
             y = F.interpolate(y, size=f.shape[-2:], mode="bilinear", align_corners=False) + lat(f)
-        return self.neck(y)
+        return self.neck(y).contiguous()
 
 
 def load_imagenet_backbone(encoder: EfficientNetEncoder, path: str | None = None) -> List[str]:

@@ -1,0 +1,96 @@
+"""``segany train``: train from scratch or fine-tune a SAM-family model.
+
+Examples::
+
+    segany train --data ../shared/data/coco128 --data ../shared/data/horses:0.5 \\
+        --model tiny --steps 3000 --out runs/tiny --export segany/weights/tiny.safetensors
+    segany train --data my_set --init segany/weights/tiny.safetensors --freeze-image-encoder
+    torchrun --nproc_per_node 4 -m segany.cli train ...   # multi-GPU (DDP), add --amp
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+
+from .loop import TrainConfig, train
+
+
+def _model_config(spec: str | None):
+    from .export import TINY_CONFIG
+
+    if spec is None:
+        return {}
+    if spec == "tiny":
+        return dict(TINY_CONFIG)
+    if os.path.exists(spec):
+        with open(spec) as f:
+            return json.load(f)
+    return json.loads(spec)
+
+
+def run(args: argparse.Namespace) -> int:
+    cfg = TrainConfig(
+        data=args.data, out=args.out, model=_model_config(args.model), init=args.init,
+        imagenet_backbone=not args.no_imagenet, resume=args.resume, export=args.export,
+        steps=args.steps, time_budget_min=args.time_budget_min, objects_per_image=args.objects,
+        images_per_step=args.images_per_step, iters=args.iters, grad_iters=args.grad_iters,
+        p_box=args.p_box, lr=args.lr, backbone_lr_mult=args.backbone_lr_mult, weight_decay=args.weight_decay,
+        warmup_steps=args.warmup, freeze_image_encoder=args.freeze_image_encoder,
+        freeze_prompt_encoder=args.freeze_prompt_encoder, val_every=args.val_every, val_images=args.val_images,
+        ckpt_every_s=args.ckpt_every_s, seed=args.seed, threads=args.threads, amp=args.amp,
+        progress=not args.no_progress,
+    )
+    if not cfg.model and not cfg.init and not (cfg.resume and os.path.exists(os.path.join(cfg.out, "last.pt"))):
+        cfg.model = _model_config("tiny")
+    if not cfg.model and cfg.resume and os.path.exists(os.path.join(cfg.out, "last.pt")):
+        import torch
+
+        cfg.model = torch.load(os.path.join(cfg.out, "last.pt"), map_location="cpu", weights_only=False)["config"]["model"]
+    result = train(cfg)
+    print(json.dumps(result))
+    return 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("train", help="train or fine-tune a model (SAM recipe)", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", action="append", required=True, help="data set path[:weight] (COCO JSON/folder, SA-1B folder, images+masks folder); repeat to mix")
+    p.add_argument("--model", default=None, help="'tiny', a config JSON file or a JSON string (default: tiny, or the --init file's config)")
+    p.add_argument("--init", default=None, help="weights to start from (.safetensors with config, or .pt state dict)")
+    p.add_argument("--no-imagenet", action="store_true", help="efficientnet encoder: do not start from ImageNet weights")
+    p.add_argument("--out", default="runs/train", help="run folder (log.jsonl, last.pt, best.safetensors)")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/last.pt")
+    p.add_argument("--export", default=None, help="also write the best model to this .safetensors")
+    p.add_argument("--steps", type=int, default=1000)
+    p.add_argument("--time-budget-min", type=float, default=0.0, help="stop after this much training time (LR schedule follows)")
+    p.add_argument("--objects", type=int, default=8, help="objects per image per step (share one embedding)")
+    p.add_argument("--images-per-step", type=int, default=1)
+    p.add_argument("--iters", type=int, default=11, help="decoder passes per object (paper: 11)")
+    p.add_argument("--grad-iters", type=int, default=2, help="passes that get a loss")
+    p.add_argument("--p-box", type=float, default=0.5)
+    p.add_argument("--lr", type=float, default=4e-4)
+    p.add_argument("--backbone-lr-mult", type=float, default=0.25)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--freeze-image-encoder", action="store_true")
+    p.add_argument("--freeze-prompt-encoder", action="store_true")
+    p.add_argument("--val-every", type=int, default=500)
+    p.add_argument("--val-images", type=int, default=60)
+    p.add_argument("--ckpt-every-s", type=float, default=300.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--amp", action="store_true", help="bfloat16 autocast (CUDA)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="segany")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,352 @@
+"""The training loop (SAM recipe, interactive prompt simulation), readable top to bottom.
+
+One step = one image (or ``images_per_step`` images by gradient accumulation): the image is
+encoded once and K of its objects are trained together, sharing that embedding. Per object the
+first prompt is a point or a noisy box; then ``iters - 1`` more decoder passes follow, each with
+the previous low-res logits as mask input and, except for two of them (one random, the last), a
+new point sampled from the error region. Losses are taken on ``grad_iters`` of those passes (the
+first one and a random later one by default; the others run without gradient, to save time).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from ..datasets import Mixture, open_dataset, split
+from ..modeling.build import build_sam
+from ..modeling.sam import Sam
+from . import augment as A
+from .objective import next_clicks, noisy_boxes, sam_loss, sample_points
+from .validate import validate
+
+
+@dataclass
+class TrainConfig:
+    data: List[str] = field(default_factory=list)  # data-set paths, optionally "path:weight"
+    out: str = "runs/train"  # run folder: log.jsonl, last.pt, best.safetensors
+    model: Dict[str, Any] = field(default_factory=dict)  # build_sam config
+    init: Optional[str] = None  # weights to start from (.safetensors / .pt state dict)
+    imagenet_backbone: bool = True  # efficientnet encoder from scratch: ImageNet backbone init
+    resume: bool = False  # continue from <out>/last.pt
+    export: Optional[str] = None  # also write the best model here (.safetensors)
+    steps: int = 1000
+    time_budget_min: float = 0.0  # > 0: stop (and schedule the LR) by wall time as well
+    objects_per_image: int = 8
+    images_per_step: int = 1
+    iters: int = 11  # decoder passes per object (paper: 1 + 8 points + 2 without new point)
+    grad_iters: int = 2  # passes that get a loss (the first + random later ones)
+    p_box: float = 0.5  # probability that the first prompt is a noisy box
+    lr: float = 4e-4
+    backbone_lr_mult: float = 0.25  # pretrained encoder backbone learns slower
+    weight_decay: float = 0.05
+    warmup_steps: int = 100
+    decay_at: Tuple[float, ...] = (0.8, 0.93)  # step decay x0.1 at these fractions of training
+    grad_clip: float = 1.0
+    freeze_image_encoder: bool = False
+    freeze_prompt_encoder: bool = False
+    val_every: int = 500  # steps; also at the end
+    val_images: int = 60  # validation images (fixed, from the val split of every set)
+    val_objects: int = 2  # objects per validation image
+    ckpt_every_s: float = 300.0
+    seed: int = 0
+    threads: int = 0  # torch CPU threads (0: leave as is)
+    amp: bool = False  # bfloat16 autocast on CUDA
+    progress: bool = True
+
+
+# --- data -----------------------------------------------------------------------------------
+
+
+def parse_data(specs: Sequence[str]) -> Tuple[list, list, List[float]]:
+    """"path[:weight]" list -> (train subsets, val subsets, weights)."""
+    train, val, weights = [], [], []
+    for spec in specs:
+        path, w = spec, None
+        if ":" in spec and spec.rsplit(":", 1)[1].replace(".", "", 1).isdigit():
+            path, w = spec.rsplit(":", 1)
+        ds = open_dataset(path)
+        train.append(split(ds, "train"))
+        val.append(split(ds, "val"))
+        weights.append(float(w) if w is not None else float(len(train[-1])))
+    return train, val, weights
+
+
+def to_tensors(sample: A.Arrays, size: int, low: int, device) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Model-frame sample -> image (3, h, w) float, gt (N, low, low) and valid (1, low, low) in
+    the padded square frame at the decoder's low resolution."""
+    image, masks, ignore = sample
+    h, w = image.shape[:2]
+    img = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float()
+    full = torch.zeros((len(masks) + 1, size, size))
+    full[:-1, :h, :w] = torch.from_numpy(masks).float()
+    full[-1, :h, :w] = torch.from_numpy(~ignore).float()
+    small = F.adaptive_avg_pool2d(full[None], low)[0]
+    return img.to(device), (small[:-1] >= 0.5).float().to(device), (small[-1:] >= 0.5).float().to(device)
+
+
+# --- one step ----------------------------------------------------------------------------
+
+
+def object_step(model: Sam, emb: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor, cfg: TrainConfig, rng: np.random.Generator, g: torch.Generator) -> Tuple[torch.Tensor, Dict[str, float]]:
+    """Interactive simulation for K objects of one image. emb (1, C, h, w); gt (K, L, L);
+    valid (1, L, L). Returns the loss (scalar, with graph) and stats."""
+    k, low = gt.shape[0], gt.shape[-1]
+    scale = model.img_size / low
+    pe = model.prompt_encoder.get_dense_pe()
+    gt4, valid4 = gt[:, None], valid[:, None]
+    n = max(1, cfg.iters)
+    later = rng.permutation(np.arange(1, n))[: max(0, cfg.grad_iters - 1)]
+    grad_iters = {0} | set(int(i) for i in later)
+    # two passes get no new point (the paper's 8 + 2): the last one and a random earlier one
+    no_point = {n - 2} | ({int(rng.integers(0, n - 2))} if n > 2 else set())  # add nothing after these
+    box = None
+    pts = torch.zeros((k, 0, 2), device=gt.device)
+    lbl = torch.zeros((k, 0), dtype=torch.long, device=gt.device)
+    if rng.random() < cfg.p_box:
+        box = noisy_boxes(gt, scale, g)
+    else:
+        xy, _ = sample_points(gt > 0.5, g)
+        pts, lbl = (xy * scale + (scale - 1) / 2)[:, None], torch.ones((k, 1), dtype=torch.long, device=gt.device)
+
+    mask_in, total, stats = None, 0.0, {}
+    for t in range(n):
+        with torch.set_grad_enabled(t in grad_iters and torch.is_grad_enabled()):
+            points = (pts, lbl) if pts.shape[1] else None
+            sparse, dense = model.prompt_encoder(points=points, boxes=box, masks=mask_in)
+            logits, iou = model.mask_decoder.predict_masks(emb, pe, sparse, dense)  # (K, 4, L, L), (K, 4)
+            if t == 0:  # one prompt: ambiguous, best of the 3 multimask outputs; token 0 too
+                loss_m, best, actual = sam_loss(logits[:, 1:], iou[:, 1:], gt4, valid4)
+                loss_s, _, actual0 = sam_loss(logits[:, :1], iou[:, :1], gt4, valid4)
+                loss = loss_m + loss_s
+                chosen = logits[torch.arange(k), 1 + best]
+                stats["iou_first"] = actual.max(1).values.mean().item()
+                stats["iou_first_single"] = actual0.mean().item()
+            else:
+                loss, _, actual = sam_loss(logits[:, :1], iou[:, :1], gt4, valid4)
+                chosen = logits[:, 0]
+        if t in grad_iters:
+            total = total + loss
+        mask_in = chosen.detach()[:, None]
+        if t + 1 < n and t not in no_point:
+            xy, lab = next_clicks(mask_in[:, 0] > 0, gt, valid, g)
+            pts = torch.cat([pts, (xy * scale + (scale - 1) / 2)[:, None]], 1)
+            lbl = torch.cat([lbl, lab[:, None]], 1)
+    stats["iou_last"] = actual.mean().item()
+    stats["loss"] = float(total.detach()) / len(grad_iters)
+    return total / len(grad_iters), stats
+
+
+# --- model, optimiser, schedule --------------------------------------------------------------
+
+
+def build_model(cfg: TrainConfig) -> Sam:
+    from .export import read_safetensors
+
+    model_cfg = dict(cfg.model)
+    state = None
+    if cfg.init:
+        if cfg.init.endswith(".safetensors"):
+            file_cfg, state, _ = read_safetensors(cfg.init)
+            model_cfg = model_cfg or file_cfg
+        else:
+            state = torch.load(cfg.init, map_location="cpu", weights_only=True)
+            state = state.get("model", state)
+    if not model_cfg:
+        raise ValueError("no model config: give one or --init a .safetensors that holds one")
+    model = build_sam(model_cfg)
+    if state is not None:
+        model.load_state_dict(state, strict=True)
+    elif cfg.imagenet_backbone and model_cfg["encoder"]["type"] == "efficientnet":
+        from ..modeling.efficientnet import load_imagenet_backbone
+
+        load_imagenet_backbone(model.image_encoder)
+    return model
+
+
+def param_groups(model: Sam, cfg: TrainConfig) -> List[Dict[str, Any]]:
+    for p in model.image_encoder.parameters():
+        p.requires_grad_(not cfg.freeze_image_encoder)
+    for p in model.prompt_encoder.parameters():
+        p.requires_grad_(not cfg.freeze_prompt_encoder)
+    backbone, rest = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_bb = name.startswith("image_encoder._") or name.startswith("image_encoder.blocks") or name.startswith("image_encoder.patch_embed")
+        (backbone if is_bb else rest).append(p)
+    groups = [{"params": rest, "lr_mult": 1.0}]
+    if backbone:
+        groups.append({"params": backbone, "lr_mult": cfg.backbone_lr_mult})
+    return groups
+
+
+def lr_at(step: int, progress: float, cfg: TrainConfig) -> float:
+    """Linear warm-up, then step decay (x0.1) at each ``decay_at`` fraction of training."""
+    warm = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+    return cfg.lr * warm * 0.1 ** sum(progress >= d for d in cfg.decay_at)
+
+
+def atomic_torch_save(obj: Any, path: str) -> None:
+    d = os.path.dirname(os.path.abspath(path))
+    os.makedirs(d, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
+    os.close(fd)
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+# --- the loop ---------------------------------------------------------------------------
+
+
+def train(cfg: TrainConfig) -> Dict[str, Any]:
+    """Train; returns the last validation metrics (rank 0) and the step count."""
+    ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    if ddp:
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank = dist.get_rank() if ddp else 0
+    world = dist.get_world_size() if ddp else 1
+    device = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}" if torch.cuda.is_available() else "cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    master = rank == 0
+    os.makedirs(cfg.out, exist_ok=True)
+
+    # data: the fixed split; validation images never enter training
+    train_sets, val_sets, weights = parse_data(cfg.data)
+    mix = Mixture(train_sets, weights)
+    rng = np.random.default_rng(cfg.seed + 1000 * rank)
+    g = torch.Generator().manual_seed(cfg.seed + 1000 * rank)
+    torch.manual_seed(cfg.seed)
+
+    # model and optimiser
+    model = build_model(cfg).to(device)
+    opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    step, elapsed, best, history = 0, 0.0, -1.0, []
+    last_path = os.path.join(cfg.out, "last.pt")
+    if cfg.resume and os.path.exists(last_path):
+        ck = torch.load(last_path, map_location="cpu", weights_only=False)  # our own file: holds RNG states
+        model.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["opt"])
+        step, elapsed, best = ck["step"], ck["elapsed"], ck["best"]
+        rng.bit_generator.state = ck["rng"]
+        g.set_state(ck["g"])
+        if master:
+            print(f"resumed from {last_path} at step {step}", flush=True)
+    if ddp:  # same start on every rank
+        for t in model.state_dict().values():
+            dist.broadcast(t, 0)
+    params = [p for grp in opt.param_groups for p in grp["params"]]
+    size, low = model.img_size, 4 * model.prompt_encoder.image_embedding_size[0]
+
+    def save_last() -> None:
+        atomic_torch_save({"model": model.state_dict(), "opt": opt.state_dict(), "step": step, "elapsed": elapsed,
+                           "best": best, "rng": rng.bit_generator.state, "g": g.get_state(), "config": asdict(cfg)}, last_path)
+
+    def run_validation() -> Dict[str, float]:
+        nonlocal best
+        from .export import save_safetensors
+
+        metrics = validate(model, val_sets, cfg.val_images, cfg.val_objects)
+        metrics.update(step=step, elapsed_min=round(elapsed / 60, 2))
+        log({"val": metrics})
+        save_safetensors(model, os.path.join(cfg.out, "last.safetensors"), extra={"step": str(step)})
+        if metrics["score"] > best:
+            best = metrics["score"]
+            for p in [os.path.join(cfg.out, "best.safetensors")] + ([cfg.export] if cfg.export else []):
+                save_safetensors(model, p, extra={"step": str(step), "val": json.dumps(metrics)})
+        return metrics
+
+    def log(rec: Dict[str, Any]) -> None:
+        with open(os.path.join(cfg.out, "log.jsonl"), "a") as f:
+            f.write(json.dumps(rec) + "\n")
+        print(json.dumps(rec), flush=True)
+
+    bar = None
+    if master and cfg.progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=cfg.steps, initial=step, dynamic_ncols=True, mininterval=5.0)
+    metrics: Dict[str, float] = {}
+    if master and step == 0:
+        metrics = run_validation()  # the starting point
+    t_last_ckpt = time.time()
+    model.train()
+    while step < cfg.steps:
+        t0 = time.time()
+        progress = max(step / cfg.steps, elapsed / (60 * cfg.time_budget_min) if cfg.time_budget_min > 0 else 0.0)
+        if progress >= 1.0:
+            break
+        lr = lr_at(step, progress, cfg)
+        for grp in opt.param_groups:
+            grp["lr"] = lr * grp["lr_mult"]
+
+        stats_acc: Dict[str, float] = {}
+        n_img = 0
+        while n_img < cfg.images_per_step:
+            sample = A.as_arrays(*mix.sample(rng))
+            other = A.as_arrays(*mix.sample(rng)) if rng.random() < 0.25 else None
+            sample = A.augment(sample, size, rng, other)
+            if len(sample[1]) == 0:
+                continue
+            pick = rng.permutation(len(sample[1]))[: cfg.objects_per_image]
+            img, gt, valid = to_tensors((sample[0], sample[1][pick], sample[2]), size, low, device)
+            keep = gt.flatten(1).sum(1) > 0
+            if not keep.any():
+                continue
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
+                emb = model.image_encoder(model.preprocess(img)[None])
+                loss, stats = object_step(model, emb, gt[keep], valid, cfg, rng, g)
+            (loss / cfg.images_per_step).backward()
+            for k_, v in stats.items():
+                stats_acc[k_] = stats_acc.get(k_, 0.0) + v / cfg.images_per_step
+            n_img += 1
+        if ddp:
+            for p in params:
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad /= world
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        elapsed += time.time() - t0
+
+        if master:
+            history.append(stats_acc)
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{stats_acc['loss']:.3f}", iou=f"{stats_acc['iou_last']:.3f}", lr=f"{lr:.1e}")
+            if step % 25 == 0:
+                avg = {k_: round(float(np.mean([h[k_] for h in history[-25:]])), 4) for k_ in stats_acc}
+                log({"step": step, "lr": lr, "elapsed_min": round(elapsed / 60, 2), **avg})
+            if step % cfg.val_every == 0:
+                model.eval()
+                metrics = run_validation()
+                model.train()
+            if time.time() - t_last_ckpt > cfg.ckpt_every_s:
+                save_last()
+                t_last_ckpt = time.time()
+    if master:
+        model.eval()
+        if not metrics or metrics.get("step") != step:
+            metrics = run_validation()
+        save_last()
+        if bar is not None:
+            bar.close()
+    if ddp:
+        dist.destroy_process_group()
+    return {"step": step, **metrics}
