@@ -120,7 +120,10 @@ def _array_to_rgb(a: np.ndarray, alpha: str, limit: int, name: str) -> np.ndarra
         raise ImageError(f"{name}: image is empty ({a.shape})")
     if a.dtype == np.bool_:
         a = a.astype(np.uint8) * 255
-    elif a.dtype == np.uint16 or (np.issubdtype(a.dtype, np.integer) and a.dtype != np.uint8):
+    elif a.dtype == np.uint16:  # 16-bit files (PIL "I;16"): the range is 0..65535 even if dark
+        a = np.clip(a.astype(np.float64) / 65535.0 * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    elif np.issubdtype(a.dtype, np.integer) and a.dtype != np.uint8:
+        # Wider integers (PIL "I") carry no range: 16-bit if anything exceeds 8 bits.
         top = 65535.0 if a.max(initial=0) > 255 else 255.0
         a = np.clip(a.astype(np.float64) / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
     elif np.issubdtype(a.dtype, np.floating):
