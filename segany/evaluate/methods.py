@@ -84,17 +84,23 @@ class SamMethod(Method):
 class GrabCutMethod(Method):
     """OpenCV GrabCut (Rother et al. 2004), 5 iterations, under the same protocols.
 
-    Box: ``GC_INIT_WITH_RECT`` on the box (clipped to the image; if it covers the whole image a
-    1-pixel frame is left as probable background, since GrabCut needs background samples).
+    Box: the box is probable foreground, everything else definite background (what
+    ``GC_INIT_WITH_RECT`` does).
 
-    Clicks (``GC_INIT_WITH_MASK``), re-run from scratch after every click:
+    Clicks (``GC_INIT_WITH_MASK``), re-run after every click:
 
     * region of interest = the box around the positive clicks and the previous result, grown by
       ``margin`` (default: 15 % of the image's longer side, at least 20 px) -- outside it is
       definite background, inside probable foreground where the previous result was foreground
       (everything inside on the first click) and probable background elsewhere;
     * each click paints a disk of ``seed_radius`` px as definite foreground (positive) or
-      definite background (negative), exactly as a user's scribble dot in GrabCut tools.
+      definite background (negative), like a user's dot in GrabCut tools.
+
+    GrabCut runs on a crop: the region of interest (or box) grown by ``margin`` once more, so the
+    background colour model is learnt from the object's surroundings. Outside the crop is
+    background, as it would be without cropping. If the crop has no background pixel (the
+    region covers the image) its 1-pixel frame becomes probable background, since GrabCut needs
+    background samples.
     """
 
     name = "grabcut"
@@ -113,62 +119,68 @@ class GrabCutMethod(Method):
     def reset(self) -> None:
         self._prev = None
 
-    def _run(self, mask: np.ndarray, rect=None) -> np.ndarray:
+    def _margin(self) -> float:
+        h, w = self._bgr.shape[:2]
+        return float(self.margin) if self.margin is not None else max(20.0, 0.15 * max(h, w))
+
+    def _run(self, mask: np.ndarray, roi) -> np.ndarray:
+        """GrabCut with ``mask`` labels on the crop ``roi`` (x0, y0, x1, y1) grown by the margin;
+        returns the full-size bool result."""
+        h, w = mask.shape
+        m = int(round(self._margin()))
+        x0, y0 = max(0, roi[0] - m), max(0, roi[1] - m)
+        x1, y1 = min(w, roi[2] + m), min(h, roi[3] + m)
+        sub = np.ascontiguousarray(mask[y0:y1, x0:x1])
+        if not ((sub == cv2.GC_BGD) | (sub == cv2.GC_PR_BGD)).any():
+            for edge in (sub[0, :], sub[-1, :], sub[:, 0], sub[:, -1]):
+                edge[edge != cv2.GC_FGD] = cv2.GC_PR_BGD
         bgd = np.zeros((1, 65), np.float64)
         fgd = np.zeros((1, 65), np.float64)
-        mode = cv2.GC_INIT_WITH_RECT if rect is not None else cv2.GC_INIT_WITH_MASK
-        cv2.grabCut(self._bgr, mask, rect, bgd, fgd, self.iterations, mode)
-        return (mask == cv2.GC_FGD) | (mask == cv2.GC_PR_FGD)
+        img = np.ascontiguousarray(self._bgr[y0:y1, x0:x1])
+        cv2.grabCut(img, sub, None, bgd, fgd, self.iterations, cv2.GC_INIT_WITH_MASK)
+        out = np.zeros((h, w), bool)
+        out[y0:y1, x0:x1] = (sub == cv2.GC_FGD) | (sub == cv2.GC_PR_FGD)
+        return out
 
     def predict_box(self, box: np.ndarray) -> np.ndarray:
         h, w = self._bgr.shape[:2]
         x0, y0 = int(np.floor(max(0.0, box[0]))), int(np.floor(max(0.0, box[1])))
         x1, y1 = int(np.ceil(min(float(w), box[2]))), int(np.ceil(min(float(h), box[3])))
+        x0, y0 = min(x0, w - 1), min(y0, h - 1)
         x1, y1 = max(x1, x0 + 1), max(y1, y0 + 1)
         mask = np.full((h, w), cv2.GC_BGD, np.uint8)
         mask[y0:y1, x0:x1] = cv2.GC_PR_FGD
-        if (mask == cv2.GC_BGD).sum() == 0:  # box is the whole image: leave a frame
-            mask[[0, -1], :] = cv2.GC_PR_BGD
-            mask[:, [0, -1]] = cv2.GC_PR_BGD
         try:
-            return self._run(mask)
-        except cv2.error:  # degenerate colour model (e.g. 1-pixel box): the box itself
-            out = np.zeros((h, w), bool)
-            out[y0:y1, x0:x1] = True
-            return out
+            return self._run(mask, (x0, y0, x1, y1))
+        except cv2.error:  # degenerate colour model (e.g. a 1-pixel box): the box itself
+            return mask == cv2.GC_PR_FGD
 
     def predict_clicks(self, clicks: Sequence[Click]) -> np.ndarray:
         h, w = self._bgr.shape[:2]
-        margin = self.margin if self.margin is not None else max(20.0, 0.15 * max(h, w))
-        pos = [c for c in clicks if c.positive]
-        xs = [c.x for c in pos]
-        ys = [c.y for c in pos]
+        margin = self._margin()
+        xs = [c.x for c in clicks if c.positive]
+        ys = [c.y for c in clicks if c.positive]
         if self._prev is not None and self._prev.any():
             py = np.flatnonzero(self._prev.any(1))
             px = np.flatnonzero(self._prev.any(0))
             xs += [int(px[0]), int(px[-1])]
             ys += [int(py[0]), int(py[-1])]
+        if not xs:  # only negative clicks and nothing predicted: nothing to segment
+            self._prev = np.zeros((h, w), bool)
+            return self._prev
+        x0, x1 = int(max(0, min(xs) - margin)), int(min(w, max(xs) + 1 + margin))
+        y0, y1 = int(max(0, min(ys) - margin)), int(min(h, max(ys) + 1 + margin))
         mask = np.full((h, w), cv2.GC_BGD, np.uint8)
-        if xs:
-            x0, x1 = int(max(0, min(xs) - margin)), int(min(w, max(xs) + 1 + margin))
-            y0, y1 = int(max(0, min(ys) - margin)), int(min(h, max(ys) + 1 + margin))
-            roi = mask[y0:y1, x0:x1]
-            if self._prev is None:
-                roi[:] = cv2.GC_PR_FGD
-            else:
-                roi[:] = np.where(self._prev[y0:y1, x0:x1], cv2.GC_PR_FGD, cv2.GC_PR_BGD)
+        if self._prev is None:
+            mask[y0:y1, x0:x1] = cv2.GC_PR_FGD
+        else:
+            mask[y0:y1, x0:x1] = np.where(self._prev[y0:y1, x0:x1], cv2.GC_PR_FGD, cv2.GC_PR_BGD)
         for c in clicks:
             cv2.circle(mask, (c.x, c.y), self.seed_radius, int(cv2.GC_FGD if c.positive else cv2.GC_BGD), -1)
         fg = (mask == cv2.GC_FGD) | (mask == cv2.GC_PR_FGD)
-        if not fg.any():
-            result = np.zeros((h, w), bool)
-        else:
-            if fg.all():  # GrabCut needs background samples
-                mask[[0, -1], :] = np.where(fg[[0, -1], :] & (mask[[0, -1], :] == cv2.GC_FGD), cv2.GC_FGD, cv2.GC_PR_BGD)
-                mask[:, [0, -1]] = np.where(mask[:, [0, -1]] == cv2.GC_FGD, cv2.GC_FGD, cv2.GC_PR_BGD)
-            try:
-                result = self._run(mask)
-            except cv2.error:
-                result = fg
+        try:
+            result = self._run(mask, (x0, y0, x1, y1)) if fg.any() else np.zeros((h, w), bool)
+        except cv2.error:  # degenerate colour model
+            result = fg
         self._prev = result
         return result
