@@ -258,3 +258,55 @@ def test_cli_eval_bad_input(tmp_path, monkeypatch, capsys):
     make_coco(str(tmp_path / "d"), n=1)
     rc = _main(["eval", str(tmp_path / "d"), "--checkpoint", str(tmp_path / "missing.pth"), "--split", "all", "-o", str(tmp_path / "r")], monkeypatch)
     assert rc == 2 and "missing.pth" in capsys.readouterr().err
+
+
+class _Oracle:
+    """Returns the ground truth (plus junk inside the ignore band), and proposals."""
+
+    name = "oracle"
+    supports_everything = True
+
+    def __init__(self, gts, band, proposals):
+        self.gts, self.band, self.proposals, self.k = gts, band, proposals, 0
+
+    def set_image(self, image):
+        pass
+
+    def reset(self):
+        pass
+
+    def predict_clicks(self, clicks):
+        gt = next(g for g in self.gts if g[clicks[0].y, clicks[0].x])
+        return gt | self.band
+
+    def predict_box(self, box):
+        x0, y0 = int(box[0]), int(box[1])
+        return next(g for g in self.gts if g[y0:int(box[3]), x0:int(box[2])].any()) | self.band
+
+    def generate(self, image, **kw):
+        return [{"segmentation": p, "predicted_iou": 1.0 - 0.1 * i} for i, p in enumerate(self.proposals)]
+
+
+def test_mask_folder_ignore_band_and_everything(tmp_path):
+    from segany.datasets import open_dataset
+
+    root = tmp_path / "gc"
+    (root / "images").mkdir(parents=True)
+    (root / "masks").mkdir()
+    img, gt = shape_image()
+    label = np.zeros(gt.shape, np.uint8)
+    label[gt] = 255
+    band = (cv2.dilate(gt.astype(np.uint8), np.ones((7, 7), np.uint8)) > 0) & ~gt
+    label[band] = 128
+    Image.fromarray(img).save(root / "images" / "a.png")
+    Image.fromarray(label).save(root / "masks" / "a.png")
+    ds = open_dataset(str(root))
+    _, masks, ignore = ds[0]
+    assert len(masks) == 1 and np.array_equal(ignore, band)
+    rep = evaluate(ds, _Oracle(masks, band, [masks[0]]), ("clicks", "box", "everything"), max_clicks=5, progress=False)
+    assert rep["clicks"]["miou"] == [1.0] * 5 and rep["clicks"]["noc90"] == 1
+    assert rep["box"]["miou_gt_box"] == 1.0 and rep["everything"]["ar100"] == 1.0
+    far = np.zeros_like(gt)
+    far[:5, :5] = True
+    rep2 = evaluate(ds, _Oracle(masks, band, [far]), ("everything",), progress=False)
+    assert rep2["everything"]["ar100"] == 0.0 and rep2["everything"]["objects"] == 1
