@@ -310,3 +310,22 @@ def test_mask_folder_ignore_band_and_everything(tmp_path):
     far[:5, :5] = True
     rep2 = evaluate(ds, _Oracle(masks, band, [far]), ("everything",), progress=False)
     assert rep2["everything"]["ar100"] == 0.0 and rep2["everything"]["objects"] == 1
+
+
+def test_pool_reports():
+    from segany.evaluate import pool
+
+    def rep(curves, box, recalled, objects):
+        r = {"method": "m", "protocols": ["clicks", "box", "everything"], "max_clicks": 2, "images": 1,
+             "objects": len(curves), "skipped": [],
+             "per_object": [{"clicks": c, "box_iou": b, "jitter_box_iou": b} for c, b in zip(curves, box)]}
+        from segany.evaluate.runner import everything_summary
+
+        r["everything"] = everything_summary({100: np.array(recalled), 1000: np.array(recalled)}, objects)
+        return r
+
+    p = pool([rep([[0.5, 0.95]], [0.4], [1] * 10, 2), rep([[0.9, 1.0], [0.0, 0.0]], [0.8, 0.0], [0] * 10, 1)])
+    assert p["objects"] == 3 and p["clicks"]["miou"] == pytest.approx([1.4 / 3, 1.95 / 3], abs=1e-4)
+    assert p["clicks"]["noc90"] == pytest.approx((2 + 1 + 2) / 3, abs=1e-3)
+    assert p["box"]["miou_gt_box"] == pytest.approx(0.4, abs=1e-4)
+    assert p["everything"]["ar100"] == pytest.approx(1 / 3, abs=1e-4)

@@ -177,6 +177,7 @@ def everything_summary(recalled: Dict[int, np.ndarray], objects: int) -> Dict[st
         rec = (np.asarray(counts, dtype=np.float64) / objects) if objects else np.zeros(len(IOU_THRESHOLDS))
         out[f"ar{k}"] = round(float(rec.mean()), 5) if objects else None
         out[f"recall{k}"] = [round(float(v), 5) for v in rec]
+        out[f"recalled{k}"] = [int(v) for v in counts]  # objects recalled per threshold
     return out
 
 
@@ -215,10 +216,7 @@ def pool(reports: Sequence[Dict[str, object]]) -> Dict[str, object]:
     out.update(summarize(objs, protocols, max_clicks))
     if "everything" in protocols:
         objects = sum(int(r["everything"]["objects"]) for r in reports)
-        recalled = {
-            k: sum(np.round(np.asarray(r["everything"][f"recall{k}"]) * r["everything"]["objects"]).astype(np.int64) for r in reports)
-            for k in AR_KS
-        }
+        recalled = {k: sum(np.asarray(r["everything"][f"recalled{k}"], dtype=np.int64) for r in reports) for k in AR_KS}
         out["everything"] = everything_summary(recalled, objects)
     return out
 
