@@ -1,0 +1,155 @@
+"""SamAutomaticMaskGenerator: the cell upscaler against the full-size computation, and the whole
+generator against the reference ``segment_anything`` 1.0 on the same random weights."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from segany import masks as M
+from segany.automatic import CellUpscaler, SamAutomaticMaskGenerator
+from segany.modeling.build import build_sam, randomize_
+
+from core_helpers import TINY_VIT, reference_model
+
+
+def _full_upscale(low, img_size, input_size, original_size):
+    # the reference's Sam.postprocess_masks
+    x = F.interpolate(low[:, None], (img_size, img_size), mode="bilinear", align_corners=False)
+    x = x[..., : input_size[0], : input_size[1]]
+    return F.interpolate(x, original_size, mode="bilinear", align_corners=False)[:, 0]
+
+
+def _logits(n, side, seed):
+    g = torch.Generator().manual_seed(seed)
+    smooth = F.interpolate(torch.randn(n, 1, 6, 6, generator=g) * 4, (side, side), mode="bicubic", align_corners=False)[:, 0]
+    noisy = torch.randn(n, side, side, generator=g) * 2
+    out = torch.cat([smooth, noisy, smooth + 0.3 * noisy])
+    out[0] = -5.0  # empty at every threshold
+    out[1] = 5.0  # full
+    out[2, side // 2, side // 3] = 50  # a single positive bump in a negative map
+    out[2] = torch.where(out[2] == 50, out[2], torch.full_like(out[2], -3.0))
+    return out
+
+
+@pytest.mark.parametrize(
+    "side,img_size,original",
+    [(32, 128, (150, 200)), (32, 128, (61, 47)), (32, 128, (128, 128)), (64, 256, (300, 97)), (256, 1024, (333, 517))],
+)
+def test_cell_upscaler_equals_full_computation(side, img_size, original):
+    from segany.transforms import ResizeLongestSide
+
+    input_size = ResizeLongestSide.get_preprocess_shape(*original, img_size)
+    low = _logits(4, side, seed=side + original[0])
+    up = CellUpscaler(side, img_size, input_size, original)
+    full = _full_upscale(low, img_size, input_size, original)
+    for offset in (1.0, 0.5, 0.0):
+        stab, boxes = up.stats(low, 0.0, offset)
+        ref_stab = M.stability_score(full, 0.0, offset)
+        union = (full > -offset).sum((1, 2)).clamp(min=1)
+        # a pixel whose logit lies within float32 rounding of a threshold may count differently
+        tol = 2.5 / union
+        both_nan = ref_stab.isnan() & stab.isnan()
+        assert (both_nan | ((stab - ref_stab).abs() <= tol)).all(), (stab, ref_stab)
+    ref_boxes = M.masks_to_boxes(full > 0)
+    assert (boxes - ref_boxes).abs().max() <= 1  # float rounding can move a contour pixel
+    assert (boxes != ref_boxes).any(1).float().mean() < 0.1
+    masks = up.masks(low, 0.0)
+    ref = full > 0
+    assert masks.shape == ref.shape
+    diff = (masks != ref).sum((1, 2))
+    assert int(diff.max()) <= 2, diff  # pixels whose logit rounds across 0 differently
+    assert torch.equal(boxes[:2], torch.tensor([[0, 0, 0, 0], [0, 0, original[1] - 1, original[0] - 1]]))
+
+
+@pytest.fixture(scope="module")
+def models():
+    ours = randomize_(build_sam(TINY_VIT), seed=1, std=0.5)  # std 0.5: logits of a useful scale
+    ref = reference_model(TINY_VIT)
+    ref.load_state_dict(ours.state_dict())
+    import segment_anything
+
+    return ours, ref, segment_anything
+
+
+def _image(h, w, seed=0):
+    g = np.random.default_rng(seed)
+    img = (g.random((h, w, 3)) * 60).astype(np.uint8)
+    yy, xx = np.mgrid[:h, :w]
+    for _ in range(6):
+        cy, cx, r = g.integers(0, h), g.integers(0, w), g.integers(5, max(h, w) // 3)
+        img[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = g.integers(0, 255, 3)
+    return img
+
+
+def _match(ours, ref, h, w):
+    """Pair records by (point, predicted IoU) and check the parity criteria."""
+    assert len(ours) == len(ref)
+    groups = {}
+    for side, recs in ((0, ours), (1, ref)):
+        for r in recs:
+            k = (tuple(np.round(r["point_coords"][0], 3)), tuple(int(v) for v in r["crop_box"]))
+            groups.setdefault(k, ([], []))[side].append(r)
+    pairs = []
+    for k, (a, b) in groups.items():
+        assert len(a) == len(b), f"point {k}: {len(a)} masks here, {len(b)} in the reference"
+        a = sorted(a, key=lambda r: r["predicted_iou"])
+        b = sorted(b, key=lambda r: r["predicted_iou"])
+        pairs += list(zip(a, b))
+    worst = 1.0
+    for a, b in pairs:
+        sa = M.decode_rle(a["segmentation"]) if isinstance(a["segmentation"], dict) else a["segmentation"]
+        sb = M.decode_rle(b["segmentation"]) if isinstance(b["segmentation"], dict) else b["segmentation"]
+        assert sa.shape == sb.shape == (h, w)
+        union = (sa | sb).sum()
+        iou = (sa & sb).sum() / union if union else 1.0
+        worst = min(worst, iou)
+        assert abs(a["predicted_iou"] - b["predicted_iou"]) < 1e-4
+        assert abs(a["stability_score"] - b["stability_score"]) <= 2.5 / max(a["area"], 1)
+        assert abs(a["area"] - b["area"]) <= 2
+        assert np.abs(np.subtract(a["bbox"], b["bbox"])).max() <= 1
+        assert list(a["crop_box"]) == [int(v) for v in b["crop_box"]]  # the reference may give floats
+        assert set(a) == set(b)
+    assert worst >= 0.99
+    return worst
+
+
+CONFIGS = {
+    "plain": dict(points_per_side=8, pred_iou_thresh=-5.0, stability_score_thresh=0.5, box_nms_thresh=1.0, points_per_batch=50),
+    "crops+regions": dict(points_per_side=6, pred_iou_thresh=-5.0, stability_score_thresh=0.5, box_nms_thresh=1.0,
+                          crop_n_layers=1, crop_nms_thresh=1.0, min_mask_region_area=30, output_mode="coco_rle"),
+    "defaults_rle": dict(points_per_side=4, output_mode="uncompressed_rle", stability_score_offset=0.5, stability_score_thresh=0.8, pred_iou_thresh=0.0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_generator_matches_reference(models, name):
+    ours, ref, sa = models
+    kw = CONFIGS[name]
+    h, w = (90, 130) if name != "crops+regions" else (100, 80)
+    img = _image(h, w, seed=len(name))
+    a = SamAutomaticMaskGenerator(ours, **kw).generate(img)
+    b = sa.SamAutomaticMaskGenerator(ref, **kw).generate(img)
+    if name != "defaults_rle":
+        assert len(b) >= 5, "test set-up lets too few masks through to be meaningful"
+    _match(a, b, h, w)
+    if kw.get("output_mode") == "coco_rle":
+        assert all(isinstance(r["segmentation"]["counts"], str) for r in a)
+    # ordering is the reference's too (NMS order)
+    assert [r["predicted_iou"] for r in a] == pytest.approx([r["predicted_iou"] for r in b], abs=1e-4)
+
+
+def test_generator_bad_arguments(models):
+    ours = models[0]
+    with pytest.raises(ValueError, match="Exactly one"):
+        SamAutomaticMaskGenerator(ours, points_per_side=None)
+    with pytest.raises(ValueError, match="output_mode"):
+        SamAutomaticMaskGenerator(ours, output_mode="png")
+    with pytest.raises(ValueError, match="points_per_batch"):
+        SamAutomaticMaskGenerator(ours, points_per_batch=0)
+    with pytest.raises(ValueError, match="one grid per layer"):
+        SamAutomaticMaskGenerator(ours, points_per_side=None, point_grids=[np.full((4, 2), 0.5)], crop_n_layers=1)
+    g = SamAutomaticMaskGenerator(ours, points_per_side=2)
+    with pytest.raises(Exception):
+        g.generate(np.zeros((0, 5, 3), np.uint8))
