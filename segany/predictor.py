@@ -75,10 +75,14 @@ class _SeparableResize:
         (ih, wh), (iw, ww) = self.axes
         dtype = logits.dtype
         x = logits.float()
-        rows = (x[..., ih, :] * wh[..., None]).sum(-2)  # (..., H, low)
-        out = rows[..., iw[:, 0]] * ww[:, 0]
+        # Columns first, on the small low-res grid; then whole-row gathers (contiguous copies)
+        # for the rows, accumulated in place.
+        cols = x.index_select(-1, iw[:, 0]) * ww[:, 0]  # (..., low, W)
         for t in range(1, iw.shape[1]):
-            out = out + rows[..., iw[:, t]] * ww[:, t]
+            cols.addcmul_(x.index_select(-1, iw[:, t]), ww[:, t])
+        out = cols.index_select(-2, ih[:, 0]) * wh[:, 0, None]  # (..., H, W)
+        for t in range(1, ih.shape[1]):
+            out.addcmul_(cols.index_select(-2, ih[:, t]), wh[:, t, None])
         return out.to(dtype)
 
 

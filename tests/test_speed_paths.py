@@ -1,0 +1,89 @@
+"""The inference fast paths compute the same function as the official module structure."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from core_helpers import TINY_VIT
+from segany.modeling.build import build_sam, randomize_
+from segany.modeling.fast_decoder import build_cache, predict_masks_fast
+from segany.predictor import SamPredictor, _SeparableResize
+
+DEC_CONFIGS = [
+    TINY_VIT,
+    # depth 3 and heads 4: the folds must not assume SAM's exact sizes
+    {**TINY_VIT, "decoder": {"depth": 3, "mlp_dim": 48, "num_heads": 4, "iou_head_hidden_dim": 16}},
+]
+
+
+def _model(config, seed=0):
+    return randomize_(build_sam(config), seed=seed, std=0.2).eval()
+
+
+@pytest.mark.parametrize("config", DEC_CONFIGS)
+@pytest.mark.parametrize("multimask", [True, False])
+@pytest.mark.parametrize("batch,npts,with_box,with_mask", [(1, 1, False, False), (3, 2, True, False), (2, 3, False, True)])
+def test_fast_decoder_matches_module(config, multimask, batch, npts, with_box, with_mask):
+    sam = _model(config)
+    pe = sam.prompt_encoder
+    g = torch.Generator().manual_seed(1)
+    h, w = pe.image_embedding_size
+    feats = torch.randn(1, pe.embed_dim, h, w, generator=g)
+    pts = torch.rand(batch, npts, 2, generator=g) * config["image_size"]
+    labels = torch.randint(0, 2, (batch, npts), generator=g, dtype=torch.int32)
+    boxes = torch.tensor([[5.0, 10.0, 90.0, 100.0]]).repeat(batch, 1) if with_box else None
+    masks = torch.randn(batch, 1, 4 * h, 4 * w, generator=g) * 3 if with_mask else None
+    with torch.no_grad():
+        sparse, dense = pe(points=(pts, labels), boxes=boxes, masks=masks)
+        want_m, want_iou = sam.mask_decoder(feats, pe.get_dense_pe(), sparse, dense, multimask)
+        if with_mask:
+            got_m, got_iou = predict_masks_fast(
+                sam.mask_decoder, sparse, None, image_embeddings=feats, image_pe=pe.get_dense_pe(),
+                dense_prompt_embeddings=dense, multimask_output=multimask,
+            )
+        else:
+            cache = build_cache(sam.mask_decoder, feats, pe.get_dense_pe(), pe.no_mask_embed.weight)
+            got_m, got_iou = predict_masks_fast(sam.mask_decoder, sparse, cache, multimask_output=multimask)
+    assert got_m.shape == want_m.shape and got_iou.shape == want_iou.shape
+    scale = want_m.abs().max().item()
+    assert (got_m - want_m).abs().max().item() <= 1e-5 * max(1.0, scale)
+    assert (got_iou - want_iou).abs().max().item() <= 1e-5 * max(1.0, want_iou.abs().max().item())
+
+
+@pytest.mark.parametrize("original", [(100, 150), (37, 11), (300, 200), (128, 128)])
+def test_separable_resize_matches_two_step_interpolation(original):
+    from segany.transforms import ResizeLongestSide
+
+    input_size = ResizeLongestSide.get_preprocess_shape(*original, 1024)
+    x = torch.randn(2, 3, 256, 256, generator=torch.Generator().manual_seed(0)) * 5
+    want = F.interpolate(x, (1024, 1024), mode="bilinear", align_corners=False)
+    want = want[..., : input_size[0], : input_size[1]]
+    want = F.interpolate(want, original, mode="bilinear", align_corners=False)
+    got = _SeparableResize(256, 1024, input_size, original, "cpu")(x)
+    assert got.shape == want.shape
+    assert (got - want).abs().max().item() < 3e-5 * want.abs().max().item()  # float32 rounding
+
+
+def test_predictor_cache_follows_the_embedding():
+    sam = _model(TINY_VIT)
+    p = SamPredictor(sam)
+    pe = sam.prompt_encoder
+    g = torch.Generator().manual_seed(3)
+    h, w = pe.image_embedding_size
+    pt = np.array([[40.0, 30.0]])
+    lab = np.array([1])
+    outs = []
+    for _ in range(2):
+        feats = torch.randn(1, pe.embed_dim, h, w, generator=g)
+        p.set_embedding(feats, (100, 120), (107, 128))
+        m, s, low = p.predict(point_coords=pt, point_labels=lab)
+        with torch.no_grad():
+            coords = torch.as_tensor(p.transform.apply_coords(pt, (100, 120)), dtype=torch.float)[None]
+            sparse, dense = pe(points=(coords, torch.ones(1, 1, dtype=torch.int)), boxes=None, masks=None)
+            want_low, want_iou = sam.mask_decoder(feats, pe.get_dense_pe(), sparse, dense, True)
+        np.testing.assert_allclose(low, want_low[0].numpy(), atol=1e-5)
+        np.testing.assert_allclose(s, want_iou[0].numpy(), atol=1e-5)
+        outs.append(low)
+    assert np.abs(outs[0] - outs[1]).max() > 1e-3  # the second image really used its own cache
