@@ -12,6 +12,7 @@ from typing import List, Optional
 # ``set_defaults(func=...)`` where func(args) -> int exit code.
 COMMAND_MODULES = [
     "segany.commands",  # segment, embed, models
+    "segany.onnx",  # export-onnx
     "segany.everything",  # everything
     "segany.server",  # serve
     "segany.evaluate.cli",  # eval

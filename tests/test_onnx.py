@@ -1,0 +1,97 @@
+"""ONNX export: encoder and decoder run in onnxruntime and give PyTorch's masks."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+
+from core_helpers import TINY_VIT, test_image  # noqa: E402
+from segany.modeling.build import build_sam, randomize_  # noqa: E402
+from segany.onnx import OnnxPredictor, export_onnx  # noqa: E402
+from segany.predictor import SamPredictor  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return randomize_(build_sam(TINY_VIT), seed=4, std=0.2).eval()
+
+
+@pytest.fixture(scope="module")
+def exported(tiny, tmp_path_factory):
+    d = tmp_path_factory.mktemp("onnx")
+    export_onnx(tiny, d, postprocess=True)
+    return d
+
+
+def _iou(a, b):
+    return (a & b).sum() / max(1, (a | b).sum())
+
+
+def test_files_and_interface(exported):
+    import onnx
+
+    for name in ("encoder.onnx", "decoder.onnx"):
+        onnx.checker.check_model(str(exported / name))
+    sess = ort.InferenceSession(str(exported / "decoder.onnx"), providers=["CPUExecutionProvider"])
+    assert [i.name for i in sess.get_inputs()] == [
+        "image_embeddings", "point_coords", "point_labels", "mask_input", "has_mask_input", "orig_im_size"]
+    assert [o.name for o in sess.get_outputs()] == ["masks", "iou_predictions", "low_res_masks"]
+
+
+def test_official_style_postprocessing_in_onnx(tiny, exported):
+    """Raw session with orig_im_size: masks at the original size equal the torch predictor's."""
+    img = test_image(90, 120, seed=2)
+    p = SamPredictor(tiny)
+    p.set_image(img)
+    sess = ort.InferenceSession(str(exported / "decoder.onnx"), providers=["CPUExecutionProvider"])
+    for n in (1, 3):  # dynamic number of points
+        pts = np.array([[60.0, 40.0], [10.0, 80.0], [100.0, 20.0]])[:n]
+        lab = np.array([1, 0, 1])[:n]
+        want_m, want_s, want_low = p.predict(point_coords=pts, point_labels=lab, return_logits=True)
+        coords = np.concatenate([p.transform.apply_coords(pts, img.shape[:2]), [[0.0, 0.0]]])[None].astype(np.float32)
+        labels = np.concatenate([lab, [-1]])[None].astype(np.float32)
+        masks, iou, low = sess.run(None, {
+            "image_embeddings": p.features.numpy(), "point_coords": coords, "point_labels": labels,
+            "mask_input": np.zeros((1, 1, 32, 32), np.float32), "has_mask_input": np.zeros(1, np.float32),
+            "orig_im_size": np.array(img.shape[:2], np.float32)})
+        assert masks.shape == (1, 4, 90, 120)
+        np.testing.assert_allclose(iou[0, 1:], want_s, atol=1e-5)
+        np.testing.assert_allclose(low[0, 1:], want_low, atol=1e-4)
+        np.testing.assert_allclose(masks[0, 1:], want_m, atol=1e-4)
+
+
+@pytest.mark.parametrize("prompt", ["points", "box", "points+box", "mask"])
+def test_onnx_predictor_matches_torch(tiny, exported, prompt):
+    img = test_image(100, 80, seed=3)
+    ref, onx = SamPredictor(tiny), OnnxPredictor(tiny, exported)
+    ref.set_image(img)
+    onx.set_image(img)
+    np.testing.assert_allclose(onx.features.numpy(), ref.features.numpy(), atol=1e-4)
+    kw = {}
+    if "points" in prompt:
+        kw.update(point_coords=np.array([[30.0, 40.0], [60.0, 10.0]]), point_labels=np.array([1, 0]))
+    if "box" in prompt:
+        kw.update(box=np.array([5, 10, 70, 90]))
+    if prompt == "mask":
+        first = ref.predict(point_coords=np.array([[30.0, 40.0]]), point_labels=np.array([1]))
+        kw.update(point_coords=np.array([[30.0, 40.0]]), point_labels=np.array([1]), mask_input=first[2][:1])
+    for mm in (True, False):
+        a = ref.predict(multimask_output=mm, **kw)
+        b = onx.predict(multimask_output=mm, **kw)
+        assert a[0].shape == b[0].shape
+        np.testing.assert_allclose(b[1], a[1], atol=1e-4)
+        np.testing.assert_allclose(b[2], a[2], atol=1e-3)
+        for x, y in zip(a[0], b[0]):
+            assert _iou(x, y) >= 0.999 or (x.sum() + y.sum()) < 5
+
+
+def test_export_cli(tmp_path, monkeypatch):
+    from segany import cli
+
+    assert "segany.onnx" in cli.COMMAND_MODULES
+    parser = cli.build_parser()
+    args = parser.parse_args(["export-onnx", "--model", "x", "-o", str(tmp_path), "--no-postprocess"])
+    assert args.no_postprocess and args.output == str(tmp_path)
