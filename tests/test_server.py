@@ -146,6 +146,26 @@ def test_predict_matches_predictor(client, model):
     assert np.array_equal(decode(r2.json()["masks"][0]["segmentation"]), m2[0])
 
 
+def test_cropped_upscale_equals_predictor(model):
+    from segany.server.engine import _upscale_masks
+
+    p = SamPredictor(model)
+    p.set_image(make_image(300, 200, 3))
+    g = torch.Generator().manual_seed(0)
+    low = torch.randn(6, 16, 16, generator=g) - 1.5  # sparse foreground
+    low[3] = -1.0  # empty
+    low[4] = 1.0  # full
+    low[5, 7, 9] = 5.0  # one positive low-res pixel
+    yy, xx = torch.meshgrid(torch.arange(16.0), torch.arange(16.0), indexing="ij")
+    low[2] = 3.0 - ((yy - 5) ** 2 + (xx - 8) ** 2).sqrt()  # a smooth blob: mostly uniform tiles
+    p.upscale(low[:1])
+    ref = (p.upscale(low) > model.mask_threshold).numpy()
+    got = _upscale_masks(p, low)
+    assert np.array_equal(_upscale_masks(p, low, tile=7), ref)
+    assert got.shape == (6, 200, 300) and np.array_equal(got, ref)
+    assert not got[3].any() and got[4].all() and 0 < got[5].sum() < 2000
+
+
 @pytest.mark.parametrize("body, status, words", [
     ({"points": [[500, 20]], "labels": [1]}, 400, "outside the image"),
     ({"points": [[-1, 20]], "labels": [1]}, 400, "outside the image"),

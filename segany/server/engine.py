@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..predictor import PromptError, SamPredictor
+from ..predictor import PromptError, SamPredictor, _check_in_image, _finite
 from . import rle as rle_utils
 from .storage import ImageRecord
 
@@ -199,15 +199,17 @@ class ModelService:
                 if t is None:
                     raise PromptError(f"unknown or expired mask_input_id {mask_input_id!r}; send the prompt without it")
                 mask_input = t.numpy()
-            masks, scores, low = entry.predictor.predict(pc, pl, b, mask_input, multimask_output=multimask)
+            masks, scores, low, timing = _predict(entry.predictor, pc, pl, b, mask_input, multimask)
             tokens = [entry.keep_logits(torch.from_numpy(low[i : i + 1].copy())) for i in range(len(scores))]
+        t1 = time.perf_counter()
         out = []
         for i in range(len(scores)):
             seg = rle_utils.encode(masks[i])
             area, bbox = rle_utils.area_bbox(seg)
             out.append({"segmentation": seg, "score": float(scores[i]), "area": area, "bbox": bbox, "logits_id": tokens[i]})
         best = int(np.argmax(scores))
-        return {"masks": out, "best": best, "elapsed_ms": round((time.perf_counter() - t0) * 1000, 2)}
+        timing["encode_ms"] = round((time.perf_counter() - t1) * 1000, 2)
+        return {"masks": out, "best": best, "elapsed_ms": round((time.perf_counter() - t0) * 1000, 2), "timing": timing}
 
     # ------------------------------------------------------------ proposals
     @torch.no_grad()
@@ -261,11 +263,11 @@ class ModelService:
                 m = low > thr
                 boxes = _mask_boxes(m)
                 order = _nms(boxes, sc[:, 0], box_nms_thresh)[: max_masks * 2]
-                full = p.upscale(low[order]) > thr
+                full = _upscale_masks(p, low[order])
         min_area = min_area_fraction * h * w
         results = []
         for j, i in enumerate(order.tolist()):
-            mk = full[j].numpy()
+            mk = full[j]
             area = int(mk.sum())
             if area < max(1, min_area):
                 continue
@@ -280,6 +282,105 @@ class ModelService:
             if len(results) >= max_masks:
                 break
         return results
+
+
+def _predict(p: SamPredictor, pc, pl, b, mask_input, multimask: bool):
+    """``SamPredictor.predict`` (same checks, same messages, same masks), but the low-res logits
+    are upscaled only where the result can be foreground: bilinear weights are non-negative, so
+    an output pixel whose source taps are all <= threshold is background. Only the rows and
+    columns whose taps reach the mask's low-res bounding box are computed."""
+    coords_t = labels_t = box_t = mask_t = None
+    if pc is not None:
+        _finite("point_coords", pc)
+        if not np.all(np.isin(pl, (-1, 0, 1))):
+            raise PromptError(f"point_labels must be 1 (foreground), 0 (background) or -1 (ignore), got {np.unique(pl).tolist()}")
+        _check_in_image("point", pc, p.original_size)
+        coords_t = torch.as_tensor(p.transform.apply_coords(pc, p.original_size), dtype=torch.float)[None]
+        labels_t = torch.as_tensor(pl.astype(np.int64), dtype=torch.int)[None]
+    if b is not None:
+        b = b.reshape(4)
+        _finite("box", b)
+        if b[2] < b[0] or b[3] < b[1]:
+            raise PromptError(f"box must be (x0, y0, x1, y1) with x0 <= x1 and y0 <= y1, got {b.tolist()}")
+        _check_in_image("box corner", b.reshape(2, 2), p.original_size)
+        box_t = torch.as_tensor(p.transform.apply_boxes(b, p.original_size), dtype=torch.float)
+    if mask_input is not None:
+        mask_t = torch.as_tensor(np.asarray(mask_input, dtype=np.float32))[None]
+    t0 = time.perf_counter()
+    low, iou = p.decode(coords_t, labels_t, box_t, mask_t, multimask)
+    low, iou = low[0], iou[0]
+    t1 = time.perf_counter()
+    masks = _upscale_masks(p, low)
+    timing = {"decode_ms": round((t1 - t0) * 1000, 2), "upscale_ms": round((time.perf_counter() - t1) * 1000, 2)}
+    return masks, iou.numpy(), low.numpy(), timing
+
+
+def _upscale_masks(p: SamPredictor, low: torch.Tensor, tile: int = 48) -> np.ndarray:
+    """(C, l, l) logits -> (C, H, W) bool masks at the original size, equal to
+    ``p.upscale(low) > 0``, computed only where the answer is in doubt.
+
+    Each output pixel is a weighted sum, with non-negative weights, of at most 4 x 4 low-res
+    logits. So for a tile of output pixels, if every low-res logit its taps can reach is > 0 the
+    whole tile is foreground, if every one is <= 0 it is background, and only the remaining
+    (boundary) tiles are interpolated, exactly as the predictor does."""
+    thr = p.model.mask_threshold
+    resize = getattr(p, "_resize", None)
+    if resize is None or not hasattr(resize, "axes") or thr != 0.0:
+        return (p.upscale(low) > thr).numpy()
+    (ih, wh), (iw, ww) = resize.axes
+    h, w = p.original_size
+    spans = getattr(resize, "_segany_spans", None)
+    if spans is None:  # first/last low-res index each output row/column really uses
+        big = 1 << 30
+        spans = (
+            torch.where(wh != 0, ih, big).min(1).values.numpy(), torch.where(wh != 0, ih, -1).max(1).values.numpy(),
+            torch.where(ww != 0, iw, big).min(1).values.numpy(), torch.where(ww != 0, iw, -1).max(1).values.numpy(),
+        )
+        resize._segany_spans = spans
+    lo_h, hi_h, lo_w, hi_w = spans
+    out = np.zeros((low.shape[0], h, w), dtype=bool)
+    ntaps = iw.shape[1]
+    ys = np.arange(0, h, tile)
+    xs = np.arange(0, w, tile)
+    # low-res span of each tile row / column: [r0, r1) x [c0, c1)
+    r0 = np.minimum.reduceat(lo_h, ys)
+    r1 = np.maximum.reduceat(hi_h, ys) + 1
+    c0 = np.minimum.reduceat(lo_w, xs)
+    c1 = np.maximum.reduceat(hi_w, xs) + 1
+    area = (r1 - r0)[:, None] * (c1 - c0)[None, :]
+    for c in range(low.shape[0]):
+        x = low[c].float()
+        pos = (x > thr).numpy()
+        if not pos.any():
+            continue
+        sat = np.zeros((pos.shape[0] + 1, pos.shape[1] + 1), np.int64)  # summed-area table
+        sat[1:, 1:] = pos.cumsum(0).cumsum(1)
+        n = sat[r1][:, c1] - sat[r0][:, c1] - sat[r1][:, c0] + sat[r0][:, c0]
+        full = n == area
+        mixed = (n > 0) & ~full
+        if mixed.mean() > 0.35:  # ragged mask: one vectorised pass beats many tiles
+            out[c] = _interp_block(x, ih, wh, iw, ww, 0, h, 0, w, thr)
+            continue
+        for ty, tx in zip(*np.nonzero(full)):
+            out[c, ys[ty] : ys[ty] + tile, xs[tx] : xs[tx] + tile] = True
+        for ty in np.nonzero(mixed.any(1))[0]:
+            y0, y1 = int(ys[ty]), min(h, int(ys[ty]) + tile)
+            band = (x[ih[y0:y1], :] * wh[y0:y1, :, None]).sum(-2)  # (tile rows, l)
+            for tx in np.nonzero(mixed[ty])[0]:
+                x0, x1 = int(xs[tx]), min(w, int(xs[tx]) + tile)
+                o = band[:, iw[x0:x1, 0]] * ww[x0:x1, 0]
+                for t in range(1, ntaps):
+                    o = o + band[:, iw[x0:x1, t]] * ww[x0:x1, t]
+                out[c, y0:y1, x0:x1] = (o > thr).numpy()
+    return out
+
+
+def _interp_block(x, ih, wh, iw, ww, y0, y1, x0, x1, thr) -> np.ndarray:
+    band = (x[ih[y0:y1], :] * wh[y0:y1, :, None]).sum(-2)
+    o = band[:, iw[x0:x1, 0]] * ww[x0:x1, 0]
+    for t in range(1, iw.shape[1]):
+        o = o + band[:, iw[x0:x1, t]] * ww[x0:x1, t]
+    return (o > thr).numpy()
 
 
 def _mask_boxes(m: torch.Tensor) -> torch.Tensor:
