@@ -80,7 +80,10 @@ class EngineOptions:
         d["amg"] = {**AMG_DEFAULTS, **d["amg"]}
         d["amg"].pop("points_per_batch")  # batching changes speed, not results
         if d["checkpoint"]:
-            from ..checkpoints import safetensors_config
+            from ..checkpoints import CheckpointError, safetensors_config
+
+            if not os.path.isfile(d["checkpoint"]):
+                raise CheckpointError(f"{d['checkpoint']}: no such checkpoint file")
 
             if safetensors_config(d["checkpoint"]) is not None:
                 d["model"] = None  # the file carries its own config; --model plays no part
@@ -154,7 +157,7 @@ class Annotator:
         h, w = image.shape[:2]
         try:
             masks = self.generator.generate(image)
-        except (RuntimeError, ValueError, MemoryError) as e:  # e.g. out of memory on a huge image
+        except Exception as e:  # noqa: BLE001 - e.g. out of memory on a huge image: this image fails, the job goes on
             return _finish(rec, "failed", t0, reason=f"segmentation failed: {type(e).__name__}: {e}")
         masks = self._filter(masks, h, w)
         if len(masks) < self.opts.min_masks:

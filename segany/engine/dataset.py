@@ -117,7 +117,7 @@ def find_image(folder: str, json_path: str, rec: Dict[str, Any], images: Optiona
     if name:
         if images:
             cands.append(os.path.join(images, name))
-        cands += [os.path.join(folder, name), os.path.join(os.path.dirname(json_path), os.path.basename(name))]
+        cands += [os.path.join(os.path.dirname(json_path), os.path.basename(name)), os.path.join(folder, name)]
     stem = os.path.splitext(json_path)[0]
     cands += [stem + e for e in IMAGE_EXTENSIONS] + [stem + e.upper() for e in IMAGE_EXTENSIONS]
     return next((c for c in cands if os.path.isfile(c)), None)
@@ -162,13 +162,20 @@ def to_coco(folder: str, output: str) -> Tuple[int, int]:
     records; keeps the records' image ids; annotation ids 1..N). Raises on invalid records."""
     images, anns = [], []
     bad = []
-    for _, rel, rec, err in records(folder):
+    root = os.path.abspath(folder)
+    for path, rel, rec, err in records(folder):
         if rec is None:
             bad.append(f"{rel}: {err}")
             continue
         im = rec["image"]
-        image_id = int(im.get("image_id", sa1b.stable_image_id(im.get("file_name", rel))))
-        images.append({"id": image_id, "file_name": im.get("file_name", rel), "width": int(im["width"]), "height": int(im["height"])})
+        # file_name relative to the folder when the image lies inside it (records edited in
+        # 'segany serve' hold the bare file name), else as recorded
+        file_name = im.get("file_name", rel)
+        img = find_image(folder, path, rec)
+        if img is not None and os.path.abspath(img).startswith(root + os.sep):
+            file_name = os.path.relpath(os.path.abspath(img), root).replace(os.sep, "/")
+        image_id = int(im.get("image_id", sa1b.stable_image_id(file_name)))
+        images.append({"id": image_id, "file_name": file_name, "width": int(im["width"]), "height": int(im["height"])})
         for a in rec["annotations"]:
             seg = a["segmentation"]
             area, bbox = sa1b.rle_area_bbox(seg)
