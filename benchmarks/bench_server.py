@@ -80,6 +80,7 @@ def main() -> int:
     ap.add_argument("--checkpoint", default=None)
     ap.add_argument("--size", default="1500x1000", help="image size WxH (default 1500x1000)")
     ap.add_argument("--images", type=int, default=4)
+    ap.add_argument("--photos", default=None, help="use the first --images photos of this folder instead of synthetic ones")
     ap.add_argument("--clicks", type=int, default=100)
     ap.add_argument("--clients", type=int, default=0, help="load test: concurrent clients (0: skip)")
     ap.add_argument("--load-clicks", type=int, default=200, help="load test: clicks per client")
@@ -109,9 +110,21 @@ def main() -> int:
         save_file({k: v.contiguous() for k, v in sam.state_dict().items()}, ckpt, metadata={"config": json.dumps(TINY_ARCH)})
         model_desc = "tiny architecture, random weights (bundled weights absent)"
     ids = []
-    for i in range(args.images):
-        Image.fromarray(photo(w, h, i)).save(tmp / f"img{i}.jpg", quality=90)
-        ids.append(f"img{i}.jpg")
+    if args.photos:
+        import shutil
+
+        from segany.io import list_images
+
+        for src in list_images(args.photos)[: args.images]:
+            shutil.copy(src, tmp / src.name)
+            ids.append(src.name)
+        w, h = Image.open(tmp / ids[0]).size  # clicks are drawn inside the smallest image
+        for iid in ids:
+            w, h = min(w, Image.open(tmp / iid).size[0]), min(h, Image.open(tmp / iid).size[1])
+    else:
+        for i in range(args.images):
+            Image.fromarray(photo(w, h, i)).save(tmp / f"img{i}.jpg", quality=90)
+            ids.append(f"img{i}.jpg")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -122,7 +135,7 @@ def main() -> int:
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.Popen(cmd, env=env)
     url = f"http://127.0.0.1:{port}"
-    result = {"model": model_desc, "image_size": [w, h], "images": args.images}
+    result = {"model": model_desc, "image_size": [w, h] if not args.photos else f"photos from {args.photos}", "images": len(ids)}
     try:
         t0 = time.time()
         while True:
@@ -234,7 +247,7 @@ def main() -> int:
             proc.wait(10)
         except subprocess.TimeoutExpired:
             proc.kill()
-    print(f"\n### segany serve over HTTP (127.0.0.1), model {result['model']}, {w}x{h} images")
+    print(f"\n### segany serve over HTTP (127.0.0.1), model {result['model']}, images: {result['image_size']}")
     print(f"- embedding (once per image, excluded below): {result['embed_s']} s; server RSS {result['rss_after_embed_mb']} MB")
     c = result["click_ms"]
     print(f"- one click -> 3 masks as COCO RLE: median {c['median']} ms, p95 {c['p95']} ms, max {c['max']} ms over {c['n']} clicks (server-side {result['click_server_ms_median']} ms)")
