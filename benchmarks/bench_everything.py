@@ -1,0 +1,167 @@
+"""Segment-everything speed and memory: segany vs segment_anything 1.0, same weights, same image,
+same embeddings (computed once and given to both), so only ``generate`` after the embedding is
+timed. Each (implementation, configuration) runs in its own process; peak memory is the rise of
+the process's peak RSS during ``generate``.
+
+Weights are random (no official checkpoint is available offline) with SAM's real prompt encoder
+and mask decoder sizes (256 dims, 256x256 low-res masks, 1024 input); random weights give
+noisier masks than trained ones, which is the harder case for segany (more contour cells).
+
+    python benchmarks/bench_everything.py [--side 32] [--size 600x800] [--configs plain,crops]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+CONFIG = {
+    "image_size": 1024,
+    "prompt_embed_dim": 256,
+    "encoder": {"type": "vit", "embed_dim": 32, "depth": 1, "num_heads": 2, "global_attn_indexes": [0], "patch_size": 16, "window_size": 4},
+    "decoder": {"depth": 2, "mlp_dim": 2048, "num_heads": 8, "iou_head_hidden_dim": 256},
+}
+GEN = {"pred_iou_thresh": 0.0, "stability_score_thresh": 0.8, "box_nms_thresh": 0.7}
+
+
+def _rss_peak_kb() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM"):
+                return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+
+def _reset_peak() -> None:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def child(impl: str, config: str, side: int, size) -> dict:
+    import numpy as np
+    import torch
+
+    from core_helpers import reference_model, test_image
+    from segany.automatic import SamAutomaticMaskGenerator
+    from segany.modeling.build import build_sam, randomize_
+    from segany.predictor import SamPredictor
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    ours = randomize_(build_sam(CONFIG), seed=1, std=0.5)
+    img = test_image(*size, seed=0)
+    kw = dict(GEN, points_per_side=side, crop_n_layers=1 if config == "crops" else 0)
+    # embeddings of every crop, once, from segany's encoder
+    cache = {}
+    emb = SamPredictor(ours)
+
+    def features(crop):
+        key = (crop.shape, crop.tobytes()[:4096], int(crop.sum()))
+        if key not in cache:
+            emb.set_image(crop)
+            cache[key] = (emb.features, emb.original_size, emb.input_size)
+        return cache[key]
+
+    if impl == "segany":
+        gen = SamAutomaticMaskGenerator(ours, **kw)
+
+        def set_crop(crop):
+            f, o, i = features(crop)
+            gen.predictor.set_embedding(f, o, i)
+
+        gen._set_crop_image = set_crop
+    else:
+        ref = reference_model(CONFIG)
+        ref.load_state_dict(ours.state_dict())
+        import segment_anything as sa
+
+        gen = sa.SamAutomaticMaskGenerator(ref, **kw)
+        p = gen.predictor
+
+        def set_image(crop, image_format="RGB"):
+            f, o, i = features(crop)
+            p.reset_image()
+            p.features, p.original_size, p.input_size, p.is_image_set = f, o, i, True
+
+        p.set_image = set_image
+    # pre-compute the embeddings outside the timed part
+    from segany.automatic import generate_crop_boxes
+
+    for x0, y0, x1, y1 in generate_crop_boxes(img.shape[:2], kw["crop_n_layers"], 512 / 1500)[0]:
+        features(img[y0:y1, x0:x1])
+    import gc
+
+    gc.collect()
+    base = _rss_peak_kb()
+    _reset_peak()
+    t = time.perf_counter()
+    recs = gen.generate(img)
+    dt = time.perf_counter() - t
+    peak = _rss_peak_kb()
+    rles = []
+    from segany import masks as M
+
+    for r in recs:
+        rles.append({"rle": M.encode_rle(r["segmentation"]), "iou": r["predicted_iou"], "stab": r["stability_score"], "pt": r["point_coords"][0]})
+    return {"time_s": dt, "peak_mb": max(0, peak - base) / 1024, "n": len(recs), "rles": rles}
+
+
+def _compare(a, b) -> str:
+    from segany import masks as M
+
+    if len(a) != len(b):
+        return f"count {len(a)} vs {len(b)}"
+    if not a:
+        return "0 masks"
+    import numpy as np
+
+    A = np.stack([M.decode_rle(r["rle"]).ravel() for r in a]).astype(np.float32)
+    B = np.stack([M.decode_rle(r["rle"]).ravel() for r in b]).astype(np.float32)
+    inter = A @ B.T
+    iou = inter / np.maximum(A.sum(1)[:, None] + B.sum(1)[None] - inter, 1)
+    best = iou.max(1)
+    ds = max(abs(x["stab"] - b[j]["stab"]) for x, j in zip(a, iou.argmax(1)))
+    return f"{len(a)} = {len(b)} masks, min IoU {best.min():.4f}, max |d stability| {ds:.1e}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--side", type=int, default=32)
+    ap.add_argument("--size", default="600x800", help="HxW")
+    ap.add_argument("--configs", default="plain,crops")
+    ap.add_argument("--child", nargs=2, metavar=("IMPL", "CONFIG"))
+    a = ap.parse_args()
+    size = tuple(int(v) for v in a.size.split("x"))
+    if a.child:
+        print(json.dumps(child(a.child[0], a.child[1], a.side, size)))
+        return
+    rows = []
+    for config in a.configs.split(","):
+        res = {}
+        for impl in ("segany", "reference"):
+            out = subprocess.run([sys.executable, __file__, "--side", str(a.side), "--size", a.size, "--child", impl, config],
+                                 capture_output=True, text=True, check=True)
+            res[impl] = json.loads(out.stdout.strip().splitlines()[-1])
+            print(f"{config} {impl}: {res[impl]['time_s']:.2f} s, peak +{res[impl]['peak_mb']:.0f} MB", file=sys.stderr)
+        s, r = res["segany"], res["reference"]
+        rows.append((config, s, r, _compare(s["rles"], r["rles"])))
+    print(f"\nsegment everything, {a.side}x{a.side} points, {size[0]}x{size[1]} image, {os.environ.get('BENCH_THREADS', '2')} threads, generate() after the embedding\n")
+    print("| config | segany s | reference s | time ratio | segany peak MB | reference peak MB | memory ratio | parity |")
+    print("|---|---|---|---|---|---|---|---|")
+    for config, s, r, par in rows:
+        print(f"| {config} | {s['time_s']:.2f} | {r['time_s']:.2f} | {s['time_s'] / r['time_s']:.3f}x | {s['peak_mb']:.0f} | {r['peak_mb']:.0f} | "
+              f"{s['peak_mb'] / max(r['peak_mb'], 1e-9):.2f}x | {par} |")
+
+
+if __name__ == "__main__":
+    main()
