@@ -250,6 +250,8 @@ def test_cli_eval_tiny_coco(tmp_path, monkeypatch, capsys):
     assert [r["method"] for r in summary["rows"]] == ["tiny_test", "grabcut"]
     assert Image.open(out / "miou_vs_clicks.png").format == "PNG"
     assert Image.open(out / "data.miou.png").format == "PNG"
+    md = (out / "summary.md").read_text().splitlines()
+    assert md[0].startswith("| dataset | method") and len(md) == 4
 
 
 def test_cli_eval_bad_input(tmp_path, monkeypatch, capsys):

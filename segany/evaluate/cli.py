@@ -14,8 +14,8 @@ EPILOG = """examples:
 
 DATASET is a COCO folder (annotations.json + images/) or JSON file, an SA-1B folder of per-image
 JSON files, or a folder with images/ and masks/ (0 background, 128 ignore, other values objects).
-Writes OUT/<dataset>.<method>.json, OUT/<dataset>.miou.png, OUT/summary.json and
-OUT/miou_vs_clicks.png (all datasets pooled).
+Writes OUT/<dataset>.<method>.json, OUT/<dataset>.miou.png, OUT/summary.json, OUT/summary.md
+and OUT/miou_vs_clicks.png (all datasets pooled).
 """
 
 
@@ -89,7 +89,7 @@ def run(args) -> int:
     from ..io import atomic_write_json
     from .methods import GrabCutMethod, SamMethod
     from .plot import plot_miou
-    from .runner import DatasetError, dataset_name, evaluate, load_dataset, pool, table
+    from .runner import DatasetError, dataset_name, evaluate, load_dataset, markdown_table, pool, table
 
     protocols = args.protocol or ["clicks", "box"]
     protocols = ["clicks", "box", "everything"] if "all" in protocols else list(dict.fromkeys(protocols))
@@ -159,6 +159,9 @@ def run(args) -> int:
     summary = {"split": args.split, "limit": args.limit, "max_clicks": args.max_clicks, "protocols": protocols,
                "rows": rows, "pooled": pooled}
     atomic_write_json(os.path.join(args.output, "summary.json"), summary, indent=1)
+    from ..io import atomic_write_text
+
+    atomic_write_text(os.path.join(args.output, "summary.md"), markdown_table(rows) + "\n")
     curves = {}
     for mname, reps in by_method.items():
         src = pooled.get(mname) or reps[0]

@@ -228,8 +228,7 @@ def _fmt(v, digits=3) -> str:
     return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
 
 
-def table(rows: Sequence[Dict[str, object]]) -> str:
-    """A fixed-width text table of report rows (each with ``dataset`` and ``method``)."""
+def _cells(rows: Sequence[Dict[str, object]]):
     head = ["dataset", "method", "images", "objects", "mIoU@1", "@3", "@5", "@max", "NoC85", "NoC90", "NoF90%", "box", "jit.box", "AR@100", "AR@1000"]
     lines = []
     for r in rows:
@@ -244,6 +243,20 @@ def table(rows: Sequence[Dict[str, object]]) -> str:
             _fmt(c.get("noc85"), 2), _fmt(c.get("noc90"), 2), _fmt(c.get("nof90_pct"), 1),
             _fmt(b.get("miou_gt_box")), _fmt(b.get("miou_jittered_box")), _fmt(e.get("ar100")), _fmt(e.get("ar1000")),
         ])
+    return head, lines
+
+
+def table(rows: Sequence[Dict[str, object]]) -> str:
+    """A fixed-width text table of report rows (each with ``dataset`` and ``method``)."""
+    head, lines = _cells(rows)
     widths = [max(len(h), *(len(l[i]) for l in lines)) if lines else len(h) for i, h in enumerate(head)]
     fmt = lambda cells: "  ".join(s.ljust(w) if i < 2 else s.rjust(w) for i, (s, w) in enumerate(zip(cells, widths)))  # noqa: E731
     return "\n".join([fmt(head), fmt(["-" * w for w in widths])] + [fmt(l) for l in lines])
+
+
+def markdown_table(rows: Sequence[Dict[str, object]]) -> str:
+    """The same table in Markdown (for READMEs)."""
+    head, lines = _cells(rows)
+    out = ["| " + " | ".join(head) + " |", "|" + "|".join("---" if i < 2 else "---:" for i in range(len(head))) + "|"]
+    out += ["| " + " | ".join(l) + " |" for l in lines]
+    return "\n".join(out)
