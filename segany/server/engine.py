@@ -72,11 +72,15 @@ class ModelService:
         self._lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="segany-embed")
         self._durations: deque = deque(maxlen=8)
-        self._predict_slots = threading.BoundedSemaphore(max(1, max_parallel_predict))
+        # All model calls run on these few threads, whatever thread serves the request: torch
+        # keeps per-thread state (intra-op pools, allocator arenas), so letting every one of the
+        # server's request threads call it would grow memory with the number of clients.
+        self._pool = ThreadPoolExecutor(max_workers=max(1, max_parallel_predict), thread_name_prefix="segany-predict")
         self._proposal_lock = threading.Lock()
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------ embeddings
     def status(self, rec: ImageRecord) -> Dict[str, Any]:
@@ -192,15 +196,20 @@ class ModelService:
         b = None if box is None else np.asarray(box, dtype=np.float64)
         if pc is None and b is None:
             raise PromptError("give at least one point or a box")
-        with self._predict_slots, entry.lock:
-            mask_input = None
-            if mask_input_id is not None:
-                t = entry.logits.get(mask_input_id)
-                if t is None:
-                    raise PromptError(f"unknown or expired mask_input_id {mask_input_id!r}; send the prompt without it")
-                mask_input = t.numpy()
-            masks, scores, low, timing = _predict(entry.predictor, pc, pl, b, mask_input, multimask)
-            tokens = [entry.keep_logits(torch.from_numpy(low[i : i + 1].copy())) for i in range(len(scores))]
+
+        def run():
+            with entry.lock:
+                mask_input = None
+                if mask_input_id is not None:
+                    t = entry.logits.get(mask_input_id)
+                    if t is None:
+                        raise PromptError(f"unknown or expired mask_input_id {mask_input_id!r}; send the prompt without it")
+                    mask_input = t.numpy()
+                masks, scores, low, timing = _predict(entry.predictor, pc, pl, b, mask_input, multimask)
+                tokens = [entry.keep_logits(torch.from_numpy(low[i : i + 1].copy())) for i in range(len(scores))]
+                return masks, scores, tokens, timing
+
+        masks, scores, tokens, timing = self._pool.submit(run).result()
         t1 = time.perf_counter()
         out = []
         for i in range(len(scores)):
@@ -212,8 +221,12 @@ class ModelService:
         return {"masks": out, "best": best, "elapsed_ms": round((time.perf_counter() - t0) * 1000, 2), "timing": timing}
 
     # ------------------------------------------------------------ proposals
+    def proposals(self, entry: Entry, **kw) -> List[Dict[str, Any]]:
+        """See ``_proposals``; runs on the model threads."""
+        return self._pool.submit(self._proposals, entry, **kw).result()
+
     @torch.no_grad()
-    def proposals(
+    def _proposals(
         self,
         entry: Entry,
         points_per_side: int = 16,
