@@ -13,7 +13,8 @@ predictor with ``SamPredictor``'s API.
   batch are dynamic. ``--no-postprocess`` leaves out ``orig_im_size``/``masks``.
 
 ``OnnxPredictor`` runs both in onnxruntime and upscales with the same separable map as
-``SamPredictor``; its masks equal the PyTorch ones up to float32 rounding.
+``SamPredictor``; its masks equal the PyTorch ones up to float32 rounding. With ``int8=True`` it
+uses onnxruntime's dynamic int8 quantisation of both files (``segany.quantize.quantize_onnx``).
 """
 from __future__ import annotations
 
@@ -167,7 +168,7 @@ class OnnxPredictor(SamPredictor):
     ``onnx_dir`` holds the files of ``export_onnx`` for this model; without it the model is
     exported to a temporary folder first. The PyTorch model supplies sizes and preprocessing."""
 
-    def __init__(self, sam_model: Sam, onnx_dir=None, threads: Optional[int] = None) -> None:
+    def __init__(self, sam_model: Sam, onnx_dir=None, threads: Optional[int] = None, int8: bool = False) -> None:
         super().__init__(sam_model)
         if onnx_dir is None:
             self._tmp = tempfile.TemporaryDirectory(prefix="segany-onnx-")
@@ -175,8 +176,14 @@ class OnnxPredictor(SamPredictor):
             export_onnx(sam_model, onnx_dir, postprocess=False)
         d = Path(onnx_dir)
         self.onnx_dir = d
-        self.encoder_session = _session(d / "encoder.onnx", threads)
-        self.decoder_session = _session(d / "decoder.onnx", threads)
+        enc, dec = d / "encoder.onnx", d / "decoder.onnx"
+        if int8:
+            from .quantize import quantize_onnx
+
+            q = quantize_onnx(d)
+            enc, dec = q["encoder"], q["decoder"]
+        self.encoder_session = _session(enc, threads)
+        self.decoder_session = _session(dec, threads)
         self._dec_inputs = {i.name for i in self.decoder_session.get_inputs()}
 
     @torch.no_grad()

@@ -318,7 +318,19 @@ class Segmenter:
     >>> seg.save_embedding("photo.emb.pt")         # reuse later with load_embedding
     """
 
-    def __init__(self, model: Union[str, Sam] = "tiny", device: Optional[str] = None, checkpoint: Optional[str] = None) -> None:
+    BACKENDS = ("torch", "torch-int8", "onnxruntime", "onnxruntime-int8")
+
+    def __init__(
+        self,
+        model: Union[str, Sam] = "tiny",
+        device: Optional[str] = None,
+        checkpoint: Optional[str] = None,
+        backend: str = "torch",
+    ) -> None:
+        """``backend``: "torch" (default, fastest float32 here), "onnxruntime" (same masks),
+        or their opt-in int8 variants "torch-int8" / "onnxruntime-int8" (approximate masks)."""
+        if backend not in self.BACKENDS:
+            raise ValueError(f"backend must be one of {self.BACKENDS}, got {backend!r}")
         if isinstance(model, Sam):
             sam = model if device is None else model.to(device)
             self.model_name = getattr(model, "model_name", "custom")
@@ -327,7 +339,17 @@ class Segmenter:
 
             sam = load_model(model, checkpoint=checkpoint, device=device)
             self.model_name = getattr(sam, "model_name", model)
-        self.predictor = SamPredictor(sam)
+        self.backend = backend
+        if backend == "torch":
+            self.predictor = SamPredictor(sam)
+        elif backend == "torch-int8":
+            from .quantize import quantize_model
+
+            self.predictor = SamPredictor(quantize_model(sam))
+        else:
+            from .onnx import OnnxPredictor
+
+            self.predictor = OnnxPredictor(sam, int8=backend == "onnxruntime-int8")
 
     @property
     def model(self) -> Sam:

@@ -95,3 +95,27 @@ def test_export_cli(tmp_path, monkeypatch):
     parser = cli.build_parser()
     args = parser.parse_args(["export-onnx", "--model", "x", "-o", str(tmp_path), "--no-postprocess"])
     assert args.no_postprocess and args.output == str(tmp_path)
+
+
+def test_onnx_int8_predictor_runs(tiny, exported):
+    img = test_image(100, 80, seed=5)
+    p = OnnxPredictor(tiny, exported, int8=True)
+    assert (exported / "encoder.int8.onnx").exists() and (exported / "decoder.int8.onnx").exists()
+    p.set_image(img)
+    m, s, low = p.predict(point_coords=np.array([[30.0, 40.0]]), point_labels=np.array([1]))
+    assert m.shape == (3, 100, 80) and s.shape == (3,) and low.shape == (3, 32, 32)
+    assert np.isfinite(low).all()
+
+
+def test_segmenter_backends(tiny, exported):
+    from segany.predictor import Segmenter
+
+    img = test_image(64, 96, seed=6)
+    a = Segmenter(tiny)
+    b = Segmenter(tiny, backend="onnxruntime")
+    assert isinstance(b.predictor, OnnxPredictor)
+    a.set_image(img)
+    b.set_image(img)
+    pa, pb = a.predict(points=[(20, 30)]), b.predict(points=[(20, 30)])
+    np.testing.assert_allclose(pb.scores, pa.scores, atol=1e-4)
+    assert _iou(pa.best, pb.best) >= 0.999 or pa.best.sum() < 5

@@ -87,3 +87,22 @@ def test_predictor_cache_follows_the_embedding():
         np.testing.assert_allclose(s, want_iou[0].numpy(), atol=1e-5)
         outs.append(low)
     assert np.abs(outs[0] - outs[1]).max() > 1e-3  # the second image really used its own cache
+
+
+def test_int8_encoder_runs_close_to_float():
+    from segany.quantize import quantize_model
+
+    sam = _model(TINY_VIT)
+    q = quantize_model(sam)
+    assert q is not sam and q.quantized == "int8-dynamic"
+    x = torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = sam.image_encoder(x), q.image_encoder(x)
+    assert a.shape == b.shape
+    cos = F.cosine_similarity(a.flatten(), b.flatten(), dim=0).item()
+    assert cos > 0.98
+    # the predictor runs end to end on the quantised model
+    p = SamPredictor(q)
+    p.set_image(np.random.default_rng(0).integers(0, 255, (60, 90, 3), dtype=np.uint8))
+    m, s, _ = p.predict(point_coords=np.array([[10.0, 20.0]]), point_labels=np.array([1]))
+    assert m.shape == (3, 60, 90)

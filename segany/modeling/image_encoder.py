@@ -161,7 +161,11 @@ class Attention(nn.Module):
                 # The reference pads the normalised tokens with zeros before qkv: a padded
                 # token's q, k, v is then the qkv bias.
                 Hp, Wp = H + pad_h, W + pad_w
-                fill = self.qkv.bias if self.qkv.bias is not None else qkv.new_zeros(3 * C)
+                fill = self.qkv.bias
+                if callable(fill):  # dynamically quantized Linear (segany.quantize) exposes bias()
+                    fill = fill()
+                if fill is None:
+                    fill = qkv.new_zeros(3 * C)
                 padded = fill.to(qkv.dtype).expand(B, Hp, Wp, 3 * C).clone()
                 padded[:, :H, :W] = qkv
                 qkv = padded

@@ -1,0 +1,62 @@
+"""Opt-in int8 inference (float32 stays the default everywhere).
+
+Two backends:
+
+* ``quantize_model(sam)`` (PyTorch): dynamic int8 quantisation of the image encoder's Linear
+  layers (weights int8 per tensor, activations quantised per call; fbgemm on x86). The mask
+  decoder stays float32: it is already cheap after the per-image cache of ``fast_decoder``, and
+  the fast path folds its float weights.
+* ``quantize_onnx(onnx_dir)`` (onnxruntime): ``onnxruntime.quantization.quantize_dynamic`` of
+  ``encoder.onnx`` and ``decoder.onnx`` into ``encoder.int8.onnx``/``decoder.int8.onnx``; use
+  them with ``OnnxPredictor(sam, onnx_dir, int8=True)``.
+
+int8 masks differ from float32 ones; ``benchmarks/bench_speed.py --agreement`` measures the
+mask IoU against float32 on real photos.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .modeling import Sam
+
+
+def quantize_model(model: Sam, inplace: bool = False) -> Sam:
+    """A copy of ``model`` (or ``model`` itself with ``inplace``) whose image-encoder Linear
+    layers run in dynamic int8. Inference only."""
+    from torch.ao.quantization import quantize_dynamic
+
+    if not inplace:
+        model = copy.deepcopy(model)
+    model.eval()
+    engines = torch.backends.quantized.supported_engines
+    if "fbgemm" in engines and torch.backends.quantized.engine != "fbgemm":
+        torch.backends.quantized.engine = "fbgemm"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.ao.quantization deprecation notices
+        model.image_encoder = quantize_dynamic(model.image_encoder, {nn.Linear}, dtype=torch.qint8)
+    model.quantized = "int8-dynamic"
+    return model
+
+
+def quantize_onnx(onnx_dir, parts=("encoder", "decoder")) -> dict:
+    """Write ``<part>.int8.onnx`` beside each ``<part>.onnx`` in ``onnx_dir``; returns their paths."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    d = Path(onnx_dir)
+    out = {}
+    for part in parts:
+        src = d / f"{part}.onnx"
+        dst = d / f"{part}.int8.onnx"
+        if not src.exists():
+            continue
+        if not dst.exists() or dst.stat().st_mtime < src.stat().st_mtime:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
+        out[part] = dst
+    return out
