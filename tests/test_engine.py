@@ -174,11 +174,13 @@ def test_filters_min_masks_max_masks(tmp_path, model_path):
     s = run_job([str(src)], str(tmp_path / "b"), opts(model_path, max_masks=1), progress=False)
     assert s["masks"] == s["ok"] == 3
     need = max(counts.values())
-    s = run_job([str(src)], str(tmp_path / "c"), opts(model_path, min_masks=need), progress=False)
+    # --redo into the first folder with the new options: rejected images lose their old JSON
+    s = run_job([str(src)], str(tmp_path / "a"), opts(model_path, min_masks=need), progress=False, redo=True)
     rejected = sorted(k for k, v in counts.items() if v < need)
-    assert s["rejected"] == len(rejected) and s["ok"] == 3 - len(rejected) and full["ok"] == 3
-    for k in rejected:
-        assert not (tmp_path / "c" / k.replace(".png", ".json")).exists()
+    assert rejected and s["rejected"] == len(rejected) and s["ok"] == 3 - len(rejected) and full["ok"] == 3
+    for k in counts:
+        assert (tmp_path / "a" / k.replace(".png", ".json")).exists() == (k not in rejected)
+    assert len(manifest_view(tmp_path / "a")) == 3
 
 
 def test_inputs_lists_files_and_collisions(tmp_path):

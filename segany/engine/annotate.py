@@ -27,6 +27,7 @@ import os
 import shutil
 import sys
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
@@ -34,7 +35,7 @@ import numpy as np
 
 from ..io import ImageError, atomic_write_bytes, atomic_write_json, load_image
 from . import sa1b
-from .inputs import Item, collect
+from .inputs import OVERLAY_SUFFIX, Item, collect
 from .manifest import MANIFEST, ManifestWriter, compact, latest_by_image, read_manifest
 
 LOCK = ".annotate.lock"
@@ -151,17 +152,17 @@ class Annotator:
         try:
             image = load_image(item.source, max_pixels=self.opts.max_pixels)
         except ImageError as e:
-            return _finish(rec, "failed", t0, reason=str(e))
+            return _finish(rec, "failed", t0, reason=str(e), outdir=outdir)
         except OSError as e:  # unreadable file: permissions, I/O error
-            return _finish(rec, "failed", t0, reason=f"{item.source}: cannot read ({e})")
+            return _finish(rec, "failed", t0, reason=f"{item.source}: cannot read ({e})", outdir=outdir)
         h, w = image.shape[:2]
         try:
             masks = self.generator.generate(image)
         except Exception as e:  # noqa: BLE001 - e.g. out of memory on a huge image: this image fails, the job goes on
-            return _finish(rec, "failed", t0, reason=f"segmentation failed: {type(e).__name__}: {e}")
+            return _finish(rec, "failed", t0, reason=f"segmentation failed: {type(e).__name__}: {e}", outdir=outdir)
         masks = self._filter(masks, h, w)
         if len(masks) < self.opts.min_masks:
-            return _finish(rec, "rejected", t0, masks=len(masks), reason=f"{len(masks)} masks, fewer than --min-masks {self.opts.min_masks}")
+            return _finish(rec, "rejected", t0, masks=len(masks), reason=f"{len(masks)} masks, fewer than --min-masks {self.opts.min_masks}", outdir=outdir)
         record = sa1b.build_record(item.rel, w, h, masks)
         # Outputs other than the JSON first: the JSON is the "done" mark.
         if self.opts.copy_images:
@@ -175,7 +176,16 @@ class Annotator:
         return _finish(rec, "ok", t0, masks=len(masks))
 
 
-def _finish(rec: Dict[str, Any], status: str, t0: float, masks: int = 0, reason: Optional[str] = None) -> Dict[str, Any]:
+def _finish(rec: Dict[str, Any], status: str, t0: float, masks: int = 0, reason: Optional[str] = None,
+            outdir: Optional[str] = None) -> Dict[str, Any]:
+    if status != "ok" and outdir is not None:
+        # Outputs of an earlier run of this image (only with --redo: done images are not redone
+        # otherwise) would say "done" for an image that is now failed/rejected: remove them.
+        for rel in (rec["output"], str(Path(rec["image"]).with_suffix("").as_posix()) + OVERLAY_SUFFIX):
+            try:
+                os.unlink(os.path.join(outdir, rel))
+            except FileNotFoundError:
+                pass
     rec.update(status=status, masks=int(masks), seconds=round(time.perf_counter() - t0, 4), reason=reason)
     return rec
 

@@ -106,6 +106,9 @@ def run_annotate(args: argparse.Namespace) -> int:
         )
     except (InputError, JobError) as e:
         return _error(args, e)
+    except RuntimeError as e:  # Ray missing, not enough resources, workers that cannot start
+        print(f"segany annotate: error: {e}", file=sys.stderr)
+        return 1
     print(format_summary(summary, os.path.abspath(args.output)))
     return 0
 

@@ -102,6 +102,13 @@ def run_on_ray(
     )
     actors = [Actor.remote(wopts, fault) for _ in range(workers)]
     log(f"ray: {workers} workers x ({cpus_per_worker:g} CPU, {gpus_per_worker:g} GPU) on {address or 'a local Ray'}")
+    try:  # every worker has loaded the model (a bad checkpoint path on a node shows here, once)
+        ray.get([a.ping.remote() for a in actors])
+    except ray.exceptions.RayError as e:
+        for a in actors:
+            ray.kill(a)
+        cause = getattr(e, "cause", None) or e
+        raise RuntimeError(f"a Ray worker could not start: {type(cause).__name__}: {str(cause).strip().splitlines()[-1]}") from None
     outdir = os.path.abspath(outdir)
     queue = list(reversed(todo))
     pending: Dict[Any, tuple] = {}  # ObjectRef -> (actor index, item)
@@ -124,7 +131,7 @@ def run_on_ray(
             load[i] -= 1
             try:
                 rec = ray.get(ref)
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as e:
+            except _ACTOR_ERRORS(ray) as e:
                 # Ray gave up on this image after max_task_retries restarts: record it and carry on
                 # with the other workers.
                 rec = {"image": it.rel, "output": it.json_rel, "source": it.source, "status": "failed",
@@ -143,6 +150,11 @@ def run_on_ray(
                 ray.kill(a)
             except Exception:  # noqa: BLE001 - already gone
                 pass
+
+
+def _ACTOR_ERRORS(ray) -> tuple:
+    ex = ray.exceptions
+    return tuple(getattr(ex, n) for n in ("RayActorError", "ActorDiedError", "ActorUnavailableError") if hasattr(ex, n))
 
 
 def _is_alive(ray, actor, timeout: float = 30.0) -> bool:
