@@ -248,6 +248,17 @@ def test_no_path_traversal(dataset, model, tmp_path):
     assert not (tmp_path / "evil.png").exists() and sorted(os.listdir(secret)) == ["outside.json", "outside.png"]
 
 
+def test_cross_origin_writes_refused(client, dataset):
+    png = png_bytes(make_image(20, 20))
+    r = client.post("/api/images", files={"file": ("x.png", png, "image/png")}, headers={"Origin": "http://evil.example"})
+    assert r.status_code == 403 and "cross-origin" in r.json()["detail"]
+    r = client.put("/api/annotations/a.png", json={"annotations": []}, headers={"Origin": "http://evil.example"})
+    assert r.status_code == 403 and not (dataset / "a.json").exists()
+    assert client.get("/api/images", headers={"Origin": "http://evil.example"}).status_code == 200
+    r = client.post("/api/images", files={"file": ("x.png", png, "image/png")}, headers={"Origin": "http://testserver"})
+    assert r.status_code == 201  # the page itself
+
+
 # ------------------------------------------------------------------ uploads
 def test_upload_and_limits(dataset, model):
     with TestClient(create_app(dataset, model, max_upload_bytes=30_000, max_pixels=100 * 100)) as c:

@@ -50,7 +50,7 @@ class AnnotationsBody(BaseModel):
 
 class BodyLimit:
     """ASGI middleware: refuse request bodies above ``limit`` bytes with 413, whether the client
-    declared the length or streams it."""
+    declared the length or streams it; refuse writes from pages of other origins with 403."""
 
     def __init__(self, app, limit: int) -> None:
         self.app, self.limit = app, limit
@@ -58,7 +58,14 @@ class BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
+        headers = dict(scope.get("headers") or [])
+        origin = headers.get(b"origin")
+        if origin is not None and scope.get("method") not in ("GET", "HEAD", "OPTIONS"):
+            # a page from another site must not write into the dataset through the user's browser
+            o = origin.decode("latin-1").split("://", 1)[-1].rstrip("/")
+            if o != headers.get(b"host", b"").decode("latin-1"):
+                return await _send_error(send, 403, f"cross-origin request from {origin.decode('latin-1')} refused")
+        declared = headers.get(b"content-length")
         if declared is not None:
             try:
                 too_big = int(declared) > self.limit
