@@ -24,12 +24,11 @@ import dataclasses
 import fcntl
 import json
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence
 
 import numpy as np
 
@@ -113,7 +112,24 @@ def load_engine_model(name: str, checkpoint: Optional[str], device: str = "cpu")
 
     if checkpoint is not None and safetensors_config(checkpoint) is not None:
         return load_model(str(checkpoint), device=device)
-    return load_model(name, checkpoint=checkpoint, device=device)
+    return load_model(resolve_model_name(name), checkpoint=checkpoint, device=device)
+
+
+def resolve_model_name(name: str) -> str:
+    """``name`` if the registry knows it (or it is a file); a bundled ``segany/weights/<name>.safetensors``
+    otherwise (it carries its config); else a ``CheckpointError`` listing the known names."""
+    from ..checkpoints import CheckpointError, resolve_name
+
+    try:
+        resolve_name(name)
+        return name
+    except KeyError as e:
+        if os.path.exists(name):
+            return name
+        bundled = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights", f"{name}.safetensors")
+        if os.path.isfile(bundled):
+            return bundled
+        raise CheckpointError(str(e).strip("'\"") + " (or give --checkpoint)") from None
 
 
 class Annotator:
@@ -330,6 +346,8 @@ def run_job(
 ) -> Dict[str, Any]:
     """Run (or resume) a job; returns the summary (also written to OUTDIR/summary.json)."""
     outdir = os.path.abspath(outdir)
+    if not (opts.checkpoint and opts.checkpoint.endswith(".safetensors")):
+        resolve_model_name(opts.model)  # an unknown model name fails here, before anything is written
     items = collect(inputs)
     plan = prepare(items, outdir, opts, redo=redo)
     try:
