@@ -197,6 +197,15 @@ def test_inputs_lists_files_and_collisions(tmp_path):
         collect([str(tmp_path / "nope")])
 
 
+def test_cli_errors_are_clear_and_write_nothing(tmp_path):
+    make_images(tmp_path / "in", 1, nested=False)
+    r = cli("annotate", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--model", "no_such_model", "--no-progress")
+    assert r.returncode == 2 and "unknown model 'no_such_model'" in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists()
+    r = cli("annotate", str(tmp_path / "missing"), "-o", str(tmp_path / "out"), "--checkpoint", str(tmp_path / "none.safetensors"))
+    assert r.returncode == 2 and "no such" in r.stderr and "Traceback" not in r.stderr
+
+
 def test_manifest_tolerates_a_torn_last_line(tmp_path):
     path = str(tmp_path / "manifest.jsonl")
     with ManifestWriter(path) as w:
