@@ -191,6 +191,10 @@ def test_inputs_lists_files_and_collisions(tmp_path):
     items = collect([str(lst)])
     assert [i.rel for i in items] == ["a/img000.png", "b/img000.png"]
     assert [i.rel for i in collect([str(tmp_path / "a"), str(a[0])])] == ["img000.png", "img001.png"]
+    # the job's own outputs inside an input folder are not inputs; annotating in place keeps all
+    make_images(tmp_path / "a" / "ann", 1, nested=False)
+    assert len(collect([str(tmp_path / "a")], outdir=str(tmp_path / "a" / "ann"))) == 2
+    assert len(collect([str(tmp_path / "a")], outdir=str(tmp_path / "a"))) == 3
     with pytest.raises(InputError, match="would both be written"):
         collect([str(tmp_path / "a"), str(tmp_path / "b")])
     with pytest.raises(InputError, match="no such file"):

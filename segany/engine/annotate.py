@@ -348,7 +348,7 @@ def run_job(
     outdir = os.path.abspath(outdir)
     if not (opts.checkpoint and opts.checkpoint.endswith(".safetensors")):
         resolve_model_name(opts.model)  # an unknown model name fails here, before anything is written
-    items = collect(inputs)
+    items = collect(inputs, outdir=outdir)
     plan = prepare(items, outdir, opts, redo=redo)
     try:
         if len(plan.todo) < len(items):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from ..io import IMAGE_EXTENSIONS, list_images
 
@@ -42,6 +42,14 @@ def _is_image(p: Path) -> bool:
     return p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.endswith(OVERLAY_SUFFIX)
 
 
+def _within(path: Path, folder: Path) -> bool:
+    try:
+        path.relative_to(folder)
+        return True
+    except ValueError:
+        return False
+
+
 def _from_list(path: Path) -> List[Item]:
     base = path.parent
     paths = []
@@ -61,15 +69,20 @@ def _from_list(path: Path) -> List[Item]:
     return [Item(str(p), p.relative_to(root).as_posix()) for p in paths]
 
 
-def collect(inputs: Sequence[str]) -> List[Item]:
+def collect(inputs: Sequence[str], outdir: Optional[str] = None) -> List[Item]:
     """All images of the job, in a fixed order, each once; raises ``InputError`` on a missing
-    input or when two images would write the same output file."""
+    input or when two images would write the same output file. Images inside ``outdir`` (the
+    job's own outputs, e.g. ``--copy-images`` copies when OUTDIR lies inside an input folder) are
+    left out, unless OUTDIR is the input folder itself (annotations written beside the images)."""
+    out = Path(outdir).resolve() if outdir else None
     items: List[Item] = []
     for spec in inputs:
         p = Path(spec)
         if p.is_dir():
             root = p.resolve()
-            items += [Item(str(f.resolve()), f.resolve().relative_to(root).as_posix()) for f in list_images(root) if _is_image(f)]
+            skip = out if out is not None and out != root and _within(out, root) else None
+            items += [Item(str(f.resolve()), f.resolve().relative_to(root).as_posix()) for f in list_images(root)
+                      if _is_image(f) and not (skip is not None and _within(f.resolve(), skip))]
         elif p.is_file() and p.suffix.lower() in LIST_EXTENSIONS:
             items += _from_list(p)
         elif p.is_file():
