@@ -1,0 +1,363 @@
+"""Speed and memory of segany vs the official ``segment_anything`` 1.0 on this machine, same
+weights, one markdown table.
+
+Every row runs in its own subprocess; rows that compare timings run segany and the reference
+alternately in that same process (machine noise hits both) and report medians and their ratio.
+Weights are random (no official checkpoint offline): timings do not depend on weight values.
+
+    python benchmarks/bench_speed.py                       # vit_b, 600x900 photo-sized input
+    python benchmarks/bench_speed.py --rows gemm,encoder,click --repeats 5
+    python benchmarks/bench_speed.py --rows rss --rss-model vit_h
+    python benchmarks/bench_speed.py --agreement 20        # int8 vs float32 mask IoU on photos
+
+Rows: gemm (machine float32 GEMM rate), encoder (fp32), encoder_int8 (PyTorch dynamic int8),
+encoder_ort / encoder_ort_int8 (onnxruntime; needs an export, slow the first time), click (one
+click -> masks at the original size incl. prompt encoding and postprocessing), rss (peak RSS of
+set_image + one click, separate processes), everything (segany.automatic vs the reference's
+SamAutomaticMaskGenerator.generate on a fixed embedding, if segany/automatic.py exists).
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+ENCODER_TFLOP = {"vit_b": 0.0, "vit_l": 0.0, "vit_h": 0.0}  # filled by _encoder_flops
+
+
+def _image(h=600, w=900):
+    import numpy as np
+
+    photos = sorted(glob.glob("/work/shared/data/*/images/*.jpg"))
+    if photos:
+        from PIL import Image
+
+        img = Image.open(photos[0]).convert("RGB").resize((w, h), Image.BILINEAR)
+        return np.asarray(img)
+    return np.random.default_rng(0).integers(0, 255, (h, w, 3), dtype=np.uint8)
+
+
+def _models(name, seed=1):
+    import segany
+    from reference import load_reference
+    from segany.modeling.build import randomize_
+
+    sa, _ = load_reference()
+    ours = randomize_(segany.sam_model_registry[name](), seed=seed).eval()
+    ref = sa.sam_model_registry[name]()
+    ref.load_state_dict(ours.state_dict())
+    return sa, ours, ref.eval()
+
+
+def _alternate(fns, repeats, warmup=1):
+    """fns: {label: callable}; alternates them; returns {label: [seconds]}."""
+    for _ in range(warmup):
+        for f in fns.values():
+            f()
+    out = {k: [] for k in fns}
+    for _ in range(repeats):
+        for k, f in fns.items():
+            t = time.perf_counter()
+            f()
+            out[k].append(time.perf_counter() - t)
+    return out
+
+
+def _encoder_flops(model) -> float:
+    """Multiply-adds x2 of the image encoder at its input size, counted with torch's FLOP counter."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    S = model.image_encoder.img_size
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        model.image_encoder(torch.zeros(1, 3, S, S))
+    return float(fc.get_total_flops())
+
+
+# ----------------------------------------------------------------------------- workers
+def w_gemm(a):
+    import torch
+
+    n = 2048
+    x, y = torch.randn(n, n), torch.randn(n, n)
+    ts = _alternate({"mm": lambda: torch.mm(x, y)}, 10)["mm"]
+    return {"gflops": 2 * n**3 / min(ts) / 1e9, "gflops_median": 2 * n**3 / statistics.median(ts) / 1e9}
+
+
+def w_encoder(a):
+    import torch
+
+    sa, ours, ref = _models(a.model)
+    S = ours.image_encoder.img_size
+    x = ours.preprocess(torch.randn(1, 3, S, S) * 50 + 120)
+    variant = a.variant
+    if variant == "int8":
+        from segany.quantize import quantize_model
+
+        fast = quantize_model(ours).image_encoder
+    elif variant in ("ort", "ort_int8"):
+        from segany.onnx import _session, export_onnx
+        from segany.quantize import quantize_onnx
+
+        d = Path(a.onnx_dir) / a.model
+        if not (d / "encoder.onnx").exists():
+            export_onnx(ours, d, postprocess=False)
+        path = quantize_onnx(d, parts=("encoder",))["encoder"] if variant == "ort_int8" else d / "encoder.onnx"
+        sess = _session(path)
+        xn = x.numpy()
+        fast = lambda _x: torch.from_numpy(sess.run(None, {"image": xn})[0])  # noqa: E731
+    else:
+        fast = ours.image_encoder
+    res = {}
+    outs = {}
+
+    def timed(key, f):
+        def run():
+            outs[key] = f(x)
+        return run
+
+    with torch.no_grad():
+        # no warm-up run: the first runs are timed too (and give the parity numbers)
+        ts = _alternate({"ours": timed("ours", fast), "ref": timed("ref", ref.image_encoder)}, a.repeats, warmup=0)
+    ys, yr = outs["ours"], outs["ref"]
+    res["max_abs_diff"] = float((ys - yr).abs().max())
+    res["ref_abs_max"] = float(yr.abs().max())
+    res["cos"] = float(torch.nn.functional.cosine_similarity(ys.flatten(), yr.flatten(), dim=0))
+    res.update({k: statistics.median(v) for k, v in ts.items()})
+    res["flops"] = _encoder_flops(ours)
+    return res
+
+
+def w_click(a):
+    import numpy as np
+    import torch
+
+    from segany.predictor import SamPredictor
+
+    sa, ours, ref = _models(a.model)
+    img = _image()
+    p1, p2 = SamPredictor(ours), sa.SamPredictor(ref)
+    p1.set_image(img)
+    p2.set_embedding = None
+    # same embedding for both (the reference's own encoder would be timed otherwise)
+    p2.reset_image()
+    p2.original_size = img.shape[:2]
+    p2.input_size = tuple(p1.input_size)
+    p2.features = p1.features.clone()
+    p2.is_image_set = True
+    rng = np.random.default_rng(0)
+    clicks = [np.array([[rng.uniform(0, img.shape[1]), rng.uniform(0, img.shape[0])]]) for _ in range(a.repeats * 4)]
+    lab = np.array([1])
+    it1, it2 = iter(clicks), iter(clicks)
+
+    def best(p, it):
+        m, s, _ = p.predict(point_coords=next(it), point_labels=lab)
+        return m[int(np.argmax(s))]
+
+    ts = _alternate({"ours": lambda: best(p1, it1), "ref": lambda: best(p2, it2)}, a.repeats * 3, warmup=1)
+    ious, sdiff = [], 0.0
+    for c in clicks[:5]:
+        m1, s1, _ = p1.predict(point_coords=c, point_labels=lab)
+        m2, s2, _ = p2.predict(point_coords=c, point_labels=lab)
+        ious.append(min((1.0 if (x | y).sum() == 0 else (x & y).sum() / (x | y).sum()) for x, y in zip(m1, m2)))
+        sdiff = max(sdiff, float(np.abs(s1 - s2).max()))
+    res = {k: statistics.median(v) for k, v in ts.items()}
+    res.update({"min_mask_iou": float(min(ious)), "max_score_diff": sdiff, "size": list(img.shape[:2])})
+    return res
+
+
+def w_rss(a):
+    import numpy as np
+
+    import segany
+    from segany.modeling.build import randomize_
+
+    img = _image()
+    if a.variant == "ref":
+        from reference import load_reference
+
+        sa, _ = load_reference()
+        model = sa.sam_model_registry[a.model]()
+        pred = sa.SamPredictor(model.eval())
+    else:
+        from segany.predictor import SamPredictor
+
+        model = randomize_(segany.sam_model_registry[a.model](), seed=1).eval()
+        pred = SamPredictor(model)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    pred.set_image(img)
+    pred.predict(point_coords=np.array([[100.0, 100.0]]), point_labels=np.array([1]))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return {"peak_mib": peak / 1024, "after_load_mib": before / 1024}
+
+
+def w_everything(a):
+    import numpy as np
+    import torch
+
+    from reference import load_reference
+    from segany.automatic import SamAutomaticMaskGenerator
+    from segany.modeling.build import build_sam, randomize_
+
+    sa, _ = load_reference()
+    cfg = {
+        "image_size": 1024, "prompt_embed_dim": 256,
+        "encoder": {"type": "vit", "embed_dim": 32, "depth": 1, "num_heads": 2, "global_attn_indexes": [0], "patch_size": 16, "window_size": 4},
+    }
+    ours = randomize_(build_sam(cfg), seed=1).eval()
+    from core_helpers import reference_model
+
+    ref = reference_model(cfg)
+    ref.load_state_dict(ours.state_dict())
+    img = _image()
+    g1 = SamAutomaticMaskGenerator(ours, points_per_side=a.side)
+    g2 = sa.SamAutomaticMaskGenerator(ref.eval(), points_per_side=a.side)
+    ts = _alternate({"ours": lambda: g1.generate(img), "ref": lambda: g2.generate(img)}, max(1, a.repeats // 2), warmup=0)
+    return {k: statistics.median(v) for k, v in ts.items()}
+
+
+def w_agreement(a):
+    """int8 vs float32 masks (best of 3, one random foreground click) on real photos."""
+    import numpy as np
+    import torch
+
+    from segany.predictor import SamPredictor
+    from segany.quantize import quantize_model
+
+    try:
+        from segany.checkpoints import load_model
+
+        model = load_model(a.model, download=False) if a.model != "vit_b" else None
+    except Exception:
+        model = None
+    if model is None:
+        import segany
+        from segany.modeling.build import randomize_
+
+        model = randomize_(segany.sam_model_registry["vit_b"](), seed=1).eval()
+        name = "vit_b (random weights: smoke number only)"
+    else:
+        name = a.model
+    variants = {"torch-int8": SamPredictor(quantize_model(model))}
+    if a.onnx_dir:
+        from segany.onnx import OnnxPredictor, export_onnx
+
+        d = Path(a.onnx_dir) / ("agree_" + a.model)
+        if not (d / "encoder.onnx").exists():
+            export_onnx(model, d, postprocess=False)
+        variants["onnxruntime-int8"] = OnnxPredictor(model, d, int8=True)
+    base = SamPredictor(model)
+    photos = sorted(glob.glob("/work/shared/data/*/images/*.jpg"))
+    rng = np.random.default_rng(0)
+    pick = [photos[i] for i in rng.choice(len(photos), size=min(a.agreement, len(photos)), replace=False)]
+    from PIL import Image
+
+    ious = {k: [] for k in variants}
+    for path in pick:
+        img = np.asarray(Image.open(path).convert("RGB"))
+        base.set_image(img)
+        for p in variants.values():
+            p.set_image(img)
+        for _ in range(3):
+            c = np.array([[rng.uniform(0, img.shape[1]), rng.uniform(0, img.shape[0])]])
+            m0, s0, _ = base.predict(point_coords=c, point_labels=np.array([1]))
+            b0 = m0[int(np.argmax(s0))]
+            for k, p in variants.items():
+                m, s, _ = p.predict(point_coords=c, point_labels=np.array([1]))
+                b = m[int(np.argmax(s0))]  # same token as float32, so the IoU measures mask quality
+                u = (b | b0).sum()
+                ious[k].append(1.0 if u == 0 else float((b & b0).sum() / u))
+    return {"model": name, "photos": len(pick), **{k: float(np.mean(v)) for k, v in ious.items()}}
+
+
+WORKERS = {"gemm": w_gemm, "encoder": w_encoder, "click": w_click, "rss": w_rss, "everything": w_everything, "agreement": w_agreement}
+
+
+def _run(a, worker, **extra):
+    cmd = [sys.executable, __file__, "--worker", worker, "--model", extra.get("model", a.model), "--repeats", str(a.repeats),
+           "--side", str(a.side), "--onnx-dir", a.onnx_dir, "--variant", extra.get("variant", ""), "--agreement", str(a.agreement)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        print(r.stderr[-3000:], file=sys.stderr)
+        return None
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="vit_b")
+    ap.add_argument("--rows", default="gemm,encoder,encoder_int8,encoder_ort,encoder_ort_int8,click,rss,everything")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--rss-model", default="vit_b")
+    ap.add_argument("--side", type=int, default=16, help="points per side for the everything row")
+    ap.add_argument("--onnx-dir", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "segany-bench-onnx"))
+    ap.add_argument("--agreement", type=int, default=0, help="number of photos for the int8 agreement row")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--variant", default="", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.worker:
+        print(json.dumps(WORKERS[a.worker](a)))
+        return
+    rows = [r for r in a.rows.split(",") if r]
+    if a.agreement and "agreement" not in rows:
+        rows.append("agreement")
+    import torch
+
+    print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads, model {a.model}, "
+          f"random weights, medians of {a.repeats}+ alternating runs; each row a separate process\n", file=sys.stderr)
+    lines = ["| measurement | reference | segany | ratio | notes |", "|---|---|---|---|---|"]
+    gemm = None
+    if "gemm" in rows:
+        gemm = _run(a, "gemm")
+        if gemm:
+            lines.append(f"| float32 GEMM rate (2048² torch.mm, best of 10) | | {gemm['gflops']:.0f} GFLOP/s | | machine reference |")
+    for row, variant, label in [("encoder", "fp32", "fp32"), ("encoder_int8", "int8", "int8 (PyTorch dynamic)"),
+                                ("encoder_ort", "ort", "onnxruntime fp32"), ("encoder_ort_int8", "ort_int8", "onnxruntime int8")]:
+        if row not in rows:
+            continue
+        r = _run(a, "encoder", variant=variant)
+        if not r:
+            lines.append(f"| {a.model} image embedding, {label} | | failed | | |")
+            continue
+        note = f"{r['flops'] / r['ours'] / 1e9:.0f} GFLOP/s achieved ({r['flops'] / 1e12:.2f} TFLOP)"
+        if gemm:
+            note += f" vs {gemm['gflops']:.0f} GEMM"
+        note += f"; max abs diff {r['max_abs_diff']:.1e} (|ref| ≤ {r['ref_abs_max']:.2f}), cos {r['cos']:.5f}"
+        lines.append(f"| {a.model} image embedding, {label} | {r['ref']:.2f} s | {r['ours']:.2f} s | {r['ours'] / r['ref']:.2f}× | {note} |")
+    if "click" in rows:
+        r = _run(a, "click")
+        if r:
+            lines.append(
+                f"| one click → best mask at {r['size'][0]}x{r['size'][1]} (prompt + decoder + postprocess) | {r['ref'] * 1e3:.1f} ms | "
+                f"{r['ours'] * 1e3:.1f} ms | {r['ours'] / r['ref']:.2f}× | min mask IoU {r['min_mask_iou']:.4f}, max score diff {r['max_score_diff']:.1e} |")
+    if "rss" in rows:
+        ref = _run(a, "rss", model=a.rss_model, variant="ref")
+        ours = _run(a, "rss", model=a.rss_model, variant="ours")
+        if ref and ours:
+            lines.append(f"| peak RSS, {a.rss_model} set_image + click | {ref['peak_mib']:.0f} MiB | {ours['peak_mib']:.0f} MiB | "
+                         f"{ours['peak_mib'] / ref['peak_mib']:.2f}× | after model build: ref {ref['after_load_mib']:.0f}, segany {ours['after_load_mib']:.0f} MiB |")
+    if "everything" in rows and (ROOT / "segany" / "automatic.py").exists():
+        r = _run(a, "everything")
+        if r:
+            lines.append(f"| segment everything, {a.side}x{a.side} points, generate() (tiny encoder, SAM decoder) | {r['ref']:.2f} s | {r['ours']:.2f} s | "
+                         f"{r['ours'] / r['ref']:.2f}× | see benchmarks/bench_everything.py for more |")
+    if "agreement" in rows:
+        r = _run(a, "agreement", model="tiny")
+        if r:
+            parts = ", ".join(f"{k} mean IoU {v:.3f}" for k, v in r.items() if k not in ("model", "photos"))
+            lines.append(f"| int8 vs float32 best-mask agreement ({r['model']}, {r['photos']} photos × 3 clicks) | | | | {parts} |")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
