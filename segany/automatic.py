@@ -86,8 +86,8 @@ def is_box_near_crop_edge(boxes: torch.Tensor, crop_box: Sequence[int], orig_box
 
 # ------------------------------------------------------------------------- cell upscaler
 class _Axis:
-    """One axis of the upscale: output index -> first low-res tap ``m`` and weights of taps
-    m .. m+S-1; outputs grouped into cells by ``m``."""
+    """One axis of the upscale: output index -> first low-res tap ``first`` and the weights of
+    taps first .. first+S-1; outputs grouped into cells by ``first``."""
 
     def __init__(self, n_low: int, n_pad: int, n_crop: int, n_out: int) -> None:
         eye = torch.eye(n_low, dtype=torch.float64).view(n_low, 1, n_low, 1)
@@ -101,146 +101,226 @@ class _Axis:
         if (last < first).any() or (first[1:] < first[:-1]).any():
             raise RuntimeError("unexpected upscale weights (non-monotone taps)")
         self.span = int((last - first).max()) + 1
-        S = self.span
-        idx = (first[:, None] + torch.arange(S)[None]).clamp(max=n_low - 1)
-        local = torch.gather(w, 1, idx) * ((first[:, None] + torch.arange(S)[None]) < n_low)
         self.n_out = n_out
         self.first = first
+        self._w = w
         self.size = torch.bincount(first, minlength=n_low)[:n_low]  # outputs per cell
         self.start = torch.cumsum(self.size, 0) - self.size
         self.max_size = int(self.size.max())
+        # rows of the low-res map that any output reads (the rest is padding of the input)
+        self.n_used = int(last.max()) + 1
+
+    def build(self, S: int) -> None:
+        """Per-output tap weights padded to ``S`` taps, and the per-cell tables."""
+        n_low = self._w.shape[1]
+        taps = self.first[:, None] + torch.arange(S)[None]
+        idx = taps.clamp(max=n_low - 1)
+        self.local = (torch.gather(self._w, 1, idx) * (taps < n_low)).float()  # (n_out, S)
+        # (n_out, S) low-res index of each tap; taps past the last one read have weight 0
+        self.idx = taps.clamp(max=self.n_used - 1)
         R = self.max_size
-        # per cell: (R, S) weights of its outputs (zero rows past the cell's size), validity
         pos = self.start[:, None] + torch.arange(R)[None]  # (n_low, R)
         valid = torch.arange(R)[None] < self.size[:, None]
-        pos_c = pos.clamp(max=n_out - 1)
-        self.table = (local[pos_c] * valid[..., None]).float()  # (n_low, R, S)
+        pos_c = pos.clamp(max=self.n_out - 1)
+        self.table = self.local[pos_c] * valid[..., None]  # (n_low, R, S)
         self.valid = valid
         self.pos = torch.where(valid, pos, 0)
 
 
-class CellUpscaler:
-    """Exact statistics of ``upscale(low_res) > t`` at the original size without materialising
-    it (see module doc). ``low_res`` logits are (B, n, n)."""
+def _lt_f32(num: torch.Tensor, den: torch.Tensor, thresh: float) -> torch.Tensor:
+    """``float32(num / den) < thresh`` (num, den >= 0 counts; x/0 is inf or nan, never < thresh)."""
+    return (num.float() / den.float()) < thresh
 
-    def __init__(self, n_low: int, img_size: int, input_size: Tuple[int, int], original_size: Tuple[int, int], max_cells: int = 1 << 17) -> None:
+
+class CellUpscaler:
+    """Exact statistics of ``upscale(low_res) > t`` at the original size (see the module doc).
+    ``low_res`` logits are (B, n, n).
+
+    Every value is computed by one fixed sequence of float32 operations (the column taps, then the
+    row taps, each as a multiply then an add, in tap order), whether it comes from the direct
+    separable upscale, from a contour cell, or from ``masks``; so the statistics, the boxes and the
+    survivors' full-size masks agree bit for bit with each other, and with the official upscale up
+    to float32 rounding."""
+
+    def __init__(
+        self,
+        n_low: int,
+        img_size: int,
+        input_size: Tuple[int, int],
+        original_size: Tuple[int, int],
+        max_cells: int = 1 << 14,
+        dense_fraction: float = 0.05,
+        chunk_bytes: int = 32 << 20,
+    ) -> None:
         self.rows = _Axis(n_low, img_size, input_size[0], original_size[0])
         self.cols = _Axis(n_low, img_size, input_size[1], original_size[1])
         self.n_low = n_low
         self.original_size = tuple(original_size)
         self.S = max(self.rows.span, self.cols.span)
+        self.rows.build(self.S)
+        self.cols.build(self.S)
         self.cell_valid = (self.rows.size > 0)[:, None] & (self.cols.size > 0)[None, :]
-        self.rsize = self.rows.size.double()
-        self.csize = self.cols.size.double()
+        self.cell_area = self.rows.size[:, None] * self.cols.size[None, :]  # (n, n) int64
         self.max_cells = max_cells
+        # a mask whose contour cells cover more than this fraction of the image is computed by
+        # the direct (chunked) upscale: per pixel it is cheaper than the cell gathers
+        self.dense_fraction = dense_fraction
+        H, W = self.original_size
+        self.chunk = max(1, chunk_bytes // (4 * max(1, H * W + self.rows.n_used * W)))
+        self.last_split = (0, 0, 0)  # (pruned, by cells, direct) masks of the last ``stats`` call
 
-    def _window_minmax(self, L: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    # ------------------------------------------------------------------ helpers
+    def _window_bounds(self, L: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Per cell, lower and upper bounds of every computed value of its pixels: the window's
+        min and max, widened by a float32 rounding margin."""
         S = self.S
         x = F.pad(L[:, None], (0, S - 1, 0, S - 1), mode="replicate")
         mx = F.max_pool2d(x, S, stride=1)[:, 0]
         mn = -F.max_pool2d(-x, S, stride=1)[:, 0]
-        return mn, mx
-
-    def _eval_cells(self, Lp: torch.Tensor, cells: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Exact upscaled values of the pixels of ``cells`` (k, 3: mask, cell row, cell col):
-        (k, R, C) values and validity."""
-        S = self.S
-        b, cr, cc = cells[:, 0], cells[:, 1], cells[:, 2]
-        ar = torch.arange(S)
-        patch = Lp[b[:, None, None], cr[:, None, None] + ar[None, :, None], cc[:, None, None] + ar[None, None, :]]
-        ty = self.rows.table[cr]  # (k, R, Sr)
-        tx = self.cols.table[cc]  # (k, C, Sc)
-        if ty.shape[-1] < S:
-            ty = F.pad(ty, (0, S - ty.shape[-1]))
-        if tx.shape[-1] < S:
-            tx = F.pad(tx, (0, S - tx.shape[-1]))
-        vals = torch.bmm(torch.bmm(ty, patch), tx.transpose(1, 2))
-        valid = self.rows.valid[cr][:, :, None] & self.cols.valid[cc][:, None, :]
-        return vals, valid
+        margin = torch.maximum(mx.abs(), mn.abs()) * 1e-5 + 1e-30
+        return mn - margin, mx + margin
 
     def _pad(self, L: torch.Tensor) -> torch.Tensor:
         return F.pad(L[:, None], (0, self.S - 1, 0, self.S - 1), mode="replicate")[:, 0]
 
+    def full(self, L: torch.Tensor) -> torch.Tensor:
+        """(b, n, n) -> (b, H, W) float32 upscaled logits (the direct separable computation:
+        columns on the low-res rows that are read, then rows; in-place multiply, then add)."""
+        rows, cols = self.rows, self.cols
+        x = L[:, : rows.n_used].float()
+        c = x.index_select(2, cols.idx[:, 0]).mul_(cols.local[:, 0])
+        for s in range(1, self.S):
+            c.add_(x.index_select(2, cols.idx[:, s]).mul_(cols.local[:, s]))
+        out = c.index_select(1, rows.idx[:, 0]).mul_(rows.local[:, 0, None])
+        tmp = torch.empty_like(out)
+        for s in range(1, self.S):
+            torch.index_select(c, 1, rows.idx[:, s], out=tmp)
+            out.add_(tmp.mul_(rows.local[:, s, None]))
+        return out
+
+    def _eval_cells(self, Lp: torch.Tensor, cells: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Values of the pixels of ``cells`` (k, 3: mask, cell row, cell col): (k, R, C) values
+        (the same operations as ``full``) and validity."""
+        S = self.S
+        b, cr, cc = cells[:, 0], cells[:, 1], cells[:, 2]
+        ar = torch.arange(S)
+        patch = Lp[b[:, None, None], cr[:, None, None] + ar[None, :, None], cc[:, None, None] + ar[None, None, :]]  # (k, S, S)
+        ty = self.rows.table[cr]  # (k, R, S)
+        tx = self.cols.table[cc]  # (k, C, S)
+        col = patch[:, :, None, 0] * tx[:, None, :, 0]  # (k, S, C)
+        for s in range(1, S):
+            col = col + patch[:, :, None, s] * tx[:, None, :, s]
+        vals = col[:, None, 0, :] * ty[:, :, 0, None]  # (k, R, C)
+        for s in range(1, S):
+            vals = vals + col[:, None, s, :] * ty[:, :, s, None]
+        valid = self.rows.valid[cr][:, :, None] & self.cols.valid[cc][:, None, :]
+        return vals, valid
+
+    # ------------------------------------------------------------------ statistics
     @torch.no_grad()
-    def stats(self, L: torch.Tensor, threshold: float, offset: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    def stats(self, L: torch.Tensor, threshold: float, offset: float, min_stability: Optional[float] = None) -> Tuple[torch.Tensor, torch.Tensor]:
         """(stability score (B,) float32, box XYXY (B, 4) int64 of ``upscale(L) > threshold``),
-        both as the official generator computes them on the full-size logits."""
+        both as the official generator computes them on the full-size logits.
+
+        With ``min_stability``, a mask whose stability is provably below it (from the cell
+        counts alone: at most ``certain + contour`` pixels above ``t + offset`` over at least
+        ``certain`` pixels above ``t - offset``) is not evaluated: its score is that upper bound
+        (< ``min_stability``, so the same filter decision) and its box is zeros."""
         B = L.shape[0]
         L = L.float()
-        taus = (threshold + offset, threshold - offset, threshold)
-        if B == 0:
-            return torch.zeros(0), torch.zeros(0, 4, dtype=torch.int64)
-        mn, mx = self._window_minmax(L)
-        cv = self.cell_valid[None]
-        pos = [(mn > t) & cv for t in taus]
-        unc = torch.zeros_like(cv.expand(B, -1, -1))
-        for t, p in zip(taus, pos):
-            unc |= ~p & (mx > t) & cv
-        certain = [p & ~unc for p in pos]
-        counts = [torch.einsum("bij,i,j->b", c.double(), self.rsize, self.csize) for c in certain[:2]]
-
-        # box from certain cells
         H, W = self.original_size
-        rows_any = certain[2].any(2)  # (B, n)
-        cols_any = certain[2].any(1)
-        r_start, r_end = self.rows.start, self.rows.start + self.rows.size - 1
-        c_start, c_end = self.cols.start, self.cols.start + self.cols.size - 1
-        y0 = torch.where(rows_any, r_start, H).amin(1)
-        y1 = torch.where(rows_any, r_end, -1).amax(1)
-        x0 = torch.where(cols_any, c_start, W).amin(1)
-        x1 = torch.where(cols_any, c_end, -1).amax(1)
+        if B == 0:
+            self.last_split = (0, 0, 0)
+            return torch.zeros(0), torch.zeros(0, 4, dtype=torch.int64)
+        taus = (threshold + offset, threshold - offset, threshold)
+        lo, hi = self._window_bounds(L)
+        cv = self.cell_valid[None]
+        area = self.cell_area
+        pos = [(lo > t) & cv for t in taus]  # every pixel of the cell is above t
+        crossing = [~p & (hi > t) & cv for t, p in zip(taus, pos)]  # some may be
+        pos_n = [(p * area).sum((1, 2)) for p in pos]
+        cross_n = [(c * area).sum((1, 2)) for c in crossing]
 
-        cells = unc.nonzero()
-        if len(cells):
-            Lp = self._pad(L)
-            for s in range(0, len(cells), self.max_cells):
-                ch = cells[s : s + self.max_cells]
-                vals, valid = self._eval_cells(Lp, ch)
-                b = ch[:, 0]
-                for i in range(2):
-                    n = ((vals > taus[i]) & valid).sum((1, 2)).double()
-                    counts[i].index_add_(0, b, n)
-                p = (vals > taus[2]) & valid
-                ry = self.rows.pos[ch[:, 1]]  # (k, R)
-                cx = self.cols.pos[ch[:, 2]]  # (k, C)
-                pr = p.any(2)
-                pc = p.any(1)
-                y0.scatter_reduce_(0, b, torch.where(pr, ry, H).amin(1), "amin")
-                y1.scatter_reduce_(0, b, torch.where(pr, ry, -1).amax(1), "amax")
-                x0.scatter_reduce_(0, b, torch.where(pc, cx, W).amin(1), "amin")
-                x1.scatter_reduce_(0, b, torch.where(pc, cx, -1).amax(1), "amax")
-        inter = counts[0].round().to(torch.int32)
-        union = counts[1].round().to(torch.int32)
-        stability = inter / union
-        boxes = torch.stack([x0, y0, x1, y1], 1)
-        empty = y1 < 0
-        boxes[empty] = 0
+        stability = torch.full((B,), float("nan"))
+        boxes = torch.zeros(B, 4, dtype=torch.int64)
+        todo = torch.ones(B, dtype=torch.bool)
+        if min_stability is not None:
+            bound = (pos_n[0] + cross_n[0]).float() / pos_n[1].float()
+            pruned = bound < min_stability
+            stability[pruned] = bound[pruned]
+            todo &= ~pruned
+        any_cross = crossing[0] | crossing[1] | crossing[2]
+        frac = (any_cross * area).sum((1, 2)).double() / float(H * W)
+        dense = todo & (frac > self.dense_fraction)
+        sparse = todo & ~dense
+        self.last_split = (int((~todo).sum()), int(sparse.sum()), int(dense.sum()))
+
+        # direct path, chunked
+        di = dense.nonzero().flatten()
+        ar_h, ar_w = torch.arange(H), torch.arange(W)
+        for s in range(0, len(di), self.chunk):
+            ix = di[s : s + self.chunk]
+            v = self.full(L[ix])
+            inter = (v > taus[0]).sum((1, 2))
+            union = (v > taus[1]).sum((1, 2))
+            stability[ix] = inter.to(torch.int32) / union.to(torch.int32)
+            m = v > taus[2]
+            del v
+            ra, ca = m.any(2), m.any(1)
+            y0 = torch.where(ra, ar_h, H).amin(1)
+            y1 = torch.where(ra, ar_h, -1).amax(1)
+            x0 = torch.where(ca, ar_w, W).amin(1)
+            x1 = torch.where(ca, ar_w, -1).amax(1)
+            b = torch.stack([x0, y0, x1, y1], 1)
+            b[y1 < 0] = 0
+            boxes[ix] = b
+
+        si = sparse.nonzero().flatten()
+        if len(si):
+            Ls = L[si]
+            n = len(si)
+            ac = any_cross[si]
+            # certain cells not evaluated pixel by pixel (those crossing another threshold are)
+            counts = [((pos[i][si] & ~ac) * area).sum((1, 2)) for i in range(2)]
+            cert = pos[2][si]
+            rows_any, cols_any = cert.any(2), cert.any(1)
+            r_start, r_end = self.rows.start, self.rows.start + self.rows.size - 1
+            c_start, c_end = self.cols.start, self.cols.start + self.cols.size - 1
+            y0 = torch.where(rows_any, r_start, H).amin(1)
+            y1 = torch.where(rows_any, r_end, -1).amax(1)
+            x0 = torch.where(cols_any, c_start, W).amin(1)
+            x1 = torch.where(cols_any, c_end, -1).amax(1)
+            cells = ac.nonzero()
+            if len(cells):
+                Lp = self._pad(Ls)
+                for s in range(0, len(cells), self.max_cells):
+                    ch = cells[s : s + self.max_cells]
+                    vals, valid = self._eval_cells(Lp, ch)
+                    b = ch[:, 0]
+                    for i in range(2):
+                        counts[i].index_add_(0, b, ((vals > taus[i]) & valid).sum((1, 2)))
+                    p = (vals > taus[2]) & valid
+                    ry = self.rows.pos[ch[:, 1]]  # (k, R)
+                    cx = self.cols.pos[ch[:, 2]]  # (k, C)
+                    pr, pc = p.any(2), p.any(1)
+                    y0.scatter_reduce_(0, b, torch.where(pr, ry, H).amin(1), "amin")
+                    y1.scatter_reduce_(0, b, torch.where(pr, ry, -1).amax(1), "amax")
+                    x0.scatter_reduce_(0, b, torch.where(pc, cx, W).amin(1), "amin")
+                    x1.scatter_reduce_(0, b, torch.where(pc, cx, -1).amax(1), "amax")
+            stability[si] = counts[0].to(torch.int32) / counts[1].to(torch.int32)
+            b = torch.stack([x0, y0, x1, y1], 1)
+            b[y1 < 0] = 0
+            boxes[si] = b
         return stability, boxes
 
     @torch.no_grad()
     def masks(self, L: torch.Tensor, threshold: float) -> torch.Tensor:
-        """(B, H, W) bool ``upscale(L) > threshold``."""
+        """(B, H, W) bool ``upscale(L) > threshold`` (direct computation, chunked)."""
         B = L.shape[0]
         H, W = self.original_size
-        L = L.float()
-        if B == 0:
-            return torch.zeros(0, H, W, dtype=torch.bool)
-        mn, mx = self._window_minmax(L)
-        cv = self.cell_valid[None]
-        pos = (mn > threshold) & cv
-        unc = ~pos & (mx > threshold) & cv
-        out = pos.repeat_interleave(self.rows.size, dim=1).repeat_interleave(self.cols.size, dim=2)
-        cells = unc.nonzero()
-        if len(cells):
-            Lp = self._pad(L)
-            flat = out.view(-1)
-            for s in range(0, len(cells), self.max_cells):
-                ch = cells[s : s + self.max_cells]
-                vals, valid = self._eval_cells(Lp, ch)
-                ry = self.rows.pos[ch[:, 1]]
-                cx = self.cols.pos[ch[:, 2]]
-                lin = (ch[:, 0, None, None] * H + ry[:, :, None]) * W + cx[:, None, :]
-                flat[lin[valid]] = (vals > threshold)[valid]
+        out = torch.empty(B, H, W, dtype=torch.bool)
+        for s in range(0, B, self.chunk):
+            out[s : s + self.chunk] = self.full(L[s : s + self.chunk]) > threshold
         return out
 
 
@@ -310,6 +390,7 @@ class SamAutomaticMaskGenerator:
         self.min_mask_region_area = min_mask_region_area
         self.output_mode = output_mode
         self._upscalers: Dict[tuple, CellUpscaler] = {}
+        self.decode_batch = min(self.points_per_batch, 16)
 
     # ------------------------------------------------------------------ public
     @torch.no_grad()
@@ -409,14 +490,20 @@ class SamAutomaticMaskGenerator:
             tp = self.predictor.transform.apply_coords(points, im_size)
             in_points = torch.as_tensor(tp, device=self.predictor.device)
             in_labels = torch.ones(in_points.shape[0], dtype=torch.int, device=in_points.device)
-            low, iou = self.predictor.decode(in_points[:, None, :], in_labels[:, None], multimask_output=True)
-            low = low.flatten(0, 1).cpu()
-            iou = iou.flatten(0, 1).cpu()
+            # the decoder's per-prompt activations (~8 MB a prompt at SAM's sizes) are decoded a
+            # few prompts at a time; the results do not depend on this split
+            lows, ious = [], []
+            for d in range(0, len(in_points), self.decode_batch):
+                lo, io = self.predictor.decode(in_points[d : d + self.decode_batch, None, :], in_labels[d : d + self.decode_batch, None], multimask_output=True)
+                lows.append(lo.flatten(0, 1).cpu())
+                ious.append(io.flatten(0, 1).cpu())
+            low, iou = torch.cat(lows), torch.cat(ious)
             pts = torch.as_tensor(points.repeat(3, axis=0))
             if self.pred_iou_thresh > 0.0:
                 k = iou > self.pred_iou_thresh
                 low, iou, pts = low[k], iou[k], pts[k]
-            stab, boxes = up.stats(low, threshold, self.stability_score_offset)
+            min_stab = self.stability_score_thresh if self.stability_score_thresh > 0.0 else None
+            stab, boxes = up.stats(low, threshold, self.stability_score_offset, min_stability=min_stab)
             if self.stability_score_thresh > 0.0:
                 k = stab >= self.stability_score_thresh
                 low, iou, pts, stab, boxes = low[k], iou[k], pts[k], stab[k], boxes[k]

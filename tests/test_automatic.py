@@ -153,3 +153,64 @@ def test_generator_bad_arguments(models):
     g = SamAutomaticMaskGenerator(ours, points_per_side=2)
     with pytest.raises(Exception):
         g.generate(np.zeros((0, 5, 3), np.uint8))
+
+
+def _steep_smooth(n, side, seed):
+    # trained-SAM-like logits: smooth, with steep contours (tens of logits per low-res pixel)
+    g = torch.Generator().manual_seed(seed)
+    return F.interpolate(torch.randn(n, 1, 5, 5, generator=g) * 200, (side, side), mode="bicubic", align_corners=False)[:, 0]
+
+
+@pytest.mark.parametrize("kind", ["smooth", "noisy"])
+def test_adaptive_paths_agree_bitwise(kind):
+    """Contour cells and the direct (chunked) upscale are the same float32 operations: forcing
+    either path gives identical statistics, boxes and masks; the adaptive choice takes the cells
+    for smooth logits and falls back to the direct upscale for noisy ones."""
+    from segany.transforms import ResizeLongestSide
+
+    side, img_size, original = 64, 256, (150, 211)
+    input_size = ResizeLongestSide.get_preprocess_shape(*original, img_size)
+    if kind == "smooth":
+        low = _steep_smooth(6, side, seed=3)
+    else:
+        low = torch.randn(6, side, side, generator=torch.Generator().manual_seed(4)) * 3
+    # (a small image has few cells, so its contours cover a larger fraction than at SAM's sizes)
+    up = CellUpscaler(side, img_size, input_size, original, chunk_bytes=1 << 16, dense_fraction=0.3)
+    stab, boxes = up.stats(low, 0.0, 1.0)
+    pruned, by_cells, direct = up.last_split
+    if kind == "smooth":
+        assert by_cells == len(low) and direct == 0
+    else:
+        assert direct == len(low) and by_cells == 0
+    results = []
+    for frac in (-1.0, 2.0):  # everything direct, everything by cells
+        up.dense_fraction = frac
+        results.append(up.stats(low, 0.0, 1.0))
+    assert up.last_split[1] == len(low)
+    for s, b in results:
+        assert torch.equal(s.nan_to_num(-1), stab.nan_to_num(-1)) and torch.equal(b, boxes)
+    full = up.full(low)
+    assert torch.equal(up.masks(low, 0.0), full > 0)
+    assert torch.equal(boxes, M.masks_to_boxes(full > 0))
+    assert torch.equal(stab.nan_to_num(-1), M.stability_score(full, 0.0, 1.0).nan_to_num(-1))
+    # and the official two-step upscale, up to float32 rounding
+    ref = _full_upscale(low, img_size, input_size, original)
+    assert int((ref > 0).ne(full > 0).sum((1, 2)).max()) <= 2
+    assert (boxes - M.masks_to_boxes(ref > 0)).abs().max() <= 1
+
+
+def test_stability_bound_prunes_with_the_same_decisions():
+    from segany.transforms import ResizeLongestSide
+
+    side, img_size, original = 64, 256, (120, 170)
+    input_size = ResizeLongestSide.get_preprocess_shape(*original, img_size)
+    g = torch.Generator().manual_seed(5)
+    low = torch.cat([_steep_smooth(8, side, seed=6), _steep_smooth(8, side, seed=7) * 0.01, torch.randn(4, side, side, generator=g)])
+    up = CellUpscaler(side, img_size, input_size, original)
+    exact, boxes = up.stats(low, 0.0, 1.0)
+    for thresh in (0.5, 0.9, 0.97):
+        s, b = up.stats(low, 0.0, 1.0, min_stability=thresh)
+        assert torch.equal(s >= thresh, exact >= thresh)
+        keep = exact >= thresh
+        assert torch.equal(s[keep], exact[keep]) and torch.equal(b[keep], boxes[keep])
+    assert up.last_split[0] > 0  # some masks were decided from the cell counts alone
