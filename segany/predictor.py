@@ -52,10 +52,33 @@ class _SeparableResize:
     up to float32 rounding.
     """
 
+    _BLOCK = 64  # output rows per block of the banded row map
+
     def __init__(self, low_res: int, img_size: int, input_size: Tuple[int, int], original_size: Tuple[int, int], device) -> None:
         self.axes = [
             self._taps(low_res, img_size, input_size[i], original_size[i], device) for i in range(2)
         ]
+        # Rows: a banded (H x low) map. Blocks of _BLOCK output rows read a window of S consecutive
+        # low-res rows, so the row step is one batched GEMM that writes each output pixel once.
+        ih, wh = self.axes[0]
+        H = int(original_size[0])
+        dense = torch.zeros(H, low_res, dtype=torch.float32)
+        dense.scatter_add_(1, ih.cpu(), wh.cpu())
+        bk = self._BLOCK
+        nb = (H + bk - 1) // bk
+        spans = []
+        for b in range(nb):
+            nz = (dense[b * bk : (b + 1) * bk] != 0).any(0).nonzero().flatten()
+            spans.append((int(nz.min()), int(nz.max())) if len(nz) else (0, 0))
+        S = max(hi - lo + 1 for lo, hi in spans)
+        starts = torch.tensor([min(lo, low_res - S) for lo, _ in spans])
+        blocks = torch.zeros(nb, bk, S)
+        for b in range(nb):
+            rows = dense[b * bk : (b + 1) * bk]
+            blocks[b, : rows.shape[0]] = rows[:, int(starts[b]) : int(starts[b]) + S]
+        self.row_window = (starts[:, None] + torch.arange(S)[None]).to(device)  # (nb, S)
+        self.row_blocks = blocks.to(device)  # (nb, bk, S)
+        self.height = H
 
     @staticmethod
     def _taps(n_low: int, n_pad: int, n_crop: int, n_out: int, device):
@@ -72,17 +95,17 @@ class _SeparableResize:
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         """(..., low, low) -> (..., H, W)."""
-        (ih, wh), (iw, ww) = self.axes
+        iw, ww = self.axes[1]
         dtype = logits.dtype
         x = logits.float()
-        # Columns first, on the small low-res grid; then whole-row gathers (contiguous copies)
-        # for the rows, accumulated in place.
+        # Columns first, on the small low-res grid (4-tap gathers)...
         cols = x.index_select(-1, iw[:, 0]) * ww[:, 0]  # (..., low, W)
         for t in range(1, iw.shape[1]):
             cols.addcmul_(x.index_select(-1, iw[:, t]), ww[:, t])
-        out = cols.index_select(-2, ih[:, 0]) * wh[:, 0, None]  # (..., H, W)
-        for t in range(1, ih.shape[1]):
-            out.addcmul_(cols.index_select(-2, ih[:, t]), wh[:, t, None])
+        # ...then rows as one banded GEMM per block of output rows.
+        win = cols[..., self.row_window, :]  # (..., nb, S, W)
+        out = torch.matmul(self.row_blocks, win)  # (..., nb, bk, W)
+        out = out.reshape(*out.shape[:-3], -1, out.shape[-1])[..., : self.height, :]
         return out.to(dtype)
 
 
