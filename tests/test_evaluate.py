@@ -331,3 +331,27 @@ def test_pool_reports():
     assert p["clicks"]["noc90"] == pytest.approx((2 + 1 + 2) / 3, abs=1e-3)
     assert p["box"]["miou_gt_box"] == pytest.approx(0.4, abs=1e-4)
     assert p["everything"]["ar100"] == pytest.approx(1 / 3, abs=1e-4)
+
+
+def test_sam_method_follows_the_paper_protocol():
+    m = SamMethod(tiny_model())
+    img, gt = shape_image()
+    m.set_image(img)
+    calls = []
+    real = m.predictor.predict
+
+    def spy(pc=None, pl=None, box=None, mask_input=None, multimask_output=True):
+        out = real(pc, pl, box, mask_input, multimask_output)
+        calls.append((None if pc is None else pc.copy(), pl, mask_input, multimask_output, out))
+        return out
+
+    m.predictor.predict = spy
+    simulate_clicks(m.predict_clicks, gt, max_clicks=3)
+    assert [c[3] for c in calls] == [True, False, False]  # multimask on the first click only
+    assert calls[0][2] is None
+    for prev, cur in zip(calls, calls[1:]):
+        masks, scores, logits = prev[4]
+        best = int(np.argmax(scores))
+        assert np.array_equal(cur[2], logits[best : best + 1])  # previous best logits fed back
+        assert len(cur[0]) == len(prev[0]) + 1  # all clicks so far
+    assert np.allclose(calls[0][0][0] % 1, 0.5)  # pixel centres
