@@ -8,6 +8,11 @@ and mask decoder sizes (256 dims, 256x256 low-res masks, 1024 input); random wei
 noisier masks than trained ones, which is the harder case for segany (more contour cells).
 
     python benchmarks/bench_everything.py [--side 32] [--size 600x800] [--configs plain,crops]
+    BENCH_WEIGHTS=segany/weights/tiny.safetensors BENCH_IMAGE=photo.jpg python benchmarks/bench_everything.py ...
+
+BENCH_WEIGHTS: a segany .safetensors (config in its metadata) instead of random weights; the
+reference gets the same prompt encoder and mask decoder. BENCH_IMAGE: a real photo instead of
+the synthetic image. BENCH_THREADS: torch threads (2).
 """
 from __future__ import annotations
 
@@ -58,8 +63,24 @@ def child(impl: str, config: str, side: int, size) -> dict:
     from segany.predictor import SamPredictor
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
-    ours = randomize_(build_sam(CONFIG), seed=1, std=0.5)
-    img = test_image(*size, seed=0)
+    weights, image = os.environ.get("BENCH_WEIGHTS"), os.environ.get("BENCH_IMAGE")
+    if weights:
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(weights, "pt") as f:
+            config = json.loads(f.metadata()["config"])
+        ours = build_sam(config).eval()
+        ours.load_state_dict(load_file(weights))
+    else:
+        config = CONFIG
+        ours = randomize_(build_sam(CONFIG), seed=1, std=0.5)
+    if image:
+        from segany.io import load_image
+
+        img = load_image(image)
+    else:
+        img = test_image(*size, seed=0)
     kw = dict(GEN, points_per_side=side, crop_n_layers=1 if config == "crops" else 0)
     # embeddings of every crop, once, from segany's encoder
     cache = {}
@@ -81,9 +102,34 @@ def child(impl: str, config: str, side: int, size) -> dict:
 
         gen._set_crop_image = set_crop
     else:
-        ref = reference_model(CONFIG)
-        ref.load_state_dict(ours.state_dict())
-        import segment_anything as sa
+        from reference import load_reference
+
+        sa, _ = load_reference()
+        if weights:
+            # the reference's own prompt encoder and mask decoder with the trained weights; its
+            # image encoder is never run (both get segany's embeddings), only its img_size is read
+            m = sa.modeling
+            dim, size_ = config["prompt_embed_dim"], config["image_size"]
+            grid = ours.prompt_encoder.image_embedding_size
+            dec = config["decoder"]
+
+            class _NoEncoder(torch.nn.Module):
+                img_size = size_
+
+            ref = m.Sam(
+                image_encoder=_NoEncoder(),
+                prompt_encoder=m.PromptEncoder(embed_dim=dim, image_embedding_size=tuple(grid), input_image_size=(size_, size_), mask_in_chans=16),
+                mask_decoder=m.MaskDecoder(
+                    num_multimask_outputs=3,
+                    transformer=m.TwoWayTransformer(depth=dec["depth"], embedding_dim=dim, mlp_dim=dec["mlp_dim"], num_heads=dec["num_heads"]),
+                    transformer_dim=dim, iou_head_depth=3, iou_head_hidden_dim=dec["iou_head_hidden_dim"],
+                ),
+            ).eval()
+            ref.prompt_encoder.load_state_dict(ours.prompt_encoder.state_dict())
+            ref.mask_decoder.load_state_dict(ours.mask_decoder.state_dict())
+        else:
+            ref = reference_model(CONFIG)
+            ref.load_state_dict(ours.state_dict())
 
         gen = sa.SamAutomaticMaskGenerator(ref, **kw)
         p = gen.predictor
@@ -145,17 +191,23 @@ def main() -> None:
     if a.child:
         print(json.dumps(child(a.child[0], a.child[1], a.side, size)))
         return
+    load = os.getloadavg()
     rows = []
     for config in a.configs.split(","):
         res = {}
         for impl in ("segany", "reference"):
             out = subprocess.run([sys.executable, __file__, "--side", str(a.side), "--size", a.size, "--child", impl, config],
-                                 capture_output=True, text=True, check=True)
+                                 capture_output=True, text=True)
+            if out.returncode:
+                sys.exit(f"{config} {impl} failed:\n{out.stderr[-3000:]}")
             res[impl] = json.loads(out.stdout.strip().splitlines()[-1])
             print(f"{config} {impl}: {res[impl]['time_s']:.2f} s, peak +{res[impl]['peak_mb']:.0f} MB", file=sys.stderr)
         s, r = res["segany"], res["reference"]
         rows.append((config, s, r, _compare(s["rles"], r["rles"])))
-    print(f"\nsegment everything, {a.side}x{a.side} points, {size[0]}x{size[1]} image, {os.environ.get('BENCH_THREADS', '2')} threads, generate() after the embedding\n")
+    what = os.path.basename(os.environ["BENCH_WEIGHTS"]) if os.environ.get("BENCH_WEIGHTS") else "random vit_b-size decoder"
+    img = os.path.basename(os.environ["BENCH_IMAGE"]) if os.environ.get("BENCH_IMAGE") else f"synthetic {size[0]}x{size[1]}"
+    print(f"\nsegment everything, {what}, {img}, {a.side}x{a.side} points, {os.environ.get('BENCH_THREADS', '2')} threads, "
+          f"generate() after the embedding; load average {load[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end ({os.cpu_count()} cores)\n")
     print("| config | segany s | reference s | time ratio | segany peak MB | reference peak MB | memory ratio | parity |")
     print("|---|---|---|---|---|---|---|---|")
     for config, s, r, par in rows:
