@@ -40,6 +40,17 @@ def _vit(embed_dim: int, depth: int, num_heads: int, global_attn: tuple) -> Dict
     }
 
 
+# The bundled ``tiny`` model: EfficientNet-Lite0 + FPN neck at stride 8, SAM's prompt encoder and
+# mask decoder at width 128, 512 px input (64x64 image embedding). Its weights file carries this
+# config in its metadata, which wins when loading; this copy builds fresh models for training.
+TINY_CONFIG: Dict[str, Any] = {
+    "image_size": 512,
+    "prompt_embed_dim": 128,
+    "encoder": {"type": "efficientnet", "stride": 8, "neck_depth": 1},
+    "decoder": {"depth": 2, "mlp_dim": 1024, "num_heads": 8, "iou_head_hidden_dim": 256},
+}
+
+
 @dataclass(frozen=True)
 class Variant:
     name: str
@@ -109,6 +120,12 @@ VARIANTS: Dict[str, Variant] = {
             filename="mobile_sam.pt",
             sha256="6dbb90523a35330fedd7f1d3dfc66f995213d81b29a5ca8108dbcdd4e37d6c2f",
             size=40728226,
+        ),
+        Variant(
+            "tiny",
+            TINY_CONFIG,
+            "segany's own small model, shipped in the package (offline default; see MODEL_CARD.md)",
+            bundled="tiny.safetensors",
         ),
     ]
 }
