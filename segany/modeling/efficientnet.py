@@ -87,8 +87,22 @@ class EfficientNetEncoder(nn.Module):
             neck += [nn.Conv2d(out_chans, out_chans, 3, padding=1, bias=False), LayerNorm2d(out_chans), nn.GELU()]
         neck += [nn.Conv2d(out_chans, out_chans, 1, bias=False), LayerNorm2d(out_chans)]
         self.neck = nn.Sequential(*neck)
+        self._init_weights()
         # channels-last is several times faster for depthwise convolutions on CPU (backward most)
         self.to(memory_format=torch.channels_last)
+
+    def _init_weights(self) -> None:
+        """EfficientNet's reference init (He normal, fan-out) for training from scratch; residual
+        branches start near zero (last BN scale 0) so that the deep net starts near identity even
+        with frozen BatchNorm statistics. ImageNet weights overwrite all of this."""
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        for b in self._blocks:
+            if b.residual:
+                nn.init.zeros_(b._bn2.weight)
 
     def train(self, mode: bool = True) -> "EfficientNetEncoder":
         super().train(mode)

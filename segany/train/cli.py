@@ -35,9 +35,9 @@ def run(args: argparse.Namespace) -> int:
         imagenet_backbone=not args.no_imagenet, resume=args.resume, export=args.export,
         steps=args.steps, time_budget_min=args.time_budget_min, objects_per_image=args.objects,
         images_per_step=args.images_per_step, iters=args.iters, grad_iters=args.grad_iters,
-        p_box=args.p_box, lr=args.lr, backbone_lr_mult=args.backbone_lr_mult, weight_decay=args.weight_decay,
+        p_box=args.p_box, focal_weight=args.focal_weight, focal_alpha=args.focal_alpha, lr=args.lr, backbone_lr_mult=args.backbone_lr_mult, weight_decay=args.weight_decay,
         warmup_steps=args.warmup, freeze_image_encoder=args.freeze_image_encoder,
-        freeze_prompt_encoder=args.freeze_prompt_encoder, val_every=args.val_every, val_images=args.val_images,
+        freeze_prompt_encoder=args.freeze_prompt_encoder, freeze_backbone_blocks=args.freeze_backbone_blocks, val_every=args.val_every, val_images=args.val_images,
         ckpt_every_s=args.ckpt_every_s, seed=args.seed, threads=args.threads, amp=args.amp,
         progress=not args.no_progress,
     )
@@ -69,12 +69,15 @@ def register(subparsers) -> None:
     p.add_argument("--iters", type=int, default=11, help="decoder passes per object (paper: 11)")
     p.add_argument("--grad-iters", type=int, default=2, help="passes that get a loss")
     p.add_argument("--p-box", type=float, default=0.5)
+    p.add_argument("--focal-weight", type=float, default=20.0, help="mask loss = w x focal + 1 x dice (paper: 20)")
+    p.add_argument("--focal-alpha", type=float, default=0.25)
     p.add_argument("--lr", type=float, default=4e-4)
     p.add_argument("--backbone-lr-mult", type=float, default=0.25)
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--warmup", type=int, default=100)
     p.add_argument("--freeze-image-encoder", action="store_true")
     p.add_argument("--freeze-prompt-encoder", action="store_true")
+    p.add_argument("--freeze-backbone-blocks", type=int, default=0, help="efficientnet: freeze the stem and the first N of 16 blocks")
     p.add_argument("--val-every", type=int, default=500)
     p.add_argument("--val-images", type=int, default=60)
     p.add_argument("--ckpt-every-s", type=float, default=300.0)

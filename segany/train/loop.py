@@ -47,6 +47,8 @@ class TrainConfig:
     iters: int = 11  # decoder passes per object (paper: 1 + 8 points + 2 without new point)
     grad_iters: int = 2  # passes that get a loss (the first + random later ones)
     p_box: float = 0.5  # probability that the first prompt is a noisy box
+    focal_weight: float = 20.0  # paper: 20 x focal + 1 x dice
+    focal_alpha: float = 0.25
     lr: float = 4e-4
     backbone_lr_mult: float = 0.25  # pretrained encoder backbone learns slower
     weight_decay: float = 0.05
@@ -55,6 +57,7 @@ class TrainConfig:
     grad_clip: float = 1.0
     freeze_image_encoder: bool = False
     freeze_prompt_encoder: bool = False
+    freeze_backbone_blocks: int = 0  # efficientnet: also freeze the stem and the first N blocks
     val_every: int = 500  # steps; also at the end
     val_images: int = 60  # validation images (fixed, from the val split of every set)
     val_objects: int = 2  # objects per validation image
@@ -120,20 +123,22 @@ def object_step(model: Sam, emb: torch.Tensor, gt: torch.Tensor, valid: torch.Te
         pts, lbl = (xy * scale + (scale - 1) / 2)[:, None], torch.ones((k, 1), dtype=torch.long, device=gt.device)
 
     mask_in, total, stats = None, 0.0, {}
+    lw = dict(focal_weight=cfg.focal_weight, focal_alpha=cfg.focal_alpha)
     for t in range(n):
         with torch.set_grad_enabled(t in grad_iters and torch.is_grad_enabled()):
             points = (pts, lbl) if pts.shape[1] else None
             sparse, dense = model.prompt_encoder(points=points, boxes=box, masks=mask_in)
             logits, iou = model.mask_decoder.predict_masks(emb, pe, sparse, dense)  # (K, 4, L, L), (K, 4)
             if t == 0:  # one prompt: ambiguous, best of the 3 multimask outputs; token 0 too
-                loss_m, best, actual = sam_loss(logits[:, 1:], iou[:, 1:], gt4, valid4)
-                loss_s, _, actual0 = sam_loss(logits[:, :1], iou[:, :1], gt4, valid4)
+                loss_m, best, actual = sam_loss(logits[:, 1:], iou[:, 1:], gt4, valid4, **lw)
+                loss_s, _, actual0 = sam_loss(logits[:, :1], iou[:, :1], gt4, valid4, **lw)
                 loss = loss_m + loss_s
                 chosen = logits[torch.arange(k), 1 + best]
-                stats["iou_first"] = actual.max(1).values.mean().item()
+                actual = actual.max(1, keepdim=True).values
+                stats["iou_first"] = actual.mean().item()
                 stats["iou_first_single"] = actual0.mean().item()
             else:
-                loss, _, actual = sam_loss(logits[:, :1], iou[:, :1], gt4, valid4)
+                loss, _, actual = sam_loss(logits[:, :1], iou[:, :1], gt4, valid4, **lw)
                 chosen = logits[:, 0]
         if t in grad_iters:
             total = total + loss
@@ -179,6 +184,12 @@ def param_groups(model: Sam, cfg: TrainConfig) -> List[Dict[str, Any]]:
         p.requires_grad_(not cfg.freeze_image_encoder)
     for p in model.prompt_encoder.parameters():
         p.requires_grad_(not cfg.freeze_prompt_encoder)
+    if cfg.freeze_backbone_blocks > 0:
+        frozen = ("image_encoder._conv_stem", "image_encoder._bn0") + tuple(
+            f"image_encoder._blocks.{i}." for i in range(cfg.freeze_backbone_blocks))
+        for name, p in model.named_parameters():
+            if name.startswith(frozen):
+                p.requires_grad_(False)
     backbone, rest = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:

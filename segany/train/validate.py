@@ -55,15 +55,17 @@ def val_items(val_sets: Sequence, max_images: int) -> List[Tuple[int, int]]:
 
 @torch.no_grad()
 def validate(model: Sam, val_sets: Sequence, max_images: int = 60, objects_per_image: int = 2, clicks: int = 5, min_area: int = 400) -> Dict[str, float]:
+    """``min_area``: smallest object (pixels in a 512 px frame; scaled with the model's frame)."""
     was_training = model.training
     model.eval()
     device = model.device
     size = model.img_size
+    min_px = max(1, int(min_area * (size / 512) ** 2))
     box_ious, click_ious = [], []
     for s, i in val_items(val_sets, max_images):
         image, masks, ignore, = A.to_frame(A.as_arrays(*val_sets[s][i]), size)
         areas = masks.reshape(len(masks), -1).sum(1)
-        objs = [j for j in range(len(masks)) if areas[j] >= min_area][:objects_per_image]
+        objs = [j for j in range(len(masks)) if areas[j] >= min_px][:objects_per_image]
         if not objs:
             continue
         gts = masks[objs]

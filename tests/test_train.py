@@ -1,0 +1,175 @@
+"""Training: the recipe's pieces, export round trip, and a tiny end-to-end run that must learn."""
+import json
+import os
+
+import cv2
+import numpy as np
+import torch
+from pycocotools import mask as mask_utils
+
+from segany.modeling.build import build_sam
+from segany.modeling.efficientnet import EfficientNetEncoder
+from segany.train import augment as A
+from segany.train.export import load_safetensors, read_safetensors, save_safetensors
+from segany.train.loop import TrainConfig, lr_at, train
+from segany.train.objective import dice_loss, focal_loss, next_clicks, noisy_boxes, sam_loss
+
+TINY = {
+    "image_size": 64,
+    "prompt_embed_dim": 32,
+    "encoder": {"type": "efficientnet", "stride": 8, "neck_depth": 1},
+    "decoder": {"depth": 1, "mlp_dim": 64, "num_heads": 2, "iou_head_hidden_dim": 32},
+    "mask_in_chans": 8,
+}
+
+
+def make_shapes_set(root, n=240, size=64, seed=0):
+    """COCO-RLE set of ``n`` noisy images, each with 1-3 coloured ellipses/rectangles."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(os.path.join(root, "images"), exist_ok=True)
+    images, anns = [], []
+    for i in range(n):
+        img = (rng.integers(0, 40, (size, size, 3)) + rng.integers(0, 200, 3)).astype(np.uint8)
+        occupied = np.zeros((size, size), bool)
+        for _ in range(rng.integers(1, 4)):
+            m = np.zeros((size, size), np.uint8)
+            cx, cy = rng.integers(16, size - 16, 2)
+            ax, ay = rng.integers(7, 16, 2)
+            if rng.random() < 0.5:
+                cv2.ellipse(m, (int(cx), int(cy)), (int(ax), int(ay)), float(rng.uniform(0, 180)), 0, 360, 1, -1)
+            else:
+                cv2.rectangle(m, (int(cx - ax), int(cy - ay)), (int(cx + ax), int(cy + ay)), 1, -1)
+            m = m.astype(bool) & ~occupied
+            if m.sum() < 60:
+                continue
+            occupied |= m
+            img[m] = rng.integers(0, 256, 3)
+            rle = mask_utils.encode(np.asfortranarray(m.astype(np.uint8)))
+            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": 1, "iscrowd": 0,
+                         "segmentation": {"size": rle["size"], "counts": rle["counts"].decode()}})
+        name = f"shape_{i:04d}.png"
+        cv2.imwrite(os.path.join(root, "images", name), img[..., ::-1])
+        images.append({"id": i + 1, "file_name": name, "height": size, "width": size})
+    with open(os.path.join(root, "annotations.json"), "w") as f:
+        json.dump({"images": images, "annotations": anns, "categories": [{"id": 1, "name": "shape"}]}, f)
+
+
+def test_encoder_shapes_and_frozen_batchnorm():
+    enc = EfficientNetEncoder(img_size=128, out_chans=48)
+    assert enc.taps == [4, 10, 15]
+    enc.train()
+    assert all(not m.training for m in enc.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    before = enc._bn0.running_mean.clone()
+    y = enc(torch.randn(2, 3, 128, 128))
+    assert y.shape == (2, 48, 16, 16)
+    assert torch.equal(before, enc._bn0.running_mean)
+
+
+def test_imagenet_keys_match_backbone():
+    """Every backbone tensor has the key and shape of the efficientnet-pytorch Lite0 layout."""
+    enc = EfficientNetEncoder(img_size=64, out_chans=16)
+    keys = {k: tuple(v.shape) for k, v in enc.state_dict().items()}
+    assert keys["_blocks.0._depthwise_conv.weight"] == (32, 1, 3, 3)
+    assert "_blocks.0._expand_conv.weight" not in keys
+    assert keys["_blocks.3._depthwise_conv.weight"] == (144, 1, 5, 5)
+    assert keys["_blocks.15._project_conv.weight"] == (320, 1152, 1, 1)
+    assert sum(k.startswith("_blocks.") and k.endswith("_project_conv.weight") for k in keys) == 16
+
+
+def test_losses_and_best_of_multimask():
+    gt = torch.zeros(1, 1, 8, 8)
+    gt[..., 2:6, 2:6] = 1
+    valid = torch.ones(1, 1, 8, 8)
+    good = (gt * 20 - 10).expand(1, 1, 8, 8)
+    bad = -good
+    logits = torch.cat([bad, good, bad], 1)
+    assert focal_loss(good, gt, valid).item() < 1e-4 < focal_loss(bad, gt, valid).item()
+    assert dice_loss(good, gt, valid).item() < 0.05 and dice_loss(bad, gt, valid).item() > 0.9
+    loss, best, actual = sam_loss(logits, torch.tensor([[0.0, 1.0, 0.0]]), gt, valid)
+    assert best.tolist() == [1] and torch.allclose(actual, torch.tensor([[0.0, 1.0, 0.0]]))
+    assert loss.item() < 0.05
+    # ignored pixels do not count
+    valid2 = valid.clone()
+    valid2[..., 2:6, 2:6] = 0
+    all_bg = torch.full((1, 1, 8, 8), -10.0)  # wrong only on the (now ignored) object
+    assert focal_loss(all_bg, gt, valid2).item() < 1e-4 < focal_loss(all_bg, gt, valid).item()
+
+
+def test_corrective_clicks_and_noisy_boxes():
+    g = torch.Generator().manual_seed(0)
+    gt = torch.zeros(2, 16, 16)
+    gt[:, 4:12, 4:12] = 1
+    pred = torch.zeros(2, 16, 16, dtype=torch.bool)
+    pred[1] = True  # object 1: everything predicted -> only false positives outside
+    pred[1, 4:12, 4:12] = True
+    xy, lab = next_clicks(pred, gt, torch.ones(1, 16, 16), g)
+    assert lab.tolist() == [1, 0]
+    x, y = xy[0].long().tolist()
+    assert gt[0, y, x] == 1
+    x, y = xy[1].long().tolist()
+    assert gt[1, y, x] == 0
+    boxes = noisy_boxes(gt, 4.0, g, std=0.1, max_px=20)
+    assert boxes.shape == (2, 4)
+    assert (boxes - torch.tensor([16.0, 16.0, 48.0, 48.0])).abs().max() <= 20
+
+
+def test_augment_keeps_masks_aligned():
+    rng = np.random.default_rng(0)
+    img = np.zeros((40, 60, 3), np.uint8)
+    m = np.zeros((40, 60), bool)
+    m[10:30, 20:40] = True
+    img[m] = 255
+    for _ in range(5):
+        image, masks, ignore = A.augment(A.as_arrays(img, [m], None), 64, rng, A.as_arrays(img, [m], None))
+        assert image.shape[:2] == masks.shape[1:] == ignore.shape and max(image.shape[:2]) <= 64
+        for mk in masks:  # object pixels stay bright, background dark
+            assert image[mk].mean() > 100
+        assert image[~masks.any(0)].mean() < 100 if (~masks.any(0)).any() else True
+
+
+def test_lr_schedule_warmup_and_steps():
+    cfg = TrainConfig(lr=1.0, warmup_steps=10, decay_at=(0.5, 0.9))
+    assert lr_at(0, 0.0, cfg) == 0.1
+    assert lr_at(20, 0.2, cfg) == 1.0
+    assert abs(lr_at(20, 0.6, cfg) - 0.1) < 1e-9
+    assert abs(lr_at(20, 0.95, cfg) - 0.01) < 1e-9
+
+
+def test_safetensors_roundtrip(tmp_path):
+    model = build_sam(TINY)
+    path = str(tmp_path / "m.safetensors")
+    save_safetensors(model, path)
+    config, state, meta = read_safetensors(path)
+    assert config == TINY and all(v.dtype in (torch.float32, torch.int64) for v in state.values())
+    back = load_safetensors(path)
+    x = torch.rand(1, 3, 64, 64) * 255
+    with torch.no_grad():
+        a = model.image_encoder(model.preprocess(x[0])[None])
+        b = back.image_encoder(back.preprocess(x[0])[None])
+    assert torch.allclose(a, b, atol=5e-2)
+
+
+def test_tiny_training_run_learns(tmp_path):
+    """A few hundred steps on generated shapes: validation IoU must rise well above the start."""
+    torch.set_num_threads(1)
+    data = str(tmp_path / "shapes")
+    make_shapes_set(data)
+    out = str(tmp_path / "run")
+    cfg = TrainConfig(
+        data=[data], out=out, model=TINY, imagenet_backbone=False, steps=400, objects_per_image=3,
+        iters=3, grad_iters=2, focal_weight=5.0, focal_alpha=0.5, lr=1e-3, backbone_lr_mult=1.0,
+        warmup_steps=20, val_every=1000, val_images=24, val_objects=3, ckpt_every_s=1e9, progress=False, seed=0,
+    )
+    result = train(cfg)
+    log = [json.loads(line) for line in open(os.path.join(out, "log.jsonl"))]
+    vals = [r["val"] for r in log if "val" in r]
+    start, end = vals[0], vals[-1]
+    assert result["step"] == 400 and end["step"] == 400 and end["objects"] >= 30
+    assert end["box_miou"] > max(2 * start["box_miou"], start["box_miou"] + 0.1), (start, end)
+    assert end["miou@3"] > max(2 * start["miou@3"], start["miou@3"] + 0.1), (start, end)
+    # resume continues from last.pt
+    assert os.path.exists(os.path.join(out, "last.pt")) and os.path.exists(os.path.join(out, "best.safetensors"))
+    cfg2 = TrainConfig(**{**cfg.__dict__, "steps": 405, "resume": True})
+    assert train(cfg2)["step"] == 405
+    # the exported best model restores with its config
+    assert load_safetensors(os.path.join(out, "best.safetensors")).config == TINY
