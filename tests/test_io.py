@@ -165,3 +165,14 @@ def test_atomic_writers_leave_no_partial_file(tmp_path):
     with pytest.raises(TypeError):
         atomic_write_json(tmp_path / "x.json", {"a": object()})
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["mask.png", "sub"]  # no temp files left
+
+
+def test_atomic_writes_get_ordinary_file_permissions(tmp_path):
+    """Outputs are read by other users and tools (web servers, rsync): not the 0600 of mkstemp."""
+    from segany.io import atomic_write_text
+
+    target = tmp_path / "report.json"
+    atomic_write_text(target, "{}")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (target.stat().st_mode & 0o777) == (0o666 & ~umask)
