@@ -2,6 +2,7 @@
 All images are generated here, in pytest's temporary folders."""
 from __future__ import annotations
 
+import os
 import io
 import zlib
 
