@@ -173,3 +173,35 @@ def test_tiny_training_run_learns(tmp_path):
     assert train(cfg2)["step"] == 405
     # the exported best model restores with its config
     assert load_safetensors(os.path.join(out, "best.safetensors")).config == TINY
+
+
+def test_train_subcommand_registers_and_parses():
+    import argparse
+
+    from segany.train import cli
+
+    parser = argparse.ArgumentParser(prog="segany")
+    cli.register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["train", "--data", "a", "--data", "b:0.5", "--freeze-image-encoder",
+                              "--freeze-prompt-encoder", "--steps", "7", "--resume"])
+    assert args.func is cli.run and args.data == ["a", "b:0.5"] and args.steps == 7
+    assert args.freeze_image_encoder and args.freeze_prompt_encoder and args.resume
+    assert args.iters == 11 and args.focal_weight == 20.0  # the paper's defaults
+
+
+def test_freezing_leaves_encoders_untouched(tmp_path):
+    from segany.train.loop import param_groups
+
+    model = build_sam(TINY)
+    cfg = TrainConfig(freeze_image_encoder=True, freeze_prompt_encoder=True)
+    groups = param_groups(model, cfg)
+    trainable = {id(p) for g in groups for p in g["params"]}
+    assert not any(id(p) in trainable for p in model.image_encoder.parameters())
+    assert not any(id(p) in trainable for p in model.prompt_encoder.parameters())
+    assert all(id(p) in trainable for p in model.mask_decoder.parameters())
+    cfg = TrainConfig(freeze_backbone_blocks=11)
+    model = build_sam(TINY)
+    trainable = {id(p) for g in param_groups(model, cfg) for p in g["params"]}
+    assert id(model.image_encoder._blocks[10]._project_conv.weight) not in trainable
+    assert id(model.image_encoder._blocks[11]._project_conv.weight) in trainable
+    assert id(model.image_encoder.lateral[0].weight) in trainable

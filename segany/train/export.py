@@ -47,6 +47,7 @@ def save_safetensors(model: Sam, path: str, half: bool = True, extra: Dict[str, 
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=meta)
+        os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
