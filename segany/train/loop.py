@@ -324,11 +324,12 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
             for k_, v in stats.items():
                 stats_acc[k_] = stats_acc.get(k_, 0.0) + v / cfg.images_per_step
             n_img += 1
-        if ddp:
+        if ddp:  # average gradients over ranks (what DDP does); unused parameters count as zero
             for p in params:
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
-                    p.grad /= world
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                dist.all_reduce(p.grad)
+                p.grad /= world
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         opt.step()
