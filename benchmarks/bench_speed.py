@@ -35,8 +35,11 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 ENCODER_TFLOP = {"vit_b": 0.0, "vit_l": 0.0, "vit_h": 0.0}  # filled by _encoder_flops
 
 
-def _image(h=600, w=900):
+def _image(h=None, w=None):
     import numpy as np
+
+    if h is None:
+        h, w = (int(v) for v in os.environ.get("SEGANY_BENCH_SIZE", "600x900").split("x"))
 
     photos = sorted(glob.glob("/work/shared/data/*/images/*.jpg"))
     if photos:
@@ -302,9 +305,11 @@ def main():
     ap.add_argument("--side", type=int, default=16, help="points per side for the everything row")
     ap.add_argument("--onnx-dir", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "segany-bench-onnx"))
     ap.add_argument("--agreement", type=int, default=0, help="number of photos for the int8 agreement row")
+    ap.add_argument("--size", default="600x900", help="HxW of the test photo (clicks are upscaled to it)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--variant", default="", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    os.environ["SEGANY_BENCH_SIZE"] = a.size
     if a.worker:
         print(json.dumps(WORKERS[a.worker](a)))
         return
