@@ -58,27 +58,33 @@ class _SeparableResize:
         self.axes = [
             self._taps(low_res, img_size, input_size[i], original_size[i], device) for i in range(2)
         ]
-        # Rows: a banded (H x low) map. Blocks of _BLOCK output rows read a window of S consecutive
-        # low-res rows, so the row step is one batched GEMM that writes each output pixel once.
-        ih, wh = self.axes[0]
-        H = int(original_size[0])
-        dense = torch.zeros(H, low_res, dtype=torch.float32)
-        dense.scatter_add_(1, ih.cpu(), wh.cpu())
-        bk = self._BLOCK
-        nb = (H + bk - 1) // bk
+        # Each axis is a banded (out x low) map: blocks of _BLOCK output indices read a window of
+        # S consecutive low-res indices, so each step is one batched GEMM that writes each output
+        # pixel once (no per-tap gathers of full-width intermediates).
+        self.row_window, self.row_blocks = self._banded(*self.axes[0], int(original_size[0]), low_res)
+        self.col_window, col_blocks = self._banded(*self.axes[1], int(original_size[1]), low_res)
+        self.col_blocks_t = col_blocks.transpose(1, 2).contiguous()  # (nb, S, bk)
+        self.height = int(original_size[0])
+        self.width = int(original_size[1])
+
+    @classmethod
+    def _banded(cls, idx: torch.Tensor, wts: torch.Tensor, n_out: int, low_res: int):
+        dense = torch.zeros(n_out, low_res, dtype=torch.float32)
+        dense.scatter_add_(1, idx.cpu(), wts.cpu())
+        bk = cls._BLOCK
+        nb = (n_out + bk - 1) // bk
         spans = []
         for b in range(nb):
             nz = (dense[b * bk : (b + 1) * bk] != 0).any(0).nonzero().flatten()
             spans.append((int(nz.min()), int(nz.max())) if len(nz) else (0, 0))
-        S = max(hi - lo + 1 for lo, hi in spans)
-        starts = torch.tensor([min(lo, low_res - S) for lo, _ in spans])
+        S = min(low_res, max(hi - lo + 1 for lo, hi in spans))
+        starts = torch.tensor([max(0, min(lo, low_res - S)) for lo, _ in spans])
         blocks = torch.zeros(nb, bk, S)
         for b in range(nb):
             rows = dense[b * bk : (b + 1) * bk]
             blocks[b, : rows.shape[0]] = rows[:, int(starts[b]) : int(starts[b]) + S]
-        self.row_window = (starts[:, None] + torch.arange(S)[None]).to(device)  # (nb, S)
-        self.row_blocks = blocks.to(device)  # (nb, bk, S)
-        self.height = H
+        window = starts[:, None] + torch.arange(S)[None]  # (nb, S)
+        return window.to(idx.device), blocks.to(idx.device)
 
     @staticmethod
     def _taps(n_low: int, n_pad: int, n_crop: int, n_out: int, device):
@@ -95,17 +101,20 @@ class _SeparableResize:
 
     def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         """(..., low, low) -> (..., H, W)."""
-        iw, ww = self.axes[1]
         dtype = logits.dtype
         x = logits.float()
-        # Columns first, on the small low-res grid (4-tap gathers)...
-        cols = x.index_select(-1, iw[:, 0]) * ww[:, 0]  # (..., low, W)
-        for t in range(1, iw.shape[1]):
-            cols.addcmul_(x.index_select(-1, iw[:, t]), ww[:, t])
-        # ...then rows as one banded GEMM per block of output rows.
-        win = cols[..., self.row_window, :]  # (..., nb, S, W)
-        out = torch.matmul(self.row_blocks, win)  # (..., nb, bk, W)
-        out = out.reshape(*out.shape[:-3], -1, out.shape[-1])[..., : self.height, :]
+        lead = x.shape[:-2]
+        L = x.shape[-1]
+        x = x.reshape(-1, L, L)
+        # Columns first, on the small low-res grid: (nb, n*L, S) @ (nb, S, bk)...
+        nbc, S = self.col_window.shape
+        win = x.index_select(-1, self.col_window.flatten()).view(-1, nbc, S).transpose(0, 1)
+        cols = torch.bmm(win, self.col_blocks_t)  # (nbc, n*L, bk)
+        cols = cols.view(nbc, -1, L, cols.shape[-1]).permute(1, 2, 0, 3).reshape(x.shape[0], L, -1)
+        # ...then rows: (nbr, bk, S) @ (n, nbr, S, W).
+        win = cols[:, self.row_window, : self.width]  # (n, nbr, S, W)
+        out = torch.matmul(self.row_blocks, win)  # (n, nbr, bk, W)
+        out = out.reshape(*lead, -1, self.width)[..., : self.height, :]
         return out.to(dtype)
 
 

@@ -115,27 +115,36 @@ def _block_diag_keys(k: Tensor, nh: int) -> Tensor:
     return bd.reshape(B, I, nh * t)
 
 
-def _i2t(attn: Attention, x_pe: Optional[Tensor], q_img: Optional[Tensor], k_tokens: Tensor, v_tokens: Tensor) -> Tensor:
-    """Image->token attention output after out_proj, (B, N, C). Queries are either the projected
-    ``q_img`` (1, N, I) or folded from ``x_pe`` (B|1, N, C)."""
+def _i2t(attn: Attention, x_pe: Optional[Tensor], q_img: Optional[Tensor], k_tokens: Tensor, v_tokens: Tensor, residual: Tensor, inplace: bool = False) -> Tensor:
+    """``residual`` + image->token attention output after out_proj, (B, N, C). Queries are either
+    the projected ``q_img`` (1, N, I) or folded from ``x_pe`` (B|1, N, C).
+
+    Scores are laid out (B, heads, tokens, N) so that the softmax over the few tokens runs along a
+    strided axis with contiguous N-long rows (a softmax over a 7-long last axis is ~20x slower).
+    The out_proj bias is folded into the value side: each head's softmax row sums to one, so
+    ``a @ (u + b/heads) = a @ u + b``; the residual add is the GEMM's accumulator."""
     nh = attn.num_heads
     k = attn.k_proj(k_tokens)  # (B, t, I)
     v = attn.v_proj(v_tokens)  # (B, t, I)
     B, t, I = k.shape
     hd = I // nh
     kbd = _block_diag_keys(k, nh) * (hd**-0.5)  # (B, I, nh*t)
+    kbdT = kbd.transpose(1, 2)  # (B, nh*t, I)
     if q_img is not None:
-        s = torch.matmul(q_img, kbd)  # (B, N, nh*t)
+        sT = torch.matmul(kbdT, q_img.transpose(1, 2))  # (B, nh*t, N)
     else:
-        m = torch.matmul(attn.q_proj.weight.t(), kbd)  # (B, C, nh*t)
+        mT = torch.matmul(kbdT, attn.q_proj.weight)  # (B, nh*t, C)
         c = torch.matmul(attn.q_proj.bias, kbd)  # (B, nh*t)
-        s = torch.baddbmm(c[:, None, :], x_pe.expand(B, -1, -1), m) if x_pe.shape[0] == B else torch.matmul(x_pe, m) + c[:, None, :]
-    N = s.shape[1]
-    a = torch.softmax(s.view(B, N, nh, t), dim=-1).view(B, N, nh * t)
+        sT = torch.baddbmm(c[:, :, None], mT, x_pe.expand(B, -1, -1).transpose(1, 2))
+    N = sT.shape[-1]
+    aT = torch.softmax(sT.view(B, nh, t, N), dim=2).view(B, nh * t, N)
     C = attn.out_proj.weight.shape[0]
     wo = attn.out_proj.weight.t().reshape(nh, hd, C)  # (nh, hd, C)
     u = torch.matmul(v.reshape(B, t, nh, hd).transpose(1, 2), wo).reshape(B, nh * t, C)  # (B, nh*t, C)
-    return torch.baddbmm(attn.out_proj.bias.expand(B, 1, C), a, u)
+    u = u + attn.out_proj.bias / nh
+    if inplace and residual.shape[0] == B:
+        return residual.baddbmm_(aT.transpose(1, 2), u)
+    return torch.baddbmm(residual.expand(B, -1, -1), aT.transpose(1, 2), u)
 
 
 def _layer_norm(ln: torch.nn.LayerNorm, x: Tensor) -> Tensor:
@@ -188,10 +197,11 @@ def predict_masks_fast(
         queries = _layer_norm(layer.norm3, queries + layer.mlp(queries))
         q = queries + tokens
         if i == 0 and cache is not None:
-            att = _i2t(layer.cross_attn_image_to_token, None, cache.q0, q, queries)
+            keys = _i2t(layer.cross_attn_image_to_token, None, cache.q0, q, queries, keys)
         else:
-            att = _i2t(layer.cross_attn_image_to_token, keys_pe, None, q, queries)
-        keys = _layer_norm(layer.norm4, keys + att)
+            # keys is a fresh per-prompt tensor past the first layer; the cache's src is not.
+            keys = _i2t(layer.cross_attn_image_to_token, keys_pe, None, q, queries, keys, inplace=i > 0)
+        keys = _layer_norm(layer.norm4, keys)
         keys_pe = keys + pe
     q = queries + tokens
     queries = queries + _t2i_folded(tf.final_attn_token_to_image, q, keys_pe, keys)
@@ -205,22 +215,35 @@ def predict_masks_fast(
     return masks, iou_pred
 
 
-def _upscale_masks(decoder: MaskDecoder, keys: Tensor, hyper_in: Tensor, h: int, w: int) -> Tensor:
-    """keys (B, h*w, C) channel-last, hyper_in (B, M, C/8) -> masks (B, M, 4h, 4w)."""
+def _upscale_masks(decoder: MaskDecoder, keys: Tensor, hyper_in: Tensor, h: int, w: int, rows_per_chunk: int = 8) -> Tensor:
+    """keys (B, h*w, C) channel-last, hyper_in (B, M, C/8) -> masks (B, M, 4h, 4w).
+
+    Runs ``rows_per_chunk`` embedding rows at a time: the intermediates (up to 16x the pixels at
+    128 channels) then stay in cache and in reused allocator blocks instead of being written to
+    fresh multi-MB buffers (page faults) and read back by the next op."""
     ct1, ln, act1, ct2, act2 = decoder.output_upscaling
     B, N, C = keys.shape
     c1 = ct1.out_channels
     c2 = ct2.out_channels
+    M = hyper_in.shape[1]
     # ConvTranspose2d weight (in, out, 2, 2) -> (in, (a, b, out)) so channels stay last.
     w1 = ct1.weight.permute(0, 2, 3, 1).reshape(C, 4 * c1)
     b1 = ct1.bias.repeat(4)
-    y = torch.addmm(b1, keys.reshape(B * N, C), w1).view(B * N * 4, c1)
-    y = act1(F.layer_norm(y, (c1,), ln.weight, ln.bias, ln.eps))
     w2 = ct2.weight.permute(0, 2, 3, 1).reshape(c1, 4 * c2)
     b2 = ct2.bias.repeat(4)
-    z = act2(torch.addmm(b2, y, w2))  # (B*N*4*4, c2) rows ordered (b, i, j, a, b1, a2, b2)
-    M = hyper_in.shape[1]
-    m = torch.bmm(z.view(B, N * 16, c2), hyper_in.transpose(1, 2))  # (B, N*16, M)
-    # (B, i, j, a, bb, a2, b2, M) -> (B, M, i, a, a2, j, bb, b2)
-    m = m.view(B, h, w, 2, 2, 2, 2, M).permute(0, 7, 1, 3, 5, 2, 4, 6)
-    return m.reshape(B, M, 4 * h, 4 * w)
+    hyp = hyper_in.transpose(1, 2)  # (B, c2, M)
+    out = keys.new_empty(B, M, 4 * h, 4 * w)
+    # out[b, m, i, a, a2, j, bb, b2] <- rows (i, j, a, bb, a2, b2) of the GEMM results
+    out_v = out.view(B, M, h, 2, 2, w, 2, 2)
+    kv = keys.view(B, h, w, C)
+    for i0 in range(0, h, rows_per_chunk):
+        i1 = min(h, i0 + rows_per_chunk)
+        r = i1 - i0
+        x = kv[:, i0:i1].reshape(B * r * w, C)
+        y = torch.addmm(b1, x, w1).view(B * r * w * 4, c1)
+        y = act1(F.layer_norm(y, (c1,), ln.weight, ln.bias, ln.eps))
+        z = act2(torch.addmm(b2, y, w2))  # (B*r*w*4*4, c2) rows ordered (b, i, j, a, bb, a2, b2)
+        m = torch.bmm(z.view(B, r * w * 16, c2), hyp)  # (B, r*w*16, M)
+        # (B, i, j, a, bb, a2, b2, M) -> (B, M, i, a, a2, j, bb, b2)
+        out_v[:, :, i0:i1].copy_(m.view(B, r, w, 2, 2, 2, 2, M).permute(0, 7, 1, 3, 5, 2, 4, 6))
+    return out
