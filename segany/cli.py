@@ -17,6 +17,7 @@ COMMAND_MODULES = [
     "segany.server",  # serve
     "segany.evaluate.cli",  # eval
     "segany.engine.cli",  # annotate, dataset
+    "segany.train.cli",  # train
 ]
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2

@@ -12,19 +12,11 @@ from typing import Any, Dict, Tuple
 
 import torch
 
+from ..checkpoints import TINY_CONFIG  # the bundled model's config, kept in the registry
 from ..modeling.build import build_sam
 from ..modeling.sam import Sam
 
 WEIGHTS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "weights")
-
-# Config of the bundled ``tiny`` model: EfficientNet-Lite0 + FPN neck at stride 8, SAM prompt
-# encoder and mask decoder at width 128, 512 px input (64x64 image embedding).
-TINY_CONFIG: Dict[str, Any] = {
-    "image_size": 512,
-    "prompt_embed_dim": 128,
-    "encoder": {"type": "efficientnet", "stride": 8, "neck_depth": 1},
-    "decoder": {"depth": 2, "mlp_dim": 1024, "num_heads": 8, "iou_head_hidden_dim": 256},
-}
 
 
 def save_safetensors(model: Sam, path: str, half: bool = True, extra: Dict[str, str] | None = None) -> None:
