@@ -13,6 +13,8 @@ reorganised for CPU speed and memory without changing results beyond float32 rou
 """
 from __future__ import annotations
 
+import functools
+
 from typing import Optional, Tuple, Type
 
 import torch
@@ -21,8 +23,11 @@ from torch import nn
 
 from .common import LayerNorm2d, MLPBlock
 
-# Bound on the attention-bias bytes built at once in a global-attention block (per chunk).
-_ATTN_CHUNK_BYTES = 64 * 2**20
+# Bound on the attention-bias bytes built at once in a global-attention block (per chunk), when
+# training (the differentiable SDPA path).
+_ATTN_BIAS_BYTES = 64 * 2**20
+_MLP_ROWS = 512  # tokens per MLP piece at inference
+_ATTN_CHUNK_ELEMS = 1 << 20  # attention scores per piece (4 MiB in float32)
 
 
 class ImageEncoderViT(nn.Module):
@@ -122,8 +127,18 @@ class Block(nn.Module):
         self.window_size = window_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), self.window_size)
-        return x + self.mlp(self.norm2(x))
+        if torch.is_grad_enabled():
+            x = x + self.attn(self.norm1(x), self.window_size)
+            return x + self.mlp(self.norm2(x))
+        # Inference: residual adds in place on the fresh attention output, and the MLP over pieces
+        # of _MLP_ROWS tokens, so that its 4x-wide hidden activations stay in cache and in reused
+        # allocator blocks (a full-size one is a fresh ~50 MB mapping, page-faulted on every call).
+        x = self.attn(self.norm1(x), self.window_size).add_(x)
+        flat = x.view(-1, x.shape[-1])
+        for r0 in range(0, flat.shape[0], _MLP_ROWS):
+            xs = flat[r0 : r0 + _MLP_ROWS]
+            xs += self.mlp(self.norm2(xs))
+        return x
 
 
 class Attention(nn.Module):
@@ -154,6 +169,18 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, window_size: int = 0) -> torch.Tensor:
         B, H, W, C = x.shape
         qkv = self.qkv(x)  # (B, H, W, 3C)
+        if window_size > 0 and not torch.is_grad_enabled():
+            # Inference: pad + partition as one row gather (and unpartition + crop as another)
+            # instead of a padded copy, a permuted copy, and two more copies on the way back.
+            gather, scatter, pad_rows = _window_indices(H, W, window_size, str(qkv.device))
+            windows = qkv.view(B, H * W, 3 * C).index_select(1, gather.to(qkv.device))
+            if pad_rows.numel():
+                # The reference pads the normalised tokens with zeros before qkv: a padded
+                # token's q, k, v is then the qkv bias.
+                windows[:, pad_rows.to(qkv.device)] = self._qkv_bias(qkv, C)
+            out = self._attend(windows.view(-1, window_size, window_size, 3 * C))  # (B*nW, ws, ws, C)
+            out = out.reshape(B, -1, C).index_select(1, scatter.to(qkv.device)).view(B, H, W, C)
+            return self.proj(out)
         if window_size > 0:
             pad_h = (window_size - H % window_size) % window_size
             pad_w = (window_size - W % window_size) % window_size
@@ -161,12 +188,7 @@ class Attention(nn.Module):
                 # The reference pads the normalised tokens with zeros before qkv: a padded
                 # token's q, k, v is then the qkv bias.
                 Hp, Wp = H + pad_h, W + pad_w
-                fill = self.qkv.bias
-                if callable(fill):  # dynamically quantized Linear (segany.quantize) exposes bias()
-                    fill = fill()
-                if fill is None:
-                    fill = qkv.new_zeros(3 * C)
-                padded = fill.to(qkv.dtype).expand(B, Hp, Wp, 3 * C).clone()
+                padded = self._qkv_bias(qkv, C).expand(B, Hp, Wp, 3 * C).clone()
                 padded[:, :H, :W] = qkv
                 qkv = padded
             qkv, (Hp, Wp) = window_partition(qkv, window_size)
@@ -176,6 +198,14 @@ class Attention(nn.Module):
             out = self._attend(qkv)
         return self.proj(out)
 
+    def _qkv_bias(self, qkv: torch.Tensor, C: int) -> torch.Tensor:
+        fill = self.qkv.bias
+        if callable(fill):  # dynamically quantized Linear (segany.quantize) exposes bias()
+            fill = fill()
+        if fill is None:
+            fill = qkv.new_zeros(3 * C)
+        return fill.to(qkv.dtype)
+
     def _attend(self, qkv: torch.Tensor) -> torch.Tensor:
         """(B, h, w, 3C) projected tokens -> (B, h, w, C) attention output (before proj)."""
         B, h, w, C3 = qkv.shape
@@ -183,26 +213,82 @@ class Attention(nn.Module):
         q, k, v = qkv.reshape(B, h * w, 3, nh, C3 // (3 * nh)).permute(2, 0, 3, 1, 4).unbind(0)
         # q, k, v: (B, nh, N, hd)
         n = h * w
-        rows = max(1, min(n, _ATTN_CHUNK_BYTES // max(1, B * nh * n * q.element_size())))
+        if not self.use_rel_pos:
+            out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
+            return out.transpose(1, 2).reshape(B, h, w, -1)
+        if torch.is_grad_enabled() and (q.requires_grad or self.rel_pos_h.requires_grad):
+            return self._attend_sdpa(q, k, v, h, w)
+        Rh = get_rel_pos(h, h, self.rel_pos_h).to(q.dtype)  # (h, h, hd)
+        Rw = get_rel_pos(w, w, self.rel_pos_w).to(q.dtype)  # (w, w, hd)
+        r_q = q.reshape(B, nh, h, w, -1)
+        rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, Rh)  # (B, nh, h, w, h)
+        rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, Rw)  # (B, nh, h, w, w)
+        qs = q * self.scale
+        kt = k.transpose(-2, -1)
+        out = q.new_empty(B, nh, n, q.shape[-1])
+        # The official order of operations ((q * scale) @ k^T + rel_h + rel_w, softmax, @ v), run
+        # in pieces of about _ATTN_CHUNK_ELEMS scores (all heads of a window, or a few grid rows of
+        # one head for global attention) so that the score block stays in cache across the GEMM,
+        # the two in-place bias adds, the in-place softmax and the second GEMM. A float bias
+        # passed to SDPA instead has to be materialised at full size first (3x the memory traffic).
+        if nh * n * n <= 2 * _ATTN_CHUNK_ELEMS:
+            hb, rows = nh, h
+        else:
+            hb, rows = 1, max(1, min(h, _ATTN_CHUNK_ELEMS // (w * n)))
+        s = None
+        for b in range(B):
+            for h0 in range(0, nh, hb):
+                h1 = min(nh, h0 + hb)
+                for i0 in range(0, h, rows):
+                    i1 = min(h, i0 + rows)
+                    if s is not None and s.shape != (h1 - h0, (i1 - i0) * w, n):
+                        s = None  # last, shorter piece: a fresh buffer (matmul warns on resizing)
+                    s = torch.matmul(qs[b, h0:h1, i0 * w : i1 * w], kt[b, h0:h1], out=s)
+                    sv = s.view(h1 - h0, i1 - i0, w, h, w)
+                    sv.add_(rel_h[b, h0:h1, i0:i1, :, :, None])
+                    sv.add_(rel_w[b, h0:h1, i0:i1, :, None, :])
+                    torch.ops.aten._softmax.out(s, -1, False, out=s)
+                    torch.matmul(s, v[b, h0:h1], out=out[b, h0:h1, i0 * w : i1 * w])
+        return out.transpose(1, 2).reshape(B, h, w, -1)
+
+    def _attend_sdpa(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """Differentiable path (training): SDPA with the rel-pos bias built per chunk of rows."""
+        B, nh, n, _ = q.shape
+        rows = max(1, min(n, _ATTN_BIAS_BYTES // max(1, B * nh * n * q.element_size())))
         rows = max(w, (rows // w) * w)  # whole rows of the grid keep the bias decomposition simple
-        if self.use_rel_pos:
-            Rh = get_rel_pos(h, h, self.rel_pos_h).to(q.dtype)  # (h, h, hd)
-            Rw = get_rel_pos(w, w, self.rel_pos_w).to(q.dtype)  # (w, w, hd)
+        Rh = get_rel_pos(h, h, self.rel_pos_h).to(q.dtype)  # (h, h, hd)
+        Rw = get_rel_pos(w, w, self.rel_pos_w).to(q.dtype)  # (w, w, hd)
         outs = []
         for start in range(0, n, rows):
             stop = min(n, start + rows)
             qc = q[:, :, start:stop]
-            bias = None
-            if self.use_rel_pos:
-                hr = (stop - start) // w
-                r_q = qc.reshape(B, nh, hr, w, -1)
-                h0 = start // w
-                rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, Rh[h0 : h0 + hr])
-                rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, Rw)
-                bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(B, nh, stop - start, n)
+            hr = (stop - start) // w
+            r_q = qc.reshape(B, nh, hr, w, -1)
+            h0 = start // w
+            rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, Rh[h0 : h0 + hr])
+            rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, Rw)
+            bias = (rel_h[..., :, None] + rel_w[..., None, :]).reshape(B, nh, stop - start, n)
             outs.append(F.scaled_dot_product_attention(qc, k, v, attn_mask=bias, scale=self.scale))
         out = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
         return out.transpose(1, 2).reshape(B, h, w, -1)
+
+
+@functools.lru_cache(maxsize=16)
+def _window_indices(H: int, W: int, ws: int, device: str):
+    """For ``window_partition`` of an (H, W) grid: the token index read at each windowed position
+    (0 at padding), the windowed position of each token, and the padded positions."""
+    Hp, Wp = -(-H // ws) * ws, -(-W // ws) * ws
+    yy = torch.arange(Hp).view(Hp // ws, ws, 1, 1)
+    xx = torch.arange(Wp).view(1, 1, Wp // ws, ws)
+    yy, xx = torch.broadcast_tensors(yy, xx)  # (nH, ws, nW, ws)
+    yy = yy.permute(0, 2, 1, 3).reshape(-1)  # windowed order (nH, nW, ws, ws)
+    xx = xx.permute(0, 2, 1, 3).reshape(-1)
+    valid = (yy < H) & (xx < W)
+    gather = torch.where(valid, yy * W + xx, torch.zeros_like(yy))
+    scatter = torch.empty(H * W, dtype=torch.long)
+    scatter[gather[valid]] = torch.nonzero(valid).flatten()
+    pad_rows = torch.nonzero(~valid).flatten()
+    return gather, scatter, pad_rows
 
 
 def window_partition(x: torch.Tensor, window_size: int) -> Tuple[torch.Tensor, Tuple[int, int]]:
