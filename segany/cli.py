@@ -71,4 +71,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Run through the importable module so that its exception classes are the ones raised.
+    from segany.cli import main as _main
+
+    sys.exit(_main())

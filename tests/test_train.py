@@ -4,6 +4,7 @@ import os
 
 import cv2
 import numpy as np
+import pytest
 import torch
 from pycocotools import mask as mask_utils
 
@@ -205,3 +206,13 @@ def test_freezing_leaves_encoders_untouched(tmp_path):
     assert id(model.image_encoder._blocks[10]._project_conv.weight) not in trainable
     assert id(model.image_encoder._blocks[11]._project_conv.weight) in trainable
     assert id(model.image_encoder.lateral[0].weight) in trainable
+
+
+def test_train_model_option_takes_registry_names_and_rejects_unknown_ones():
+    from segany.cli import UsageError
+    from segany.train.cli import _model_config
+
+    assert _model_config("vit_b")["encoder"]["embed_dim"] == 768
+    assert _model_config("tiny")["encoder"]["type"] == "efficientnet"
+    with pytest.raises(UsageError, match="neither a known model"):
+        _model_config("vit_q")

@@ -17,16 +17,25 @@ from .loop import TrainConfig, train
 
 
 def _model_config(spec: str | None):
-    from .export import TINY_CONFIG
+    """A registry name (tiny, vit_b, vit_t, ...), a config JSON file, or a JSON string."""
+    from ..checkpoints import VARIANTS
 
     if spec is None:
         return {}
-    if spec == "tiny":
-        return dict(TINY_CONFIG)
+    if spec in VARIANTS:
+        return json.loads(json.dumps(VARIANTS[spec].config))
     if os.path.exists(spec):
         with open(spec) as f:
             return json.load(f)
-    return json.loads(spec)
+    try:
+        return json.loads(spec)
+    except json.JSONDecodeError:
+        from ..cli import UsageError
+
+        raise UsageError(
+            f"--model {spec!r} is neither a known model ({', '.join(sorted(VARIANTS))}), "
+            "an existing config file, nor a JSON config"
+        ) from None
 
 
 def run(args: argparse.Namespace) -> int:
@@ -56,7 +65,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("train", help="train or fine-tune a model (SAM recipe)", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", action="append", required=True, help="data set path[:weight] (COCO JSON/folder, SA-1B folder, images+masks folder); repeat to mix")
-    p.add_argument("--model", default=None, help="'tiny', a config JSON file or a JSON string (default: tiny, or the --init file's config)")
+    p.add_argument("--model", default=None, help="a registry name (tiny, vit_b, vit_l, vit_h, vit_t), a config JSON file or a JSON string (default: tiny, or the --init file's config)")
     p.add_argument("--init", default=None, help="weights to start from (.safetensors with config, or .pt state dict)")
     p.add_argument("--no-imagenet", action="store_true", help="efficientnet encoder: do not start from ImageNet weights")
     p.add_argument("--out", default="runs/train", help="run folder (log.jsonl, last.pt, best.safetensors)")
