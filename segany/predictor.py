@@ -53,6 +53,7 @@ class _SeparableResize:
     """
 
     _BLOCK = 64  # output rows per block of the banded row map
+    _THRESHOLD_ROWS = 256  # output rows per piece when thresholding on the fly
 
     def __init__(self, low_res: int, img_size: int, input_size: Tuple[int, int], original_size: Tuple[int, int], device) -> None:
         self.axes = [
@@ -99,8 +100,9 @@ class _SeparableResize:
         w = torch.gather(weights, 1, idx)
         return idx.to(device), w.to(device=device, dtype=torch.float32)
 
-    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
-        """(..., low, low) -> (..., H, W)."""
+    def __call__(self, logits: torch.Tensor, threshold: Optional[float] = None) -> torch.Tensor:
+        """(..., low, low) -> (..., H, W); with ``threshold``, the bool map ``result > threshold``
+        computed a few row blocks at a time (the full-size float map is never materialised)."""
         dtype = logits.dtype
         x = logits.float()
         lead = x.shape[:-2]
@@ -113,6 +115,17 @@ class _SeparableResize:
         cols = cols.view(nbc, -1, L, cols.shape[-1]).permute(1, 2, 0, 3).reshape(x.shape[0], L, -1)
         # ...then rows: (nbr, bk, S) @ (n, nbr, S, W).
         win = cols[:, self.row_window, : self.width]  # (n, nbr, S, W)
+        if threshold is not None:
+            n, nbr, bk = win.shape[0], self.row_blocks.shape[0], self.row_blocks.shape[1]
+            masks = torch.empty(n, self.height, self.width, dtype=torch.bool, device=win.device)
+            step = max(1, self._THRESHOLD_ROWS // bk)
+            for b0 in range(0, nbr, step):
+                b1 = min(nbr, b0 + step)
+                part = torch.matmul(self.row_blocks[b0:b1], win[:, b0:b1]).view(n, -1, self.width)
+                r0 = b0 * bk
+                r1 = min(self.height, b1 * bk)
+                torch.gt(part[:, : r1 - r0], threshold, out=masks[:, r0:r1])
+            return masks.view(*lead, self.height, self.width)
         out = torch.matmul(self.row_blocks, win)  # (n, nbr, bk, W)
         out = out.reshape(*lead, -1, self.width)[..., : self.height, :]
         return out.to(dtype)
@@ -250,10 +263,9 @@ class SamPredictor:
         if not self.is_image_set:
             raise RuntimeError("An image must be set with .set_image(...) before mask prediction.")
         low_res, iou = self.decode(point_coords, point_labels, boxes, mask_input, multimask_output)
-        masks = self.upscale(low_res)
-        if not return_logits:
-            masks = masks > self.model.mask_threshold
-        return masks, iou, low_res
+        if return_logits:
+            return self.upscale(low_res), iou, low_res
+        return self.upscale(low_res, threshold=self.model.mask_threshold), iou, low_res
 
     def decode(
         self,
@@ -291,13 +303,14 @@ class SamPredictor:
             self._decoder_cache = (self.features, cache)
         return self._decoder_cache[1]
 
-    def upscale(self, low_res_logits: torch.Tensor) -> torch.Tensor:
-        """Low-res logits (..., 4h, 4w) -> logits at the original image size (..., H, W)."""
+    def upscale(self, low_res_logits: torch.Tensor, threshold: Optional[float] = None) -> torch.Tensor:
+        """Low-res logits (..., 4h, 4w) -> logits at the original image size (..., H, W), or with
+        ``threshold`` the bool masks ``logits > threshold``."""
         if self._resize is None:
             self._resize = _SeparableResize(
                 low_res_logits.shape[-1], self.model.image_encoder.img_size, self.input_size, self.original_size, self.device
             )
-        return self._resize(low_res_logits)
+        return self._resize(low_res_logits, threshold)
 
     def get_image_embedding(self) -> torch.Tensor:
         """The (1, C, h, w) embedding of the current image."""

@@ -71,6 +71,10 @@ def test_separable_resize_matches_two_step_interpolation(original):
     assert (got - exact).abs().max().item() < 2e-6 * scale
     # the official float32 computation itself rounds its sampling positions (~1e-4 relative)
     assert (got - official(x)).abs().max().item() < 1e-4 * scale
+    # thresholding on the fly (row blocks at a time) gives exactly the thresholded float map
+    resize = _SeparableResize(256, 1024, input_size, original, "cpu")
+    for thr in (0.0, 1.5):
+        assert torch.equal(resize(x, threshold=thr), got > thr)
 
 
 def test_predictor_cache_follows_the_embedding():
