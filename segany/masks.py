@@ -5,7 +5,8 @@ Everything here is exact (no approximation) and vectorised where it matters:
 * RLE: ``mask_to_rle`` / ``rle_to_mask`` (uncompressed, column-major counts, the format of
   ``segment_anything.utils.amg.mask_to_rle_pytorch``), ``encode_rle`` / ``decode_rle`` (COCO
   compressed RLE, byte-identical to ``pycocotools.mask.encode``, ``counts`` as ``str``),
-  ``rle_to_coco`` (uncompressed -> compressed), ``area_from_rle``.
+  ``rle_to_coco`` (uncompressed -> compressed), ``area_from_rle``, ``validate_rle_counts``
+  (checks untrusted counts against a mask size without decoding them).
 * Boxes: ``masks_to_boxes`` (XYXY, inclusive pixel indices, ``[0, 0, 0, 0]`` for an empty mask,
   like ``batched_mask_to_box``), ``box_xyxy_to_xywh``.
 * ``stability_score`` (IoU of the masks thresholded at ``t + offset`` and ``t - offset``).
@@ -69,14 +70,7 @@ def mask_to_rle(masks: ArrayLike) -> List[Dict[str, Any]]:
 def rle_to_mask(rle: Dict[str, Any]) -> np.ndarray:
     """Uncompressed or COCO-compressed RLE -> (H, W) bool mask."""
     h, w = (int(v) for v in rle["size"])
-    counts = rle["counts"]
-    if isinstance(counts, (str, bytes)):
-        counts = _counts_from_string(counts)
-    counts = np.asarray(counts, dtype=np.int64)
-    if counts.size and (counts < 0).any():
-        raise ValueError("RLE counts must be non-negative")
-    if int(counts.sum()) != h * w:
-        raise ValueError(f"RLE counts sum to {int(counts.sum())}, expected {h * w} for size {[h, w]}")
+    counts = np.asarray(validate_rle_counts(rle["counts"], h, w), dtype=np.int64)
     values = np.zeros(len(counts), dtype=bool)
     values[1::2] = True
     flat = np.repeat(values, counts)
@@ -111,6 +105,8 @@ def _counts_to_string(counts: Sequence[int]) -> str:
 
 
 def _counts_from_string(s: Union[str, bytes]) -> List[int]:
+    # pycocotools' rleFrString, but checked: pycocotools' C decoder reads past the end of a
+    # string that stops mid-number; here any malformed string raises ValueError.
     if isinstance(s, bytes):
         s = s.decode("ascii")
     counts: List[int] = []
@@ -119,20 +115,39 @@ def _counts_from_string(s: Union[str, bytes]) -> List[int]:
         x, k, more = 0, 0, True
         while more:
             if p >= n:
-                raise ValueError("truncated COCO RLE string")
+                raise ValueError("RLE counts string ends in the middle of a number")
             c = ord(s[p]) - 48
             if not 0 <= c < 64:
-                raise ValueError(f"invalid character {s[p]!r} in COCO RLE string")
+                raise ValueError(f"RLE counts contains an invalid character {s[p]!r}")
             x |= (c & 0x1F) << (5 * k)
             more = bool(c & 0x20)
             p += 1
             k += 1
             if not more and (c & 0x10):
                 x |= -1 << (5 * k)
+            if k > 13:
+                raise ValueError("RLE counts contains a number that is too large")
         if len(counts) > 2:
             x += counts[-2]
         counts.append(x)
     return counts
+
+
+def validate_rle_counts(counts: Union[str, bytes, Sequence[int]], height: int, width: int) -> List[int]:
+    """Run lengths of an RLE's ``counts`` (COCO compressed ``str``/``bytes``, or uncompressed
+    integers), checked to describe a ``height`` x ``width`` mask: well-formed, no negative run,
+    runs summing to ``height * width``. Raises ``ValueError`` otherwise.
+
+    Nothing is allocated at the mask's size, so this is the check to run on untrusted RLE before
+    pycocotools' C decoder sees it (that decoder trusts its input: counts summing to more than
+    height*width overrun its output buffer)."""
+    values = _counts_from_string(counts) if isinstance(counts, (str, bytes)) else [int(v) for v in counts]
+    if any(v < 0 for v in values):
+        raise ValueError("RLE counts contain a negative run length")
+    total = sum(values)
+    if total != height * width:
+        raise ValueError(f"RLE run lengths sum to {total}, expected height*width = {height * width}")
+    return values
 
 
 def rle_to_coco(rle: Dict[str, Any]) -> Dict[str, Any]:

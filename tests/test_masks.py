@@ -85,6 +85,31 @@ def test_rle_bad_input():
         M.mask_to_rle(np.zeros(5, bool))
 
 
+def test_validate_rle_counts():
+    m = np.zeros((6, 7), bool)
+    m[1:4, 2:6] = True
+    coco = M.encode_rle(m)
+    unc = M.mask_to_rle(m)[0]
+    assert M.validate_rle_counts(coco["counts"], 6, 7) == unc["counts"]
+    assert M.validate_rle_counts(coco["counts"].encode(), 6, 7) == unc["counts"]
+    assert M.validate_rle_counts(unc["counts"], 6, 7) == unc["counts"]
+    assert M.validate_rle_counts([], 0, 5) == []
+    bad = [
+        (coco["counts"], 6, 8, "sum to"),  # wrong size
+        (coco["counts"] + "0", 6, 7, "sum to"),  # an extra run
+        ([40, 5], 6, 7, "sum to"),
+        ([-5, 47], 6, 7, "negative"),
+        ("\x7f\x7f", 6, 7, "invalid character"),
+        ("o", 6, 7, "middle of a number"),  # continuation bit set on the last character
+        ("o" * 14 + "0", 6, 7, "too large"),
+    ]
+    for counts, h, w, msg in bad:
+        with pytest.raises(ValueError, match=msg):
+            M.validate_rle_counts(counts, h, w)
+        with pytest.raises(ValueError, match=msg):
+            M.rle_to_mask({"size": [h, w], "counts": counts})
+
+
 def test_boxes_and_stability_match_reference():
     from reference import load_reference
 
