@@ -404,7 +404,27 @@ class SamAutomaticMaskGenerator:
             image = load_image(image)
         if min(image.shape[:2]) < 1:
             raise ValueError(f"image is empty: shape {image.shape}")
-        data = self._generate_masks(image)
+        return self._records(self._generate_masks(image.shape[:2], image))
+
+    @torch.no_grad()
+    def generate_from_embedding(self) -> List[Dict[str, Any]]:
+        """``generate`` for the image the generator's predictor already holds, without embedding
+        it again: the same records as ``generate(image)`` when the predictor was given that image
+        (``set_image``, or ``set_embedding`` with its features).
+
+        For callers that keep embeddings (the annotation server): build the generator on that
+        predictor, ``SamAutomaticMaskGenerator(predictor, ...)``, and call this. Only the
+        full-image crop is possible (``crop_n_layers=0``): other crops need the pixels. The
+        predictor keeps its image (``generate`` resets it)."""
+        p = self.predictor
+        if not p.is_image_set:
+            raise RuntimeError("generate_from_embedding needs a predictor that holds an image: call set_image or set_embedding first")
+        if self.crop_n_layers:
+            raise ValueError("generate_from_embedding covers the full-image crop only (crop_n_layers=0); use generate(image) for crops")
+        return self._records(self._generate_masks(tuple(p.original_size), None))
+
+    def _records(self, data: Dict[str, Any]) -> List[Dict[str, Any]]:
+        """The generator's output records from the surviving masks."""
         masks = data["masks"]
         if self.min_mask_region_area > 0 and len(masks):
             data = self._postprocess_small_regions(data, self.min_mask_region_area, max(self.box_nms_thresh, self.crop_nms_thresh))
@@ -448,8 +468,9 @@ class SamAutomaticMaskGenerator:
             self._upscalers[key] = CellUpscaler(n_low, key[0], key[1], key[2])
         return self._upscalers[key]
 
-    def _generate_masks(self, image: np.ndarray) -> Dict[str, Any]:
-        orig_size = image.shape[:2]
+    def _generate_masks(self, orig_size: Tuple[int, int], image: Optional[np.ndarray]) -> Dict[str, Any]:
+        """Survivors of every crop. ``image`` None: the predictor already holds the whole image
+        (one crop, never re-embedded, never reset)."""
         crop_boxes, layer_idxs = generate_crop_boxes(orig_size, self.crop_n_layers, self.crop_overlap_ratio)
         crops = [self._process_crop(image, cb, li, orig_size) for cb, li in zip(crop_boxes, layer_idxs)]
         for i, c in enumerate(crops):
@@ -475,11 +496,14 @@ class SamAutomaticMaskGenerator:
         cat["masks"] = masks
         return cat
 
-    def _process_crop(self, image: np.ndarray, crop_box: List[int], layer_idx: int, orig_size) -> Dict[str, Any]:
+    def _process_crop(self, image: Optional[np.ndarray], crop_box: List[int], layer_idx: int, orig_size) -> Dict[str, Any]:
         x0, y0, x1, y1 = crop_box
-        cropped = image[y0:y1, x0:x1, :]
-        im_size = cropped.shape[:2]
-        self._set_crop_image(cropped)
+        if image is None:  # generate_from_embedding: the full-image crop, already embedded
+            im_size = (y1 - y0, x1 - x0)
+        else:
+            cropped = image[y0:y1, x0:x1, :]
+            im_size = cropped.shape[:2]
+            self._set_crop_image(cropped)
         up = self._upscaler()
         threshold = float(self.predictor.model.mask_threshold)
         points_all = self.point_grids[layer_idx] * np.array(im_size)[None, ::-1]
@@ -512,7 +536,8 @@ class SamAutomaticMaskGenerator:
                 low, iou, pts, stab, boxes = low[k], iou[k], pts[k], stab[k], boxes[k]
             for name, v in zip(("logits", "iou_preds", "points", "stability_score", "boxes"), (low.clone(), iou, pts, stab, boxes)):
                 parts[name].append(v)
-        self.predictor.reset_image()
+        if image is not None:
+            self.predictor.reset_image()
         d = {k: torch.cat(v) for k, v in parts.items()}
         keep = M.nms(d["boxes"].float(), d["iou_preds"], self.box_nms_thresh)
         d = {k: v[keep] for k, v in d.items()}

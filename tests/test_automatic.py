@@ -140,6 +140,43 @@ def test_generator_matches_reference(models, name):
     assert [r["predicted_iou"] for r in a] == pytest.approx([r["predicted_iou"] for r in b], abs=1e-4)
 
 
+@pytest.mark.parametrize("output_mode", ["coco_rle", "binary_mask"])
+def test_generate_from_embedding_equals_generate(models, output_mode):
+    """On a predictor that already holds the image, ``generate_from_embedding`` gives exactly the
+    records of a fresh ``generate`` on that image, and leaves the predictor's image in place."""
+    from segany.predictor import SamPredictor
+
+    ours = models[0]
+    img = _image(90, 130, seed=5)
+    kw = dict(points_per_side=8, pred_iou_thresh=-5.0, stability_score_thresh=0.5, box_nms_thresh=1.0, min_mask_region_area=20, output_mode=output_mode)
+    p = SamPredictor(ours)
+    gen = SamAutomaticMaskGenerator(p, **kw)
+    fresh = gen.generate(img)
+    assert len(fresh) >= 5 and not p.is_image_set
+    p.set_image(img)
+    features = p.features.clone()
+    again = gen.generate_from_embedding()
+    assert p.is_image_set and torch.equal(p.features, features)
+    # a predictor given only the embedding (as the server's cache holds it) gives the same too
+    q = SamPredictor(ours)
+    q.set_embedding(features, p.original_size, p.input_size)
+    other = SamAutomaticMaskGenerator(q, **kw).generate_from_embedding()
+    for recs in (again, other):
+        assert len(recs) == len(fresh)
+        for a, b in zip(recs, fresh):
+            assert set(a) == set(b)
+            for k in a:
+                if isinstance(a[k], np.ndarray):
+                    np.testing.assert_array_equal(a[k], b[k])
+                else:
+                    assert a[k] == b[k], k
+
+    with pytest.raises(RuntimeError, match="set_image"):
+        SamAutomaticMaskGenerator(SamPredictor(ours), points_per_side=2).generate_from_embedding()
+    with pytest.raises(ValueError, match="crop_n_layers"):
+        SamAutomaticMaskGenerator(p, points_per_side=2, crop_n_layers=1).generate_from_embedding()
+
+
 def test_generator_bad_arguments(models):
     ours = models[0]
     with pytest.raises(ValueError, match="Exactly one"):

@@ -22,6 +22,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ..automatic import SamAutomaticMaskGenerator
 from ..predictor import PromptError, SamPredictor, _check_in_image, _finite
 from . import rle as rle_utils
 from .storage import ImageRecord
@@ -225,7 +226,6 @@ class ModelService:
         """See ``_proposals``; runs on the model threads."""
         return self._pool.submit(self._proposals, entry, **kw).result()
 
-    @torch.no_grad()
     def _proposals(
         self,
         entry: Entry,
@@ -237,60 +237,34 @@ class ModelService:
         max_masks: int = 100,
         points_per_batch: int = 64,
     ) -> List[Dict[str, Any]]:
-        """Segment everything on the *cached* embedding: a point grid over the whole image, one
-        crop, candidates filtered by predicted IoU and stability (on the low-res logits), box NMS,
-        then upscaled and RLE-encoded. Sorted by predicted IoU."""
+        """Segment everything on the *cached* embedding: ``SamAutomaticMaskGenerator`` on the
+        entry's predictor (``generate_from_embedding``: one full-image crop, no re-embedding),
+        then masks smaller than ``min_area_fraction`` of the image dropped and at most
+        ``max_masks`` kept, by decreasing predicted IoU. Segmentations are COCO RLE with string
+        counts and bboxes pycocotools' XYWH, like the rest of the API."""
         with self._proposal_lock:
             with entry.lock:
                 p = entry.predictor
                 h, w = p.original_size
-                n = int(points_per_side)
-                offs = 1.0 / (2 * n)
-                g = np.linspace(offs, 1 - offs, n)
-                xy = np.stack(np.meshgrid(g * w, g * h), axis=-1).reshape(-1, 2)
-                thr = self.model.mask_threshold
-                lows, ious, pts = [], [], []
-                for s in range(0, len(xy), points_per_batch):
-                    batch = xy[s : s + points_per_batch]
-                    coords = torch.as_tensor(p.transform.apply_coords(batch, p.original_size), dtype=torch.float)[:, None, :]
-                    labels = torch.ones(len(batch), 1, dtype=torch.int)
-                    low, iou = p.decode(coords, labels, None, None, multimask_output=True)
-                    keep = iou.flatten() >= pred_iou_thresh
-                    low = low.flatten(0, 1)[keep]
-                    if len(low):
-                        inter = (low > thr + 1.0).sum((-1, -2)).float()
-                        union = (low > thr - 1.0).sum((-1, -2)).float().clamp(min=1)
-                        stab = inter / union
-                        ok = stab >= stability_score_thresh
-                        lows.append(low[ok])
-                        ious.append(torch.stack([iou.flatten()[keep][ok], stab[ok]], 1))
-                        pts.append(torch.as_tensor(np.repeat(batch, 3, axis=0))[keep.numpy()][ok.numpy()])
-                if not lows:
-                    return []
-                low = torch.cat(lows)
-                sc = torch.cat(ious)
-                pt = torch.cat(pts)
-                if len(low) == 0:
-                    return []
-                # boxes on the low-res grid, NMS by predicted IoU
-                m = low > thr
-                boxes = _mask_boxes(m)
-                order = _nms(boxes, sc[:, 0], box_nms_thresh)[: max_masks * 2]
-                full = _upscale_masks(p, low[order])
-        min_area = min_area_fraction * h * w
+                gen = SamAutomaticMaskGenerator(
+                    p, points_per_side=int(points_per_side), points_per_batch=int(points_per_batch),
+                    pred_iou_thresh=pred_iou_thresh, stability_score_thresh=stability_score_thresh,
+                    box_nms_thresh=box_nms_thresh, output_mode="coco_rle",
+                )
+                records = gen.generate_from_embedding()
+        records.sort(key=lambda r: -r["predicted_iou"])
+        min_area = max(1, min_area_fraction * h * w)
         results = []
-        for j, i in enumerate(order.tolist()):
-            mk = full[j]
-            area = int(mk.sum())
-            if area < max(1, min_area):
+        for r in records:
+            if r["area"] < min_area:
                 continue
-            seg = rle_utils.encode(mk)
+            seg = r["segmentation"]
             _, bbox = rle_utils.area_bbox(seg)
             results.append({
-                "segmentation": seg, "area": area, "bbox": bbox,
-                "predicted_iou": float(sc[i, 0]), "stability_score": float(sc[i, 1]),
-                "point_coords": [[float(pt[i, 0]), float(pt[i, 1])]],
-                "crop_box": [0.0, 0.0, float(w), float(h)],
+                "segmentation": seg, "area": r["area"], "bbox": bbox,
+                "predicted_iou": r["predicted_iou"], "stability_score": r["stability_score"],
+                "point_coords": [[float(x), float(y)] for x, y in r["point_coords"]],
+                "crop_box": [float(v) for v in r["crop_box"]],
             })
             if len(results) >= max_masks:
                 break
@@ -395,38 +369,3 @@ def _interp_block(x, ih, wh, iw, ww, y0, y1, x0, x1, thr) -> np.ndarray:
         o = o + band[:, iw[x0:x1, t]] * ww[x0:x1, t]
     return (o > thr).numpy()
 
-
-def _mask_boxes(m: torch.Tensor) -> torch.Tensor:
-    """(N, H, W) bool -> (N, 4) xyxy boxes (zeros for empty masks)."""
-    n, hh, ww = m.shape
-    cols = m.any(1)
-    rows = m.any(2)
-    xs = torch.arange(ww)
-    ys = torch.arange(hh)
-    x0 = torch.where(cols, xs, ww).min(1).values
-    x1 = torch.where(cols, xs, -1).max(1).values
-    y0 = torch.where(rows, ys, hh).min(1).values
-    y1 = torch.where(rows, ys, -1).max(1).values
-    empty = ~cols.any(1)
-    b = torch.stack([x0, y0, x1 + 1, y1 + 1], 1).float()
-    b[empty] = 0
-    return b
-
-
-def _nms(boxes: torch.Tensor, scores: torch.Tensor, thresh: float) -> torch.Tensor:
-    order = torch.argsort(scores, descending=True, stable=True)
-    b = boxes[order]
-    area = (b[:, 2] - b[:, 0]).clamp(min=0) * (b[:, 3] - b[:, 1]).clamp(min=0)
-    lt = torch.max(b[:, None, :2], b[None, :, :2])
-    rb = torch.min(b[:, None, 2:], b[None, :, 2:])
-    wh = (rb - lt).clamp(min=0)
-    inter = wh[..., 0] * wh[..., 1]
-    iou = inter / (area[:, None] + area[None, :] - inter).clamp(min=1e-6)
-    removed = torch.zeros(len(b), dtype=torch.bool)
-    keep = []
-    for i in range(len(b)):
-        if removed[i] or area[i] <= 0:
-            continue
-        keep.append(i)
-        removed |= iou[i] > thresh
-    return order[torch.as_tensor(keep, dtype=torch.long)]
