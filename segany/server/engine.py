@@ -226,32 +226,19 @@ class ModelService:
         """See ``_proposals``; runs on the model threads."""
         return self._pool.submit(self._proposals, entry, **kw).result()
 
-    def _proposals(
-        self,
-        entry: Entry,
-        points_per_side: int = 16,
-        pred_iou_thresh: float = 0.80,
-        stability_score_thresh: float = 0.85,
-        box_nms_thresh: float = 0.7,
-        min_area_fraction: float = 0.0005,
-        max_masks: int = 100,
-        points_per_batch: int = 64,
-    ) -> List[Dict[str, Any]]:
+    def _proposals(self, entry: Entry, max_masks: int = 100, min_area_fraction: float = 0.0005, **generator_kw) -> List[Dict[str, Any]]:
         """Segment everything on the *cached* embedding: ``SamAutomaticMaskGenerator`` on the
         entry's predictor (``generate_from_embedding``: one full-image crop, no re-embedding),
         then masks smaller than ``min_area_fraction`` of the image dropped and at most
-        ``max_masks`` kept, by decreasing predicted IoU. Segmentations are COCO RLE with string
-        counts and bboxes pycocotools' XYWH, like the rest of the API."""
+        ``max_masks`` kept, by decreasing predicted IoU. ``generator_kw`` are the generator's
+        arguments (points_per_side, pred_iou_thresh, ...; the API's defaults are those of
+        ``ProposalRequest``). Segmentations are COCO RLE with string counts and bboxes
+        pycocotools' XYWH, like the rest of the API."""
         with self._proposal_lock:
             with entry.lock:
                 p = entry.predictor
                 h, w = p.original_size
-                gen = SamAutomaticMaskGenerator(
-                    p, points_per_side=int(points_per_side), points_per_batch=int(points_per_batch),
-                    pred_iou_thresh=pred_iou_thresh, stability_score_thresh=stability_score_thresh,
-                    box_nms_thresh=box_nms_thresh, output_mode="coco_rle",
-                )
-                records = gen.generate_from_embedding()
+                records = SamAutomaticMaskGenerator(p, output_mode="coco_rle", **generator_kw).generate_from_embedding()
         records.sort(key=lambda r: -r["predicted_iou"])
         min_area = max(1, min_area_fraction * h * w)
         results = []
