@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from ..checkpoints import load_state_dict_strict, read_state_dict
 from ..datasets import Mixture, open_dataset, split
 from ..modeling.build import build_sam
 from ..modeling.sam import Sam
@@ -164,14 +165,13 @@ def build_model(cfg: TrainConfig) -> Sam:
         if cfg.init.endswith(".safetensors"):
             file_cfg, state, _ = read_safetensors(cfg.init)
             model_cfg = model_cfg or file_cfg
-        else:
-            state = torch.load(cfg.init, map_location="cpu", weights_only=True)
-            state = state.get("model", state)
+        else:  # official .pth or a state dict: weights only, never pickled code
+            state = read_state_dict(cfg.init)
     if not model_cfg:
         raise ValueError("no model config: give one or --init a .safetensors that holds one")
     model = build_sam(model_cfg)
     if state is not None:
-        model.load_state_dict(state, strict=True)
+        load_state_dict_strict(model, state, source=cfg.init)
     elif cfg.imagenet_backbone and model_cfg["encoder"]["type"] == "efficientnet":
         from ..modeling.efficientnet import load_imagenet_backbone
 
