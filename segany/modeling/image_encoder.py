@@ -30,6 +30,12 @@ _MLP_ROWS = 512  # tokens per MLP piece at inference
 _ATTN_CHUNK_ELEMS = 1 << 20  # attention scores per piece (4 MiB in float32)
 
 
+def _eager_inference() -> bool:
+    """True when the in-place, chunked inference path may run: no autograd, and not being traced
+    for export (ONNX/TorchScript must see the plain graph, not Python-side chunk loops)."""
+    return not (torch.is_grad_enabled() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export())
+
+
 class ImageEncoderViT(nn.Module):
     """(B, 3, img_size, img_size) normalised image -> (B, out_chans, img_size/patch, img_size/patch)."""
 
@@ -127,7 +133,7 @@ class Block(nn.Module):
         self.window_size = window_size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.is_grad_enabled():
+        if not _eager_inference():
             x = x + self.attn(self.norm1(x), self.window_size)
             return x + self.mlp(self.norm2(x))
         # Inference: residual adds in place on the fresh attention output, and the MLP over pieces
@@ -169,7 +175,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, window_size: int = 0) -> torch.Tensor:
         B, H, W, C = x.shape
         qkv = self.qkv(x)  # (B, H, W, 3C)
-        if window_size > 0 and not torch.is_grad_enabled():
+        if window_size > 0 and _eager_inference():
             # Inference: pad + partition as one row gather (and unpartition + crop as another)
             # instead of a padded copy, a permuted copy, and two more copies on the way back.
             gather, scatter, pad_rows = _window_indices(H, W, window_size, str(qkv.device))
@@ -216,7 +222,9 @@ class Attention(nn.Module):
         if not self.use_rel_pos:
             out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)
             return out.transpose(1, 2).reshape(B, h, w, -1)
-        if torch.is_grad_enabled() and (q.requires_grad or self.rel_pos_h.requires_grad):
+        if not _eager_inference() and (
+            torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or q.requires_grad or self.rel_pos_h.requires_grad
+        ):
             return self._attend_sdpa(q, k, v, h, w)
         Rh = get_rel_pos(h, h, self.rel_pos_h).to(q.dtype)  # (h, h, hd)
         Rw = get_rel_pos(w, w, self.rel_pos_w).to(q.dtype)  # (w, w, hd)
