@@ -186,18 +186,12 @@ class OnnxPredictor(SamPredictor):
         self.decoder_session = _session(dec, threads)
         self._dec_inputs = {i.name for i in self.decoder_session.get_inputs()}
 
-    @torch.no_grad()
-    def set_torch_image(self, transformed_image: torch.Tensor, original_image_size: Tuple[int, ...]) -> None:
-        size = self.model.image_encoder.img_size
-        if not (transformed_image.ndim == 4 and transformed_image.shape[1] == 3 and max(*transformed_image.shape[2:]) == size):
-            raise ValueError(f"set_torch_image input must be BCHW with long side {size}, got {tuple(transformed_image.shape)}")
-        self.reset_image()
-        self.original_size = tuple(int(s) for s in original_image_size)
-        self.input_size = tuple(int(s) for s in transformed_image.shape[-2:])
-        x = self.model.preprocess(transformed_image.to(self.device).float()).cpu().numpy()
-        (emb,) = self.encoder_session.run(["image_embeddings"], {"image": x})
-        self.features = torch.from_numpy(emb)
-        self.is_image_set = True
+    def _encode(self, input_image: torch.Tensor) -> torch.Tensor:
+        (emb,) = self.encoder_session.run(["image_embeddings"], {"image": input_image.cpu().numpy()})
+        return torch.from_numpy(emb)
+
+    def _get_decoder_cache(self):
+        return None  # the ONNX decoder runs whole; the torch fast path's per-image cache is unused
 
     def decode(self, point_coords, point_labels, boxes=None, mask_input=None, multimask_output=True):
         coords, labels = [], []

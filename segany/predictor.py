@@ -164,12 +164,15 @@ class SamPredictor:
         self.reset_image()
         self.original_size = tuple(int(s) for s in original_image_size)
         self.input_size = tuple(int(s) for s in transformed_image.shape[-2:])
-        input_image = self.model.preprocess(transformed_image.to(self.device))
-        encoder_dtype = next(self.model.image_encoder.parameters()).dtype
-        features = self.model.image_encoder(input_image.to(encoder_dtype))
-        self.features = features.float()
+        self.features = self._encode(self.model.preprocess(transformed_image.to(self.device).float()))
         self.is_image_set = True
         self._get_decoder_cache()
+
+    def _encode(self, input_image: torch.Tensor) -> torch.Tensor:
+        """(1, 3, S, S) normalised, padded image -> (1, C, h, w) float32 embedding. Other backends
+        (ONNX Runtime) override this and nothing else of ``set_torch_image``."""
+        encoder_dtype = next(self.model.image_encoder.parameters()).dtype
+        return self.model.image_encoder(input_image.to(encoder_dtype)).float()
 
     def set_embedding(self, features: torch.Tensor, original_size: Sequence[int], input_size: Sequence[int]) -> None:
         """Use a precomputed image embedding (1, C, h, w) instead of running the encoder."""
