@@ -88,6 +88,7 @@ def main() -> int:
     args = ap.parse_args()
 
     import httpx
+    from segany.server import wait_until_serving
 
     w, h = (int(v) for v in args.size.lower().split("x"))
     ckpt = args.checkpoint
@@ -137,18 +138,10 @@ def main() -> int:
     url = f"http://127.0.0.1:{port}"
     result = {"model": model_desc, "image_size": [w, h] if not args.photos else f"photos from {args.photos}", "images": len(ids)}
     try:
-        t0 = time.time()
-        while True:
-            try:
-                if httpx.get(url + "/api/info", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if proc.poll() is not None:
-                raise SystemExit("server exited")
-            if time.time() - t0 > 120:
-                raise SystemExit("server did not start")
-            time.sleep(0.2)
+        try:
+            wait_until_serving(url, proc, timeout=120, poll=0.2)
+        except RuntimeError as e:
+            raise SystemExit(str(e)) from None
         cl = httpx.Client(base_url=url, timeout=120)
         t_emb = []
         for iid in ids:

@@ -26,6 +26,7 @@ from pycocotools import mask as mask_utils  # noqa: E402
 from segany.modeling.build import build_sam  # noqa: E402
 from segany.predictor import SamPredictor  # noqa: E402
 from segany.server.app import create_app  # noqa: E402
+from segany.server import wait_until_serving  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -482,16 +483,11 @@ def test_serve_command_and_kill_keeps_annotations(dataset, model, tmp_path):
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        t0 = time.time()
-        while True:
-            try:
-                if httpx.get(url + "/api/info", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert proc.poll() is None, proc.stdout.read().decode()
-            assert time.time() - t0 < 60, "server did not start"
-            time.sleep(0.1)
+        try:
+            wait_until_serving(url, proc, timeout=60)
+        except RuntimeError as e:
+            out = proc.stdout.read().decode() if proc.poll() is not None else ""
+            pytest.fail(f"{e}\n{out}")
         assert httpx.get(url + "/api/info").json()["model"] == "custom"
         r = httpx.post(url + "/api/predict/a.png", json={"points": [[30, 20]], "labels": [1]}, timeout=60)
         assert r.status_code == 200, r.text
@@ -527,3 +523,16 @@ def test_serve_command_and_kill_keeps_annotations(dataset, model, tmp_path):
     n = int(data["annotations"][0]["label"][1:])
     assert n >= versions[-1] and len(data["annotations"]) == n % 5 + 1
     assert all(a["label"] == f"v{n}" for a in data["annotations"])
+
+
+def test_wait_until_serving_reports_a_dead_server_or_a_timeout():
+    """Scripts waiting for `segany serve` get a clear error instead of hanging."""
+    dead = subprocess.Popen([sys.executable, "-c", "raise SystemExit(3)"])
+    dead.wait()
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(RuntimeError, match="exited with code 3"):
+        wait_until_serving(f"http://127.0.0.1:{port}", dead, timeout=5)
+    with pytest.raises(RuntimeError, match="did not answer"):
+        wait_until_serving(f"http://127.0.0.1:{port}", None, timeout=0.3)
