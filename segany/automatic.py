@@ -161,6 +161,7 @@ class CellUpscaler:
         self.cols.build(self.S)
         self.cell_valid = (self.rows.size > 0)[:, None] & (self.cols.size > 0)[None, :]
         self.cell_area = self.rows.size[:, None] * self.cols.size[None, :]  # (n, n) int64
+        self._area_f64 = (self.cell_area * self.cell_valid).flatten().to(torch.float64)
         self.max_cells = max_cells
         # a mask whose contour cells cover more than this fraction of the image is computed by
         # the direct (chunked) upscale: per pixel it is cheaper than the cell gathers
@@ -173,12 +174,35 @@ class CellUpscaler:
     def _window_bounds(self, L: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Per cell, lower and upper bounds of every computed value of its pixels: the window's
         min and max, widened by a float32 rounding margin."""
-        S = self.S
-        x = F.pad(L[:, None], (0, S - 1, 0, S - 1), mode="replicate")
-        mx = F.max_pool2d(x, S, stride=1)[:, 0]
-        mn = -F.max_pool2d(-x, S, stride=1)[:, 0]
+        x = self._pad(L)
+        n = L.shape[-1]
+        # separable sliding max/min as S - 1 shifted elementwise passes per axis (several times
+        # faster than max_pool2d with stride 1 on CPU)
+        mx = mn = x
+        for f in (torch.maximum, torch.minimum):
+            y = x[:, :, : n]
+            for s in range(1, self.S):
+                y = f(y, x[:, :, s : s + n])
+            z = y[:, : n]
+            for s in range(1, self.S):
+                z = f(z, y[:, s : s + n])
+            if f is torch.maximum:
+                mx = z
+            else:
+                mn = z
         margin = torch.maximum(mx.abs(), mn.abs()) * 1e-5 + 1e-30
         return mn - margin, mx + margin
+
+    def _area_sum(self, cells: torch.Tensor) -> torch.Tensor:
+        """(B, n, n) bool cell selections -> (B,) int64 total pixel area, as one GEMV (exact:
+        float64 holds every count)."""
+        B = cells.shape[0]
+        return (cells.reshape(B, -1).to(torch.float64) @ self._area_f64).round().to(torch.int64)
+
+    @staticmethod
+    def _count(m: torch.Tensor) -> torch.Tensor:
+        """(b, H, W) bool -> (b,) int32 number of True (a byte sum: ~2x faster than bool sum)."""
+        return m.view(torch.uint8).sum((1, 2), dtype=torch.int32)
 
     def _pad(self, L: torch.Tensor) -> torch.Tensor:
         return F.pad(L[:, None], (0, self.S - 1, 0, self.S - 1), mode="replicate")[:, 0]
@@ -238,8 +262,8 @@ class CellUpscaler:
         area = self.cell_area
         pos = [(lo > t) & cv for t in taus]  # every pixel of the cell is above t
         crossing = [~p & (hi > t) & cv for t, p in zip(taus, pos)]  # some may be
-        pos_n = [(p * area).sum((1, 2)) for p in pos]
-        cross_n = [(c * area).sum((1, 2)) for c in crossing]
+        pos_n = [self._area_sum(p) for p in pos[:2]]
+        cross_n = [self._area_sum(crossing[0])]
 
         stability = torch.full((B,), float("nan"))
         boxes = torch.zeros(B, 4, dtype=torch.int64)
@@ -250,7 +274,7 @@ class CellUpscaler:
             stability[pruned] = bound[pruned]
             todo &= ~pruned
         any_cross = crossing[0] | crossing[1] | crossing[2]
-        frac = (any_cross * area).sum((1, 2)).double() / float(H * W)
+        frac = self._area_sum(any_cross).double() / float(H * W)
         dense = todo & (frac > self.dense_fraction)
         sparse = todo & ~dense
         self.last_split = (int((~todo).sum()), int(sparse.sum()), int(dense.sum()))
@@ -261,9 +285,9 @@ class CellUpscaler:
         for s in range(0, len(di), self.chunk):
             ix = di[s : s + self.chunk]
             v = self.full(L[ix])
-            inter = (v > taus[0]).sum((1, 2))
-            union = (v > taus[1]).sum((1, 2))
-            stability[ix] = inter.to(torch.int32) / union.to(torch.int32)
+            inter = self._count(v > taus[0])
+            union = self._count(v > taus[1])
+            stability[ix] = inter / union
             m = v > taus[2]
             del v
             ra, ca = m.any(2), m.any(1)
@@ -281,7 +305,7 @@ class CellUpscaler:
             n = len(si)
             ac = any_cross[si]
             # certain cells not evaluated pixel by pixel (those crossing another threshold are)
-            counts = [((pos[i][si] & ~ac) * area).sum((1, 2)) for i in range(2)]
+            counts = [self._area_sum(pos[i][si] & ~ac) for i in range(2)]
             cert = pos[2][si]
             rows_any, cols_any = cert.any(2), cert.any(1)
             r_start, r_end = self.rows.start, self.rows.start + self.rows.size - 1
@@ -516,16 +540,21 @@ class SamAutomaticMaskGenerator:
             in_labels = torch.ones(in_points.shape[0], dtype=torch.int, device=in_points.device)
             # the decoder's per-prompt activations (~8 MB a prompt at SAM's sizes) are decoded a
             # few prompts at a time; the results do not depend on this split
+            # masks that fail pred_iou_thresh are never upscaled (the IoU head comes first)
+            thresh = self.pred_iou_thresh if self.pred_iou_thresh > 0.0 else None
             lows, ious = [], []
             for d in range(0, len(in_points), self.decode_batch):
-                lo, io = self.predictor.decode(in_points[d : d + self.decode_batch, None, :], in_labels[d : d + self.decode_batch, None], multimask_output=True)
-                lows.append(lo.flatten(0, 1).cpu())
+                lo, io = self.predictor.decode(
+                    in_points[d : d + self.decode_batch, None, :], in_labels[d : d + self.decode_batch, None],
+                    multimask_output=True, iou_thresh=thresh,
+                )
+                lows.append(lo.flatten(0, 1).cpu() if thresh is None else lo.cpu())
                 ious.append(io.flatten(0, 1).cpu())
             low, iou = torch.cat(lows), torch.cat(ious)
             pts = torch.as_tensor(points.repeat(3, axis=0))
-            if self.pred_iou_thresh > 0.0:
-                k = iou > self.pred_iou_thresh
-                low, iou, pts = low[k], iou[k], pts[k]
+            if thresh is not None:
+                k = iou > thresh
+                iou, pts = iou[k], pts[k]
             min_stab = self.stability_score_thresh if self.stability_score_thresh > 0.0 else None
             stab, boxes = up.stats(low, threshold, self.stability_score_offset, min_stability=min_stab)
             if self.stability_score_thresh > 0.0:

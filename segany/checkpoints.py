@@ -40,13 +40,13 @@ def _vit(embed_dim: int, depth: int, num_heads: int, global_attn: tuple) -> Dict
     }
 
 
-# The bundled ``tiny`` model: EfficientNet-Lite0 + FPN neck at stride 8, SAM's prompt encoder and
-# mask decoder at width 128, 512 px input (64x64 image embedding). Its weights file carries this
+# The bundled ``tiny`` model: EfficientNet-Lite0 + FPN neck at stride 16, SAM's prompt encoder and
+# mask decoder at width 128, 512 px input (32x32 image embedding, 128x128 low-res masks). Its weights file carries this
 # config in its metadata, which wins when loading; this copy builds fresh models for training.
 TINY_CONFIG: Dict[str, Any] = {
     "image_size": 512,
     "prompt_embed_dim": 128,
-    "encoder": {"type": "efficientnet", "stride": 8, "neck_depth": 1},
+    "encoder": {"type": "efficientnet", "stride": 16, "neck_depth": 1},
     "decoder": {"depth": 2, "mlp_dim": 1024, "num_heads": 8, "iou_head_hidden_dim": 256},
 }
 

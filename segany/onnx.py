@@ -193,7 +193,7 @@ class OnnxPredictor(SamPredictor):
     def _get_decoder_cache(self):
         return None  # the ONNX decoder runs whole; the torch fast path's per-image cache is unused
 
-    def decode(self, point_coords, point_labels, boxes=None, mask_input=None, multimask_output=True):
+    def decode(self, point_coords, point_labels, boxes=None, mask_input=None, multimask_output=True, iou_thresh=None):
         coords, labels = [], []
         bs = next((t.shape[0] for t in (point_coords, boxes, mask_input) if t is not None), 1)
         if point_coords is not None:
@@ -220,7 +220,10 @@ class OnnxPredictor(SamPredictor):
             feed["orig_im_size"] = np.array(self.original_size, np.float32)
         iou, low = self.decoder_session.run(["iou_predictions", "low_res_masks"], feed)
         sl = slice(1, None) if multimask_output else slice(0, 1)
-        return torch.from_numpy(low[:, sl]).to(self.device), torch.from_numpy(iou[:, sl]).to(self.device)
+        low, iou = torch.from_numpy(low[:, sl]).to(self.device), torch.from_numpy(iou[:, sl]).to(self.device)
+        if iou_thresh is not None:  # same contract as SamPredictor.decode: only the kept masks
+            low = low[iou > iou_thresh]
+        return low, iou
 
 
 # ------------------------------------------------------------------------------------ CLI

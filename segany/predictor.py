@@ -277,8 +277,12 @@ class SamPredictor:
         boxes: Optional[torch.Tensor] = None,
         mask_input: Optional[torch.Tensor] = None,
         multimask_output: bool = True,
+        iou_thresh: Optional[float] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
-        """Prompt encoder + mask decoder only: low-res logits (B, C, 4h, 4w) and iou (B, C)."""
+        """Prompt encoder + mask decoder only: low-res logits (B, C, 4h, 4w) and iou (B, C).
+
+        With ``iou_thresh``, only the masks with predicted IoU above it are upscaled and returned,
+        as (K, 4h, 4w) in (prompt, mask) order (see ``predict_masks_fast``)."""
         points = (point_coords, point_labels) if point_coords is not None else None
         pe = self.model.prompt_encoder
         with torch.no_grad():
@@ -286,7 +290,8 @@ class SamPredictor:
             if mask_input is None:
                 # Prompt-independent decoder work is done once per image (see fast_decoder).
                 return predict_masks_fast(
-                    self.model.mask_decoder, sparse, self._get_decoder_cache(), multimask_output=multimask_output
+                    self.model.mask_decoder, sparse, self._get_decoder_cache(), multimask_output=multimask_output,
+                    iou_thresh=iou_thresh,
                 )
             return predict_masks_fast(
                 self.model.mask_decoder,
@@ -295,6 +300,7 @@ class SamPredictor:
                 image_pe=pe.get_dense_pe(),
                 dense_prompt_embeddings=dense,
                 multimask_output=multimask_output,
+                iou_thresh=iou_thresh,
             )
 
     def _get_decoder_cache(self):

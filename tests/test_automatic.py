@@ -140,6 +140,32 @@ def test_generator_matches_reference(models, name):
     assert [r["predicted_iou"] for r in a] == pytest.approx([r["predicted_iou"] for r in b], abs=1e-4)
 
 
+def test_pred_iou_filter_matches_reference(models):
+    """A pred_iou_thresh that drops about half of the masks: segany never upscales the dropped
+    ones (the IoU head runs first), and the survivors are still the reference's."""
+    import copy
+
+    ours, ref = (copy.deepcopy(m) for m in models[:2])
+    sa = models[2]
+    h, w = 90, 130
+    img = _image(h, w, seed=11)
+    kw = dict(points_per_side=8, stability_score_thresh=0.5, box_nms_thresh=1.0)
+    everything = sa.SamAutomaticMaskGenerator(ref, pred_iou_thresh=-5.0, **kw).generate(img)
+    ious = np.array([r["predicted_iou"] for r in everything])
+    # the reference filters only with a positive threshold: shift the IoU head's output (same
+    # change on both models) so that the median prediction is 0.5
+    shift = 0.5 - float(np.median(ious))
+    with torch.no_grad():
+        for m in (ours, ref):
+            m.mask_decoder.iou_prediction_head.layers[-1].bias += shift
+    thresh = 0.5
+    everything = sa.SamAutomaticMaskGenerator(ref, pred_iou_thresh=-5.0, **kw).generate(img)
+    a = SamAutomaticMaskGenerator(ours, pred_iou_thresh=thresh, **kw).generate(img)
+    b = sa.SamAutomaticMaskGenerator(ref, pred_iou_thresh=thresh, **kw).generate(img)
+    assert 5 <= len(b) < len(everything)
+    _match(a, b, h, w)
+
+
 @pytest.mark.parametrize("output_mode", ["coco_rle", "binary_mask"])
 def test_generate_from_embedding_equals_generate(models, output_mode):
     """On a predictor that already holds the image, ``generate_from_embedding`` gives exactly the

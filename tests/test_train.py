@@ -66,6 +66,46 @@ def test_encoder_shapes_and_frozen_batchnorm():
     assert torch.equal(before, enc._bn0.running_mean)
 
 
+def test_encoder_stride_16_fuses_all_scales():
+    """The bundled model's stride-16 neck: (B, C, S/16, S/16), and the stride-8 features reach it
+    (through the 2x2 stride-2 lateral conv), so a change confined to one 8x8 patch shows up."""
+    enc = EfficientNetEncoder(img_size=128, out_chans=48, stride=16).eval()
+    x = torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        y = enc(x)
+        enc.lateral[0].weight.zero_()
+        y_no_fine = enc(x)
+    assert y.shape == (1, 48, 8, 8)
+    assert not torch.allclose(y, y_no_fine)
+    with pytest.raises(ValueError, match="stride"):
+        EfficientNetEncoder(img_size=128, out_chans=48, stride=4)
+    sam = build_sam({**TINY, "image_size": 128, "encoder": {"type": "efficientnet", "stride": 16, "neck_depth": 1}})
+    assert sam.prompt_encoder.image_embedding_size == (8, 8)
+
+
+@pytest.mark.parametrize("mask_drop", [0.0, 1.0])
+def test_mask_drop_withholds_previous_logits(mask_drop):
+    from segany.train.loop import object_step
+
+    model = build_sam(TINY).train()
+    seen = []
+    forward = model.prompt_encoder.forward
+
+    def recording(points, boxes, masks):
+        seen.append(masks is not None)
+        return forward(points, boxes, masks)
+
+    model.prompt_encoder.forward = recording
+    cfg = TrainConfig(model=TINY, iters=4, grad_iters=2, mask_drop=mask_drop)
+    gt = torch.zeros(2, 32, 32)  # the decoder's low resolution for TINY
+    gt[:, 5:20, 10:25] = 1
+    emb = model.image_encoder(model.preprocess(torch.rand(3, 64, 64) * 255)[None])
+    loss, _ = object_step(model, emb, gt, torch.ones(1, 32, 32), cfg, np.random.default_rng(0), torch.Generator().manual_seed(0))
+    loss.backward()
+    assert len(seen) == 4 and seen[0] is False  # the first pass never has a mask prompt
+    assert seen[1:] == ([False] * 3 if mask_drop == 1.0 else [True] * 3)
+
+
 def test_imagenet_keys_match_backbone():
     """Every backbone tensor has the key and shape of the efficientnet-pytorch Lite0 layout."""
     enc = EfficientNetEncoder(img_size=64, out_chans=16)
@@ -158,7 +198,7 @@ def test_tiny_training_run_learns(tmp_path):
     out = str(tmp_path / "run")
     cfg = TrainConfig(
         data=[data], out=out, model=TINY, imagenet_backbone=False, steps=400, objects_per_image=3,
-        iters=3, grad_iters=2, focal_weight=5.0, focal_alpha=0.5, lr=1e-3, backbone_lr_mult=1.0,
+        iters=3, grad_iters=2, focal_weight=2.0, focal_alpha=0.5, focal_gamma=0.0, lr=1e-3, backbone_lr_mult=1.0,
         warmup_steps=20, val_every=1000, val_images=24, val_objects=3, ckpt_every_s=1e9, progress=False, seed=0,
     )
     result = train(cfg)

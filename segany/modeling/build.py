@@ -75,7 +75,8 @@ def build_sam(config: Dict[str, Any]) -> Sam:
     enc_type = enc.pop("type")
     if enc_type not in ENCODERS:
         raise ValueError(f"unknown image encoder type {enc_type!r}; known: {sorted(ENCODERS)}")
-    enc.pop("stride", None)
+    if enc_type != "efficientnet":  # the ViTs' stride follows from their patch size
+        enc.pop("stride", None)
     image_encoder = ENCODERS[enc_type](image_size, dim, **enc)
     grid = embedding_size(config)
     dec = config.get("decoder", {})

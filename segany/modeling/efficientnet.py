@@ -6,8 +6,9 @@ Backbone: EfficientNet-Lite0 (Tan & Le 2019, "Lite" variant: ReLU6, no squeeze-e
 (see :func:`load_imagenet_backbone`). The 1280-channel head and classifier are not used.
 
 Neck: stride-8/16/32 features (40/112/320 channels) are projected to ``out_chans``, fused top-down
-(FPN), refined by a 3x3 conv and normalised with LayerNorm2d, giving a (B, out_chans, S/8, S/8)
-image embedding (64x64 for a 512 input).
+(FPN) at the output stride (8 or 16; at 16 the stride-8 features enter through a 2x2 stride-2
+conv), refined by a 3x3 conv and normalised with LayerNorm2d, giving a (B, out_chans, S/stride,
+S/stride) image embedding (32x32 for the bundled model's 512 input at stride 16).
 
 BatchNorm layers of the backbone always run with their stored statistics (eval mode), also in
 training: SAM-style batches hold one or two images, too few for batch statistics.
@@ -63,9 +64,12 @@ class MBConv(nn.Module):
 class EfficientNetEncoder(nn.Module):
     """(B, 3, img_size, img_size) normalised image -> (B, out_chans, img_size/8, img_size/8)."""
 
-    def __init__(self, img_size: int = 512, out_chans: int = 256, neck_depth: int = 1) -> None:
+    def __init__(self, img_size: int = 512, out_chans: int = 256, neck_depth: int = 1, stride: int = 8) -> None:
         super().__init__()
+        if stride not in (8, 16):
+            raise ValueError(f"efficientnet encoder: output stride must be 8 or 16, got {stride}")
         self.img_size = img_size
+        self.out_stride = stride
         self._conv_stem = nn.Conv2d(3, 32, 3, 2, 1, bias=False)
         self._bn0 = nn.BatchNorm2d(32, eps=BN_EPS)
         blocks: List[nn.Module] = []
@@ -81,7 +85,10 @@ class EfficientNetEncoder(nn.Module):
         self.taps = [max(i for i, st in enumerate(strides) if st == want) for want in (8, 16, 32)]
         tap_channels = [blocks[i]._project_conv.out_channels for i in self.taps]
         self._blocks = nn.ModuleList(blocks)
-        self.lateral = nn.ModuleList(nn.Conv2d(c, out_chans, 1) for c in tap_channels)
+        lateral = [nn.Conv2d(c, out_chans, 1) for c in tap_channels]
+        if stride == 16:  # finer features are folded in, not upsampled to
+            lateral[0] = nn.Conv2d(tap_channels[0], out_chans, 2, stride=2)
+        self.lateral = nn.ModuleList(lateral)
         neck: List[nn.Module] = []
         for _ in range(neck_depth):
             neck += [nn.Conv2d(out_chans, out_chans, 3, padding=1, bias=False), LayerNorm2d(out_chans), nn.GELU()]
@@ -118,10 +125,11 @@ class EfficientNetEncoder(nn.Module):
             x = block(x)
             if i in self.taps:
                 feats.append(x)
-        # Top-down fusion: stride 32 -> 16 -> 8.
+        # Top-down fusion: stride 32 -> 16 (-> 8).
         y = self.lateral[-1](feats[-1])
         for lat, f in zip(reversed(self.lateral[:-1]), reversed(feats[:-1])):
-            y = F.interpolate(y, size=f.shape[-2:], mode="bilinear", align_corners=False) + lat(f)
+            f = lat(f)
+            y = F.interpolate(y, size=f.shape[-2:], mode="bilinear", align_corners=False) + f
         return self.neck(y).contiguous()
 
 

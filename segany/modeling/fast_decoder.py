@@ -161,11 +161,17 @@ def predict_masks_fast(
     image_pe: Optional[Tensor] = None,
     dense_prompt_embeddings: Optional[Tensor] = None,
     multimask_output: bool = True,
+    iou_thresh: Optional[float] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Same outputs as ``decoder(image_embeddings, image_pe, sparse, dense, multimask_output)``.
 
     Give either ``cache`` (no mask input) or ``image_embeddings``/``image_pe``/
-    ``dense_prompt_embeddings`` (any dense input, e.g. a mask prompt)."""
+    ``dense_prompt_embeddings`` (any dense input, e.g. a mask prompt).
+
+    With ``iou_thresh`` only the masks whose predicted IoU is above it are upscaled (the IoU head
+    runs before the output upscaling, which is half the decoder's work): returns masks (K, 4h, 4w)
+    of those K masks in (prompt, mask) order, and the full iou (B, M); ``iou > iou_thresh`` says
+    which they are."""
     tf = decoder.transformer
     tokens0 = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
     B = sparse_prompt_embeddings.shape[0]
@@ -211,8 +217,14 @@ def predict_masks_fast(
     idx = range(decoder.num_mask_tokens)[sl]
     iou_pred = decoder.iou_prediction_head(queries[:, 0, :])[:, sl]
     hyper_in = torch.stack([decoder.output_hypernetworks_mlps[j](queries[:, 1 + j, :]) for j in idx], dim=1)
-    masks = _upscale_masks(decoder, keys, hyper_in, h, w)
-    return masks, iou_pred
+    if iou_thresh is None:
+        return _upscale_masks(decoder, keys, hyper_in, h, w), iou_pred
+    keep = iou_pred > iou_thresh  # (B, M)
+    rows = keep.any(1).nonzero().flatten()
+    if len(rows) == 0:
+        return keys.new_zeros(0, 4 * h, 4 * w), iou_pred
+    masks = _upscale_masks(decoder, keys[rows].contiguous(), hyper_in[rows], h, w)  # (R, M, 4h, 4w)
+    return masks[keep[rows]], iou_pred
 
 
 def _upscale_masks(decoder: MaskDecoder, keys: Tensor, hyper_in: Tensor, h: int, w: int, rows_per_chunk: int = 8) -> Tensor:

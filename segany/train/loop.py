@@ -48,8 +48,11 @@ class TrainConfig:
     iters: int = 11  # decoder passes per object (paper: 1 + 8 points + 2 without new point)
     grad_iters: int = 2  # passes that get a loss (the first + random later ones)
     p_box: float = 0.5  # probability that the first prompt is a noisy box
+    mask_drop: float = 0.0  # probability that a later pass gets its points without the previous logits
     focal_weight: float = 20.0  # paper: 20 x focal + 1 x dice
     focal_alpha: float = 0.25
+    focal_gamma: float = 2.0  # 0 with alpha 0.5 and weight 2: plain binary cross-entropy
+    min_object_area: int = 100  # objects smaller than this (pixels in the model frame) are not trained on
     lr: float = 4e-4
     backbone_lr_mult: float = 0.25  # pretrained encoder backbone learns slower
     weight_decay: float = 0.05
@@ -112,8 +115,9 @@ def object_step(model: Sam, emb: torch.Tensor, gt: torch.Tensor, valid: torch.Te
     n = max(1, cfg.iters)
     later = rng.permutation(np.arange(1, n))[: max(0, cfg.grad_iters - 1)]
     grad_iters = {0} | set(int(i) for i in later)
-    # two passes get no new point (the paper's 8 + 2): the last one and a random earlier one
-    no_point = {n - 2} | ({int(rng.integers(0, n - 2))} if n > 2 else set())  # add nothing after these
+    # in long chains two passes get no new point (the paper's 8 + 2 of 11): the last one and a
+    # random earlier one; short chains (CPU budgets) spend every pass on a corrective click
+    no_point = {n - 2, int(rng.integers(0, n - 2))} if n >= 6 else set()  # add nothing after these
     box = None
     pts = torch.zeros((k, 0, 2), device=gt.device)
     lbl = torch.zeros((k, 0), dtype=torch.long, device=gt.device)
@@ -124,11 +128,14 @@ def object_step(model: Sam, emb: torch.Tensor, gt: torch.Tensor, valid: torch.Te
         pts, lbl = (xy * scale + (scale - 1) / 2)[:, None], torch.ones((k, 1), dtype=torch.long, device=gt.device)
 
     mask_in, total, stats = None, 0.0, {}
-    lw = dict(focal_weight=cfg.focal_weight, focal_alpha=cfg.focal_alpha)
+    lw = dict(focal_weight=cfg.focal_weight, focal_alpha=cfg.focal_alpha, focal_gamma=cfg.focal_gamma)
     for t in range(n):
         with torch.set_grad_enabled(t in grad_iters and torch.is_grad_enabled()):
             points = (pts, lbl) if pts.shape[1] else None
-            sparse, dense = model.prompt_encoder(points=points, boxes=box, masks=mask_in)
+            # dropping the mask prompt now and then keeps the model from learning to copy it and
+            # ignore the new click (seen as flat mIoU over clicks without it)
+            use_mask = None if (mask_in is not None and cfg.mask_drop > 0 and rng.random() < cfg.mask_drop) else mask_in
+            sparse, dense = model.prompt_encoder(points=points, boxes=box, masks=use_mask)
             logits, iou = model.mask_decoder.predict_masks(emb, pe, sparse, dense)  # (K, 4, L, L), (K, 4)
             if t == 0:  # one prompt: ambiguous, best of the 3 multimask outputs; token 0 too
                 loss_m, best, actual = sam_loss(logits[:, 1:], iou[:, 1:], gt4, valid4, **lw)
@@ -309,7 +316,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         while n_img < cfg.images_per_step:
             sample = A.as_arrays(*mix.sample(rng))
             other = A.as_arrays(*mix.sample(rng)) if rng.random() < 0.25 else None
-            sample = A.augment(sample, size, rng, other)
+            sample = A.augment(sample, size, rng, other, min_area=cfg.min_object_area)
             if len(sample[1]) == 0:
                 continue
             pick = rng.permutation(len(sample[1]))[: cfg.objects_per_image]

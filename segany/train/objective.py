@@ -91,13 +91,14 @@ def mask_iou(logits: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor) -> tor
 def sam_loss(
     logits: torch.Tensor, iou_pred: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor,
     focal_weight: float = 20.0, dice_weight: float = 1.0, iou_weight: float = 1.0, focal_alpha: float = 0.25,
+    focal_gamma: float = 2.0,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The paper's loss for M candidate masks per object: logits (K, M, L, L), iou_pred (K, M).
 
     Mask loss = 20 focal + 1 dice of the best candidate (min over M); IoU loss = MSE between
     predicted and actual IoU of every candidate. Returns (scalar loss averaged over objects,
     (K,) index of the best candidate, (K, M) actual IoUs)."""
-    mask_l = focal_weight * focal_loss(logits, gt, valid, alpha=focal_alpha) + dice_weight * dice_loss(logits, gt, valid)
+    mask_l = focal_weight * focal_loss(logits, gt, valid, alpha=focal_alpha, gamma=focal_gamma) + dice_weight * dice_loss(logits, gt, valid)
     best_l, best = mask_l.min(1)
     with torch.no_grad():
         actual = mask_iou(logits, gt, valid)
