@@ -249,6 +249,23 @@ def test_no_path_traversal(dataset, model, tmp_path):
     assert not (tmp_path / "evil.png").exists() and sorted(os.listdir(secret)) == ["outside.json", "outside.png"]
 
 
+def test_loopback_server_refuses_foreign_host_header(dataset, model):
+    """DNS rebinding: a page on evil.example whose name now resolves to 127.0.0.1 sends
+    "Host: evil.example"; a server bound to loopback (what `segany serve` does by default) must
+    not answer it, reads included, while its own names work with any port."""
+    from segany.server.app import LOOPBACK_HOSTS, _host_name
+
+    assert [_host_name(h) for h in ("[::1]:8000", "localhost:80", "127.0.0.1", "::1")] == ["::1", "localhost", "127.0.0.1", "::1"]
+    with TestClient(create_app(dataset, model, allowed_hosts=LOOPBACK_HOSTS), base_url="http://127.0.0.1:8000") as c:
+        assert c.get("/api/images").status_code == 200
+        for host in ("localhost:8000", "[::1]:8000", "LOCALHOST"):
+            assert c.get("/api/images", headers={"Host": host}).status_code == 200, host
+        for host in ("evil.example", "evil.example:8000", "127.0.0.1.evil.example", ""):
+            r = c.get("/api/images", headers={"Host": host})
+            assert r.status_code == 400 and "Host header" in r.json()["detail"], host
+        assert c.get("/api/annotations/a.png", headers={"Host": "evil.example"}).status_code == 400
+
+
 def test_cross_origin_writes_refused(client, dataset):
     png = png_bytes(make_image(20, 20))
     r = client.post("/api/images", files={"file": ("x.png", png, "image/png")}, headers={"Origin": "http://evil.example"})

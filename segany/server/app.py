@@ -9,7 +9,7 @@ from __future__ import annotations
 import time
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from fastapi import FastAPI, File, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
@@ -48,17 +48,34 @@ class AnnotationsBody(BaseModel):
     annotations: List[Dict[str, Any]] = Field(..., max_length=10000, description="SA-1B annotations; area and bbox are recomputed from the RLE")
 
 
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+def _host_name(host: str) -> str:
+    """Host header -> host name without port ("[::1]:8000" -> "::1", "localhost:80" -> "localhost")."""
+    if host.startswith("["):
+        return host[1:].split("]", 1)[0]
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
 class BodyLimit:
     """ASGI middleware: refuse request bodies above ``limit`` bytes with 413, whether the client
-    declared the length or streams it; refuse writes from pages of other origins with 403."""
+    declared the length or streams it; refuse writes from pages of other origins with 403; with
+    ``allowed_hosts``, refuse any request whose Host header names another host with 400 (a server
+    on 127.0.0.1 is otherwise reachable from a web page through DNS rebinding)."""
 
-    def __init__(self, app, limit: int) -> None:
+    def __init__(self, app, limit: int, allowed_hosts: Optional[Sequence[str]] = None) -> None:
         self.app, self.limit = app, limit
+        self.allowed_hosts = tuple(allowed_hosts) if allowed_hosts else None
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
+        if self.allowed_hosts is not None:
+            host = headers.get(b"host", b"").decode("latin-1")
+            if _host_name(host).lower() not in self.allowed_hosts:
+                return await _send_error(send, 400, f"Host header {host!r} refused: this server answers only to {', '.join(self.allowed_hosts)}")
         origin = headers.get(b"origin")
         if origin is not None and scope.get("method") not in ("GET", "HEAD", "OPTIONS"):
             # a page from another site must not write into the dataset through the user's browser
@@ -119,8 +136,10 @@ def create_app(
     cache_size: int = 8,
     max_upload_bytes: int = 32 << 20,
     max_pixels: int = 50_000_000,
+    allowed_hosts: Optional[Sequence[str]] = None,
 ) -> FastAPI:
-    """The server for ``dataset_dir`` with a loaded SAM ``model`` (see ``segany serve``)."""
+    """The server for ``dataset_dir`` with a loaded SAM ``model`` (see ``segany serve``).
+    ``allowed_hosts``: host names the Host header may carry (None: any)."""
     ds = Dataset(dataset_dir, max_upload_bytes=max_upload_bytes, max_pixels=max_pixels)
     svc = ModelService(model, cache_size=cache_size)
 
@@ -245,5 +264,5 @@ def create_app(
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     # JSON bodies (annotations) may be large, but never larger than an upload plus 1 MiB
-    app.add_middleware(BodyLimit, limit=max_upload_bytes + (1 << 20))
+    app.add_middleware(BodyLimit, limit=max_upload_bytes + (1 << 20), allowed_hosts=allowed_hosts)
     return app

@@ -47,7 +47,7 @@ def run(args) -> int:
     try:
         import uvicorn
 
-        from .app import create_app
+        from .app import LOOPBACK_HOSTS, create_app
     except ImportError as e:
         raise UsageError(f"segany serve needs the server extra: pip install 'segany[server]' ({e})") from None
     if not os.path.isdir(args.dataset):
@@ -56,8 +56,10 @@ def run(args) -> int:
     app = create_app(
         args.dataset, model, cache_size=args.cache_size,
         max_upload_bytes=int(args.max_upload_mb * (1 << 20)), max_pixels=args.max_pixels,
+        # bound to this machine only: answer only to its loopback names (DNS-rebinding guard)
+        allowed_hosts=LOOPBACK_HOSTS if args.host in LOOPBACK_HOSTS else None,
     )
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
+    if args.host not in LOOPBACK_HOSTS:
         print(f"warning: serving on {args.host}: anyone who can reach this address can read and write {args.dataset}")
     print(f"segany serve: {Path(args.dataset).resolve()} with model {getattr(model, 'model_name', args.model)} "
           f"on http://{args.host}:{args.port}/  (API docs: /docs)", flush=True)
