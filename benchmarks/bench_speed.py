@@ -255,9 +255,11 @@ def w_agreement(a):
     if a.onnx_dir:
         from segany.onnx import OnnxPredictor, export_onnx
 
-        d = Path(a.onnx_dir) / ("agree_" + a.model)
-        if not (d / "encoder.onnx").exists():
-            export_onnx(model, d, postprocess=False)
+        import tempfile
+
+        # exported afresh: a cached export of an older checkpoint with the same name would not fit
+        d = Path(tempfile.mkdtemp(prefix="agree_" + a.model + "_", dir=a.onnx_dir if os.path.isdir(a.onnx_dir) else None))
+        export_onnx(model, d, postprocess=False)
         variants["onnxruntime-int8"] = OnnxPredictor(model, d, int8=True)
     base = SamPredictor(model)
     photos = sorted(glob.glob("/work/shared/data/*/images/*.jpg"))
