@@ -162,6 +162,20 @@ def _session(path: Path, threads: Optional[int] = None):
     return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
 
 
+def _check_export_fits(d: Path, model: Sam) -> None:
+    """An export of another model (e.g. an older checkpoint) fails deep inside onnxruntime with a
+    shape error; compare the sizes its onnx.json records with ``model`` first."""
+    meta_path = d / "onnx.json"
+    if not meta_path.exists():
+        raise FileNotFoundError(f"{d}: no onnx.json here; write the export with `segany export-onnx` (or export_onnx)")
+    meta = json.loads(meta_path.read_text())
+    want = {"image_size": int(model.image_encoder.img_size), "embed_dim": int(model.prompt_encoder.embed_dim),
+            "embedding_size": [int(v) for v in model.prompt_encoder.image_embedding_size]}
+    got = {k: meta.get(k) for k in want}
+    if got != want:
+        raise ValueError(f"{d}: the ONNX export is of another model ({got}) than the one given ({want}); export this model again")
+
+
 class OnnxPredictor(SamPredictor):
     """``SamPredictor`` whose encoder and decoder run in onnxruntime.
 
@@ -176,6 +190,7 @@ class OnnxPredictor(SamPredictor):
             export_onnx(sam_model, onnx_dir, postprocess=False)
         d = Path(onnx_dir)
         self.onnx_dir = d
+        _check_export_fits(d, sam_model)
         enc, dec = d / "encoder.onnx", d / "decoder.onnx"
         if int8:
             from .quantize import quantize_onnx

@@ -119,3 +119,15 @@ def test_segmenter_backends(tiny, exported):
     pa, pb = a.predict(points=[(20, 30)]), b.predict(points=[(20, 30)])
     np.testing.assert_allclose(pb.scores, pa.scores, atol=1e-4)
     assert _iou(pa.best, pb.best) >= 0.999 or pa.best.sum() < 5
+
+
+def test_export_of_another_model_is_refused(tiny, exported, tmp_path):
+    """Pointing the predictor at an export of a different model (another grid size) gives a clear
+    error before onnxruntime runs, not a shape error from inside it; a folder with no export too."""
+    from segany.onnx import OnnxPredictor
+
+    other = build_sam({**TINY_VIT, "image_size": TINY_VIT["image_size"] * 2})
+    with pytest.raises(ValueError, match="another model"):
+        OnnxPredictor(other, exported)
+    with pytest.raises(FileNotFoundError, match="onnx.json"):
+        OnnxPredictor(tiny, tmp_path)
