@@ -175,21 +175,20 @@ class CellUpscaler:
         """Per cell, lower and upper bounds of every computed value of its pixels: the window's
         min and max, widened by a float32 rounding margin."""
         x = self._pad(L)
-        n = L.shape[-1]
-        # separable sliding max/min as S - 1 shifted elementwise passes per axis (several times
-        # faster than max_pool2d with stride 1 on CPU)
-        mx = mn = x
-        for f in (torch.maximum, torch.minimum):
-            y = x[:, :, : n]
-            for s in range(1, self.S):
+        n, S = L.shape[-1], self.S
+
+        def sliding(f):
+            # separable: S - 1 shifted elementwise passes per axis (several times faster than
+            # max_pool2d with stride 1 on CPU)
+            y = x[:, :, :n]
+            for s in range(1, S):
                 y = f(y, x[:, :, s : s + n])
-            z = y[:, : n]
-            for s in range(1, self.S):
+            z = y[:, :n]
+            for s in range(1, S):
                 z = f(z, y[:, s : s + n])
-            if f is torch.maximum:
-                mx = z
-            else:
-                mn = z
+            return z
+
+        mx, mn = sliding(torch.maximum), sliding(torch.minimum)
         margin = torch.maximum(mx.abs(), mn.abs()) * 1e-5 + 1e-30
         return mn - margin, mx + margin
 
@@ -259,7 +258,6 @@ class CellUpscaler:
         taus = (threshold + offset, threshold - offset, threshold)
         lo, hi = self._window_bounds(L)
         cv = self.cell_valid[None]
-        area = self.cell_area
         pos = [(lo > t) & cv for t in taus]  # every pixel of the cell is above t
         crossing = [~p & (hi > t) & cv for t, p in zip(taus, pos)]  # some may be
         pos_n = [self._area_sum(p) for p in pos[:2]]
