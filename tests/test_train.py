@@ -13,7 +13,7 @@ from segany.modeling.efficientnet import EfficientNetEncoder
 from segany.train import augment as A
 from segany.train.export import load_safetensors, read_safetensors, save_safetensors
 from segany.train.loop import TrainConfig, lr_at, train
-from segany.train.objective import dice_loss, focal_loss, next_clicks, noisy_boxes, sam_loss
+from segany.train.objective import center_points, dice_loss, focal_loss, next_clicks, noisy_boxes, sam_loss
 
 TINY = {
     "image_size": 64,
@@ -152,6 +152,28 @@ def test_corrective_clicks_and_noisy_boxes():
     boxes = noisy_boxes(gt, 4.0, g, std=0.1, max_px=20)
     assert boxes.shape == (2, 4)
     assert (boxes - torch.tensor([16.0, 16.0, 48.0, 48.0])).abs().max() <= 20
+
+
+def test_center_clicks_follow_the_evaluation_clicker():
+    """Objects marked ``center`` are clicked like segany eval's simulated user: first at the
+    object's deepest point, then at the deepest point of the larger error region."""
+    from segany.evaluate.metrics import next_click
+
+    g = torch.Generator().manual_seed(0)
+    gt = torch.zeros(2, 32, 32)
+    gt[:, 4:28, 4:20] = 1
+    xy, found = center_points(gt > 0.5)
+    assert found.all() and xy[0].tolist() == xy[1].tolist()
+    x, y = xy[0].long().tolist()
+    assert 10 <= x <= 13 and 10 <= y <= 21  # the middle of the 16-wide, 24-tall box
+    pred = torch.zeros(2, 32, 32, dtype=torch.bool)
+    pred[:, 4:28, 4:12] = True  # right half of the object missed, and a false blob outside
+    pred[:, 26:30, 24:30] = True
+    xy, lab = next_clicks(pred, gt, torch.ones(1, 32, 32), g, center=torch.tensor([True, False]))
+    want = next_click(pred[0].numpy(), gt[0].numpy() > 0.5)
+    assert (int(xy[0, 0]), int(xy[0, 1]), bool(lab[0])) == (want.x, want.y, want.positive) and want.positive
+    x, y = xy[1].long().tolist()  # uniform: anywhere in the error region, labelled by it
+    assert bool(lab[1]) == bool(gt[1, y, x]) and bool(gt[1, y, x]) != bool(pred[1, y, x])
 
 
 def test_augment_keeps_masks_aligned():

@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
         imagenet_backbone=not args.no_imagenet, resume=args.resume, export=args.export,
         steps=args.steps, time_budget_min=args.time_budget_min, objects_per_image=args.objects,
         images_per_step=args.images_per_step, iters=args.iters, grad_iters=args.grad_iters,
-        p_box=args.p_box, mask_drop=args.mask_drop, focal_weight=args.focal_weight, focal_alpha=args.focal_alpha, focal_gamma=args.focal_gamma, min_object_area=args.min_object_area, lr=args.lr, backbone_lr_mult=args.backbone_lr_mult, weight_decay=args.weight_decay,
+        p_box=args.p_box, p_center_click=args.p_center_click, mask_drop=args.mask_drop, focal_weight=args.focal_weight, focal_alpha=args.focal_alpha, focal_gamma=args.focal_gamma, min_object_area=args.min_object_area, lr=args.lr, backbone_lr_mult=args.backbone_lr_mult, weight_decay=args.weight_decay,
         warmup_steps=args.warmup, freeze_image_encoder=args.freeze_image_encoder,
         freeze_prompt_encoder=args.freeze_prompt_encoder, freeze_backbone_blocks=args.freeze_backbone_blocks, val_every=args.val_every, val_images=args.val_images,
         ckpt_every_s=args.ckpt_every_s, seed=args.seed, threads=args.threads, amp=args.amp,
@@ -78,6 +78,7 @@ def register(subparsers) -> None:
     p.add_argument("--iters", type=int, default=11, help="decoder passes per object (paper: 11)")
     p.add_argument("--grad-iters", type=int, default=2, help="passes that get a loss")
     p.add_argument("--p-box", type=float, default=0.5)
+    p.add_argument("--p-center-click", type=float, default=0.0, help="fraction of objects clicked like the evaluation's simulated user (object centre, then the deepest error point) instead of uniformly (paper)")
     p.add_argument("--mask-drop", type=float, default=0.0, help="probability that a later pass gets no previous-logits mask prompt")
     p.add_argument("--focal-weight", type=float, default=20.0, help="mask loss = w x focal + 1 x dice (paper: 20)")
     p.add_argument("--focal-alpha", type=float, default=0.25)

@@ -28,7 +28,7 @@ from ..datasets import Mixture, open_dataset, split
 from ..modeling.build import build_sam
 from ..modeling.sam import Sam
 from . import augment as A
-from .objective import next_clicks, noisy_boxes, sam_loss, sample_points
+from .objective import center_points, next_clicks, noisy_boxes, sam_loss, sample_points
 from .validate import validate
 
 
@@ -48,6 +48,7 @@ class TrainConfig:
     iters: int = 11  # decoder passes per object (paper: 1 + 8 points + 2 without new point)
     grad_iters: int = 2  # passes that get a loss (the first + random later ones)
     p_box: float = 0.5  # probability that the first prompt is a noisy box
+    p_center_click: float = 0.0  # per object: clicks at the deepest error point (evaluation clicker) instead of uniform
     mask_drop: float = 0.0  # probability that a later pass gets its points without the previous logits
     focal_weight: float = 20.0  # paper: 20 x focal + 1 x dice
     focal_alpha: float = 0.25
@@ -121,10 +122,17 @@ def object_step(model: Sam, emb: torch.Tensor, gt: torch.Tensor, valid: torch.Te
     box = None
     pts = torch.zeros((k, 0, 2), device=gt.device)
     lbl = torch.zeros((k, 0), dtype=torch.long, device=gt.device)
+    # per object: a careful user (first click at the object's centre, corrections at the deepest
+    # error point, as the evaluation protocol) or the paper's uniform clicks
+    center = torch.from_numpy(rng.random(k) < cfg.p_center_click) if cfg.p_center_click > 0 else torch.zeros(k, dtype=torch.bool)
+    center = center.to(gt.device)
     if rng.random() < cfg.p_box:
         box = noisy_boxes(gt, scale, g)
     else:
         xy, _ = sample_points(gt > 0.5, g)
+        if center.any():
+            cxy, cfound = center_points(gt[center] > 0.5)
+            xy[center] = torch.where(cfound[:, None], cxy, xy[center])
         pts, lbl = (xy * scale + (scale - 1) / 2)[:, None], torch.ones((k, 1), dtype=torch.long, device=gt.device)
 
     mask_in, total, stats = None, 0.0, {}
@@ -152,7 +160,7 @@ def object_step(model: Sam, emb: torch.Tensor, gt: torch.Tensor, valid: torch.Te
             total = total + loss
         mask_in = chosen.detach()[:, None]
         if t + 1 < n and t not in no_point:
-            xy, lab = next_clicks(mask_in[:, 0] > 0, gt, valid, g)
+            xy, lab = next_clicks(mask_in[:, 0] > 0, gt, valid, g, center=center)
             pts = torch.cat([pts, (xy * scale + (scale - 1) / 2)[:, None]], 1)
             lbl = torch.cat([lbl, lab[:, None]], 1)
     stats["iou_last"] = actual.mean().item()

@@ -6,8 +6,10 @@ pixels (and on the padding outside the image).
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
+import cv2
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -43,10 +45,55 @@ def sample_points(region: torch.Tensor, g: torch.Generator) -> Tuple[torch.Tenso
     return torch.stack([idx % w, idx // w], 1).float(), found
 
 
-def next_clicks(pred: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor, g: torch.Generator) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The paper's corrective click: a pixel uniformly from the error region of ``pred`` (K, L, L)
-    bool vs ``gt``; label 1 on a false negative, 0 on a false positive. Returns (K, 2) xy
-    (low-res pixels) and (K,) labels. With no error it clicks inside the object."""
+def _border_distance(region: np.ndarray) -> np.ndarray:
+    """Euclidean distance of each pixel of ``region`` (L, L) bool to its nearest non-region pixel,
+    the image border counting as outside (as in the evaluation's clicker)."""
+    padded = np.pad(region.astype(np.uint8), 1)
+    return cv2.distanceTransform(padded, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)[1:-1, 1:-1]
+
+
+def center_points(region: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The pixel of each ``region`` (K, L, L) bool farthest from the region's boundary -> (K, 2)
+    xy (low-res pixels) and (K,) "found"; the evaluation's first click."""
+    out = torch.zeros(region.shape[0], 2)
+    found = torch.zeros(region.shape[0], dtype=torch.bool)
+    for k, r in enumerate(region.cpu().numpy()):
+        if r.any():
+            y, x = np.unravel_index(int(np.argmax(_border_distance(r))), r.shape)
+            out[k] = torch.tensor([x, y], dtype=torch.float32)
+            found[k] = True
+    return out.to(region.device), found.to(region.device)
+
+
+def _clicker(fn: torch.Tensor, fp: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The evaluation's simulated user on (K, L, L) error maps: the point farthest from the
+    boundary of the false-negative or false-positive region, whichever reaches deeper.
+    Returns xy (K, 2), labels (K,) bool (True: positive) and found (K,)."""
+    xy = torch.zeros(fn.shape[0], 2)
+    label = torch.zeros(fn.shape[0], dtype=torch.bool)
+    found = torch.zeros(fn.shape[0], dtype=torch.bool)
+    for k, (a, b) in enumerate(zip(fn.cpu().numpy(), fp.cpu().numpy())):
+        da, db = _border_distance(a), _border_distance(b)
+        if da.max() <= 0 and db.max() <= 0:
+            continue
+        pos = da.max() > db.max()
+        y, x = np.unravel_index(int(np.argmax(da if pos else db)), a.shape)
+        xy[k] = torch.tensor([x, y], dtype=torch.float32)
+        label[k], found[k] = bool(pos), True
+    return xy.to(fn.device), label.to(fn.device), found.to(fn.device)
+
+
+def next_clicks(
+    pred: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor, g: torch.Generator, center: Optional[torch.Tensor] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A corrective click for each prediction ``pred`` (K, L, L) bool of ``gt``: label 1 on a
+    false negative, 0 on a false positive. Returns (K, 2) xy (low-res pixels) and (K,) labels.
+    With no error it clicks inside the object.
+
+    Objects where ``center`` (K,) bool is True get the evaluation's clicker (the deepest point of
+    the larger error region); the others the paper's click, uniform over the error region. Uniform
+    clicks teach the model clicks anywhere, including near edges; deep ones are what the standard
+    benchmark protocol (and a careful person) gives."""
     g_b = gt > 0.5
     v = valid.expand_as(gt) > 0.5
     fn, fp = g_b & ~pred & v, pred & ~g_b & v
@@ -54,6 +101,11 @@ def next_clicks(pred: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor, g: to
     xi, yi = xy[:, 0].long(), xy[:, 1].long()
     ar = torch.arange(len(xy), device=gt.device)
     label = fn[ar, yi, xi]
+    if center is not None and center.any():
+        sel = center.nonzero().flatten()
+        cxy, clab, cfound = _clicker(fn[sel], fp[sel])
+        xy[sel] = torch.where(cfound[:, None], cxy, xy[sel])
+        label[sel] = torch.where(cfound, clab, label[sel])
     if (~found).any():
         xy_in, _ = sample_points(g_b, g)
         xy = torch.where(found[:, None], xy, xy_in)
