@@ -230,21 +230,65 @@ def _load_bundled(v: Variant, device: Optional[str]) -> Sam:
     return _load_with_config(path, safetensors_config(path) or v.config, v.name, device)
 
 
-def safetensors_config(path: PathLike) -> Optional[Dict[str, Any]]:
-    """The model config stored in a .safetensors file's metadata (key "config"), if any."""
+def safetensors_metadata(path: PathLike) -> Dict[str, str]:
+    """The string metadata of a .safetensors file ({} for other files)."""
     path = Path(path)
     if path.suffix != ".safetensors" or not path.is_file():
-        return None
-    import json
-
+        return {}
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), "pt") as f:
-            meta = f.metadata() or {}
-        return json.loads(meta["config"]) if "config" in meta else None
+            return dict(f.metadata() or {})
     except Exception as e:
         raise CheckpointError(f"{path}: not a valid safetensors file ({e})") from None
+
+
+def safetensors_config(path: PathLike) -> Optional[Dict[str, Any]]:
+    """The model config stored in a .safetensors file's metadata (key "config"), if any."""
+    import json
+
+    meta = safetensors_metadata(path)
+    try:
+        return json.loads(meta["config"]) if "config" in meta else None
+    except ValueError as e:
+        raise CheckpointError(f"{path}: its stored model config is not valid JSON ({e})") from None
+
+
+# Generator settings a trained model may carry (metadata key "everything", written by
+# ``python -m segany.evaluate.calibrate --write``): its own segment-everything thresholds.
+EVERYTHING_KEYS = ("pred_iou_thresh", "stability_score_thresh")
+
+
+def everything_defaults(path: PathLike) -> Dict[str, float]:
+    """The calibrated segment-everything thresholds stored with a .safetensors model ({} if none)."""
+    import json
+
+    raw = safetensors_metadata(path).get("everything")
+    if not raw:
+        return {}
+    try:
+        d = json.loads(raw)
+        return {k: float(d[k]) for k in EVERYTHING_KEYS if k in d}
+    except (ValueError, TypeError, AttributeError):
+        return {}  # advisory settings only: a damaged entry leaves SAM's defaults in force
+
+
+def model_everything_defaults(name: Optional[str], checkpoint: Optional[PathLike] = None) -> Dict[str, float]:
+    """Calibrated segment-everything thresholds of ``--model name`` / ``--checkpoint`` without
+    loading it: those stored in a .safetensors file (the checkpoint, a model path, or a bundled
+    model's file); {} for official checkpoints (SAM's defaults fit them)."""
+    if checkpoint is not None:
+        return everything_defaults(checkpoint)
+    name = name or "tiny"
+    if name not in VARIANTS and os.path.exists(str(name)):
+        return everything_defaults(name)
+    try:
+        v = resolve_name(name)
+    except KeyError:
+        bundled = Path(__file__).parent / "weights" / f"{name}.safetensors"
+        return everything_defaults(bundled) if bundled.is_file() else {}
+    return everything_defaults(Path(__file__).parent / "weights" / v.bundled) if v.bundled else {}
 
 
 def _load_with_config(path: Path, config: Dict[str, Any], model_name: str, device: Optional[str]) -> Sam:
@@ -254,6 +298,7 @@ def _load_with_config(path: Path, config: Dict[str, Any], model_name: str, devic
         raise CheckpointError(f"{path}: its stored model config cannot be built ({type(e).__name__}: {e})") from None
     sam.model_name = model_name
     load_state_dict_strict(sam, read_state_dict(path), source=str(path))
+    sam.everything_defaults = everything_defaults(path)
     return sam.to(device or "cpu").eval()
 
 

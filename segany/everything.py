@@ -42,8 +42,10 @@ def register(subparsers) -> None:
     g = p.add_argument_group("generator (as segment_anything.SamAutomaticMaskGenerator)")
     g.add_argument("--points-per-side", type=int, default=32)
     g.add_argument("--points-per-batch", type=int, default=64)
-    g.add_argument("--pred-iou-thresh", type=float, default=0.88)
-    g.add_argument("--stability-score-thresh", type=float, default=0.95)
+    g.add_argument("--pred-iou-thresh", type=float, default=None,
+                   help="keep masks whose predicted IoU is above this (default: the model's calibrated value if it has one, else SAM's 0.88)")
+    g.add_argument("--stability-score-thresh", type=float, default=None,
+                   help="keep masks at least this stable (default: the model's calibrated value if it has one, else SAM's 0.95)")
     g.add_argument("--stability-score-offset", type=float, default=1.0)
     g.add_argument("--box-nms-thresh", type=float, default=0.7)
     g.add_argument("--crop-n-layers", type=int, default=0)
@@ -53,6 +55,21 @@ def register(subparsers) -> None:
     g.add_argument("--min-mask-region-area", type=int, default=0)
     _add_model_args(p)
     p.set_defaults(func=cmd_everything)
+
+
+SAM_THRESHOLDS = {"pred_iou_thresh": 0.88, "stability_score_thresh": 0.95}  # SamAutomaticMaskGenerator's
+
+
+def resolve_thresholds(model, checkpoint, pred_iou_thresh=None, stability_score_thresh=None):
+    """The generator's two quality thresholds: the user's, else the model's calibrated ones (a
+    model trained by segany may carry them, see ``segany.evaluate.calibrate``), else SAM's."""
+    from .checkpoints import model_everything_defaults
+
+    out = {**SAM_THRESHOLDS, **model_everything_defaults(model, checkpoint)}
+    for k, v in (("pred_iou_thresh", pred_iou_thresh), ("stability_score_thresh", stability_score_thresh)):
+        if v is not None:
+            out[k] = v
+    return out
 
 
 def _collect(inputs: List[str]) -> List[Path]:
@@ -95,12 +112,12 @@ def cmd_everything(args) -> int:
     out = Path(args.output)
     if out.exists() and not out.is_dir():
         raise UsageError(f"-o {out}: exists and is not a folder")
+    thresholds = resolve_thresholds(args.model, args.checkpoint, args.pred_iou_thresh, args.stability_score_thresh)
     seg = load_segmenter(args)
     try:
         gen = SamAutomaticMaskGenerator(
             seg.predictor, points_per_side=args.points_per_side, points_per_batch=args.points_per_batch,
-            pred_iou_thresh=args.pred_iou_thresh, stability_score_thresh=args.stability_score_thresh,
-            stability_score_offset=args.stability_score_offset, box_nms_thresh=args.box_nms_thresh,
+            **thresholds, stability_score_offset=args.stability_score_offset, box_nms_thresh=args.box_nms_thresh,
             crop_n_layers=args.crop_n_layers, crop_nms_thresh=args.crop_nms_thresh, crop_overlap_ratio=args.crop_overlap_ratio,
             crop_n_points_downscale_factor=args.crop_n_points_downscale_factor,
             min_mask_region_area=args.min_mask_region_area, output_mode="binary_mask",
@@ -143,7 +160,8 @@ def cmd_everything(args) -> int:
     if args.format == "coco":
         formats.write_coco_results(out / "results.json", coco)
         atomic_write_json(out / "images.json", images)
-    print(f"{done} image(s) done, {n_masks} mask(s), {failed} failed; output in {out}")
+    print(f"{done} image(s) done, {n_masks} mask(s), {failed} failed; output in {out} "
+          f"(pred_iou_thresh {thresholds['pred_iou_thresh']:g}, stability_score_thresh {thresholds['stability_score_thresh']:g})")
     if failed and not done:
         return EXIT_USAGE
     return EXIT_ERROR if failed else EXIT_OK

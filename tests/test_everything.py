@@ -89,3 +89,49 @@ def test_formats_roundtrip(tmp_path):
         formats.read_sa1b(tmp_path / "y.json")
     with pytest.raises(ValueError, match="size"):
         formats.sa1b_record(recs, 0, "x", 8, 9)
+
+
+def test_calibration_picks_the_best_f1_thresholds():
+    from segany.evaluate.calibrate import choose
+
+    # (predicted_iou, stability, best gt IoU, image, gt index): two good proposals for gt 0 and 1
+    # with high scores, junk below 0.5 predicted IoU or 0.6 stability
+    table = np.array([
+        [0.9, 0.9, 0.8, 0, 0], [0.7, 0.8, 0.7, 0, 1], [0.4, 0.9, 0.1, 0, 0],
+        [0.3, 0.2, 0.0, 0, 1], [0.8, 0.5, 0.2, 0, 0], [0.6, 0.95, 0.9, 0, 1],
+    ])
+    best = choose(table, n_gt=2)
+    assert best["precision"] == 1.0 and best["recall"] == 1.0 and best["kept"] == 3
+    assert 0.4 <= best["pred_iou_thresh"] < 0.6 and 0.5 < best["stability_score_thresh"] <= 0.8
+
+
+def test_model_thresholds_are_used_unless_given(ckpt, tmp_path, capsys):
+    """A model that carries calibrated thresholds gets them in `segany everything` by default;
+    options on the command line win; official models keep SAM's."""
+    import shutil
+
+    from segany.checkpoints import load_model, model_everything_defaults
+    from segany.evaluate.calibrate import write_defaults
+    from segany.everything import resolve_thresholds
+
+    path = str(tmp_path / "calibrated.safetensors")
+    shutil.copy(ckpt, path)
+    before = load_model(path).state_dict()
+    write_defaults(path, {"pred_iou_thresh": 0.25, "stability_score_thresh": 0.4, "f1": 0.5})
+    assert model_everything_defaults(None, path) == {"pred_iou_thresh": 0.25, "stability_score_thresh": 0.4}
+    after = load_model(path)
+    assert after.everything_defaults == {"pred_iou_thresh": 0.25, "stability_score_thresh": 0.4}
+    assert all(torch_equal(before[k], v) for k, v in after.state_dict().items())  # weights untouched
+    assert resolve_thresholds(None, path) == {"pred_iou_thresh": 0.25, "stability_score_thresh": 0.4}
+    assert resolve_thresholds(None, path, 0.5, None) == {"pred_iou_thresh": 0.5, "stability_score_thresh": 0.4}
+    assert resolve_thresholds("vit_b", None) == {"pred_iou_thresh": 0.88, "stability_score_thresh": 0.95}
+    img = tmp_path / "a.png"
+    Image.fromarray(test_image(60, 80, seed=1)).save(img)
+    assert main(["everything", str(img), "-o", str(tmp_path / "o"), "--checkpoint", path, "--points-per-side", "4", "--no-progress"]) == 0
+    assert "pred_iou_thresh 0.25, stability_score_thresh 0.4" in capsys.readouterr().out
+
+
+def torch_equal(a, b) -> bool:
+    import torch
+
+    return bool(torch.equal(a, b))

@@ -35,8 +35,10 @@ def _add_amg_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("segment-everything options (as SamAutomaticMaskGenerator)")
     g.add_argument("--points-per-side", type=int, default=AMG_DEFAULTS["points_per_side"])
     g.add_argument("--points-per-batch", type=int, default=AMG_DEFAULTS["points_per_batch"])
-    g.add_argument("--pred-iou-thresh", type=float, default=AMG_DEFAULTS["pred_iou_thresh"])
-    g.add_argument("--stability-score-thresh", type=float, default=AMG_DEFAULTS["stability_score_thresh"])
+    g.add_argument("--pred-iou-thresh", type=float, default=None,
+                   help=f"default: the model's calibrated value if it has one, else SAM's {AMG_DEFAULTS['pred_iou_thresh']}")
+    g.add_argument("--stability-score-thresh", type=float, default=None,
+                   help=f"default: the model's calibrated value if it has one, else SAM's {AMG_DEFAULTS['stability_score_thresh']}")
     g.add_argument("--stability-score-offset", type=float, default=AMG_DEFAULTS["stability_score_offset"])
     g.add_argument("--box-nms-thresh", type=float, default=AMG_DEFAULTS["box_nms_thresh"])
     g.add_argument("--crop-n-layers", type=int, default=AMG_DEFAULTS["crop_n_layers"])
@@ -64,8 +66,12 @@ def options_from_args(args: argparse.Namespace):
             raise _usage(f"--{k.replace('_', '-')} must be at least 1")
     if not 0 <= args.max_area <= 1:
         raise _usage("--max-area is a fraction of the image, between 0 and 1")
+    from ..everything import resolve_thresholds
+
+    amg = {k: getattr(args, k) for k in AMG_KEYS}
+    amg.update(resolve_thresholds(args.model, args.checkpoint, args.pred_iou_thresh, args.stability_score_thresh))
     return EngineOptions(
-        model=args.model, checkpoint=args.checkpoint, amg={k: getattr(args, k) for k in AMG_KEYS},
+        model=args.model, checkpoint=args.checkpoint, amg=amg,
         min_masks=args.min_masks, max_masks=args.max_masks, min_area=args.min_area, max_area=args.max_area,
         overlay=args.overlay, copy_images=args.copy_images, max_pixels=args.max_pixels,
         device=args.device, threads=args.threads,
