@@ -10,6 +10,7 @@ from core_helpers import TINY_VIT
 from segany.modeling.build import build_sam, randomize_
 from segany.modeling.fast_decoder import build_cache, predict_masks_fast
 from segany.predictor import SamPredictor, _SeparableResize
+from segany.upscale import CellUpscaler
 
 DEC_CONFIGS = [
     TINY_VIT,
@@ -75,6 +76,35 @@ def test_separable_resize_matches_two_step_interpolation(original):
     resize = _SeparableResize(256, 1024, input_size, original, "cpu")
     for thr in (0.0, 1.5):
         assert torch.equal(resize(x, threshold=thr), got > thr)
+
+
+@pytest.mark.parametrize("original", [(100, 150), (37, 11), (1500, 2), (2000, 1500)])
+def test_cell_upscale_matches_two_step_interpolation(original):
+    from segany.transforms import ResizeLongestSide
+
+    input_size = ResizeLongestSide.get_preprocess_shape(*original, 1024)
+    x = torch.randn(2, 3, 256, 256, generator=torch.Generator().manual_seed(0)) * 5
+    yy, xx = torch.meshgrid(torch.arange(256.0), torch.arange(256.0), indexing="ij")
+    x[1, 0] = 40 - ((yy - 90) ** 2 + (xx - 120) ** 2).sqrt()  # smooth: mostly certain cells
+    x[1, 1] = -1.0  # empty
+    x[1, 2] = 1.0  # full
+
+    def official(x):
+        y = F.interpolate(x, (1024, 1024), mode="bilinear", align_corners=False)
+        y = y[..., : input_size[0], : input_size[1]]
+        return F.interpolate(y, original, mode="bilinear", align_corners=False)
+
+    up = CellUpscaler(256, 1024, input_size, original)
+    got = up.full(x.reshape(-1, 256, 256)).reshape(2, 3, *original)
+    exact = official(x.double())
+    assert got.shape == exact.shape
+    scale = exact.abs().max().item()
+    assert (got - exact).abs().max().item() < 2e-6 * scale
+    # the official float32 computation itself rounds its sampling positions (~1e-4 relative)
+    assert (got - official(x)).abs().max().item() < 1e-4 * scale
+    # masks computed along contours only are exactly the thresholded float map
+    for thr in (0.0, 1.5):
+        assert torch.equal(up.masks(x.reshape(-1, 256, 256), thr).reshape(got.shape), got > thr)
 
 
 def test_predictor_cache_follows_the_embedding():
