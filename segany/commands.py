@@ -95,6 +95,12 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where to run (default: cpu)")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
                    help="image-encoder precision; bfloat16/float16 need --device cuda (the mask decoder stays float32)")
+    g.add_argument("--backend", default="torch", choices=["torch", "onnxruntime", "torch-int8", "onnxruntime-int8"],
+                   help="what runs the model (default: torch). onnxruntime gives the same masks (needs the 'onnx' "
+                        "extra); the int8 ones are faster and approximate")
+    g.add_argument("--onnx-dir", metavar="DIR",
+                   help="with an onnxruntime backend: the model's 'segany export-onnx' folder; exported there first "
+                        "if it holds none (default: a temporary export on every run)")
 
 
 # ------------------------------------------------------------------------------ model loading
@@ -126,12 +132,31 @@ def load_segmenter(args):
                 ) from None
             raise UsageError(f"unknown model {name!r}; 'segany models' lists them (known: {', '.join(sorted(VARIANTS))})") from None
         sam = load_model(name)
+    backend = getattr(args, "backend", "torch")
+    onnx_dir = getattr(args, "onnx_dir", None)
+    if backend != "torch" and (args.device != "cpu" or args.dtype != "float32"):
+        raise UsageError(f"--backend {backend} runs on the CPU in float32: leave out --device/--dtype")
+    if onnx_dir and not backend.startswith("onnxruntime"):
+        raise UsageError("--onnx-dir is for --backend onnxruntime or onnxruntime-int8")
+    if backend.startswith("onnxruntime"):
+        try:
+            import onnx  # noqa: F401
+            import onnxruntime  # noqa: F401
+        except ImportError:
+            raise UsageError(f"--backend {backend} needs onnx and onnxruntime: pip install 'segany[onnx]'") from None
+        if onnx_dir and not (Path(onnx_dir) / "encoder.onnx").is_file():
+            from .onnx import export_onnx
+
+            export_onnx(sam, onnx_dir, postprocess=False)
     sam = sam.to(args.device)
     if args.dtype != "float32":
         # Only the encoder runs in half precision: it is where the time goes, and the decoder's
         # small outputs (scores, thresholded logits) are the part most sensitive to rounding.
         sam.image_encoder.to(getattr(torch, args.dtype))
-    return Segmenter(sam)
+    try:
+        return Segmenter(sam, backend=backend, onnx_dir=onnx_dir)
+    except (ValueError, FileNotFoundError) as e:  # an --onnx-dir export of another model, or none
+        raise UsageError(str(e)) from None
 
 
 # ------------------------------------------------------------------------------------ parsing

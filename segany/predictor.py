@@ -380,9 +380,12 @@ class Segmenter:
         device: Optional[str] = None,
         checkpoint: Optional[str] = None,
         backend: str = "torch",
+        onnx_dir: Optional[str] = None,
     ) -> None:
         """``backend``: "torch" (default, fastest float32 here), "onnxruntime" (same masks),
-        or their opt-in int8 variants "torch-int8" / "onnxruntime-int8" (approximate masks)."""
+        or their opt-in int8 variants "torch-int8" / "onnxruntime-int8" (approximate masks).
+        ``onnx_dir``: an ``export_onnx`` folder of this model for the onnxruntime backends
+        (default: exported to a temporary folder)."""
         if backend not in self.BACKENDS:
             raise ValueError(f"backend must be one of {self.BACKENDS}, got {backend!r}")
         if isinstance(model, Sam):
@@ -403,7 +406,7 @@ class Segmenter:
         else:
             from .onnx import OnnxPredictor
 
-            self.predictor = OnnxPredictor(sam, int8=backend == "onnxruntime-int8")
+            self.predictor = OnnxPredictor(sam, onnx_dir=onnx_dir, int8=backend == "onnxruntime-int8")
 
     @property
     def model(self) -> Sam:

@@ -131,3 +131,31 @@ def test_export_of_another_model_is_refused(tiny, exported, tmp_path):
         OnnxPredictor(other, exported)
     with pytest.raises(FileNotFoundError, match="onnx.json"):
         OnnxPredictor(tiny, tmp_path)
+
+
+def test_cli_backend_onnxruntime_gives_torch_masks(tmp_path):
+    """`segany segment --backend onnxruntime --onnx-dir D` exports once into D, then reuses it, and
+    writes the mask torch gives; a mismatched export is a usage error."""
+    from PIL import Image
+
+    from core_helpers import config_safetensors
+    from segany.cli import main
+
+    ckpt = str(config_safetensors(TINY_VIT, tmp_path / "m.safetensors", seed=3))
+    Image.fromarray(test_image(90, 120, seed=5)).save(tmp_path / "img.png")
+    common = ["segment", str(tmp_path / "img.png"), "--checkpoint", ckpt, "--point", "60,40"]
+    assert main([*common, "-o", str(tmp_path / "torch.png")]) == 0
+    d = tmp_path / "onnx"
+    assert main([*common, "-o", str(tmp_path / "ort.png"), "--backend", "onnxruntime", "--onnx-dir", str(d)]) == 0
+    assert (d / "encoder.onnx").is_file() and (d / "decoder.onnx").is_file()
+    stamp = (d / "encoder.onnx").stat().st_mtime_ns
+    assert main([*common, "-o", str(tmp_path / "ort2.png"), "--backend", "onnxruntime", "--onnx-dir", str(d)]) == 0
+    assert (d / "encoder.onnx").stat().st_mtime_ns == stamp  # reused, not exported again
+    a = np.array(Image.open(tmp_path / "torch.png")) > 0
+    b = np.array(Image.open(tmp_path / "ort.png")) > 0
+    assert a.shape == b.shape == (90, 120) and a.any()
+    assert _iou(a, b) >= 0.99 and np.array_equal(b, np.array(Image.open(tmp_path / "ort2.png")) > 0)
+    other = str(config_safetensors(TINY_VIT | {"prompt_embed_dim": 64}, tmp_path / "o.safetensors", seed=3))
+    assert main(["segment", str(tmp_path / "img.png"), "--checkpoint", other, "--point", "60,40",
+                 "-o", str(tmp_path / "x.png"), "--backend", "onnxruntime", "--onnx-dir", str(d)]) == 2
+    assert main([*common, "-o", str(tmp_path / "x.png"), "--onnx-dir", str(d)]) == 2  # torch backend: no --onnx-dir
