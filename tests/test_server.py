@@ -407,6 +407,20 @@ def test_proposals(client):
     assert len(strict["proposals"]) <= len(props)
 
 
+def test_proposal_defaults_come_from_the_model(dataset, model):
+    """Without thresholds in the request the model's calibrated ones apply (else 0.80/0.85):
+    zero thresholds carried by the model give the same proposals as zero thresholds asked for."""
+    model.everything_defaults = {"pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}
+    try:
+        with TestClient(create_app(dataset, model, cache_size=2)) as c:
+            wait_ready(c, "a.png")
+            asked = c.post("/api/proposals/a.png", json={"points_per_side": 8, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}).json()
+            default = c.post("/api/proposals/a.png", json={"points_per_side": 8}).json()
+            assert asked["proposals"] and default["proposals"] == asked["proposals"]
+    finally:
+        del model.everything_defaults
+
+
 # ------------------------------------------------------------------ cache, concurrency
 def test_lru_cache_is_bounded(dataset, model):
     with TestClient(create_app(dataset, model, cache_size=1)) as c:

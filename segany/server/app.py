@@ -38,10 +38,14 @@ class PredictRequest(BaseModel):
 
 class ProposalRequest(BaseModel):
     points_per_side: int = Field(16, ge=2, le=64)
-    pred_iou_thresh: float = Field(0.80, ge=0.0, le=1.0)
-    stability_score_thresh: float = Field(0.85, ge=0.0, le=1.0)
+    pred_iou_thresh: Optional[float] = Field(None, ge=0.0, le=1.0, description="default: the model's calibrated value, else 0.80")
+    stability_score_thresh: Optional[float] = Field(None, ge=0.0, le=1.0, description="default: the model's calibrated value, else 0.85")
     box_nms_thresh: float = Field(0.7, gt=0.0, le=1.0)
     max_masks: int = Field(100, ge=1, le=500)
+
+
+# proposals for an annotator to accept or reject: a little looser than SAM's fully automatic 0.88/0.95
+PROPOSAL_THRESHOLDS = {"pred_iou_thresh": 0.80, "stability_score_thresh": 0.85}
 
 
 class AnnotationsBody(BaseModel):
@@ -234,9 +238,13 @@ def create_app(
         r = rec_of(image_id)
         entry = svc.entry(r, ds.load_pixels)
         t0 = time.perf_counter()
+        # a model trained by segany may carry its own thresholds (SAM's suit only SAM's IoU head)
+        defaults = {**PROPOSAL_THRESHOLDS, **getattr(svc.model, "everything_defaults", {})}
         props = svc.proposals(
-            entry, points_per_side=body.points_per_side, pred_iou_thresh=body.pred_iou_thresh,
-            stability_score_thresh=body.stability_score_thresh, box_nms_thresh=body.box_nms_thresh, max_masks=body.max_masks,
+            entry, points_per_side=body.points_per_side,
+            pred_iou_thresh=defaults["pred_iou_thresh"] if body.pred_iou_thresh is None else body.pred_iou_thresh,
+            stability_score_thresh=defaults["stability_score_thresh"] if body.stability_score_thresh is None else body.stability_score_thresh,
+            box_nms_thresh=body.box_nms_thresh, max_masks=body.max_masks,
         )
         return {"proposals": props, "elapsed_ms": round((time.perf_counter() - t0) * 1000, 1)}
 
