@@ -43,6 +43,14 @@ GEN = {"pred_iou_thresh": 0.0, "stability_score_thresh": 0.8, "box_nms_thresh": 
 DEFAULTS = {"pred_iou_thresh": 0.88, "stability_score_thresh": 0.95, "box_nms_thresh": 0.7}
 
 
+def _thresholds() -> dict:
+    """The run's thresholds: --thresholds IOU,STAB, else --defaults, else the permissive ones."""
+    if os.environ.get("BENCH_THRESHOLDS"):
+        iou, stab = (float(v) for v in os.environ["BENCH_THRESHOLDS"].split(","))
+        return {"pred_iou_thresh": iou, "stability_score_thresh": stab, "box_nms_thresh": 0.7}
+    return DEFAULTS if os.environ.get("BENCH_DEFAULTS") == "1" else GEN
+
+
 def _rss_peak_kb() -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -87,7 +95,7 @@ def child(impl: str, config: str, side: int, size) -> dict:
         img = load_image(image)
     else:
         img = test_image(*size, seed=0)
-    gen_kw = DEFAULTS if os.environ.get("BENCH_DEFAULTS") == "1" else GEN
+    gen_kw = _thresholds()
     kw = dict(gen_kw, points_per_side=side, crop_n_layers=1 if config == "crops" else 0)
     # embeddings of every crop, once, from segany's encoder
     cache = {}
@@ -193,6 +201,7 @@ def main() -> None:
     ap.add_argument("--size", default="600x800", help="HxW")
     ap.add_argument("--configs", default="plain,crops")
     ap.add_argument("--defaults", action="store_true", help="the generator's default thresholds instead of the permissive ones")
+    ap.add_argument("--thresholds", metavar="IOU,STAB", help="pred_iou_thresh,stability_score_thresh (e.g. a model's calibrated pair)")
     ap.add_argument("--child", nargs=2, metavar=("IMPL", "CONFIG"))
     a = ap.parse_args()
     size = tuple(int(v) for v in a.size.split("x"))
@@ -201,6 +210,8 @@ def main() -> None:
         return
     if a.defaults:
         os.environ["BENCH_DEFAULTS"] = "1"  # read by the child processes
+    if a.thresholds:
+        os.environ["BENCH_THRESHOLDS"] = a.thresholds
     load = os.getloadavg()
     rows = []
     for config in a.configs.split(","):
@@ -216,7 +227,7 @@ def main() -> None:
         rows.append((config, s, r, _compare(s["rles"], r["rles"])))
     what = os.path.basename(os.environ["BENCH_WEIGHTS"]) if os.environ.get("BENCH_WEIGHTS") else "random vit_b-size decoder"
     img = os.path.basename(os.environ["BENCH_IMAGE"]) if os.environ.get("BENCH_IMAGE") else f"synthetic {size[0]}x{size[1]}"
-    th = DEFAULTS if a.defaults else GEN
+    th = _thresholds()
     print(f"\nsegment everything, {what}, {img}, {a.side}x{a.side} points, {os.environ.get('BENCH_THREADS', '2')} threads, "
           f"pred_iou_thresh {th['pred_iou_thresh']}, stability_score_thresh {th['stability_score_thresh']}, "
           f"generate() after the embedding; load average {load[0]:.1f} at start, {os.getloadavg()[0]:.1f} at end ({os.cpu_count()} cores)\n")

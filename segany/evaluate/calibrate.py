@@ -79,27 +79,16 @@ def choose(table: np.ndarray, n_gt: int, match_iou: float = 0.5) -> Dict[str, fl
 def write_defaults(path: str, result: Dict[str, float]) -> None:
     """Store the chosen thresholds in the .safetensors file's metadata (key "everything"),
     tensors untouched, atomically; ``segany everything``/``annotate`` then use them by default."""
-    import os
-    import tempfile
-
     from safetensors import safe_open
-    from safetensors.torch import save_file
+
+    from ..train.export import write_safetensors
 
     with safe_open(path, framework="pt") as f:
         meta = dict(f.metadata() or {})
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    meta["everything"] = json.dumps({k: result[k] for k in ("pred_iou_thresh", "stability_score_thresh")} |
-                                    {"calibration": {k: v for k, v in result.items() if k not in ("pred_iou_thresh", "stability_score_thresh")}})
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=meta)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    chosen = {k: result[k] for k in ("pred_iou_thresh", "stability_score_thresh")}
+    meta["everything"] = json.dumps({**chosen, "calibration": {k: v for k, v in result.items() if k not in chosen}})
+    write_safetensors(tensors, path, meta)
 
 
 def main(argv=None) -> int:

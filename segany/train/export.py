@@ -23,8 +23,6 @@ def save_safetensors(model: Sam, path: str, half: bool = True, extra: Dict[str, 
     """Write ``model``'s state dict and ``model.config`` to ``path`` atomically. With ``half``,
     floating tensors of 4096+ elements are stored as float16 (small ones, e.g. BatchNorm
     statistics and the positional-encoding matrix, stay float32)."""
-    from safetensors.torch import save_file
-
     tensors = {}
     for k, v in model.state_dict().items():
         v = v.detach().cpu()
@@ -33,12 +31,19 @@ def save_safetensors(model: Sam, path: str, half: bool = True, extra: Dict[str, 
         tensors[k] = v.contiguous()
     meta = {"config": json.dumps(model.config), "format": "pt"}
     meta.update(extra or {})
+    write_safetensors(tensors, path, meta)
+
+
+def write_safetensors(tensors: Dict[str, torch.Tensor], path: str, metadata: Dict[str, str]) -> None:
+    """Write a .safetensors file atomically (temporary file, then rename), world-readable."""
+    from safetensors.torch import save_file
+
     d = os.path.dirname(os.path.abspath(path))
     os.makedirs(d, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=meta)
+        save_file(tensors, tmp, metadata=metadata)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     except BaseException:
