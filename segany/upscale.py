@@ -6,9 +6,10 @@ image size, in float, for every mask. That map is separable and every output pix
 combination of a few neighbouring low-res logits. Output rows (columns) are grouped into *cells*
 by their first low-res tap, so a cell takes its values from one small fixed low-res window:
 where the window's minimum is above a threshold every pixel of the cell is above it, where its
-maximum is not, none is. :class:`CellUpscaler` uses that for thresholded masks (the predictor's
-masks, the generator's stability scores, boxes and final masks): work grows with the low-res size
-plus the contour length, not with the image area.
+maximum is not, none is. :class:`CellUpscaler` uses that for segment-everything (stability
+scores, boxes and the survivors' masks): work grows with the low-res size plus the contour length,
+not with the image area. (The predictor's click masks use the banded map of
+``segany.predictor._SeparableResize``: with few masks per call, cells do not pay there.)
 """
 from __future__ import annotations
 
@@ -96,7 +97,6 @@ class CellUpscaler:
         # the direct (chunked) upscale: per pixel it is cheaper than the cell gathers
         self.dense_fraction = dense_fraction
         H, W = self.original_size
-        self.chunk = max(1, chunk_bytes // (4 * max(1, H * W + self.rows.n_used * W)))
         # the direct statistics hold no full-size map: column pass + two row blocks per mask
         self.dense_chunk = max(1, chunk_bytes // (4 * max(1, (self.rows.n_used + 2 * self._ROW_BLOCK) * W)))
         self.last_split = (0, 0, 0)  # (pruned, by cells, direct) masks of the last ``stats`` call
@@ -188,12 +188,6 @@ class CellUpscaler:
             out[:, y0:y1] = v
         return out
 
-    def _full_masks(self, L: torch.Tensor, threshold: float, out: torch.Tensor) -> None:
-        """``out[:] = full(L) > threshold`` without the full-size float map."""
-        c = self._columns(L)
-        for y0, y1, v in self._row_blocks(c):
-            torch.gt(v, threshold, out=out[:, y0:y1])
-
     def _eval_cells(self, Lp: torch.Tensor, cells: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Values of the pixels of ``cells`` (k, 3: mask, cell row, cell col): (k, R, C) values
         (the same operations as ``full``) and validity."""
@@ -211,6 +205,15 @@ class CellUpscaler:
             vals = vals + col[:, None, s, :] * ty[:, :, s, None]
         valid = self.rows.valid[cr][:, :, None] & self.cols.valid[cc][:, None, :]
         return vals, valid
+
+    def _contour_values(self, L: torch.Tensor, cells: torch.Tensor):
+        """Yields (cells, values (k, R, C), valid) for ``cells`` (K, 3) of ``L``, ``max_cells`` at a time."""
+        if len(cells) == 0:
+            return
+        Lp = self._pad(L)
+        for s in range(0, len(cells), self.max_cells):
+            ch = cells[s : s + self.max_cells]
+            yield (ch, *self._eval_cells(Lp, ch))
 
     # ------------------------------------------------------------------ statistics
     @torch.no_grad()
@@ -290,37 +293,23 @@ class CellUpscaler:
             y1 = torch.where(rows_any, r_end, -1).amax(1)
             x0 = torch.where(cols_any, c_start, W).amin(1)
             x1 = torch.where(cols_any, c_end, -1).amax(1)
-            cells = ac.nonzero()
-            if len(cells):
-                Lp = self._pad(Ls)
-                for s in range(0, len(cells), self.max_cells):
-                    ch = cells[s : s + self.max_cells]
-                    vals, valid = self._eval_cells(Lp, ch)
-                    b = ch[:, 0]
-                    for i in range(2):
-                        counts[i].index_add_(0, b, ((vals > taus[i]) & valid).sum((1, 2)))
-                    p = (vals > taus[2]) & valid
-                    ry = self.rows.pos[ch[:, 1]]  # (k, R)
-                    cx = self.cols.pos[ch[:, 2]]  # (k, C)
-                    pr, pc = p.any(2), p.any(1)
-                    y0.scatter_reduce_(0, b, torch.where(pr, ry, H).amin(1), "amin")
-                    y1.scatter_reduce_(0, b, torch.where(pr, ry, -1).amax(1), "amax")
-                    x0.scatter_reduce_(0, b, torch.where(pc, cx, W).amin(1), "amin")
-                    x1.scatter_reduce_(0, b, torch.where(pc, cx, -1).amax(1), "amax")
+            for ch, vals, valid in self._contour_values(Ls, ac.nonzero()):
+                b = ch[:, 0]
+                for i in range(2):
+                    counts[i].index_add_(0, b, ((vals > taus[i]) & valid).sum((1, 2)))
+                p = (vals > taus[2]) & valid
+                ry = self.rows.pos[ch[:, 1]]  # (k, R)
+                cx = self.cols.pos[ch[:, 2]]  # (k, C)
+                pr, pc = p.any(2), p.any(1)
+                y0.scatter_reduce_(0, b, torch.where(pr, ry, H).amin(1), "amin")
+                y1.scatter_reduce_(0, b, torch.where(pr, ry, -1).amax(1), "amax")
+                x0.scatter_reduce_(0, b, torch.where(pc, cx, W).amin(1), "amin")
+                x1.scatter_reduce_(0, b, torch.where(pc, cx, -1).amax(1), "amax")
             stability[si] = counts[0].to(torch.int32) / counts[1].to(torch.int32)
             b = torch.stack([x0, y0, x1, y1], 1)
             b[y1 < 0] = 0
             boxes[si] = b
         return stability, boxes
-
-    @torch.no_grad()
-    def sparse(self, L: torch.Tensor, threshold: float) -> torch.Tensor:
-        """(B,) bool: masks whose contour cells cover at most ``dense_fraction`` of the image
-        (``masks`` computes those cell by cell; the others directly)."""
-        H, W = self.original_size
-        lo, hi = self._window_bounds(L.float())
-        contour = (lo <= threshold) & (hi > threshold) & self.cell_valid[None]
-        return self._area_sum(contour).double() <= self.dense_fraction * H * W
 
     @torch.no_grad()
     def masks(self, L: torch.Tensor, threshold: float) -> torch.Tensor:
@@ -341,13 +330,14 @@ class CellUpscaler:
         certain = lo > threshold
         contour = ~certain & (hi > threshold) & self.cell_valid[None]
         dense = self._area_sum(contour).double() > self.dense_fraction * H * W
-        if dense.any():
-            for i in dense.nonzero().flatten().tolist():
-                self._full_masks(L[i : i + 1], threshold, out[i : i + 1].view(torch.bool))
-            if dense.all():
-                return out.view(torch.bool)
-            certain[dense] = False
-            contour[dense] = False
+        di = dense.nonzero().flatten()
+        for s in range(0, len(di), self.dense_chunk):  # direct, a block of rows at a time
+            ix = di[s : s + self.dense_chunk]
+            for y0, y1, v in self._row_blocks(self._columns(L[ix])):
+                out[ix, y0:y1] = (v > threshold).view(torch.uint8)
+        if len(di) == B:
+            return out.view(torch.bool)
+        contour &= ~dense[:, None, None]  # done directly above
         # certain cells, expanded to pixels: columns on the small grid first, then whole rows
         sparse = (~dense).nonzero().flatten()
         wide = certain[sparse].view(torch.uint8).index_select(2, self.cols.cell_of)
@@ -355,14 +345,9 @@ class CellUpscaler:
             torch.index_select(wide, 1, self.rows.cell_of, out=out)
         else:
             out[sparse] = wide.index_select(1, self.rows.cell_of)
-        cells = contour.nonzero()
-        if len(cells):
-            Lp = self._pad(L)
-            for s in range(0, len(cells), self.max_cells):
-                ch = cells[s : s + self.max_cells]
-                vals, valid = self._eval_cells(Lp, ch)
-                b, cr, cc = ch.unbind(1)
-                idx = b[:, None, None] * (H * W) + self.rows.pos[cr][:, :, None] * W + self.cols.pos[cc][:, None, :]
-                idx.masked_fill_(~valid, B * H * W)
-                flat.index_put_((idx.flatten(),), (vals > threshold).view(torch.uint8).flatten())
+        for ch, vals, valid in self._contour_values(L, contour.nonzero()):
+            b, cr, cc = ch.unbind(1)
+            idx = b[:, None, None] * (H * W) + self.rows.pos[cr][:, :, None] * W + self.cols.pos[cc][:, None, :]
+            idx.masked_fill_(~valid, B * H * W)
+            flat.index_put_((idx.flatten(),), (vals > threshold).view(torch.uint8).flatten())
         return out.view(torch.bool)

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from typing import Optional, Tuple
 
-import cv2
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -45,42 +43,29 @@ def sample_points(region: torch.Tensor, g: torch.Generator) -> Tuple[torch.Tenso
     return torch.stack([idx % w, idx // w], 1).float(), found
 
 
-def _border_distance(region: np.ndarray) -> np.ndarray:
-    """Euclidean distance of each pixel of ``region`` (L, L) bool to its nearest non-region pixel,
-    the image border counting as outside (as in the evaluation's clicker)."""
-    padded = np.pad(region.astype(np.uint8), 1)
-    return cv2.distanceTransform(padded, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)[1:-1, 1:-1]
+def _user_clicks(pred: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``segany eval``'s simulated user (:func:`segany.evaluate.metrics.next_click`) on (K, L, L)
+    bool predictions of ``gt`` (K, L, L) bool, ``valid`` (K or 1, L, L). Returns xy (K, 2), labels
+    (K,) bool (True: positive) and found (K,) (False where nothing is left to correct)."""
+    from ..evaluate.metrics import next_click
+
+    xy = torch.zeros(gt.shape[0], 2)
+    label = torch.zeros(gt.shape[0], dtype=torch.bool)
+    found = torch.zeros(gt.shape[0], dtype=torch.bool)
+    ignore = (valid.expand_as(gt) <= 0.5).cpu().numpy()
+    for k, (p, g) in enumerate(zip(pred.cpu().numpy(), gt.cpu().numpy())):
+        c = next_click(p, g, ignore[k])
+        if c is not None:
+            xy[k] = torch.tensor([c.x, c.y], dtype=torch.float32)
+            label[k], found[k] = c.positive, True
+    return xy.to(gt.device), label.to(gt.device), found.to(gt.device)
 
 
 def center_points(region: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """The pixel of each ``region`` (K, L, L) bool farthest from the region's boundary -> (K, 2)
-    xy (low-res pixels) and (K,) "found"; the evaluation's first click."""
-    out = torch.zeros(region.shape[0], 2)
-    found = torch.zeros(region.shape[0], dtype=torch.bool)
-    for k, r in enumerate(region.cpu().numpy()):
-        if r.any():
-            y, x = np.unravel_index(int(np.argmax(_border_distance(r))), r.shape)
-            out[k] = torch.tensor([x, y], dtype=torch.float32)
-            found[k] = True
-    return out.to(region.device), found.to(region.device)
-
-
-def _clicker(fn: torch.Tensor, fp: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The evaluation's simulated user on (K, L, L) error maps: the point farthest from the
-    boundary of the false-negative or false-positive region, whichever reaches deeper.
-    Returns xy (K, 2), labels (K,) bool (True: positive) and found (K,)."""
-    xy = torch.zeros(fn.shape[0], 2)
-    label = torch.zeros(fn.shape[0], dtype=torch.bool)
-    found = torch.zeros(fn.shape[0], dtype=torch.bool)
-    for k, (a, b) in enumerate(zip(fn.cpu().numpy(), fp.cpu().numpy())):
-        da, db = _border_distance(a), _border_distance(b)
-        if da.max() <= 0 and db.max() <= 0:
-            continue
-        pos = da.max() > db.max()
-        y, x = np.unravel_index(int(np.argmax(da if pos else db)), a.shape)
-        xy[k] = torch.tensor([x, y], dtype=torch.float32)
-        label[k], found[k] = bool(pos), True
-    return xy.to(fn.device), label.to(fn.device), found.to(fn.device)
+    xy (low-res pixels) and (K,) "found"; the evaluation's first click (nothing predicted yet)."""
+    xy, _, found = _user_clicks(torch.zeros_like(region), region, torch.ones_like(region[:1], dtype=torch.float32))
+    return xy, found
 
 
 def next_clicks(
@@ -103,7 +88,7 @@ def next_clicks(
     label = fn[ar, yi, xi]
     if center is not None and center.any():
         sel = center.nonzero().flatten()
-        cxy, clab, cfound = _clicker(fn[sel], fp[sel])
+        cxy, clab, cfound = _user_clicks(pred[sel], g_b[sel], valid if valid.shape[0] == 1 else valid[sel])
         xy[sel] = torch.where(cfound[:, None], cxy, xy[sel])
         label[sel] = torch.where(cfound, clab, label[sel])
     if (~found).any():
