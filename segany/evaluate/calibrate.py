@@ -81,12 +81,13 @@ def write_defaults(path: str, result: Dict[str, float]) -> None:
     tensors untouched, atomically; ``segany everything``/``annotate`` then use them by default."""
     from safetensors import safe_open
 
+    from ..checkpoints import EVERYTHING_KEYS
     from ..train.export import write_safetensors
 
     with safe_open(path, framework="pt") as f:
         meta = dict(f.metadata() or {})
         tensors = {k: f.get_tensor(k) for k in f.keys()}
-    chosen = {k: result[k] for k in ("pred_iou_thresh", "stability_score_thresh")}
+    chosen = {k: result[k] for k in EVERYTHING_KEYS}
     meta["everything"] = json.dumps({**chosen, "calibration": {k: v for k, v in result.items() if k not in chosen}})
     write_safetensors(tensors, path, meta)
 
