@@ -8,6 +8,10 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from . import allocator as _allocator
+
+_allocator.enable_huge_pages()  # before any large tensor exists (see allocator.py)
+
 from .modeling import Sam, build_sam  # noqa: E402
 
 __all__ = ["Sam", "build_sam", "__version__"]

@@ -147,3 +147,28 @@ def test_int8_encoder_runs_close_to_float():
     p.set_image(np.random.default_rng(0).integers(0, 255, (60, 90, 3), dtype=np.uint8))
     m, s, _ = p.predict(point_coords=np.array([[10.0, 20.0]]), point_labels=np.array([1]))
     assert m.shape == (3, 60, 90)
+
+
+def _thp_mode() -> str:
+    try:
+        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+    except OSError:
+        return "unavailable"
+    return text[text.index("[") + 1 : text.index("]")] if "[" in text else "unavailable"
+
+
+@pytest.mark.skipif(_thp_mode() != "madvise", reason="needs transparent huge pages in madvise mode")
+def test_import_segany_puts_large_tensors_on_huge_pages():
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import segany, torch\n"
+        "x = torch.ones(64 << 20)\n"
+        "print(sum(int(l.split()[1]) for l in open('/proc/self/smaps_rollup') if l.startswith('AnonHugePages')))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("THP_MEM_ALLOC_ENABLE", "SEGANY_ALLOCATOR")}
+    run = lambda extra: int(subprocess.run([sys.executable, "-c", code], env={**env, **extra}, capture_output=True, text=True, check=True).stdout)
+    assert run({}) >= 128 << 10  # most of the 256 MB tensor, in kB
+    assert run({"SEGANY_ALLOCATOR": "default"}) == 0

@@ -14,6 +14,15 @@ image-side work either done once per image or folded onto the few prompt tokens:
 * Image->token attention: scores ``(x W_q,h^T + b_q,h) k_h^T`` are ``x (W_q,h^T k_h^T) + b``; all
   heads go in one GEMM against a block-diagonal key matrix, and ``out_proj(concat_h A_h v_h)``
   is ``[A_1..A_H] @ [v_h W_o,h^T] + b_o``.
+* Factored image tokens (the cached path, layers past the first): every image-token state is
+  ``X = diag(alpha) S + P^T Q`` with ``S`` a per-image matrix (the embedding scaled by the
+  LayerNorm gains met so far), ``alpha`` (N,) the product of the LayerNorm row scales, and a
+  low-rank prompt part (``P`` r x N, ``Q`` r x C; r = heads*tokens + 2 per layer): an image->token
+  update adds ``A^T U`` and a LayerNorm maps ``(X - m) r g + b`` onto the same form. So every
+  projection of the image tokens, ``X W^T = diag(alpha) (S W^T) + P^T (Q W^T)``, reads a
+  per-image ``S W^T`` (built once, in ``DecoderCache``) plus a rank-r product; this covers the
+  later token->image keys/values, image->token queries and the first output-upscaling
+  convolution. Only the residual stream that LayerNorm statistics need is formed densely.
 * The output upscaling runs channel-last: each 2x2 stride-2 transposed convolution is one GEMM,
   LayerNorm2d is ``layer_norm`` over the last axis, and only the requested mask tokens go through
   their hypernetwork MLP.
@@ -43,13 +52,59 @@ class DecoderCache:
     src_pe: Tensor  # (1, N, C) src + pe
     k0: Tensor  # (1, heads, N, hd) layer-0 token->image keys
     v0: Tensor  # (1, heads, N, hd) layer-0 token->image values
-    q0: Tensor  # (1, N, internal) layer-0 image->token queries (bias included)
+    q0: Tensor  # (heads, hd, N) layer-0 image->token queries (bias included)
     hw: Tuple[int, int]
+    # Per layer past the first, projections of the per-image base S_l = src * (norm4 gains of
+    # the layers before): token->image keys/values, image->token queries (heads, N, hd), with
+    # the positional encoding's share (bias included) apart.
+    layers: Tuple["_LayerProjections", ...] = ()
+    final: Optional["_LayerProjections"] = None  # final token->image attention (keys/values)
+    upscale: Optional[Tensor] = None  # (N, 4*c1) S_depth @ first upscaling conv, channel-last
+
+
+@dataclass
+class _LayerProjections:
+    """``S W^T`` per head, transposed for bmm: (heads, hd, N) for scores, (heads, N, hd) for values."""
+
+    t2i_k: Tensor  # (heads, hd, N)   S @ W_k^T
+    t2i_kpe: Tensor  # (heads, hd, N) pe @ W_k^T + b_k
+    t2i_v: Tensor  # (heads, N, hd)   S @ W_v^T
+    i2t_q: Optional[Tensor] = None  # (heads, hd, N) S @ W_q^T
+    i2t_qpe: Optional[Tensor] = None  # (heads, hd, N) pe @ W_q^T + b_q
 
 
 def _heads(x: Tensor, nh: int) -> Tensor:
     b, n, c = x.shape
     return x.reshape(b, n, nh, c // nh).transpose(1, 2)
+
+
+def _head_cols(x: Tensor, nh: int) -> Tensor:
+    """(N, I) -> (heads, hd, N) contiguous: the right-hand side of per-head score GEMMs."""
+    n, i = x.shape
+    return x.t().reshape(nh, i // nh, n).contiguous()
+
+
+def _head_rows(x: Tensor, nh: int) -> Tensor:
+    """(N, I) -> (heads, N, hd) contiguous."""
+    n, i = x.shape
+    return x.reshape(n, nh, i // nh).transpose(0, 1).contiguous()
+
+
+def _project(linear: torch.nn.Linear, x: Tensor, bias: bool) -> Tensor:
+    return F.linear(x, linear.weight, linear.bias if bias else None)
+
+
+def _layer_projections(t2i: Attention, i2t: Optional[Attention], base: Tensor, pe: Tensor) -> _LayerProjections:
+    nh = t2i.num_heads
+    lp = _LayerProjections(
+        t2i_k=_head_cols(_project(t2i.k_proj, base, False), nh),
+        t2i_kpe=_head_cols(_project(t2i.k_proj, pe, True), nh),
+        t2i_v=_head_rows(_project(t2i.v_proj, base, False), nh),
+    )
+    if i2t is not None:
+        lp.i2t_q = _head_cols(_project(i2t.q_proj, base, False), i2t.num_heads)
+        lp.i2t_qpe = _head_cols(_project(i2t.q_proj, pe, True), i2t.num_heads)
+    return lp
 
 
 @torch.no_grad()
@@ -67,8 +122,27 @@ def build_cache(decoder: MaskDecoder, image_embeddings: Tensor, image_pe: Tensor
     nh = t2i.num_heads
     k0 = _heads(t2i.k_proj(src_pe), nh).contiguous()
     v0 = _heads(t2i.v_proj(src), nh).contiguous()
-    q0 = i2t.q_proj(src_pe)
-    return DecoderCache(src=src, pe=pe, src_pe=src_pe, k0=k0, v0=v0, q0=q0, hw=(int(h), int(w)))
+    q0 = _head_cols(i2t.q_proj(src_pe)[0], i2t.num_heads)
+    # The per-image bases S_l of the factored image tokens and their projections.
+    base = src[0]
+    pe0 = pe[0]
+    layers = []
+    for layer in decoder.transformer.layers[1:]:
+        base = base * layer_prev_gain(decoder, len(layers))
+        layers.append(_layer_projections(layer.cross_attn_token_to_image, layer.cross_attn_image_to_token, base, pe0))
+    base = base * layer_prev_gain(decoder, len(layers))
+    final = _layer_projections(decoder.transformer.final_attn_token_to_image, None, base, pe0)
+    ct1 = decoder.output_upscaling[0]
+    upscale = base @ ct1.weight.permute(0, 2, 3, 1).reshape(base.shape[-1], -1)
+    return DecoderCache(
+        src=src, pe=pe, src_pe=src_pe, k0=k0, v0=v0, q0=q0, hw=(int(h), int(w)),
+        layers=tuple(layers), final=final, upscale=upscale.contiguous(),
+    )
+
+
+def layer_prev_gain(decoder: MaskDecoder, i: int) -> Tensor:
+    """The norm4 gain of decoder layer ``i`` (it scales the base of layer i+1)."""
+    return decoder.transformer.layers[i].norm4.weight
 
 
 def _self_attn(attn: Attention, q: Tensor, v: Tensor) -> Tensor:
@@ -115,9 +189,9 @@ def _block_diag_keys(k: Tensor, nh: int) -> Tensor:
     return bd.reshape(B, I, nh * t)
 
 
-def _i2t(attn: Attention, x_pe: Optional[Tensor], q_img: Optional[Tensor], k_tokens: Tensor, v_tokens: Tensor, residual: Tensor, inplace: bool = False) -> Tensor:
-    """``residual`` + image->token attention output after out_proj, (B, N, C). Queries are either
-    the projected ``q_img`` (1, N, I) or folded from ``x_pe`` (B|1, N, C).
+def _i2t(attn: Attention, x_pe: Tensor, k_tokens: Tensor, v_tokens: Tensor, residual: Tensor, inplace: bool = False) -> Tensor:
+    """``residual`` + image->token attention output after out_proj, (B, N, C), queries folded
+    from the image tokens ``x_pe`` (B|1, N, C).
 
     Scores are laid out (B, heads, tokens, N) so that the softmax over the few tokens runs along a
     strided axis with contiguous N-long rows (a softmax over a 7-long last axis is ~20x slower).
@@ -125,26 +199,127 @@ def _i2t(attn: Attention, x_pe: Optional[Tensor], q_img: Optional[Tensor], k_tok
     ``a @ (u + b/heads) = a @ u + b``; the residual add is the GEMM's accumulator."""
     nh = attn.num_heads
     k = attn.k_proj(k_tokens)  # (B, t, I)
-    v = attn.v_proj(v_tokens)  # (B, t, I)
     B, t, I = k.shape
     hd = I // nh
     kbd = _block_diag_keys(k, nh) * (hd**-0.5)  # (B, I, nh*t)
     kbdT = kbd.transpose(1, 2)  # (B, nh*t, I)
-    if q_img is not None:
-        sT = torch.matmul(kbdT, q_img.transpose(1, 2))  # (B, nh*t, N)
-    else:
-        mT = torch.matmul(kbdT, attn.q_proj.weight)  # (B, nh*t, C)
-        c = torch.matmul(attn.q_proj.bias, kbd)  # (B, nh*t)
-        sT = torch.baddbmm(c[:, :, None], mT, x_pe.expand(B, -1, -1).transpose(1, 2))
+    mT = torch.matmul(kbdT, attn.q_proj.weight)  # (B, nh*t, C)
+    c = torch.matmul(attn.q_proj.bias, kbd)  # (B, nh*t)
+    sT = torch.baddbmm(c[:, :, None], mT, x_pe.expand(B, -1, -1).transpose(1, 2))
     N = sT.shape[-1]
     aT = torch.softmax(sT.view(B, nh, t, N), dim=2).view(B, nh * t, N)
-    C = attn.out_proj.weight.shape[0]
-    wo = attn.out_proj.weight.t().reshape(nh, hd, C)  # (nh, hd, C)
-    u = torch.matmul(v.reshape(B, t, nh, hd).transpose(1, 2), wo).reshape(B, nh * t, C)  # (B, nh*t, C)
-    u = u + attn.out_proj.bias / nh
+    u = _value_update(attn, v_tokens)  # (B, nh*t, C)
     if inplace and residual.shape[0] == B:
         return residual.baddbmm_(aT.transpose(1, 2), u)
     return torch.baddbmm(residual.expand(B, -1, -1), aT.transpose(1, 2), u)
+
+
+def _i2t_cached(attn: Attention, q_cols: Tensor, k_tokens: Tensor, v_tokens: Tensor, residual: Tensor):
+    """Image->token attention with precomputed image queries ``q_cols`` (heads, hd, N): returns
+    ``residual + update`` as a new (B, N, C) tensor and the update's factors aT (B, heads*t, N),
+    u (B, heads*t, C)."""
+    B, t, _ = k_tokens.shape
+    h = _split_heads_scaled(attn.k_proj(k_tokens), attn.num_heads)  # (nh, B*t, hd)
+    nh, _, N = q_cols.shape
+    s = torch.bmm(h, q_cols).view(nh, B, t, N)
+    aT = torch.softmax(s, dim=2).transpose(0, 1).reshape(B, nh * t, N)
+    u = _value_update(attn, v_tokens)
+    return torch.baddbmm(residual.expand(B, -1, -1), aT.transpose(1, 2), u), aT, u
+
+
+def _value_update(attn: Attention, v_tokens: Tensor) -> Tensor:
+    """(B, t, C) tokens -> (B, heads*t, C): each head's values through its slice of out_proj, plus
+    out_proj's bias shared among the heads (softmax rows sum to one)."""
+    nh = attn.num_heads
+    v = attn.v_proj(v_tokens)
+    B, t, I = v.shape
+    hd = I // nh
+    C = attn.out_proj.weight.shape[0]
+    wo = attn.out_proj.weight.t().reshape(nh, hd, C)
+    u = torch.matmul(v.reshape(B, t, nh, hd).transpose(1, 2), wo).reshape(B, nh * t, C)
+    return u + attn.out_proj.bias / nh
+
+
+@dataclass
+class _Factored:
+    """Image tokens (B, N, C) = alpha[..., None] * S + P^T Q, S the per-image base of its layer."""
+
+    alpha: Tensor  # (B, N)
+    P: Tensor  # (B, r, N)
+    Q: Tensor  # (B, r, C)
+
+    def select(self, rows: Tensor) -> "_Factored":
+        return _Factored(self.alpha[rows], self.P[rows], self.Q[rows])
+
+
+def _normed(fx: Optional[_Factored], aT: Tensor, u: Tensor, mean: Tensor, rstd: Tensor, ln: torch.nn.LayerNorm) -> _Factored:
+    """``LayerNorm(X + aT^T u)`` in factored form, from the row statistics mean, rstd (B, N) of
+    ``X + aT^T u``; ``fx`` is X (None: X is the base itself)."""
+    g, b = ln.weight, ln.bias
+    B, _, N = aT.shape
+    C = g.shape[0]
+    r = rstd[:, None, :]
+    P = [aT * r, (-mean * rstd)[:, None, :], torch.ones_like(r)]
+    Q = [u * g, g.expand(B, 1, C), b.expand(B, 1, C)]
+    alpha = rstd
+    if fx is not None:
+        P.insert(0, fx.P * r)
+        Q.insert(0, fx.Q * g)
+        alpha = fx.alpha * rstd
+    return _Factored(alpha, torch.cat(P, 1), torch.cat(Q, 1))
+
+
+def _factored_scores(h: Tensor, weight: Tensor, fx: _Factored, base_cols: Tensor, pe_cols: Tensor) -> Tensor:
+    """Per-head scores of tokens ``h`` (heads, B*t, hd), already scaled, against the projection
+    ``weight`` (I, C) of the factored image tokens plus the positional share:
+    (heads, B, t, N) = alpha * (h S_h^T) + h PE_h^T + (h (Q W_h^T)^T) P."""
+    nh, Bt, hd = h.shape
+    B, r, N = fx.P.shape
+    t = Bt // B
+    s = torch.bmm(h, base_cols).view(nh, B, t, N).mul_(fx.alpha[None, :, None, :])
+    s.view(nh, Bt, N).baddbmm_(h, pe_cols)
+    qw = F.linear(fx.Q, weight).view(B, r, nh, hd).permute(0, 2, 3, 1)  # (B, nh, hd, r)
+    low = torch.matmul(h.view(nh, B, t, hd).transpose(0, 1), qw)  # (B, nh, t, r)
+    low = torch.bmm(low.reshape(B, nh * t, r), fx.P)  # (B, nh*t, N)
+    return s.add_(low.view(B, nh, t, N).transpose(0, 1))
+
+
+def _split_heads_scaled(x: Tensor, nh: int) -> Tensor:
+    """(B, t, I) -> (heads, B*t, hd) times hd^-0.5."""
+    B, t, I = x.shape
+    hd = I // nh
+    return x.view(B, t, nh, hd).permute(2, 0, 1, 3).reshape(nh, B * t, hd) * (hd**-0.5)
+
+
+def _t2i_factored(attn: Attention, q_tokens: Tensor, fx: _Factored, proj: _LayerProjections) -> Tensor:
+    """Token->image attention on factored image tokens (keys X + pe, values X)."""
+    nh = attn.num_heads
+    B, t, _ = q_tokens.shape
+    N = fx.P.shape[-1]
+    h = _split_heads_scaled(attn.q_proj(q_tokens), nh)  # (nh, B*t, hd)
+    hd = h.shape[-1]
+    a = torch.softmax(_factored_scores(h, attn.k_proj.weight, fx, proj.t2i_k, proj.t2i_kpe), dim=-1)  # (nh, B, t, N)
+    # values: (a * alpha) S W_v^T + (a P^T)(Q W_v^T) + b_v
+    o = torch.bmm((a * fx.alpha[None, :, None, :]).view(nh, B * t, N), proj.t2i_v)  # (nh, B*t, hd)
+    r = fx.P.shape[1]
+    aP = torch.bmm(a.transpose(0, 1).reshape(B, nh * t, N), fx.P.transpose(1, 2))  # (B, nh*t, r)
+    qv = F.linear(fx.Q, attn.v_proj.weight).view(B, r, nh, hd).transpose(1, 2)  # (B, nh, r, hd)
+    o2 = torch.matmul(aP.view(B, nh, t, r), qv)  # (B, nh, t, hd)
+    o = o.view(nh, B, t, hd).permute(1, 2, 0, 3) + o2.transpose(1, 2) + attn.v_proj.bias.view(nh, hd)
+    return attn.out_proj(o.reshape(B, t, nh * hd))
+
+
+def _i2t_factored(attn: Attention, fx: _Factored, proj: _LayerProjections, k_tokens: Tensor, v_tokens: Tensor, residual: Tensor):
+    """Image->token attention with queries from factored image tokens (X + pe): returns
+    ``residual + update`` (in place) and the update's factors aT (B, heads*t, N), u (B, heads*t, C)."""
+    nh = attn.num_heads
+    B, t, _ = k_tokens.shape
+    N = fx.P.shape[-1]
+    h = _split_heads_scaled(attn.k_proj(k_tokens), nh)
+    s = _factored_scores(h, attn.q_proj.weight, fx, proj.i2t_q, proj.i2t_qpe)  # (nh, B, t, N)
+    aT = torch.softmax(s, dim=2).transpose(0, 1).reshape(B, nh * t, N)
+    u = _value_update(attn, v_tokens)
+    return residual.baddbmm_(aT.transpose(1, 2), u), aT, u
 
 
 def _layer_norm(ln: torch.nn.LayerNorm, x: Tensor) -> Tensor:
@@ -185,77 +360,125 @@ def predict_masks_fast(
         pe = image_pe.flatten(2).transpose(1, 2).contiguous()
         src_pe = src + pe
 
-    queries = tokens
-    keys, keys_pe = src, src_pe
-    for i, layer in enumerate(tf.layers):
-        if layer.skip_first_layer_pe:
-            queries = _self_attn(layer.self_attn, queries, queries)
-        else:
-            q = queries + tokens
-            queries = queries + _self_attn(layer.self_attn, q, queries)
-        queries = _layer_norm(layer.norm1, queries)
-        q = queries + tokens
-        if i == 0 and cache is not None:
-            att = _t2i_cached(layer.cross_attn_token_to_image, q, cache.k0, cache.v0)
-        else:
-            att = _t2i_folded(layer.cross_attn_token_to_image, q, keys_pe, keys)
-        queries = _layer_norm(layer.norm2, queries + att)
-        queries = _layer_norm(layer.norm3, queries + layer.mlp(queries))
-        q = queries + tokens
-        if i == 0 and cache is not None:
-            keys = _i2t(layer.cross_attn_image_to_token, None, cache.q0, q, queries, keys)
-        else:
-            # keys is a fresh per-prompt tensor past the first layer; the cache's src is not.
-            keys = _i2t(layer.cross_attn_image_to_token, keys_pe, None, q, queries, keys, inplace=i > 0)
-        keys = _layer_norm(layer.norm4, keys)
-        keys_pe = keys + pe
-    q = queries + tokens
-    queries = queries + _t2i_folded(tf.final_attn_token_to_image, q, keys_pe, keys)
-    queries = _layer_norm(tf.norm_final_attn, queries)
+    if cache is not None:
+        queries, upscale_in = _transformer_cached(decoder, tokens, cache)
+    else:
+        queries, upscale_in = _transformer_dense(decoder, tokens, src, pe, src_pe)
 
     sl = slice(1, None) if multimask_output else slice(0, 1)
     idx = range(decoder.num_mask_tokens)[sl]
     iou_pred = decoder.iou_prediction_head(queries[:, 0, :])[:, sl]
     hyper_in = torch.stack([decoder.output_hypernetworks_mlps[j](queries[:, 1 + j, :]) for j in idx], dim=1)
     if iou_thresh is None:
-        return _upscale_masks(decoder, keys, hyper_in, h, w), iou_pred
+        return _upscale_masks(decoder, upscale_in, hyper_in, h, w), iou_pred
     keep = iou_pred > iou_thresh  # (B, M)
     rows = keep.any(1).nonzero().flatten()
     if len(rows) == 0:
-        return keys.new_zeros(0, 4 * h, 4 * w), iou_pred
-    masks = _upscale_masks(decoder, keys[rows].contiguous(), hyper_in[rows], h, w)  # (R, M, 4h, 4w)
+        return queries.new_zeros(0, 4 * h, 4 * w), iou_pred
+    if isinstance(upscale_in, Tensor):
+        upscale_in = upscale_in[rows].contiguous()
+    else:
+        upscale_in = (upscale_in[0].select(rows), upscale_in[1])
+    masks = _upscale_masks(decoder, upscale_in, hyper_in[rows], h, w)  # (R, M, 4h, 4w)
     return masks[keep[rows]], iou_pred
 
 
-def _upscale_masks(decoder: MaskDecoder, keys: Tensor, hyper_in: Tensor, h: int, w: int, rows_per_chunk: int = 8) -> Tensor:
-    """keys (B, h*w, C) channel-last, hyper_in (B, M, C/8) -> masks (B, M, 4h, 4w).
+def _token_steps(layer, queries: Tensor, tokens: Tensor, t2i) -> Tensor:
+    """The token side of one two-way block up to the image->token attention; ``t2i(q)`` is the
+    token->image attention of the (already prepared) image tokens."""
+    if layer.skip_first_layer_pe:
+        queries = _self_attn(layer.self_attn, queries, queries)
+    else:
+        q = queries + tokens
+        queries = queries + _self_attn(layer.self_attn, q, queries)
+    queries = _layer_norm(layer.norm1, queries)
+    queries = _layer_norm(layer.norm2, queries + t2i(queries + tokens))
+    return _layer_norm(layer.norm3, queries + layer.mlp(queries))
+
+
+def _transformer_dense(decoder: MaskDecoder, tokens: Tensor, src: Tensor, pe: Tensor, src_pe: Tensor):
+    """Any dense prompt (mask input): image tokens formed densely, projections folded."""
+    tf = decoder.transformer
+    queries = tokens
+    keys, keys_pe = src, src_pe
+    for i, layer in enumerate(tf.layers):
+        queries = _token_steps(layer, queries, tokens, lambda q: _t2i_folded(layer.cross_attn_token_to_image, q, keys_pe, keys))
+        # keys is a fresh per-prompt tensor past the first layer; src is not.
+        keys = _i2t(layer.cross_attn_image_to_token, keys_pe, queries + tokens, queries, keys, inplace=i > 0)
+        keys = _layer_norm(layer.norm4, keys)
+        keys_pe = keys + pe
+    q = queries + tokens
+    queries = queries + _t2i_folded(tf.final_attn_token_to_image, q, keys_pe, keys)
+    return _layer_norm(tf.norm_final_attn, queries), keys
+
+
+def _transformer_cached(decoder: MaskDecoder, tokens: Tensor, cache: DecoderCache):
+    """No mask input: the first layer from the cache, the rest on factored image tokens. Returns
+    the tokens and (factored final image tokens, the cache's upscaling base)."""
+    tf = decoder.transformer
+    queries = tokens
+    keys = cache.src  # the dense residual stream, needed for LayerNorm statistics
+    fx: Optional[_Factored] = None
+    for i, layer in enumerate(tf.layers):
+        if i == 0:
+            queries = _token_steps(layer, queries, tokens, lambda q: _t2i_cached(layer.cross_attn_token_to_image, q, cache.k0, cache.v0))
+            y, aT, u = _i2t_cached(layer.cross_attn_image_to_token, cache.q0, queries + tokens, queries, keys)
+        else:
+            proj = cache.layers[i - 1]
+            queries = _token_steps(layer, queries, tokens, lambda q: _t2i_factored(layer.cross_attn_token_to_image, q, fx, proj))
+            y, aT, u = _i2t_factored(layer.cross_attn_image_to_token, fx, proj, queries + tokens, queries, keys)
+        ln = layer.norm4
+        # The statistics are what the factored form needs; the normalised stream itself only as
+        # the next layer's residual. (native_layer_norm is ~10x faster than var_mean here.)
+        keys, mean, rstd = torch.native_layer_norm(y, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+        fx = _normed(fx, aT, u, mean.squeeze(-1), rstd.squeeze(-1), ln)
+    q = queries + tokens
+    queries = queries + _t2i_factored(tf.final_attn_token_to_image, q, fx, cache.final)
+    return _layer_norm(tf.norm_final_attn, queries), (fx, cache.upscale)
+
+
+def _upscale_masks(decoder: MaskDecoder, keys, hyper_in: Tensor, h: int, w: int, rows_per_chunk: int = 8) -> Tensor:
+    """keys (B, h*w, C) channel-last, or (factored keys, their base through the first conv
+    (h*w, 4*c1)); hyper_in (B, M, C/8) -> masks (B, M, 4h, 4w).
 
     Runs ``rows_per_chunk`` embedding rows at a time: the intermediates (up to 16x the pixels at
     128 channels) then stay in cache and in reused allocator blocks instead of being written to
     fresh multi-MB buffers (page faults) and read back by the next op."""
     ct1, ln, act1, ct2, act2 = decoder.output_upscaling
-    B, N, C = keys.shape
+    C = ct1.in_channels
+    B, N = hyper_in.shape[0], h * w
     c1 = ct1.out_channels
     c2 = ct2.out_channels
     M = hyper_in.shape[1]
     # ConvTranspose2d weight (in, out, 2, 2) -> (in, (a, b, out)) so channels stay last.
     w1 = ct1.weight.permute(0, 2, 3, 1).reshape(C, 4 * c1)
     b1 = ct1.bias.repeat(4)
-    w2 = ct2.weight.permute(0, 2, 3, 1).reshape(c1, 4 * c2)
-    b2 = ct2.bias.repeat(4)
-    hyp = hyper_in.transpose(1, 2)  # (B, c2, M)
-    out = keys.new_empty(B, M, 4 * h, 4 * w)
-    # out[b, m, i, a, a2, j, bb, b2] <- rows (i, j, a, bb, a2, b2) of the GEMM results
-    out_v = out.view(B, M, h, 2, 2, w, 2, 2)
-    kv = keys.view(B, h, w, C)
+    # Second conv split by output row parity a2: weight (c1, c2, a2, b2) -> per a2 (c1, (b2, c2)).
+    w2 = [ct2.weight[:, :, a2].permute(0, 2, 1).reshape(c1, 2 * c2) for a2 in range(2)]
+    b2 = ct2.bias.repeat(2)
+    hyp_t = hyper_in  # (B, M, c2)
+    out = hyper_in.new_empty(B, M, 4 * h, 4 * w)
+    # out[b, m, i, a, a2, (j, bb, b2)]: with the first conv's rows in (i, a, j, bb) order, each
+    # a2's GEMM yields rows (i, a, j, bb, b2), i.e. whole output rows of 4w pixels.
+    out_v = out.view(B, M, h, 2, 2, 4 * w)
+    if isinstance(keys, Tensor):
+        kv = keys.view(B, h, w, C)
+    else:  # diag(alpha) (S W1) + P^T (Q W1)
+        fx, base_w1 = keys
+        qw1 = fx.Q @ w1  # (B, r, 4*c1)
     for i0 in range(0, h, rows_per_chunk):
         i1 = min(h, i0 + rows_per_chunk)
         r = i1 - i0
-        x = kv[:, i0:i1].reshape(B * r * w, C)
-        y = torch.addmm(b1, x, w1).view(B * r * w * 4, c1)
+        if isinstance(keys, Tensor):
+            y = torch.addmm(b1, kv[:, i0:i1].reshape(B * r * w, C), w1)
+        else:
+            n0, n1 = i0 * w, i1 * w
+            y = torch.baddbmm(torch.addcmul(b1, fx.alpha[:, n0:n1, None], base_w1[n0:n1]), fx.P[:, :, n0:n1].transpose(1, 2), qw1)
+        # rows (b, i, j) x cols (a, bb, c1) -> rows (b, i, a, j, bb) x c1
+        y = y.view(B, r, w, 2, 2 * c1).transpose(2, 3).reshape(B * r * 2 * w * 2, c1)
         y = act1(F.layer_norm(y, (c1,), ln.weight, ln.bias, ln.eps))
-        z = act2(torch.addmm(b2, y, w2))  # (B*r*w*4*4, c2) rows ordered (b, i, j, a, bb, a2, b2)
-        m = torch.bmm(z.view(B, r * w * 16, c2), hyp)  # (B, r*w*16, M)
-        # (B, i, j, a, bb, a2, b2, M) -> (B, M, i, a, a2, j, bb, b2)
-        out_v[:, :, i0:i1].copy_(m.view(B, r, w, 2, 2, 2, 2, M).permute(0, 7, 1, 3, 5, 2, 4, 6))
+        for a2 in range(2):
+            z = act2(torch.addmm(b2, y, w2[a2])).view(B, r * 2 * w * 2 * 2, c2)  # rows (i, a, j, bb, b2)
+            m = torch.matmul(hyp_t, z.transpose(1, 2))  # (B, M, r*2*4w)
+            out_v[:, :, i0:i1, :, a2].copy_(m.view(B, M, r, 2, 4 * w))
     return out
