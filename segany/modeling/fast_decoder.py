@@ -437,19 +437,22 @@ def _transformer_cached(decoder: MaskDecoder, tokens: Tensor, cache: DecoderCach
     return _layer_norm(tf.norm_final_attn, queries), (fx, cache.upscale)
 
 
-def _upscale_masks(decoder: MaskDecoder, keys, hyper_in: Tensor, h: int, w: int, rows_per_chunk: int = 8) -> Tensor:
+def _upscale_masks(decoder: MaskDecoder, keys, hyper_in: Tensor, h: int, w: int, rows_per_chunk: Optional[int] = None) -> Tensor:
     """keys (B, h*w, C) channel-last, or (factored keys, their base through the first conv
     (h*w, 4*c1)); hyper_in (B, M, C/8) -> masks (B, M, 4h, 4w).
 
-    Runs ``rows_per_chunk`` embedding rows at a time: the intermediates (up to 16x the pixels at
-    128 channels) then stay in cache and in reused allocator blocks instead of being written to
-    fresh multi-MB buffers (page faults) and read back by the next op."""
+    Runs ``rows_per_chunk`` embedding rows at a time (default: ~4096 embedding pixels over the
+    batch per chunk): fewer, larger ops were faster than cache-sized pieces at one prompt
+    (6-7 ms vs 8.6-9 ms for 8 rows at 64x64), while a batch of prompts keeps its intermediates
+    (16x the pixels at up to 64 channels per prompt) bounded."""
     ct1, ln, act1, ct2, act2 = decoder.output_upscaling
     C = ct1.in_channels
     B, N = hyper_in.shape[0], h * w
     c1 = ct1.out_channels
     c2 = ct2.out_channels
     M = hyper_in.shape[1]
+    if rows_per_chunk is None:
+        rows_per_chunk = max(1, min(h, 4096 // (B * w)))
     # ConvTranspose2d weight (in, out, 2, 2) -> (in, (a, b, out)) so channels stay last.
     w1 = ct1.weight.permute(0, 2, 3, 1).reshape(C, 4 * c1)
     b1 = ct1.bias.repeat(4)
