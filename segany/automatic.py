@@ -306,9 +306,15 @@ class SamAutomaticMaskGenerator:
                 parts[name].append(v)
         if image is not None:
             self.predictor.reset_image()
+        # NMS on the small per-candidate arrays; the low-res logits (256 KB a candidate at SAM's
+        # size, most of this method's memory) are gathered for the survivors only, never
+        # concatenated whole (that would double the peak).
+        logits = parts.pop("logits")
         d = {k: torch.cat(v) for k, v in parts.items()}
         keep = M.nms(d["boxes"].float(), d["iou_preds"], self.box_nms_thresh)
         d = {k: v[keep] for k, v in d.items()}
+        d["logits"] = _gather_rows(logits, keep)
+        del logits
         n = len(keep)
         offset = torch.tensor([[x0, y0, x0, y0]])
         return {
@@ -342,3 +348,18 @@ class SamAutomaticMaskGenerator:
         out["masks"] = new_t[keep]
         out["boxes"] = boxes[keep]
         return out
+
+
+def _gather_rows(chunks: List[torch.Tensor], index: torch.Tensor) -> torch.Tensor:
+    """``torch.cat(chunks)[index]`` without forming the concatenation."""
+    if not chunks:
+        raise ValueError("no chunks to gather from")
+    sizes = [len(c) for c in chunks]
+    out = chunks[0].new_empty((len(index), *chunks[0].shape[1:]))
+    start = 0
+    for c, n in zip(chunks, sizes):
+        sel = ((index >= start) & (index < start + n)).nonzero().flatten()
+        if len(sel):
+            out[sel] = c[index[sel] - start]
+        start += n
+    return out

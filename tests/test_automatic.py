@@ -277,3 +277,13 @@ def test_stability_bound_prunes_with_the_same_decisions():
         keep = exact >= thresh
         assert torch.equal(s[keep], exact[keep]) and torch.equal(b[keep], boxes[keep])
     assert up.last_split[0] > 0  # some masks were decided from the cell counts alone
+
+
+def test_survivor_logits_are_gathered_like_a_concatenation():
+    from segany.automatic import _gather_rows
+
+    g = torch.Generator().manual_seed(0)
+    chunks = [torch.randn(n, 4, 4, generator=g) for n in (3, 0, 5, 1)]
+    index = torch.tensor([8, 0, 4, 2, 3])  # NMS order: not sorted, spans every non-empty chunk
+    assert torch.equal(_gather_rows(chunks, index), torch.cat(chunks)[index])
+    assert _gather_rows(chunks, torch.tensor([], dtype=torch.long)).shape == (0, 4, 4)

@@ -11,9 +11,10 @@ image-side work either done once per image or folded onto the few prompt tokens:
   ``q_h (W_k,h x + b_k,h)`` equal ``(q_h W_k,h) x`` plus a per-row constant that softmax
   cancels, and ``softmax(S)(x W_v,h^T + b_v,h) = (softmax(S) x) W_v,h^T + b_v,h`` because softmax
   rows sum to one. Only (heads*tokens x 256) @ (256 x h*w) products remain.
-* Image->token attention: scores ``(x W_q,h^T + b_q,h) k_h^T`` are ``x (W_q,h^T k_h^T) + b``; all
-  heads go in one GEMM against a block-diagonal key matrix, and ``out_proj(concat_h A_h v_h)``
-  is ``[A_1..A_H] @ [v_h W_o,h^T] + b_o``.
+* Image->token attention: scores ``(x W_q,h^T + b_q,h) k_h^T`` are ``x (W_q,h^T k_h^T) + b``
+  (with a mask input all heads go in one GEMM against a block-diagonal key matrix; from the
+  cache, per head against the cached queries), and ``out_proj(concat_h A_h v_h)`` is
+  ``[A_1..A_H] @ [v_h W_o,h^T] + b_o``: the update of the image tokens has rank heads*tokens.
 * Factored image tokens (the cached path, layers past the first): every image-token state is
   ``X = diag(alpha) S + P^T Q`` with ``S`` a per-image matrix (the embedding scaled by the
   LayerNorm gains met so far), ``alpha`` (N,) the product of the LayerNorm row scales, and a
@@ -55,8 +56,8 @@ class DecoderCache:
     q0: Tensor  # (heads, hd, N) layer-0 image->token queries (bias included)
     hw: Tuple[int, int]
     # Per layer past the first, projections of the per-image base S_l = src * (norm4 gains of
-    # the layers before): token->image keys/values, image->token queries (heads, N, hd), with
-    # the positional encoding's share (bias included) apart.
+    # the layers before): token->image keys/values and image->token queries, with the positional
+    # encoding's share (bias included) apart. ~10 (N x internal) maps: ~20 MB at SAM's sizes.
     layers: Tuple["_LayerProjections", ...] = ()
     final: Optional["_LayerProjections"] = None  # final token->image attention (keys/values)
     upscale: Optional[Tensor] = None  # (N, 4*c1) S_depth @ first upscaling conv, channel-last
@@ -127,10 +128,11 @@ def build_cache(decoder: MaskDecoder, image_embeddings: Tensor, image_pe: Tensor
     base = src[0]
     pe0 = pe[0]
     layers = []
-    for layer in decoder.transformer.layers[1:]:
-        base = base * layer_prev_gain(decoder, len(layers))
+    blocks = decoder.transformer.layers
+    for i, layer in enumerate(blocks[1:]):
+        base = base * blocks[i].norm4.weight  # the previous block's norm4 gain
         layers.append(_layer_projections(layer.cross_attn_token_to_image, layer.cross_attn_image_to_token, base, pe0))
-    base = base * layer_prev_gain(decoder, len(layers))
+    base = base * blocks[-1].norm4.weight
     final = _layer_projections(decoder.transformer.final_attn_token_to_image, None, base, pe0)
     ct1 = decoder.output_upscaling[0]
     upscale = base @ ct1.weight.permute(0, 2, 3, 1).reshape(base.shape[-1], -1)
@@ -138,11 +140,6 @@ def build_cache(decoder: MaskDecoder, image_embeddings: Tensor, image_pe: Tensor
         src=src, pe=pe, src_pe=src_pe, k0=k0, v0=v0, q0=q0, hw=(int(h), int(w)),
         layers=tuple(layers), final=final, upscale=upscale.contiguous(),
     )
-
-
-def layer_prev_gain(decoder: MaskDecoder, i: int) -> Tensor:
-    """The norm4 gain of decoder layer ``i`` (it scales the base of layer i+1)."""
-    return decoder.transformer.layers[i].norm4.weight
 
 
 def _self_attn(attn: Attention, q: Tensor, v: Tensor) -> Tensor:
