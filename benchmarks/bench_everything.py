@@ -83,11 +83,11 @@ def child(impl: str, config: str, side: int, size) -> dict:
         from safetensors.torch import load_file
 
         with safe_open(weights, "pt") as f:
-            config = json.loads(f.metadata()["config"])
-        ours = build_sam(config).eval()
+            model_config = json.loads(f.metadata()["config"])
+        ours = build_sam(model_config).eval()
         ours.load_state_dict(load_file(weights))
     else:
-        config = CONFIG
+        model_config = CONFIG
         ours = randomize_(build_sam(CONFIG), seed=1, std=0.5)
     if image:
         from segany.io import load_image
@@ -124,9 +124,9 @@ def child(impl: str, config: str, side: int, size) -> dict:
             # the reference's own prompt encoder and mask decoder with the trained weights; its
             # image encoder is never run (both get segany's embeddings), only its img_size is read
             m = sa.modeling
-            dim, size_ = config["prompt_embed_dim"], config["image_size"]
+            dim, size_ = model_config["prompt_embed_dim"], model_config["image_size"]
             grid = ours.prompt_encoder.image_embedding_size
-            dec = config["decoder"]
+            dec = model_config["decoder"]
 
             class _NoEncoder(torch.nn.Module):
                 img_size = size_
@@ -168,13 +168,14 @@ def child(impl: str, config: str, side: int, size) -> dict:
     t = time.perf_counter()
     recs = gen.generate(img)
     dt = time.perf_counter() - t
+    n_crops = len(generate_crop_boxes(img.shape[:2], kw["crop_n_layers"], kw.get("crop_overlap_ratio", 512 / 1500))[0])
     peak = _rss_peak_kb()
     rles = []
     from segany import masks as M
 
     for r in recs:
         rles.append({"rle": M.encode_rle(r["segmentation"]), "iou": r["predicted_iou"], "stab": r["stability_score"], "pt": r["point_coords"][0]})
-    return {"time_s": dt, "peak_mb": max(0, peak - base) / 1024, "n": len(recs), "rles": rles}
+    return {"time_s": dt, "peak_mb": max(0, peak - base) / 1024, "n": len(recs), "rles": rles, "crops": n_crops}
 
 
 def _compare(a, b) -> str:
@@ -224,6 +225,8 @@ def main() -> None:
             res[impl] = json.loads(out.stdout.strip().splitlines()[-1])
             print(f"{config} {impl}: {res[impl]['time_s']:.2f} s, peak +{res[impl]['peak_mb']:.0f} MB", file=sys.stderr)
         s, r = res["segany"], res["reference"]
+        if s["crops"] != (1 if config == "plain" else 5):
+            sys.exit(f"{config}: ran {s['crops']} crops")  # the configuration must reach the generator
         rows.append((config, s, r, _compare(s["rles"], r["rles"])))
     what = os.path.basename(os.environ["BENCH_WEIGHTS"]) if os.environ.get("BENCH_WEIGHTS") else "random vit_b-size decoder"
     img = os.path.basename(os.environ["BENCH_IMAGE"]) if os.environ.get("BENCH_IMAGE") else f"synthetic {size[0]}x{size[1]}"
