@@ -16,6 +16,8 @@ DEC_CONFIGS = [
     TINY_VIT,
     # depth 3 and heads 4: the folds must not assume SAM's exact sizes
     {**TINY_VIT, "decoder": {"depth": 3, "mlp_dim": 48, "num_heads": 4, "iou_head_hidden_dim": 16}},
+    # depth 1: the factored image tokens start right at the final attention
+    {**TINY_VIT, "decoder": {"depth": 1, "mlp_dim": 48, "num_heads": 2, "iou_head_hidden_dim": 16}},
 ]
 
 
