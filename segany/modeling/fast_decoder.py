@@ -357,15 +357,18 @@ def predict_masks_fast(
         pe = image_pe.flatten(2).transpose(1, 2).contiguous()
         src_pe = src + pe
 
-    if cache is not None:
-        queries, upscale_in = _transformer_cached(decoder, tokens, cache)
-    else:
-        queries, upscale_in = _transformer_dense(decoder, tokens, src, pe, src_pe)
-
     sl = slice(1, None) if multimask_output else slice(0, 1)
     idx = range(decoder.num_mask_tokens)[sl]
+    # Only the IoU token and the requested mask tokens are read after the final token->image
+    # attention, which treats each query token on its own: the others skip it.
+    used = torch.tensor([0] + [1 + j for j in idx], device=tokens.device)
+    if cache is not None:
+        queries, upscale_in = _transformer_cached(decoder, tokens, cache, used)
+    else:
+        queries, upscale_in = _transformer_dense(decoder, tokens, src, pe, src_pe, used)
+
     iou_pred = decoder.iou_prediction_head(queries[:, 0, :])[:, sl]
-    hyper_in = torch.stack([decoder.output_hypernetworks_mlps[j](queries[:, 1 + j, :]) for j in idx], dim=1)
+    hyper_in = torch.stack([decoder.output_hypernetworks_mlps[j](queries[:, 1 + i, :]) for i, j in enumerate(idx)], dim=1)
     if iou_thresh is None:
         return _upscale_masks(decoder, upscale_in, hyper_in, h, w), iou_pred
     keep = iou_pred > iou_thresh  # (B, M)
@@ -393,8 +396,9 @@ def _token_steps(layer, queries: Tensor, tokens: Tensor, t2i) -> Tensor:
     return _layer_norm(layer.norm3, queries + layer.mlp(queries))
 
 
-def _transformer_dense(decoder: MaskDecoder, tokens: Tensor, src: Tensor, pe: Tensor, src_pe: Tensor):
-    """Any dense prompt (mask input): image tokens formed densely, projections folded."""
+def _transformer_dense(decoder: MaskDecoder, tokens: Tensor, src: Tensor, pe: Tensor, src_pe: Tensor, used: Tensor):
+    """Any dense prompt (mask input): image tokens formed densely, projections folded. Returns
+    the ``used`` tokens and the final image tokens."""
     tf = decoder.transformer
     queries = tokens
     keys, keys_pe = src, src_pe
@@ -404,14 +408,14 @@ def _transformer_dense(decoder: MaskDecoder, tokens: Tensor, src: Tensor, pe: Te
         keys = _i2t(layer.cross_attn_image_to_token, keys_pe, queries + tokens, queries, keys, inplace=i > 0)
         keys = _layer_norm(layer.norm4, keys)
         keys_pe = keys + pe
-    q = queries + tokens
-    queries = queries + _t2i_folded(tf.final_attn_token_to_image, q, keys_pe, keys)
+    queries, tokens = queries[:, used], tokens[:, used]
+    queries = queries + _t2i_folded(tf.final_attn_token_to_image, queries + tokens, keys_pe, keys)
     return _layer_norm(tf.norm_final_attn, queries), keys
 
 
-def _transformer_cached(decoder: MaskDecoder, tokens: Tensor, cache: DecoderCache):
+def _transformer_cached(decoder: MaskDecoder, tokens: Tensor, cache: DecoderCache, used: Tensor):
     """No mask input: the first layer from the cache, the rest on factored image tokens. Returns
-    the tokens and (factored final image tokens, the cache's upscaling base)."""
+    the ``used`` tokens and (factored final image tokens, the cache's upscaling base)."""
     tf = decoder.transformer
     queries = tokens
     keys = cache.src  # the dense residual stream, needed for LayerNorm statistics
@@ -429,8 +433,8 @@ def _transformer_cached(decoder: MaskDecoder, tokens: Tensor, cache: DecoderCach
         # the next layer's residual. (native_layer_norm is ~10x faster than var_mean here.)
         keys, mean, rstd = torch.native_layer_norm(y, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
         fx = _normed(fx, aT, u, mean.squeeze(-1), rstd.squeeze(-1), ln)
-    q = queries + tokens
-    queries = queries + _t2i_factored(tf.final_attn_token_to_image, q, fx, cache.final)
+    queries, tokens = queries[:, used], tokens[:, used]
+    queries = queries + _t2i_factored(tf.final_attn_token_to_image, queries + tokens, fx, cache.final)
     return _layer_norm(tf.norm_final_attn, queries), (fx, cache.upscale)
 
 
