@@ -108,15 +108,19 @@ class _SeparableResize:
         lead = x.shape[:-2]
         L = x.shape[-1]
         x = x.reshape(-1, L, L)
-        # Columns first, on the small low-res grid: (nb, n*L, S) @ (nb, S, bk)...
+        n = x.shape[0]
+        # The row blocks' windows of low-res rows are gathered first, on the small grid (the
+        # same rows gathered from the column-upscaled map would be a ~H x W copy)...
+        nbr, Sr = self.row_window.shape
+        rows = x[:, self.row_window].reshape(-1, L)  # (n*nbr*Sr, L)
+        # ...then columns: (nbc, rows, S) @ (nbc, S, bk)...
         nbc, S = self.col_window.shape
-        win = x.index_select(-1, self.col_window.flatten()).view(-1, nbc, S).transpose(0, 1)
-        cols = torch.bmm(win, self.col_blocks_t)  # (nbc, n*L, bk)
-        cols = cols.view(nbc, -1, L, cols.shape[-1]).permute(1, 2, 0, 3).reshape(x.shape[0], L, -1)
+        win = rows.index_select(-1, self.col_window.flatten()).view(-1, nbc, S).transpose(0, 1)
+        cols = torch.bmm(win, self.col_blocks_t)  # (nbc, rows, bk)
+        win = cols.permute(1, 0, 2).reshape(n, nbr, Sr, -1)[..., : self.width]  # (n, nbr, S, W)
         # ...then rows: (nbr, bk, S) @ (n, nbr, S, W).
-        win = cols[:, self.row_window, : self.width]  # (n, nbr, S, W)
         if threshold is not None:
-            n, nbr, bk = win.shape[0], self.row_blocks.shape[0], self.row_blocks.shape[1]
+            bk = self.row_blocks.shape[1]
             masks = torch.empty(n, self.height, self.width, dtype=torch.bool, device=win.device)
             step = max(1, self._THRESHOLD_ROWS // bk)
             for b0 in range(0, nbr, step):
