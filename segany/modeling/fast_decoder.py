@@ -344,7 +344,6 @@ def predict_masks_fast(
     runs before the output upscaling, which is half the decoder's work): returns masks (K, 4h, 4w)
     of those K masks in (prompt, mask) order, and the full iou (B, M); ``iou > iou_thresh`` says
     which they are."""
-    tf = decoder.transformer
     tokens0 = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
     B = sparse_prompt_embeddings.shape[0]
     tokens = torch.cat((tokens0.unsqueeze(0).expand(B, -1, -1), sparse_prompt_embeddings), dim=1)
@@ -448,7 +447,7 @@ def _upscale_masks(decoder: MaskDecoder, keys, hyper_in: Tensor, h: int, w: int,
     (16x the pixels at up to 64 channels per prompt) bounded."""
     ct1, ln, act1, ct2, act2 = decoder.output_upscaling
     C = ct1.in_channels
-    B, N = hyper_in.shape[0], h * w
+    B = hyper_in.shape[0]
     c1 = ct1.out_channels
     c2 = ct2.out_channels
     M = hyper_in.shape[1]
