@@ -135,7 +135,7 @@ def build_cache(decoder: MaskDecoder, image_embeddings: Tensor, image_pe: Tensor
     base = base * blocks[-1].norm4.weight
     final = _layer_projections(decoder.transformer.final_attn_token_to_image, None, base, pe0)
     ct1 = decoder.output_upscaling[0]
-    upscale = base @ ct1.weight.permute(0, 2, 3, 1).reshape(base.shape[-1], -1)
+    upscale = base @ _first_conv_channels_last(ct1)
     return DecoderCache(
         src=src, pe=pe, src_pe=src_pe, k0=k0, v0=v0, q0=q0, hw=(int(h), int(w)),
         layers=tuple(layers), final=final, upscale=upscale.contiguous(),
@@ -437,6 +437,11 @@ def _transformer_cached(decoder: MaskDecoder, tokens: Tensor, cache: DecoderCach
     return _layer_norm(tf.norm_final_attn, queries), (fx, cache.upscale)
 
 
+def _first_conv_channels_last(ct1: torch.nn.ConvTranspose2d) -> Tensor:
+    """ConvTranspose2d weight (in, out, 2, 2) -> (in, (a, b, out)), so channels stay last."""
+    return ct1.weight.permute(0, 2, 3, 1).reshape(ct1.in_channels, -1)
+
+
 def _upscale_masks(decoder: MaskDecoder, keys, hyper_in: Tensor, h: int, w: int, rows_per_chunk: Optional[int] = None) -> Tensor:
     """keys (B, h*w, C) channel-last, or (factored keys, their base through the first conv
     (h*w, 4*c1)); hyper_in (B, M, C/8) -> masks (B, M, 4h, 4w).
@@ -453,8 +458,7 @@ def _upscale_masks(decoder: MaskDecoder, keys, hyper_in: Tensor, h: int, w: int,
     M = hyper_in.shape[1]
     if rows_per_chunk is None:
         rows_per_chunk = max(1, min(h, 4096 // (B * w)))
-    # ConvTranspose2d weight (in, out, 2, 2) -> (in, (a, b, out)) so channels stay last.
-    w1 = ct1.weight.permute(0, 2, 3, 1).reshape(C, 4 * c1)
+    w1 = _first_conv_channels_last(ct1)
     b1 = ct1.bias.repeat(4)
     # Second conv split by output row parity a2: weight (c1, c2, a2, b2) -> per a2 (c1, (b2, c2)).
     w2 = [ct2.weight[:, :, a2].permute(0, 2, 1).reshape(c1, 2 * c2) for a2 in range(2)]
