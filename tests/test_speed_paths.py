@@ -151,6 +151,40 @@ def test_int8_encoder_runs_close_to_float():
     assert m.shape == (3, 60, 90)
 
 
+def test_int8_mode_global_attention_in_bfloat16_stays_close():
+    """The int8 mode's bfloat16 global attention (chosen on CPUs with native bf16, forced here so
+    that every machine checks it): global blocks only, and the embedding stays close."""
+    from segany.modeling.image_encoder import Attention
+    from segany.quantize import quantize_model
+
+    sam = _model(TINY_VIT)
+    x = torch.randn(1, 3, 128, 128, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for blk in sam.image_encoder.blocks:  # non-zero relative positions, as in trained models
+            if blk.attn.use_rel_pos:
+                blk.attn.rel_pos_h.normal_(0, 0.5)
+                blk.attn.rel_pos_w.normal_(0, 0.5)
+        want = sam.image_encoder(x)
+        q = quantize_model(sam, bf16_attention=True)
+        q8 = quantize_model(sam, bf16_attention=False)
+        got, got8 = q.image_encoder(x), q8.image_encoder(x)
+    kinds = [(b.window_size, b.attn.attn_dtype) for b in q.image_encoder.blocks]
+    assert all((d is torch.bfloat16) == (ws == 0) for ws, d in kinds) and q.bf16_attention_blocks >= 1
+    assert q8.bf16_attention_blocks == 0 and all(b.attn.attn_dtype is None for b in q8.image_encoder.blocks)
+    assert got.dtype == torch.float32
+    assert F.cosine_similarity(got.flatten(), want.flatten(), dim=0).item() > 0.98
+    assert not torch.equal(got, got8)  # the bf16 path really ran
+    # the attention alone, bf16 against float32, on a grid that needs several score pieces
+    att = Attention(64, num_heads=2, use_rel_pos=True, input_size=(48, 48))
+    with torch.no_grad():
+        att.rel_pos_h.normal_(0, 0.3)
+        att.rel_pos_w.normal_(0, 0.3)
+        qkv = torch.randn(1, 48, 48, 192, generator=torch.Generator().manual_seed(2))
+        ref = att._attend(qkv)
+        low = att._attend(qkv.to(torch.bfloat16)).float()
+    assert (low - ref).norm() / ref.norm() < 2e-2
+
+
 def _thp_mode() -> str:
     try:
         text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()

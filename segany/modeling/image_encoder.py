@@ -27,7 +27,7 @@ from .common import LayerNorm2d, MLPBlock
 # training (the differentiable SDPA path).
 _ATTN_BIAS_BYTES = 64 * 2**20
 _MLP_ROWS = 512  # tokens per MLP piece at inference
-_ATTN_CHUNK_ELEMS = 1 << 20  # attention scores per piece (4 MiB in float32)
+_ATTN_CHUNK_BYTES = 4 << 20  # attention scores per piece (2**20 in float32, 2**21 in bfloat16)
 
 
 def _eager_inference() -> bool:
@@ -148,7 +148,13 @@ class Block(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head attention with decomposed relative position embeddings, on a (B, H, W, C) grid."""
+    """Multi-head attention with decomposed relative position embeddings, on a (B, H, W, C) grid.
+
+    ``attn_dtype`` (None: the input's dtype) is the dtype the attention itself (scores, softmax,
+    weighted sum; not the projections) runs in at inference. Only the opt-in int8 mode sets it
+    (``segany.quantize``, bfloat16 for global blocks): float32 results stay the reference's."""
+
+    attn_dtype: Optional[torch.dtype] = None
 
     def __init__(
         self,
@@ -200,6 +206,8 @@ class Attention(nn.Module):
             qkv, (Hp, Wp) = window_partition(qkv, window_size)
             out = self._attend(qkv)  # (B*nW, ws, ws, C)
             out = window_unpartition(out, window_size, (Hp, Wp), (H, W))
+        elif self.attn_dtype is not None and self.attn_dtype != qkv.dtype and _eager_inference():
+            out = self._attend(qkv.to(self.attn_dtype)).to(qkv.dtype)
         else:
             out = self._attend(qkv)
         return self.proj(out)
@@ -235,14 +243,15 @@ class Attention(nn.Module):
         kt = k.transpose(-2, -1)
         out = q.new_empty(B, nh, n, q.shape[-1])
         # The official order of operations ((q * scale) @ k^T + rel_h + rel_w, softmax, @ v), run
-        # in pieces of about _ATTN_CHUNK_ELEMS scores (all heads of a window, or a few grid rows of
+        # in pieces of about _ATTN_CHUNK_BYTES of scores (all heads of a window, or a few grid rows of
         # one head for global attention) so that the score block stays in cache across the GEMM,
         # the two in-place bias adds, the in-place softmax and the second GEMM. A float bias
         # passed to SDPA instead has to be materialised at full size first (3x the memory traffic).
-        if nh * n * n <= 2 * _ATTN_CHUNK_ELEMS:
+        chunk = _ATTN_CHUNK_BYTES // q.element_size()
+        if nh * n * n <= 2 * chunk:
             hb, rows = nh, h
         else:
-            hb, rows = 1, max(1, min(h, _ATTN_CHUNK_ELEMS // (w * n)))
+            hb, rows = 1, max(1, min(h, chunk // (w * n)))
         s = None
         for b in range(B):
             for h0 in range(0, nh, hb):
