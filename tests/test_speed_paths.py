@@ -185,6 +185,53 @@ def test_int8_mode_global_attention_in_bfloat16_stays_close():
     assert (low - ref).norm() / ref.norm() < 2e-2
 
 
+@pytest.mark.parametrize("act", ["none", "gelu", "relu"])
+def test_fused_linear_matches_pytorch(act):
+    """segany's inference linear (oneDNN with the activation fused, for large products) computes
+    act(x W^T + b): 3-D and strided inputs, with and without bias; under autograd it is exactly
+    PyTorch's and differentiable."""
+    from segany.modeling.common import linear
+
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(1024, 512, generator=g) * 0.05  # 2**19 weights: the fused path when available
+    b = torch.randn(1024, generator=g)
+    ref_act = {"none": lambda y: y, "gelu": F.gelu, "relu": F.relu}[act]
+    x3 = torch.randn(2, 40, 1024, generator=g)
+    for x in (x3[..., :512], x3[..., :512].contiguous(), x3[0, :3, :512]):
+        for bias in (b, None):
+            want = ref_act(F.linear(x, w, bias))
+            with torch.no_grad():
+                got = linear(x, w, bias, act)
+            assert got.shape == want.shape
+            assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+    xg = x3[..., :512].clone().requires_grad_(True)
+    y = linear(xg, w, b, act)
+    assert torch.equal(y, ref_act(F.linear(xg, w, b)))
+    y.sum().backward()
+    assert xg.grad is not None and xg.grad.abs().sum() > 0
+
+
+def test_global_attention_onednn_loop_matches_default():
+    """The global-attention score loop gives the same result through oneDNN's matmul as through
+    PyTorch's (float32 rounding), with a shorter last piece of rows."""
+    from segany.modeling import common, image_encoder as IE
+
+    if not common._onednn_available():
+        pytest.skip("oneDNN matmul not available in this PyTorch build")
+    att = IE.Attention(64, num_heads=2, use_rel_pos=True, input_size=(40, 40))
+    with torch.no_grad():
+        att.rel_pos_h.normal_(0, 0.3)
+        att.rel_pos_w.normal_(0, 0.3)
+        qkv = torch.randn(1, 40, 40, 192, generator=torch.Generator().manual_seed(3))
+        got = att._attend(qkv)
+        try:
+            common._onednn = False
+            want = att._attend(qkv)
+        finally:
+            common._onednn = None
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
 def _thp_mode() -> str:
     try:
         text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()

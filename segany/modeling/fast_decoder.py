@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .common import _act_name, linear
 from .mask_decoder import MaskDecoder
 from .transformer import Attention
 
@@ -460,9 +461,11 @@ def _upscale_masks(decoder: MaskDecoder, keys, hyper_in: Tensor, h: int, w: int,
         rows_per_chunk = max(1, min(h, 4096 // (B * w)))
     w1 = _first_conv_channels_last(ct1)
     b1 = ct1.bias.repeat(4)
-    # Second conv split by output row parity a2: weight (c1, c2, a2, b2) -> per a2 (c1, (b2, c2)).
-    w2 = [ct2.weight[:, :, a2].permute(0, 2, 1).reshape(c1, 2 * c2) for a2 in range(2)]
+    # Second conv split by output row parity a2: weight (c1, c2, a2, b2) -> per a2 ((b2, c2), c1),
+    # a linear layer's layout (its activation fused in where oneDNN runs it).
+    w2 = [ct2.weight[:, :, a2].permute(2, 1, 0).reshape(2 * c2, c1).contiguous() for a2 in range(2)]
     b2 = ct2.bias.repeat(2)
+    act2_name = _act_name(act2)
     hyp_t = hyper_in  # (B, M, c2)
     out = hyper_in.new_empty(B, M, 4 * h, 4 * w)
     # out[b, m, i, a, a2, (j, bb, b2)]: with the first conv's rows in (i, a, j, bb) order, each
@@ -485,7 +488,11 @@ def _upscale_masks(decoder: MaskDecoder, keys, hyper_in: Tensor, h: int, w: int,
         y = y.view(B, r, w, 2, 2 * c1).transpose(2, 3).reshape(B * r * 2 * w * 2, c1)
         y = act1(F.layer_norm(y, (c1,), ln.weight, ln.bias, ln.eps))
         for a2 in range(2):
-            z = act2(torch.addmm(b2, y, w2[a2])).view(B, r * 2 * w * 2 * 2, c2)  # rows (i, a, j, bb, b2)
+            if act2_name is not None:
+                z = linear(y, w2[a2], b2, act2_name)
+            else:
+                z = act2(F.linear(y, w2[a2], b2))
+            z = z.view(B, r * 2 * w * 2 * 2, c2)  # rows (i, a, j, bb, b2)
             m = torch.matmul(hyp_t, z.transpose(1, 2))  # (B, M, r*2*4w)
             out_v[:, :, i0:i1, :, a2].copy_(m.view(B, M, r, 2, 4 * w))
     return out
