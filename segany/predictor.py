@@ -15,10 +15,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from . import kernels
 from .modeling import Sam
 from .modeling.fast_decoder import build_cache as build_decoder_cache
 from .modeling.fast_decoder import predict_masks_fast
 from .transforms import ResizeLongestSide
+from .upscale import CellUpscaler
 
 ImageLike = Union[str, "os.PathLike[str]", np.ndarray, Any]
 
@@ -320,9 +322,18 @@ class SamPredictor:
         """Low-res logits (..., 4h, 4w) -> logits at the original image size (..., H, W), or with
         ``threshold`` the bool masks ``logits > threshold``."""
         if self._resize is None:
-            self._resize = _SeparableResize(
-                low_res_logits.shape[-1], self.model.image_encoder.img_size, self.input_size, self.original_size, self.device
-            )
+            args = (low_res_logits.shape[-1], self.model.image_encoder.img_size, self.input_size, self.original_size)
+            native = None
+            if low_res_logits.device.type == "cpu" and kernels.available():
+                # the fused native kernel, with segment-everything's taps (same bits as its masks)
+                native = CellUpscaler(*args).native()
+            self._resize = native if native is not None else _SeparableResize(*args, self.device)
+        if isinstance(self._resize, kernels.Taps):
+            lead = low_res_logits.shape[:-2]
+            n = low_res_logits.shape[-1]
+            out = self._resize.values(low_res_logits.reshape(-1, n, n), threshold)
+            out = out.view(*lead, *out.shape[-2:])
+            return out if threshold is not None else out.to(low_res_logits.dtype)
         return self._resize(low_res_logits, threshold)
 
     def get_image_embedding(self) -> torch.Tensor:

@@ -18,6 +18,8 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
+from . import kernels
+
 
 class _Axis:
     """One axis of the upscale: output index -> first low-res tap ``first`` and the weights of
@@ -101,6 +103,18 @@ class CellUpscaler:
         self.dense_chunk = max(1, chunk_bytes // (4 * max(1, (self.rows.n_used + 2 * self._ROW_BLOCK) * W)))
         self.last_split = (0, 0, 0)  # (pruned, by cells, direct) masks of the last ``stats`` call
         self._colbuf: Optional[torch.Tensor] = None  # column-pass workspace, reused between calls
+        self._taps: Optional[kernels.Taps] = None
+        # With the native kernel every mask takes the fused direct pass: measured faster than the
+        # cell analysis below at every image size tried (0.5-12 Mpx, smooth and noisy logits).
+        # False: the PyTorch paths (cells / direct), e.g. to test them.
+        self.prefer_native = True
+
+    def native(self) -> Optional[kernels.Taps]:
+        """The fused native kernel over this upscale's taps (same float32 operations as the
+        PyTorch code below), or None where it is unavailable (see ``segany.kernels``)."""
+        if self._taps is None and kernels.available():
+            self._taps = kernels.Taps(self.rows.idx, self.rows.local, self.cols.idx, self.cols.local)
+        return self._taps
 
     # ------------------------------------------------------------------ helpers
     def _window_bounds(self, L: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -182,6 +196,9 @@ class CellUpscaler:
     def full(self, L: torch.Tensor) -> torch.Tensor:
         """(b, n, n) -> (b, H, W) float32 upscaled logits (the direct separable computation:
         columns on the low-res rows that are read, then rows; in-place multiply, then add)."""
+        native = self.native() if self.prefer_native else None
+        if native is not None:
+            return native.values(L)
         c = self._columns(L)
         out = c.new_empty(L.shape[0], *self.original_size)
         for y0, y1, v in self._row_blocks(c):
@@ -232,6 +249,11 @@ class CellUpscaler:
             self.last_split = (0, 0, 0)
             return torch.zeros(0), torch.zeros(0, 4, dtype=torch.int64)
         taus = (threshold + offset, threshold - offset, threshold)
+        native = self.native() if self.prefer_native else None
+        if native is not None:
+            counts, ra, ca = native.stats(L, *taus)
+            self.last_split = (0, 0, B)
+            return counts[:, 0].to(torch.int32) / counts[:, 1].to(torch.int32), self._extent_boxes(ra, ca)
         lo, hi = self._window_bounds(L)
         cv = self.cell_valid[None]
         pos = [(lo > t) & cv for t in taus]  # every pixel of the cell is above t
@@ -255,7 +277,6 @@ class CellUpscaler:
 
         # direct path: a block of rows at a time, counts and extents accumulated (no full-size map)
         di = dense.nonzero().flatten()
-        ar_h, ar_w = torch.arange(H), torch.arange(W)
         for s in range(0, len(di), self.dense_chunk):
             ix = di[s : s + self.dense_chunk]
             n = len(ix)
@@ -270,13 +291,7 @@ class CellUpscaler:
                 ra[:, y0:y1] = v.amax(2) > taus[2]
                 ca |= v.amax(1) > taus[2]
             stability[ix] = inter / union
-            y0 = torch.where(ra, ar_h, H).amin(1)
-            y1 = torch.where(ra, ar_h, -1).amax(1)
-            x0 = torch.where(ca, ar_w, W).amin(1)
-            x1 = torch.where(ca, ar_w, -1).amax(1)
-            b = torch.stack([x0, y0, x1, y1], 1)
-            b[y1 < 0] = 0
-            boxes[ix] = b
+            boxes[ix] = self._extent_boxes(ra, ca)
 
         si = sparse.nonzero().flatten()
         if len(si):
@@ -311,6 +326,19 @@ class CellUpscaler:
             boxes[si] = b
         return stability, boxes
 
+    def _extent_boxes(self, ra: torch.Tensor, ca: torch.Tensor) -> torch.Tensor:
+        """Rows (b, H) and columns (b, W) holding a foreground pixel -> XYXY boxes (b, 4) int64,
+        zeros for an empty mask."""
+        H, W = self.original_size
+        ar_h, ar_w = torch.arange(H), torch.arange(W)
+        y0 = torch.where(ra, ar_h, H).amin(1)
+        y1 = torch.where(ra, ar_h, -1).amax(1)
+        x0 = torch.where(ca, ar_w, W).amin(1)
+        x1 = torch.where(ca, ar_w, -1).amax(1)
+        b = torch.stack([x0, y0, x1, y1], 1)
+        b[y1 < 0] = 0
+        return b
+
     @torch.no_grad()
     def masks(self, L: torch.Tensor, threshold: float) -> torch.Tensor:
         """(B, H, W) bool ``upscale(L) > threshold``, equal to ``full(L) > threshold``.
@@ -322,6 +350,9 @@ class CellUpscaler:
         L = L.float()
         B = L.shape[0]
         H, W = self.original_size
+        native = self.native() if self.prefer_native else None
+        if native is not None:
+            return native.values(L, threshold)
         flat = torch.empty(B * H * W + 1, dtype=torch.uint8)  # the last byte takes padding writes
         out = flat[:-1].view(B, H, W)
         if B == 0:

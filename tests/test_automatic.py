@@ -37,12 +37,14 @@ def _logits(n, side, seed):
     "side,img_size,original",
     [(32, 128, (150, 200)), (32, 128, (61, 47)), (32, 128, (128, 128)), (64, 256, (300, 97)), (256, 1024, (333, 517))],
 )
-def test_cell_upscaler_equals_full_computation(side, img_size, original):
+@pytest.mark.parametrize("native", [True, False], ids=["native", "pytorch"])
+def test_cell_upscaler_equals_full_computation(side, img_size, original, native):
     from segany.transforms import ResizeLongestSide
 
     input_size = ResizeLongestSide.get_preprocess_shape(*original, img_size)
     low = _logits(4, side, seed=side + original[0])
     up = CellUpscaler(side, img_size, input_size, original)
+    up.prefer_native = native
     full = _full_upscale(low, img_size, input_size, original)
     for offset in (1.0, 0.5, 0.0):
         stab, boxes = up.stats(low, 0.0, offset)
@@ -239,6 +241,7 @@ def test_adaptive_paths_agree_bitwise(kind):
         low = torch.randn(6, side, side, generator=torch.Generator().manual_seed(4)) * 3
     # (a small image has few cells, so its contours cover a larger fraction than at SAM's sizes)
     up = CellUpscaler(side, img_size, input_size, original, chunk_bytes=1 << 16, dense_fraction=0.3)
+    up.prefer_native = False  # the PyTorch paths; the native kernel is compared at the end
     stab, boxes = up.stats(low, 0.0, 1.0)
     pruned, by_cells, direct = up.last_split
     if kind == "smooth":
@@ -260,6 +263,14 @@ def test_adaptive_paths_agree_bitwise(kind):
     ref = _full_upscale(low, img_size, input_size, original)
     assert int((ref > 0).ne(full > 0).sum((1, 2)).max()) <= 2
     assert (boxes - M.masks_to_boxes(ref > 0)).abs().max() <= 1
+    # the fused native kernel: the same float32 operations, so the same bits
+    if up.native() is not None:
+        up.prefer_native = True
+        s, b = up.stats(low, 0.0, 1.0)
+        assert up.last_split == (0, 0, len(low))
+        assert torch.equal(s.nan_to_num(-1), stab.nan_to_num(-1)) and torch.equal(b, boxes)
+        assert torch.equal(up.full(low), full)
+        assert torch.equal(up.masks(low, 0.0), full > 0)
 
 
 def test_stability_bound_prunes_with_the_same_decisions():
@@ -270,6 +281,7 @@ def test_stability_bound_prunes_with_the_same_decisions():
     g = torch.Generator().manual_seed(5)
     low = torch.cat([_steep_smooth(8, side, seed=6), _steep_smooth(8, side, seed=7) * 0.01, torch.randn(4, side, side, generator=g)])
     up = CellUpscaler(side, img_size, input_size, original)
+    up.prefer_native = False  # the bound belongs to the cell analysis of the PyTorch path
     exact, boxes = up.stats(low, 0.0, 1.0)
     for thresh in (0.5, 0.9, 0.97):
         s, b = up.stats(low, 0.0, 1.0, min_stability=thresh)

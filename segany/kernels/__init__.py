@@ -1,0 +1,193 @@
+"""Native kernels, compiled on first use with the machine's C compiler; PyTorch code is the fallback.
+
+Why C here and nowhere else: bringing masks from SAM's low-res logits to the original image size
+is a few multiply-adds per output pixel, followed by a threshold, counts (stability score) and
+extents (boxes). PyTorch runs each of those as a separate pass over a full-size float temporary,
+so at a few megapixels it costs more than the mask decoder itself; no library offers the fused
+operation. ``upscale.c`` does it in one pass, with the same float32 operations in the same order
+as ``segany.upscale`` (compiled without fused multiply-add), so results are bit-identical to the
+PyTorch path.
+
+The shared library is built once per machine and source version into
+``<cache>/kernels/`` (``$SEGANY_HOME``, else the XDG cache; see ``segany.download``), written
+to a temporary file and renamed. No compiler, a failed build, or ``SEGANY_KERNELS=0`` ->
+:func:`available` is False and callers use their PyTorch code.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import torch
+
+log = logging.getLogger("segany.kernels")
+
+_SRC = Path(__file__).with_name("upscale.c")
+_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared"]
+_lock = threading.Lock()
+_lib: Optional[ctypes.CDLL] = None
+_tried = False
+_pool: Optional[ThreadPoolExecutor] = None
+_pool_size = 0
+
+
+def _cpu_key() -> str:
+    """What -march=native depends on: the CPU model and feature flags."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            lines = [l for l in f if l.startswith(("model name", "flags"))][:2]
+        return "".join(lines)
+    except OSError:
+        return platform.processor()
+
+
+def _build() -> Optional[ctypes.CDLL]:
+    if os.environ.get("SEGANY_KERNELS", "1") == "0":
+        return None
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if not cc:
+        log.info("no C compiler found: native kernels off, using the PyTorch code")
+        return None
+    from ..download import cache_dir
+
+    src = _SRC.read_bytes()
+    key = hashlib.sha256(b"\0".join([src, cc.encode(), " ".join(_FLAGS).encode(), platform.machine().encode(), _cpu_key().encode()])).hexdigest()[:16]
+    out = cache_dir() / "kernels" / f"upscale-{key}.so"
+    try:
+        if not out.exists():
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = out.with_name(f".{out.stem}.{os.getpid()}.{threading.get_ident()}.so")
+            try:
+                subprocess.run([cc, *_FLAGS, "-o", str(tmp), str(_SRC)], check=True, capture_output=True, timeout=300)
+                os.replace(tmp, out)
+            finally:
+                tmp.unlink(missing_ok=True)
+        lib = ctypes.CDLL(str(out))
+    except (OSError, subprocess.SubprocessError) as e:
+        detail = getattr(e, "stderr", b"") or b""
+        log.info("native kernels could not be built (%s %s): using the PyTorch code", e, detail.decode(errors="replace")[:500])
+        return None
+    fn = lib.segany_upscale_masks
+    p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+    fn.argtypes = [i64, p, i64, p, p, i64, i64, p, p, i64, i64, f32, f32, f32, p, p, p, p, p, i64]
+    fn.restype = ctypes.c_int
+    return lib
+
+
+def available() -> bool:
+    """Whether the native kernels are built and loaded (builds them on the first call)."""
+    global _lib, _tried
+    if not _tried:
+        with _lock:
+            if not _tried:
+                _lib = _build()
+                _tried = True
+    return _lib is not None
+
+
+def _threads() -> int:
+    return max(1, torch.get_num_threads())
+
+
+def _run(jobs: List[tuple]) -> None:
+    """Run ``segany_upscale_masks`` argument tuples, spread over torch's thread count (ctypes
+    releases the GIL during each call)."""
+    global _pool, _pool_size
+    fn = _lib.segany_upscale_masks
+    n = _threads()
+    if n == 1 or len(jobs) == 1:
+        codes = [fn(*j) for j in jobs]
+    else:
+        with _lock:
+            if _pool is None or _pool_size != n:
+                if _pool is not None:
+                    _pool.shutdown(wait=False)
+                _pool, _pool_size = ThreadPoolExecutor(max_workers=n, thread_name_prefix="segany-kernel"), n
+            pool = _pool
+        codes = list(pool.map(lambda j: fn(*j), jobs))
+    if any(c != 0 for c in codes):
+        raise MemoryError("segany native upscale: out of memory for its row buffer")
+
+
+class Taps:
+    """An upscale's tap tables, as the kernel reads them: rows (H, S) low-res row index (int64)
+    and weight (float32), columns (W, S) likewise."""
+
+    def __init__(self, ridx: torch.Tensor, rw: torch.Tensor, cidx: torch.Tensor, cw: torch.Tensor) -> None:
+        self.ridx = ridx.to(torch.int64).contiguous()
+        self.rw = rw.to(torch.float32).contiguous()
+        self.cidx = cidx.to(torch.int64).contiguous()
+        self.cw = cw.to(torch.float32).contiguous()
+        self.H, self.S = self.ridx.shape
+        self.W = self.cidx.shape[0]
+        if self.cidx.shape[1] != self.S:
+            raise ValueError("row and column tap tables need the same number of taps")
+
+    def _jobs(self, L: torch.Tensor, thresholds, out: Optional[torch.Tensor], out_is_float: bool,
+              counts=None, rows=None, cols=None) -> List[tuple]:
+        """Argument tuples for ``segany_upscale_masks``: groups of whole masks, one per thread,
+        or, with fewer masks than threads, pieces of rows of each mask (``out`` only)."""
+        B, n_low = L.shape[0], L.shape[-1]
+        H, W = self.H, self.W
+        T = _threads()
+        el = 0 if out is None else out.element_size()
+        plane = H * W
+
+        def job(i0: int, i1: int, y0: int, y1: int) -> tuple:
+            o = None if out is None else out.data_ptr() + (i0 * plane + y0 * W) * el
+            return (
+                i1 - i0, L.data_ptr() + i0 * n_low * n_low * 4, n_low, self.ridx.data_ptr(), self.rw.data_ptr(), y0, y1,
+                self.cidx.data_ptr(), self.cw.data_ptr(), W, self.S, *thresholds,
+                o if out_is_float else None, None if out_is_float else o,
+                None if counts is None else counts[i0].data_ptr(),
+                None if rows is None else rows[i0].data_ptr(),
+                None if cols is None else cols[i0].data_ptr(),
+                plane,
+            )
+
+        if B >= T or counts is not None or rows is not None or cols is not None:
+            step = -(-B // T)
+            return [job(i, min(B, i + step), 0, H) for i in range(0, B, step)]
+        step = -(-H // max(1, T // max(1, B)))
+        return [job(i, i + 1, y0, min(H, y0 + step)) for i in range(B) for y0 in range(0, H, step)]
+
+    def values(self, L: torch.Tensor, threshold: Optional[float] = None) -> torch.Tensor:
+        """(B, n, n) logits -> (B, H, W) float32 upscaled values, or with ``threshold`` the bool
+        map ``values > threshold`` (the float map is never formed)."""
+        L = _check(L)
+        B = L.shape[0]
+        dtype = torch.float32 if threshold is None else torch.uint8
+        out = torch.empty(B, self.H, self.W, dtype=dtype)
+        t = float(threshold) if threshold is not None else 0.0
+        if B:
+            _run(self._jobs(L, (t, t, t), out, threshold is None))
+        return out if threshold is None else out.view(torch.bool)
+
+    def stats(self, L: torch.Tensor, t_hi: float, t_lo: float, t_mid: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, n, n) logits -> counts (B, 2) int64 of values > t_hi and > t_lo, and the rows
+        (B, H) and columns (B, W) with any value > t_mid (bool)."""
+        L = _check(L)
+        B = L.shape[0]
+        counts = torch.zeros(B, 2, dtype=torch.int64)
+        rows = torch.zeros(B, self.H, dtype=torch.uint8)
+        cols = torch.zeros(B, self.W, dtype=torch.uint8)
+        if B:
+            _run(self._jobs(L, (float(t_hi), float(t_lo), float(t_mid)), None, False, counts, rows, cols))
+        return counts, rows.view(torch.bool), cols.view(torch.bool)
+
+
+def _check(L: torch.Tensor) -> torch.Tensor:
+    if L.ndim != 3 or L.shape[1] != L.shape[2]:
+        raise ValueError(f"expected (B, n, n) low-res logits, got {tuple(L.shape)}")
+    if L.device.type != "cpu":
+        raise ValueError("native kernels run on CPU tensors")
+    return L.to(torch.float32).contiguous()

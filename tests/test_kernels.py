@@ -1,0 +1,104 @@
+"""The native upscale kernel (segany.kernels): built on first use with the machine's C compiler,
+bit-identical to the PyTorch code it replaces, and optional (no compiler -> PyTorch code)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from segany import kernels
+from segany.predictor import SamPredictor, _SeparableResize
+from segany.transforms import ResizeLongestSide
+from segany.upscale import CellUpscaler
+
+needs_kernels = pytest.mark.skipif(not kernels.available(), reason="no C compiler: native kernels unavailable")
+
+
+def _logits(n, side, seed):
+    g = torch.Generator().manual_seed(seed)
+    smooth = F.interpolate(torch.randn(n, 1, 7, 7, generator=g) * 20, (side, side), mode="bicubic", align_corners=False)[:, 0]
+    return torch.cat([smooth, torch.randn(n, side, side, generator=g) * 3])
+
+
+@needs_kernels
+@pytest.mark.parametrize("original", [(150, 211), (1, 1), (37, 512), (300, 97)])
+def test_native_values_equal_pytorch_bit_for_bit(original):
+    side, img_size = 64, 256
+    input_size = ResizeLongestSide.get_preprocess_shape(*original, img_size)
+    up = CellUpscaler(side, img_size, input_size, original)
+    low = _logits(3, side, seed=original[0])
+    native = up.native()
+    up.prefer_native = False
+    want = up.full(low)
+    assert torch.equal(native.values(low), want)
+    assert torch.equal(native.values(low, 0.25), want > 0.25)
+    counts, rows, cols = native.stats(low, 1.0, -1.0, 0.0)
+    assert torch.equal(counts[:, 0], (want > 1.0).sum((1, 2)))
+    assert torch.equal(counts[:, 1], (want > -1.0).sum((1, 2)))
+    assert torch.equal(rows, (want > 0).any(2)) and torch.equal(cols, (want > 0).any(1))
+    # one thread or several: the same result (work is split by masks or by rows)
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(native.values(low[:1]), want[:1])
+    finally:
+        torch.set_num_threads(n)
+    assert torch.equal(native.values(low[:1]), want[:1])
+
+
+@needs_kernels
+def test_predictor_masks_match_segment_everything_and_the_banded_map():
+    from core_helpers import TINY_VIT
+    from segany.modeling.build import build_sam, randomize_
+
+    sam = randomize_(build_sam(TINY_VIT), seed=0, std=0.5).eval()
+    p = SamPredictor(sam)
+    img = np.random.default_rng(0).integers(0, 255, (97, 131, 3), dtype=np.uint8)
+    p.set_image(img)
+    masks, _, low = p.predict(point_coords=np.array([[40.0, 50.0]]), point_labels=np.array([1]))
+    logits, _, _ = p.predict(point_coords=np.array([[40.0, 50.0]]), point_labels=np.array([1]), return_logits=True)
+    assert np.array_equal(logits > sam.mask_threshold, masks)  # one computation, thresholded or not
+    n_low = low.shape[-1]
+    up = CellUpscaler(n_low, sam.image_encoder.img_size, p.input_size, p.original_size)
+    assert np.array_equal(up.masks(torch.from_numpy(low), sam.mask_threshold).numpy(), masks)
+    banded = _SeparableResize(n_low, sam.image_encoder.img_size, p.input_size, p.original_size, "cpu")
+    other = banded(torch.from_numpy(low)).numpy()
+    assert np.abs(other - logits).max() <= 1e-5 * max(1.0, np.abs(logits).max())
+
+
+def test_without_a_compiler_everything_falls_back_to_pytorch(tmp_path):
+    code = (
+        "import numpy as np, torch\n"
+        "from segany import kernels\n"
+        "from segany.upscale import CellUpscaler\n"
+        "assert not kernels.available()\n"
+        "up = CellUpscaler(32, 128, (96, 128), (60, 80))\n"
+        "assert up.native() is None\n"
+        "m = up.masks(torch.randn(2, 32, 32), 0.0)\n"
+        "s, b = up.stats(torch.randn(2, 32, 32), 0.0, 1.0)\n"
+        "print(tuple(m.shape), up.last_split != (0, 0, 2) or 'direct')\n"
+    )
+    env = {**os.environ, "CC": str(tmp_path / "no-such-compiler"), "PATH": str(tmp_path), "SEGANY_HOME": str(tmp_path / "home")}
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(__file__))] + sys.path)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("(2, 60, 80)")
+    assert not (tmp_path / "home" / "kernels").exists() or not list((tmp_path / "home" / "kernels").glob("*.so"))
+
+
+def test_kernel_is_built_into_the_cache_and_reused(tmp_path):
+    if not kernels.available():
+        pytest.skip("no C compiler")
+    code = "from segany import kernels; print(kernels.available())"
+    env = {**os.environ, "SEGANY_HOME": str(tmp_path)}
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(__file__))] + sys.path)
+    for _ in range(2):
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == "True"
+    built = list((tmp_path / "kernels").iterdir())
+    assert len(built) == 1 and built[0].suffix == ".so"  # no temporary left behind
