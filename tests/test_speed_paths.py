@@ -211,6 +211,25 @@ def test_fused_linear_matches_pytorch(act):
     assert xg.grad is not None and xg.grad.abs().sum() > 0
 
 
+def test_fused_linear_keeps_hooks_and_flop_counting():
+    """Forward hooks on a Linear still fire, and torch's FLOP counter still sees the products."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from segany.modeling.common import MLPBlock
+
+    mlp = MLPBlock(512, 1024).eval()
+    seen = []
+    h = mlp.lin1.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    x = torch.randn(4, 512)
+    with torch.no_grad():
+        mlp(x)
+        h.remove()
+        with FlopCounterMode(display=False) as fc:
+            mlp(x)
+    assert seen == [torch.Size([4, 1024])]
+    assert fc.get_total_flops() == 2 * 2 * 4 * 512 * 1024
+
+
 def test_global_attention_onednn_loop_matches_default():
     """The global-attention score loop gives the same result through oneDNN's matmul as through
     PyTorch's (float32 rounding), with a shorter last piece of rows."""

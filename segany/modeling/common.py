@@ -32,6 +32,25 @@ def _onednn_available() -> bool:
     return _onednn
 
 
+def _dispatch_mode_active() -> bool:
+    """A TorchDispatchMode (FLOP counter, fake tensors, ...) is watching: keep to standard ops."""
+    try:
+        from torch.utils._python_dispatch import _get_current_dispatch_mode
+
+        return _get_current_dispatch_mode() is not None
+    except ImportError:
+        return False
+
+
+def _has_hooks(layer: nn.Module) -> bool:
+    from torch.nn.modules import module as _m
+
+    return bool(
+        layer._forward_hooks or layer._forward_pre_hooks
+        or getattr(_m, "_global_forward_hooks", None) or getattr(_m, "_global_forward_pre_hooks", None)
+    )
+
+
 def _onednn_eligible(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (
         not torch.is_grad_enabled()
@@ -41,6 +60,7 @@ def _onednn_eligible(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and (weight.numel() >= _ONEDNN_MIN_WEIGHT or x.numel() * weight.shape[0] >= _ONEDNN_MIN_MACS)
         and not (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export())
         and _onednn_available()
+        and not _dispatch_mode_active()
     )
 
 
@@ -65,9 +85,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
 def apply_linear(layer: nn.Module, x: torch.Tensor, act: Optional[nn.Module] = None) -> torch.Tensor:
     """``act(layer(x))``, through :func:`linear`'s oneDNN path when ``layer`` is a plain
     ``nn.Linear``, ``act`` is None, exact ``nn.GELU`` or ``nn.ReLU``, and the call is eligible;
-    otherwise (training, a dynamically quantised layer, another activation) exactly as written."""
+    otherwise (training, a dynamically quantised layer, another activation, a layer with forward
+    hooks) exactly as written."""
     name = _act_name(act)
-    if type(layer) is nn.Linear and name is not None and _onednn_eligible(x, layer.weight):
+    if type(layer) is nn.Linear and name is not None and not _has_hooks(layer) and _onednn_eligible(x, layer.weight):
         return linear(x, layer.weight, layer.bias, name)
     y = layer(x)
     return act(y) if act is not None else y

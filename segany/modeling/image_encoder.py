@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import LayerNorm2d, MLPBlock, _onednn_available, apply_linear
+from .common import LayerNorm2d, MLPBlock, _dispatch_mode_active, _onednn_available, apply_linear
 
 # Bound on the attention-bias bytes built at once in a global-attention block (per chunk), when
 # training (the differentiable SDPA path).
@@ -252,7 +252,7 @@ class Attention(nn.Module):
             hb, rows = nh, h
         else:
             hb, rows = 1, max(1, min(h, chunk // (w * n)))
-        if hb == 1 and q.dtype in (torch.float32, torch.bfloat16) and _onednn_available():
+        if hb == 1 and q.dtype in (torch.float32, torch.bfloat16) and _onednn_available() and not _dispatch_mode_active():
             return self._attend_global_onednn(qs, k, v, rel_h, rel_w, h, w, rows)
         s = None
         for b in range(B):
