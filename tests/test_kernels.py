@@ -102,3 +102,23 @@ def test_kernel_is_built_into_the_cache_and_reused(tmp_path):
         assert out.stdout.strip() == "True"
     built = list((tmp_path / "kernels").iterdir())
     assert len(built) == 1 and built[0].suffix == ".so"  # no temporary left behind
+
+
+@needs_kernels
+def test_kernel_threads_work_in_a_forked_child():
+    """A process forked after the kernel's thread pool started (multiprocessing's default on
+    Linux) gets a fresh pool instead of waiting on threads it does not have."""
+    import multiprocessing as mp
+
+    up = CellUpscaler(32, 128, (96, 128), (300, 400))
+    low = torch.randn(4, 32, 32, generator=torch.Generator().manual_seed(0))
+    want = up.masks(low, 0.0)  # starts the pool in this process
+    ctx = mp.get_context("fork")
+    with ctx.Pool(1) as pool:
+        got = pool.apply_async(_child_masks, (low.numpy(),)).get(timeout=60)
+    assert np.array_equal(got, want.numpy())
+
+
+def _child_masks(low):
+    # a numpy array back: torch's own tensor sharing between processes is not what is tested
+    return CellUpscaler(32, 128, (96, 128), (300, 400)).masks(torch.from_numpy(low), 0.0).numpy()

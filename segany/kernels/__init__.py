@@ -94,6 +94,16 @@ def available() -> bool:
     return _lib is not None
 
 
+def _after_fork_in_child() -> None:
+    # a forked child has none of the parent's pool threads (and maybe a lock held by one)
+    global _pool, _pool_size, _lock
+    _pool, _pool_size, _lock = None, 0, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def _threads() -> int:
     return max(1, torch.get_num_threads())
 
