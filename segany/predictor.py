@@ -328,12 +328,6 @@ class SamPredictor:
                 # the fused native kernel, with segment-everything's taps (same bits as its masks)
                 native = CellUpscaler(*args).native()
             self._resize = native if native is not None else _SeparableResize(*args, self.device)
-        if isinstance(self._resize, kernels.Taps):
-            lead = low_res_logits.shape[:-2]
-            n = low_res_logits.shape[-1]
-            out = self._resize.values(low_res_logits.reshape(-1, n, n), threshold)
-            out = out.view(*lead, *out.shape[-2:])
-            return out if threshold is not None else out.to(low_res_logits.dtype)
         return self._resize(low_res_logits, threshold)
 
     def get_image_embedding(self) -> torch.Tensor:

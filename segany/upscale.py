@@ -8,8 +8,10 @@ by their first low-res tap, so a cell takes its values from one small fixed low-
 where the window's minimum is above a threshold every pixel of the cell is above it, where its
 maximum is not, none is. :class:`CellUpscaler` uses that for segment-everything (stability
 scores, boxes and the survivors' masks): work grows with the low-res size plus the contour length,
-not with the image area. (The predictor's click masks use the banded map of
-``segany.predictor._SeparableResize``: with few masks per call, cells do not pay there.)
+not with the image area. This is the PyTorch path: where the native kernel of
+``segany.kernels`` is built (the usual case), every mask takes its fused direct pass instead,
+which computes the same values with the same float32 operations and was faster at every size
+tried; the predictor's click masks use that kernel too.
 """
 from __future__ import annotations
 

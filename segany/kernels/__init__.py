@@ -182,6 +182,14 @@ class Taps:
             _run(self._jobs(L, (t, t, t), out, threshold is None))
         return out if threshold is None else out.view(torch.bool)
 
+    def __call__(self, logits: torch.Tensor, threshold: Optional[float] = None) -> torch.Tensor:
+        """(..., n, n) -> (..., H, W) in the dtype of ``logits``, or with ``threshold`` bool (the
+        interface of ``segany.predictor._SeparableResize``)."""
+        lead, n = logits.shape[:-2], logits.shape[-1]
+        out = self.values(logits.reshape(-1, n, n), threshold)
+        out = out.view(*lead, self.H, self.W)
+        return out if threshold is not None else out.to(logits.dtype)
+
     def stats(self, L: torch.Tensor, t_hi: float, t_lo: float, t_mid: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, n, n) logits -> counts (B, 2) int64 of values > t_hi and > t_lo, and the rows
         (B, H) and columns (B, W) with any value > t_mid (bool)."""

@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Below these sizes MKL's own small-matrix kernels beat a oneDNN call (measured on the 2-core
-# development machine: (7 x 256) @ (256 x 256) 18 vs 26 us, (7 x 256) @ (256 x 2048) 172 vs 93 us).
+# oneDNN only for products at least this large (on the 2-core development machine MKL won on
+# small ones, (7 x 256) @ (256 x 256): 18 us vs oneDNN's 26, and lost from about here on,
+# (7 x 256) @ (256 x 2048): 172 us vs 93).
 _ONEDNN_MIN_WEIGHT = 1 << 19  # in x out elements
 _ONEDNN_MIN_MACS = 1 << 26  # rows x in x out
 _onednn: Optional[bool] = None
