@@ -15,6 +15,20 @@
 #include <stdint.h>
 #include <stdlib.h>
 
+/* Per-thread scratch memory, kept between calls: a fresh multi-MB malloc is a fresh mapping
+   whose pages fault in on every call. */
+static __thread float *scratch_buf = 0;
+static __thread size_t scratch_cap = 0;
+
+static float *scratch(size_t n_floats) {
+    if (n_floats > scratch_cap) {
+        free(scratch_buf);
+        scratch_buf = (float *)malloc(sizeof(float) * n_floats);
+        scratch_cap = scratch_buf ? n_floats : 0;
+    }
+    return scratch_buf;
+}
+
 /* Column pass of low-res rows r0..r1 (inclusive) of one map L (n_low x n_low) into c
    ((r1-r0+1) x W). Vectorised over rows: the needed block of L is transposed first (so that each
    output column's taps read contiguous low-res columns), the result is transposed back in
@@ -76,7 +90,7 @@ int segany_upscale_rows(const float *L, int64_t n_low, const int64_t *ridx, cons
         }
     }
     int64_t R = r1 - r0 + 1;
-    float *c = (float *)malloc(sizeof(float) * (size_t)(R * W + W + n_low * R + W * R));
+    float *c = scratch((size_t)(R * W + W + n_low * R + W * R));
     if (!c) return -1;
     float *v = c + R * W; /* one output row */
     column_pass(L, n_low, r0, r1, cidx, cw, W, S, c, v + W);
@@ -126,7 +140,6 @@ int segany_upscale_rows(const float *L, int64_t n_low, const int64_t *ridx, cons
         counts[0] += n_hi;
         counts[1] += n_lo;
     }
-    free(c);
     return 0;
 }
 
