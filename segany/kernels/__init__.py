@@ -51,6 +51,18 @@ def _cpu_key() -> str:
         return platform.processor()
 
 
+def _compile(cc: str, flags: List[str], out: Path) -> None:
+    if out.exists():
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.stem}.{os.getpid()}.{threading.get_ident()}.so")
+    try:
+        subprocess.run([cc, *flags, "-o", str(tmp), str(_SRC)], check=True, capture_output=True, timeout=300)
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def _build() -> Optional[ctypes.CDLL]:
     if os.environ.get("SEGANY_KERNELS", "1") == "0":
         return None
@@ -61,27 +73,27 @@ def _build() -> Optional[ctypes.CDLL]:
     from ..download import cache_dir
 
     src = _SRC.read_bytes()
-    key = hashlib.sha256(b"\0".join([src, cc.encode(), " ".join(_FLAGS).encode(), platform.machine().encode(), _cpu_key().encode()])).hexdigest()[:16]
-    out = cache_dir() / "kernels" / f"upscale-{key}.so"
-    try:
-        if not out.exists():
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = out.with_name(f".{out.stem}.{os.getpid()}.{threading.get_ident()}.so")
-            try:
-                subprocess.run([cc, *_FLAGS, "-o", str(tmp), str(_SRC)], check=True, capture_output=True, timeout=300)
-                os.replace(tmp, out)
-            finally:
-                tmp.unlink(missing_ok=True)
-        lib = ctypes.CDLL(str(out))
-    except (OSError, subprocess.SubprocessError) as e:
-        detail = getattr(e, "stderr", b"") or b""
-        log.info("native kernels could not be built (%s %s): using the PyTorch code", e, detail.decode(errors="replace")[:500])
-        return None
-    fn = lib.segany_upscale_masks
-    p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-    fn.argtypes = [i64, p, i64, p, p, i64, i64, p, p, i64, i64, f32, f32, f32, p, p, p, p, p, i64]
-    fn.restype = ctypes.c_int
-    return lib
+    # with OpenMP first (PyTorch's own threads, see upscale.c), else without (a thread pool here)
+    for extra in (["-fopenmp"], []):
+        flags = _FLAGS + extra
+        key = hashlib.sha256(b"\0".join([src, cc.encode(), " ".join(flags).encode(), platform.machine().encode(), _cpu_key().encode()])).hexdigest()[:16]
+        out = cache_dir() / "kernels" / f"upscale-{key}.so"
+        try:
+            _compile(cc, flags, out)
+            lib = ctypes.CDLL(str(out))
+        except (OSError, subprocess.SubprocessError) as e:
+            detail = getattr(e, "stderr", b"") or b""
+            log.info("native kernels could not be built with %s (%s %s)", flags, e, detail.decode(errors="replace")[:500])
+            continue
+        p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+        lib.segany_upscale_masks.argtypes = [i64, p, i64, p, p, i64, i64, p, p, i64, i64, f32, f32, f32, p, p, p, p, p, i64]
+        lib.segany_upscale_masks.restype = ctypes.c_int
+        lib.segany_upscale_batch.argtypes = [i64, i64, p, i64, p, p, i64, p, p, i64, i64, f32, f32, f32, p, p, p, p, p]
+        lib.segany_upscale_batch.restype = ctypes.c_int
+        lib.segany_has_openmp.restype = ctypes.c_int
+        return lib
+    log.info("native kernels off, using the PyTorch code")
+    return None
 
 
 def available() -> bool:
@@ -95,10 +107,14 @@ def available() -> bool:
     return _lib is not None
 
 
+_forked = False  # this process is a fork of one that may have run an OpenMP region
+
+
 def _after_fork_in_child() -> None:
-    # a forked child has none of the parent's pool threads (and maybe a lock held by one)
-    global _pool, _pool_size, _lock
-    _pool, _pool_size, _lock = None, 0, threading.Lock()
+    # A forked child has none of the parent's threads: not the pool's (a lock may even be held by
+    # one) and not OpenMP's, whose team an OpenMP region would then wait for forever.
+    global _pool, _pool_size, _lock, _forked
+    _pool, _pool_size, _lock, _forked = None, 0, threading.Lock(), True
 
 
 if hasattr(os, "register_at_fork"):
@@ -172,6 +188,26 @@ class Taps:
         step = -(-H // T)
         return [job(i, i + 1, y0, min(H, y0 + step)) for i in range(B) for y0 in range(0, H, step)]
 
+    def _compute(self, L: torch.Tensor, thresholds, out: Optional[torch.Tensor], out_is_float: bool,
+                 counts=None, rows=None, cols=None) -> None:
+        """Fill ``out`` (or counts/rows/cols) for all masks of ``L``: one OpenMP call where the
+        build has it, else the jobs of :meth:`_jobs` on a thread pool."""
+        if _forked or not _lib.segany_has_openmp():
+            _run(self._jobs(L, thresholds, out, out_is_float, counts, rows, cols))
+            return
+        B, T = L.shape[0], _threads()
+        whole = B >= 4 * T or counts is not None or rows is not None or cols is not None
+        o = None if out is None else out.data_ptr()
+        rc = _lib.segany_upscale_batch(
+            B, self.H if whole else -(-self.H // T), L.data_ptr(), L.shape[-1], self.ridx.data_ptr(), self.rw.data_ptr(), self.H,
+            self.cidx.data_ptr(), self.cw.data_ptr(), self.W, self.S, *thresholds,
+            o if out_is_float else None, None if out_is_float else o,
+            None if counts is None else counts.data_ptr(), None if rows is None else rows.data_ptr(),
+            None if cols is None else cols.data_ptr(),
+        )
+        if rc != 0:
+            raise MemoryError("segany native upscale: out of memory for its row buffer")
+
     def values(self, L: torch.Tensor, threshold: Optional[float] = None) -> torch.Tensor:
         """(B, n, n) logits -> (B, H, W) float32 upscaled values, or with ``threshold`` the bool
         map ``values > threshold`` (the float map is never formed)."""
@@ -184,7 +220,7 @@ class Taps:
         out = torch.from_numpy(np.empty((B, self.H, self.W), dtype=np.float32 if threshold is None else np.uint8))
         t = float(threshold) if threshold is not None else 0.0
         if B:
-            _run(self._jobs(L, (t, t, t), out, threshold is None))
+            self._compute(L, (t, t, t), out, threshold is None)
         return out if threshold is None else out.view(torch.bool)
 
     def __call__(self, logits: torch.Tensor, threshold: Optional[float] = None) -> torch.Tensor:
@@ -204,7 +240,7 @@ class Taps:
         rows = torch.zeros(B, self.H, dtype=torch.uint8)
         cols = torch.zeros(B, self.W, dtype=torch.uint8)
         if B:
-            _run(self._jobs(L, (float(t_hi), float(t_lo), float(t_mid)), None, False, counts, rows, cols))
+            self._compute(L, (float(t_hi), float(t_lo), float(t_mid)), None, False, counts, rows, cols)
         return counts, rows.view(torch.bool), cols.view(torch.bool)
 
 

@@ -159,3 +159,37 @@ int segany_upscale_masks(int64_t n_masks, const float *L, int64_t n_low, const i
     }
     return 0;
 }
+
+/* Whether this build runs segany_upscale_batch on OpenMP threads. Built with -fopenmp it links
+   libgomp.so.1, which in a PyTorch process is PyTorch's own copy (same soname, loaded first): the
+   pieces then run on PyTorch's intra-op threads, not on threads competing with them. */
+int segany_has_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+/* All of n_masks masks (H output rows each), in pieces of rows_per_piece rows, spread over the
+   OpenMP threads. counts/row_any/col_any need whole masks per piece (rows_per_piece >= H). */
+int segany_upscale_batch(int64_t n_masks, int64_t rows_per_piece, const float *L, int64_t n_low, const int64_t *ridx,
+                         const float *rw, int64_t H, const int64_t *cidx, const float *cw, int64_t W, int64_t S,
+                         float t_hi, float t_lo, float t_mid, float *out_f, uint8_t *out_b, int64_t *counts,
+                         uint8_t *row_any, uint8_t *col_any) {
+    if (rows_per_piece < 1) rows_per_piece = H;
+    int64_t ppm = (H + rows_per_piece - 1) / rows_per_piece;
+    int64_t n = n_masks * ppm;
+    int err = 0;
+#pragma omp parallel for schedule(static) reduction(| : err)
+    for (int64_t p = 0; p < n; p++) {
+        int64_t i = p / ppm;
+        int64_t y0 = (p % ppm) * rows_per_piece;
+        int64_t y1 = y0 + rows_per_piece < H ? y0 + rows_per_piece : H;
+        int64_t off = i * H * W + y0 * W;
+        err |= segany_upscale_rows(L + i * n_low * n_low, n_low, ridx, rw, y0, y1, cidx, cw, W, S, t_hi, t_lo, t_mid,
+                                   out_f ? out_f + off : 0, out_b ? out_b + off : 0, counts ? counts + 2 * i : 0,
+                                   row_any ? row_any + i * H + y0 : 0, col_any ? col_any + i * W : 0) != 0;
+    }
+    return err ? -1 : 0;
+}
