@@ -111,6 +111,10 @@ class CellUpscaler:
         # False: the PyTorch paths (cells / direct), e.g. to test them.
         self.prefer_native = True
 
+    def _fused(self) -> Optional[kernels.Taps]:
+        """The native kernel when it is to be used (``prefer_native``), else None."""
+        return self.native() if self.prefer_native else None
+
     def native(self) -> Optional[kernels.Taps]:
         """The fused native kernel over this upscale's taps (same float32 operations as the
         PyTorch code below), or None where it is unavailable (see ``segany.kernels``)."""
@@ -198,7 +202,7 @@ class CellUpscaler:
     def full(self, L: torch.Tensor) -> torch.Tensor:
         """(b, n, n) -> (b, H, W) float32 upscaled logits (the direct separable computation:
         columns on the low-res rows that are read, then rows; in-place multiply, then add)."""
-        native = self.native() if self.prefer_native else None
+        native = self._fused()
         if native is not None:
             return native.values(L)
         c = self._columns(L)
@@ -251,7 +255,7 @@ class CellUpscaler:
             self.last_split = (0, 0, 0)
             return torch.zeros(0), torch.zeros(0, 4, dtype=torch.int64)
         taus = (threshold + offset, threshold - offset, threshold)
-        native = self.native() if self.prefer_native else None
+        native = self._fused()
         if native is not None:
             counts, ra, ca = native.stats(L, *taus)
             self.last_split = (0, 0, B)
@@ -352,7 +356,7 @@ class CellUpscaler:
         L = L.float()
         B = L.shape[0]
         H, W = self.original_size
-        native = self.native() if self.prefer_native else None
+        native = self._fused()
         if native is not None:
             return native.values(L, threshold)
         flat = torch.empty(B * H * W + 1, dtype=torch.uint8)  # the last byte takes padding writes

@@ -86,9 +86,7 @@ def _build() -> Optional[ctypes.CDLL]:
             log.info("native kernels could not be built with %s (%s %s)", flags, e, detail.decode(errors="replace")[:500])
             continue
         p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-        lib.segany_upscale_masks.argtypes = [i64, p, i64, p, p, i64, i64, p, p, i64, i64, f32, f32, f32, p, p, p, p, p, i64]
-        lib.segany_upscale_masks.restype = ctypes.c_int
-        lib.segany_upscale_batch.argtypes = [i64, i64, p, i64, p, p, i64, p, p, i64, i64, f32, f32, f32, p, p, p, p, p]
+        lib.segany_upscale_batch.argtypes = [i64, i64, i64, i64, p, i64, p, p, i64, p, p, i64, i64, f32, f32, f32, p, p, p, p, p]
         lib.segany_upscale_batch.restype = ctypes.c_int
         lib.segany_has_openmp.restype = ctypes.c_int
         return lib
@@ -125,14 +123,14 @@ def _threads() -> int:
     return max(1, torch.get_num_threads())
 
 
-def _run(jobs: List[tuple]) -> None:
-    """Run ``segany_upscale_masks`` argument tuples, spread over torch's thread count (ctypes
-    releases the GIL during each call)."""
+def _run_pieces(call, n_pieces: int) -> None:
+    """``call(p0, p1)`` over pieces 0..n_pieces-1: once, where the build has OpenMP (PyTorch's
+    threads take the pieces), else a contiguous range per thread on a pool here (ctypes releases
+    the GIL during each call). A forked child always takes the pool (see _after_fork_in_child)."""
     global _pool, _pool_size
-    fn = _lib.segany_upscale_masks
     n = _threads()
-    if n == 1 or len(jobs) == 1:
-        codes = [fn(*j) for j in jobs]
+    if (not _forked and _lib.segany_has_openmp()) or n == 1 or n_pieces == 1:
+        codes = [call(0, n_pieces)]
     else:
         with _lock:
             if _pool is None or _pool_size != n:
@@ -140,7 +138,8 @@ def _run(jobs: List[tuple]) -> None:
                     _pool.shutdown(wait=False)
                 _pool, _pool_size = ThreadPoolExecutor(max_workers=n, thread_name_prefix="segany-kernel"), n
             pool = _pool
-        codes = list(pool.map(lambda j: fn(*j), jobs))
+        step = -(-n_pieces // n)
+        codes = list(pool.map(lambda p0: call(p0, p0 + step), range(0, n_pieces, step)))
     if any(c != 0 for c in codes):
         raise MemoryError("segany native upscale: out of memory for its row buffer")
 
@@ -159,54 +158,25 @@ class Taps:
         if self.cidx.shape[1] != self.S:
             raise ValueError("row and column tap tables need the same number of taps")
 
-    def _jobs(self, L: torch.Tensor, thresholds, out: Optional[torch.Tensor], out_is_float: bool,
-              counts=None, rows=None, cols=None) -> List[tuple]:
-        """Argument tuples for ``segany_upscale_masks``: groups of whole masks, one per thread,
-        or, with few masks, pieces of rows of each mask (``out`` only)."""
-        B, n_low = L.shape[0], L.shape[-1]
-        H, W = self.H, self.W
-        T = _threads()
-        el = 0 if out is None else out.element_size()
-        plane = H * W
-
-        def job(i0: int, i1: int, y0: int, y1: int) -> tuple:
-            o = None if out is None else out.data_ptr() + (i0 * plane + y0 * W) * el
-            return (
-                i1 - i0, L.data_ptr() + i0 * n_low * n_low * 4, n_low, self.ridx.data_ptr(), self.rw.data_ptr(), y0, y1,
-                self.cidx.data_ptr(), self.cw.data_ptr(), W, self.S, *thresholds,
-                o if out_is_float else None, None if out_is_float else o,
-                None if counts is None else counts[i0].data_ptr(),
-                None if rows is None else rows[i0].data_ptr(),
-                None if cols is None else cols[i0].data_ptr(),
-                plane,
-            )
-
-        if B >= 4 * T or counts is not None or rows is not None or cols is not None:
-            step = -(-B // T)
-            return [job(i, min(B, i + step), 0, H) for i in range(0, B, step)]
-        # few masks (a click's 3): each split into T pieces of rows, so the threads stay balanced
-        step = -(-H // T)
-        return [job(i, i + 1, y0, min(H, y0 + step)) for i in range(B) for y0 in range(0, H, step)]
-
     def _compute(self, L: torch.Tensor, thresholds, out: Optional[torch.Tensor], out_is_float: bool,
                  counts=None, rows=None, cols=None) -> None:
-        """Fill ``out`` (or counts/rows/cols) for all masks of ``L``: one OpenMP call where the
-        build has it, else the jobs of :meth:`_jobs` on a thread pool."""
-        if _forked or not _lib.segany_has_openmp():
-            _run(self._jobs(L, thresholds, out, out_is_float, counts, rows, cols))
-            return
-        B, T = L.shape[0], _threads()
+        """Fill ``out`` (or counts/rows/cols) for all masks of ``L``, in pieces: whole masks, or
+        with few masks (a click's 3) and only ``out``, each mask cut into one piece of rows per
+        thread, so that the threads stay balanced."""
+        B, H = L.shape[0], self.H
+        T = _threads()
         whole = B >= 4 * T or counts is not None or rows is not None or cols is not None
+        rows_per_piece = H if whole else -(-H // T)
+        pieces = B * -(-H // rows_per_piece)
         o = None if out is None else out.data_ptr()
-        rc = _lib.segany_upscale_batch(
-            B, self.H if whole else -(-self.H // T), L.data_ptr(), L.shape[-1], self.ridx.data_ptr(), self.rw.data_ptr(), self.H,
+        args = (
+            B, rows_per_piece, L.data_ptr(), L.shape[-1], self.ridx.data_ptr(), self.rw.data_ptr(), H,
             self.cidx.data_ptr(), self.cw.data_ptr(), self.W, self.S, *thresholds,
             o if out_is_float else None, None if out_is_float else o,
             None if counts is None else counts.data_ptr(), None if rows is None else rows.data_ptr(),
             None if cols is None else cols.data_ptr(),
         )
-        if rc != 0:
-            raise MemoryError("segany native upscale: out of memory for its row buffer")
+        _run_pieces(lambda p0, p1: _lib.segany_upscale_batch(p0, p1, *args), pieces)
 
     def values(self, L: torch.Tensor, threshold: Optional[float] = None) -> torch.Tensor:
         """(B, n, n) logits -> (B, H, W) float32 upscaled values, or with ``threshold`` the bool

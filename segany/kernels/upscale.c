@@ -143,23 +143,6 @@ int segany_upscale_rows(const float *L, int64_t n_low, const int64_t *ridx, cons
     return 0;
 }
 
-/* segany_upscale_rows for n_masks consecutive masks: L, out_f, out_b, counts, row_any and col_any
-   (each when given) advance by one mask's extent per mask. One call per thread. */
-int segany_upscale_masks(int64_t n_masks, const float *L, int64_t n_low, const int64_t *ridx, const float *rw,
-                         int64_t y0, int64_t y1, const int64_t *cidx, const float *cw, int64_t W, int64_t S,
-                         float t_hi, float t_lo, float t_mid, float *out_f, uint8_t *out_b, int64_t *counts,
-                         uint8_t *row_any, uint8_t *col_any, int64_t out_stride) {
-    int64_t H = y1 - y0;
-    for (int64_t i = 0; i < n_masks; i++) {
-        int rc = segany_upscale_rows(L + i * n_low * n_low, n_low, ridx, rw, y0, y1, cidx, cw, W, S, t_hi, t_lo, t_mid,
-                                     out_f ? out_f + i * out_stride : 0, out_b ? out_b + i * out_stride : 0,
-                                     counts ? counts + 2 * i : 0, row_any ? row_any + i * H : 0,
-                                     col_any ? col_any + i * W : 0);
-        if (rc) return rc;
-    }
-    return 0;
-}
-
 /* Whether this build runs segany_upscale_batch on OpenMP threads. Built with -fopenmp it links
    libgomp.so.1, which in a PyTorch process is PyTorch's own copy (same soname, loaded first): the
    pieces then run on PyTorch's intra-op threads, not on threads competing with them. */
@@ -171,18 +154,21 @@ int segany_has_openmp(void) {
 #endif
 }
 
-/* All of n_masks masks (H output rows each), in pieces of rows_per_piece rows, spread over the
-   OpenMP threads. counts/row_any/col_any need whole masks per piece (rows_per_piece >= H). */
-int segany_upscale_batch(int64_t n_masks, int64_t rows_per_piece, const float *L, int64_t n_low, const int64_t *ridx,
+/* n_masks masks (H output rows each) cut into pieces of rows_per_piece rows, numbered mask by
+   mask; computes pieces p0..p1-1, spread over the OpenMP threads (a build without OpenMP runs
+   them in order, and the caller spreads ranges of pieces over its own threads).
+   counts/row_any/col_any need whole masks per piece (rows_per_piece >= H). */
+int segany_upscale_batch(int64_t p0, int64_t p1, int64_t n_masks, int64_t rows_per_piece, const float *L,
+                         int64_t n_low, const int64_t *ridx,
                          const float *rw, int64_t H, const int64_t *cidx, const float *cw, int64_t W, int64_t S,
                          float t_hi, float t_lo, float t_mid, float *out_f, uint8_t *out_b, int64_t *counts,
                          uint8_t *row_any, uint8_t *col_any) {
     if (rows_per_piece < 1) rows_per_piece = H;
     int64_t ppm = (H + rows_per_piece - 1) / rows_per_piece;
-    int64_t n = n_masks * ppm;
+    if (p1 > n_masks * ppm) p1 = n_masks * ppm;
     int err = 0;
 #pragma omp parallel for schedule(static) reduction(| : err)
-    for (int64_t p = 0; p < n; p++) {
+    for (int64_t p = p0; p < p1; p++) {
         int64_t i = p / ppm;
         int64_t y0 = (p % ppm) * rows_per_piece;
         int64_t y1 = y0 + rows_per_piece < H ? y0 + rows_per_piece : H;
