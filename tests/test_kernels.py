@@ -1,5 +1,6 @@
-"""The native upscale kernel (segany.kernels): built on first use with the machine's C compiler,
-bit-identical to the PyTorch code it replaces, and optional (no compiler -> PyTorch code)."""
+"""The native kernels (segany.kernels): built on first use with the machine's C compiler, equal to
+the PyTorch code they replace (the mask upscaling bit for bit, the decoder tail up to float32
+rounding), and optional (no compiler -> PyTorch code)."""
 from __future__ import annotations
 
 import os
@@ -17,6 +18,63 @@ from segany.transforms import ResizeLongestSide
 from segany.upscale import CellUpscaler
 
 needs_kernels = pytest.mark.skipif(not kernels.available(), reason="no C compiler: native kernels unavailable")
+
+
+needs_decoder_kernel = pytest.mark.skipif(not kernels.decoder_available(), reason="no C compiler: native kernels unavailable")
+
+
+def _upscaling_decoder(dim, seed, ln_gain=1.0):
+    from segany.modeling.mask_decoder import MaskDecoder
+    from segany.modeling.transformer import TwoWayTransformer
+
+    dec = MaskDecoder(transformer_dim=dim, transformer=TwoWayTransformer(depth=1, embedding_dim=dim, num_heads=2, mlp_dim=16))
+    g = torch.Generator().manual_seed(seed)
+    for prm in dec.output_upscaling.parameters():
+        prm.data.copy_(torch.randn(prm.shape, generator=g) * 0.3)
+    dec.output_upscaling[1].weight.data.mul_(ln_gain)
+    return dec.eval()
+
+
+@needs_decoder_kernel
+@pytest.mark.parametrize(
+    "dim,h,w,B,M,ln_gain",
+    [
+        (256, 64, 64, 1, 3, 1.0),  # SAM's sizes, one click
+        (256, 64, 64, 3, 1, 1.0),  # a batch: several chunks of rows, each at its own output rows
+        (128, 32, 32, 2, 4, 1.0),  # the bundled model's sizes
+        (256, 16, 24, 2, 2, 30.0),  # GELU inputs far into both tails (|x| up to ~100)
+        (32, 5, 7, 2, 3, 1.0),  # channels and widths that fill no whole vector
+    ],
+)
+def test_native_decoder_tail_matches_pytorch(dim, h, w, B, M, ln_gain):
+    from segany.modeling import fast_decoder
+
+    dec = _upscaling_decoder(dim, seed=h + w, ln_gain=ln_gain)
+    g = torch.Generator().manual_seed(dim + B)
+    keys = torch.randn(B, h * w, dim, generator=g)
+    hyper = torch.randn(B, M, dim // 8, generator=g)
+    with torch.no_grad():
+        want = fast_decoder._upscale_masks(dec, keys, hyper, h, w, rows_per_chunk=max(1, h // 3))
+        got = fast_decoder._upscale_masks_native(dec, keys, hyper, h, w)
+    assert got.shape == want.shape == (B, M, 4 * h, 4 * w)
+    scale = want.abs().max().item()
+    assert (got - want).abs().max().item() <= 2e-6 * max(1.0, scale)
+    assert torch.isfinite(got).all()
+
+
+@needs_decoder_kernel
+def test_native_decoder_tail_checks_its_arguments():
+    dec = _upscaling_decoder(32, seed=0)
+    ct2 = dec.output_upscaling[3]
+    w2 = ct2.weight.permute(2, 0, 3, 1).contiguous()
+    b2 = ct2.bias.repeat(2).contiguous()
+    ln = dec.output_upscaling[1]
+    yT = torch.zeros(1, 32, 4 * 5)
+    out = torch.zeros(1, 2, 16, 20)
+    with pytest.raises(ValueError, match="inconsistent shapes"):
+        kernels.decoder_tail(yT, 5, ln.weight.detach(), ln.bias.detach(), ln.eps, w2.detach(), b2.detach(), torch.zeros(1, 3, 4), out, 0)
+    with pytest.raises(ValueError, match="contiguous float32"):
+        kernels.decoder_tail(yT.double(), 5, ln.weight.detach(), ln.bias.detach(), ln.eps, w2.detach(), b2.detach(), torch.zeros(1, 2, 4), out, 0)
 
 
 def _logits(n, side, seed):

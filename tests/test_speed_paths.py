@@ -28,7 +28,15 @@ def _model(config, seed=0):
 @pytest.mark.parametrize("config", DEC_CONFIGS)
 @pytest.mark.parametrize("multimask", [True, False])
 @pytest.mark.parametrize("batch,npts,with_box,with_mask", [(1, 1, False, False), (3, 2, True, False), (2, 3, False, True)])
-def test_fast_decoder_matches_module(config, multimask, batch, npts, with_box, with_mask):
+@pytest.mark.parametrize("native", [True, False], ids=["native-tail", "pytorch-tail"])
+def test_fast_decoder_matches_module(config, multimask, batch, npts, with_box, with_mask, native, monkeypatch):
+    from segany import kernels
+    from segany.modeling import fast_decoder
+
+    if native and not kernels.decoder_available():
+        pytest.skip("no C compiler: native decoder kernel unavailable")
+    if not native:
+        monkeypatch.setattr(fast_decoder, "_native_tail_ok", lambda decoder, x: False)
     sam = _model(config)
     pe = sam.prompt_encoder
     g = torch.Generator().manual_seed(1)

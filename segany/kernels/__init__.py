@@ -8,10 +8,14 @@ operation. ``upscale.c`` does it in one pass, with the same float32 operations i
 as ``segany.upscale`` (compiled without fused multiply-add), so results are bit-identical to the
 PyTorch path.
 
-The shared library is built once per machine and source version into
+``decoder.c`` is the mask decoder's output upscaling after its first convolution (LayerNorm2d,
+GELU, the second transposed convolution, GELU, the hypernetwork dot products), which PyTorch
+runs as six passes over multi-MB temporaries; one pass here, equal up to float32 rounding.
+
+Each shared library is built once per machine and source version into
 ``<cache>/kernels/`` (``$SEGANY_HOME``, else the XDG cache; see ``segany.download``), written
 to a temporary file and renamed. No compiler, a failed build, or ``SEGANY_KERNELS=0`` ->
-:func:`available` is False and callers use their PyTorch code.
+:func:`available` / :func:`decoder_available` is False and callers use their PyTorch code.
 """
 from __future__ import annotations
 
@@ -32,11 +36,14 @@ import torch
 
 log = logging.getLogger("segany.kernels")
 
-_SRC = Path(__file__).with_name("upscale.c")
-_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared"]
+_HERE = Path(__file__).parent
+# upscale.c must match PyTorch bit for bit: no fused multiply-add there (see its header)
+_FLAGS = {
+    "upscale": ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared"],
+    "decoder": ["-O3", "-march=native", "-fno-math-errno", "-fPIC", "-shared"],
+}
 _lock = threading.Lock()
-_lib: Optional[ctypes.CDLL] = None
-_tried = False
+_libs: dict = {}  # name -> loaded CDLL, or None once a build was tried and failed
 _pool: Optional[ThreadPoolExecutor] = None
 _pool_size = 0
 
@@ -51,19 +58,30 @@ def _cpu_key() -> str:
         return platform.processor()
 
 
-def _compile(cc: str, flags: List[str], out: Path) -> None:
+def _compile(cc: str, flags: List[str], src: Path, out: Path) -> None:
     if out.exists():
         return
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.stem}.{os.getpid()}.{threading.get_ident()}.so")
     try:
-        subprocess.run([cc, *flags, "-o", str(tmp), str(_SRC)], check=True, capture_output=True, timeout=300)
+        subprocess.run([cc, *flags, "-o", str(tmp), str(src)], check=True, capture_output=True, timeout=300)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
 
 
-def _build() -> Optional[ctypes.CDLL]:
+def _declare(name: str, lib: ctypes.CDLL) -> None:
+    p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
+    if name == "upscale":
+        lib.segany_upscale_batch.argtypes = [i64, i64, i64, i64, p, i64, p, p, i64, p, p, i64, i64, f32, f32, f32, p, p, p, p, p]
+        lib.segany_upscale_batch.restype = ctypes.c_int
+    else:
+        lib.segany_decoder_tail.argtypes = [i64, i64, i64, i64, i64, i64, i64, p, p, p, f32, p, p, p, p, i64, i64]
+        lib.segany_decoder_tail.restype = ctypes.c_int
+    lib.segany_has_openmp.restype = ctypes.c_int
+
+
+def _build(name: str) -> Optional[ctypes.CDLL]:
     if os.environ.get("SEGANY_KERNELS", "1") == "0":
         return None
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
@@ -72,37 +90,42 @@ def _build() -> Optional[ctypes.CDLL]:
         return None
     from ..download import cache_dir
 
-    src = _SRC.read_bytes()
+    src_path = _HERE / f"{name}.c"
+    src = src_path.read_bytes()
     # with OpenMP first (PyTorch's own threads, see upscale.c), else without (a thread pool here)
     for extra in (["-fopenmp"], []):
-        flags = _FLAGS + extra
+        flags = _FLAGS[name] + extra
         key = hashlib.sha256(b"\0".join([src, cc.encode(), " ".join(flags).encode(), platform.machine().encode(), _cpu_key().encode()])).hexdigest()[:16]
-        out = cache_dir() / "kernels" / f"upscale-{key}.so"
+        out = cache_dir() / "kernels" / f"{name}-{key}.so"
         try:
-            _compile(cc, flags, out)
+            _compile(cc, flags, src_path, out)
             lib = ctypes.CDLL(str(out))
-        except (OSError, subprocess.SubprocessError) as e:
+            _declare(name, lib)
+        except (OSError, AttributeError, subprocess.SubprocessError) as e:
             detail = getattr(e, "stderr", b"") or b""
-            log.info("native kernels could not be built with %s (%s %s)", flags, e, detail.decode(errors="replace")[:500])
+            log.info("native kernel %s could not be built with %s (%s %s)", name, flags, e, detail.decode(errors="replace")[:500])
             continue
-        p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
-        lib.segany_upscale_batch.argtypes = [i64, i64, i64, i64, p, i64, p, p, i64, p, p, i64, i64, f32, f32, f32, p, p, p, p, p]
-        lib.segany_upscale_batch.restype = ctypes.c_int
-        lib.segany_has_openmp.restype = ctypes.c_int
         return lib
-    log.info("native kernels off, using the PyTorch code")
+    log.info("native kernel %s off, using the PyTorch code", name)
     return None
 
 
-def available() -> bool:
-    """Whether the native kernels are built and loaded (builds them on the first call)."""
-    global _lib, _tried
-    if not _tried:
+def _get(name: str) -> Optional[ctypes.CDLL]:
+    if name not in _libs:
         with _lock:
-            if not _tried:
-                _lib = _build()
-                _tried = True
-    return _lib is not None
+            if name not in _libs:
+                _libs[name] = _build(name)
+    return _libs[name]
+
+
+def available() -> bool:
+    """Whether the native mask upscaling is built and loaded (builds it on the first call)."""
+    return _get("upscale") is not None
+
+
+def decoder_available() -> bool:
+    """Whether the native decoder tail (:func:`decoder_tail`) is built and loaded."""
+    return _get("decoder") is not None
 
 
 _forked = False  # this process is a fork of one that may have run an OpenMP region
@@ -123,13 +146,13 @@ def _threads() -> int:
     return max(1, torch.get_num_threads())
 
 
-def _run_pieces(call, n_pieces: int) -> None:
+def _run_pieces(lib: ctypes.CDLL, call, n_pieces: int) -> None:
     """``call(p0, p1)`` over pieces 0..n_pieces-1: once, where the build has OpenMP (PyTorch's
     threads take the pieces), else a contiguous range per thread on a pool here (ctypes releases
     the GIL during each call). A forked child always takes the pool (see _after_fork_in_child)."""
     global _pool, _pool_size
     n = _threads()
-    if (not _forked and _lib.segany_has_openmp()) or n == 1 or n_pieces == 1:
+    if (not _forked and lib.segany_has_openmp()) or n == 1 or n_pieces == 1:
         codes = [call(0, n_pieces)]
     else:
         with _lock:
@@ -141,7 +164,7 @@ def _run_pieces(call, n_pieces: int) -> None:
         step = -(-n_pieces // n)
         codes = list(pool.map(lambda p0: call(p0, p0 + step), range(0, n_pieces, step)))
     if any(c != 0 for c in codes):
-        raise MemoryError("segany native upscale: out of memory for its row buffer")
+        raise MemoryError("segany native kernel: out of memory for its row buffer")
 
 
 class Taps:
@@ -176,7 +199,8 @@ class Taps:
             None if counts is None else counts.data_ptr(), None if rows is None else rows.data_ptr(),
             None if cols is None else cols.data_ptr(),
         )
-        _run_pieces(lambda p0, p1: _lib.segany_upscale_batch(p0, p1, *args), pieces)
+        lib = _libs["upscale"]
+        _run_pieces(lib, lambda p0, p1: lib.segany_upscale_batch(p0, p1, *args), pieces)
 
     def values(self, L: torch.Tensor, threshold: Optional[float] = None) -> torch.Tensor:
         """(B, n, n) logits -> (B, H, W) float32 upscaled values, or with ``threshold`` the bool
@@ -220,3 +244,30 @@ def _check(L: torch.Tensor) -> torch.Tensor:
     if L.device.type != "cpu":
         raise ValueError("native kernels run on CPU tensors")
     return L.to(torch.float32).contiguous()
+
+
+def decoder_tail(yT: torch.Tensor, w: int, ln_weight: torch.Tensor, ln_bias: torch.Tensor, eps: float,
+                 w2: torch.Tensor, bias2: torch.Tensor, hyper_in: torch.Tensor, out: torch.Tensor, row0: int) -> None:
+    """The mask decoder's output upscaling after its first transposed convolution, into ``out``.
+
+    yT (B, 4*c1, R*w): the first convolution's output (bias included) for R embedding rows of
+    width w, channels ordered (a, bb, c) for the 2x2 sub-pixel (a, bb); ln_weight/ln_bias (c1,):
+    the LayerNorm2d; w2 (2, c1, 2, c2): the second convolution's weight as [a2][c][b2][o];
+    bias2 (2*c2,): its bias repeated per b2; hyper_in (B, M, c2); out (B, M, OH, 4w) float32,
+    rows 4*row0 .. 4*(row0+R)-1 are written. GELU after both, as in SAM."""
+    lib = _get("decoder")
+    if lib is None:
+        raise RuntimeError("the native decoder kernel is not available")
+    B, C4, N = yT.shape
+    c1 = C4 // 4
+    R = N // w
+    M, c2 = hyper_in.shape[1:]
+    ts = (yT, ln_weight, ln_bias, w2, bias2, hyper_in, out)
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() for t in ts):
+        raise ValueError("decoder_tail needs contiguous float32 CPU tensors")
+    if R * w != N or tuple(w2.shape) != (2, c1, 2, c2) or bias2.numel() != 2 * c2 or out.shape[:2] != (B, M) \
+            or out.shape[3] != 4 * w or out.shape[2] < 4 * (row0 + R) or hyper_in.shape[0] != B:
+        raise ValueError("decoder_tail: inconsistent shapes")
+    args = (R, w, c1, c2, M, yT.data_ptr(), ln_weight.data_ptr(), ln_bias.data_ptr(), float(eps), w2.data_ptr(),
+            bias2.data_ptr(), hyper_in.data_ptr(), out.data_ptr(), row0, out.shape[2])
+    _run_pieces(lib, lambda p0, p1: lib.segany_decoder_tail(p0, p1, *args), B * R)

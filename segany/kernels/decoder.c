@@ -1,0 +1,242 @@
+/* The tail of SAM's mask decoder, fused (see segany/kernels/__init__.py and
+   segany/modeling/fast_decoder.py).
+
+   After the first 2x2 stride-2 transposed convolution of the output upscaling (a GEMM, left to
+   PyTorch), every first-conv pixel goes through LayerNorm2d and GELU, then the second 2x2
+   stride-2 transposed convolution gives 4 output pixels of c2 channels, each through GELU and a
+   dot product with every requested mask token's hypernetwork vector. PyTorch runs those as six
+   passes over multi-MB temporaries (LayerNorm, GELU, two GEMMs with GELU, a batched product,
+   a copy into the mask layout); here one pass keeps a pixel's values in the cache from the
+   first-conv output to the mask values.
+
+   Unlike upscale.c this is not bit-identical to PyTorch: sums run in another order and fused
+   multiply-adds are allowed, and GELU's erf is the Abramowitz-Stegun 7.1.26 form that PyTorch's
+   own vectorised erf uses (max abs error 1.5e-7), with the left tail computed without the
+   cancellation of 1 + erf. Differences are float32 rounding (tests/test_kernels.py).
+
+   Layouts (row-major, contiguous):
+     y    (B, R, w, 2, 2, c1)  first-conv output, bias included: embedding row i, column j, then
+                               the 2x2 sub-pixel (a, bb) -> first-conv pixel (2i+a, 2j+bb)
+     w2   (2, c1, 2, c2)       second conv weight as [a2][c][b2][o]
+     b2   (2, c2)              its bias, once per b2
+     hyp  (B, M, c2)           hypernetwork outputs of the requested mask tokens
+     out  (B, M, OH, 4w)       masks; embedding row i of this call writes rows 4*(row0+i)..+3 */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+static __thread float *scratch_buf = 0;
+static __thread size_t scratch_cap = 0;
+
+static float *scratch(size_t n_floats) {
+    if (n_floats > scratch_cap) {
+        free(scratch_buf);
+        scratch_buf = (float *)malloc(sizeof(float) * n_floats);
+        scratch_cap = scratch_buf ? n_floats : 0;
+    }
+    return scratch_buf;
+}
+
+/* GELU over arrays, in GCC/Clang vector extensions (16 lanes; lowered to whatever the target
+   has): the auto-vectoriser does not vectorise the bit cast that builds 2^k in exp. */
+typedef float vf __attribute__((vector_size(64)));
+typedef int32_t vi __attribute__((vector_size(64)));
+#define LANES 16
+
+static inline vf vselect(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
+
+/* Exact GELU, x * Phi(x) = x * (1 + erf(x / sqrt 2)) / 2, with 1 - erf(|z|) = r(t) exp(-z^2)
+   (Abramowitz-Stegun 7.1.26, t = 1 / (1 + p|z|)) and exp by Cephes expf's reduction and
+   polynomial. */
+static inline vf vgelu(vf x) {
+    const vi abs_mask = (vi){0} + 0x7fffffff;
+    vf z = (vf)((vi)x & abs_mask) * 0.70710678118654752f;
+    vf t = 1.0f / (1.0f + 0.3275911f * z);
+    vf r = ((((1.061405429f * t - 1.453152027f) * t + 1.421413741f) * t - 0.284496736f) * t + 0.254829592f) * t;
+    vf a = z * z;
+    vi in_range = a < 80.0f; /* beyond, x Phi(x) < 1e-34: zero, never a slow subnormal */
+    a = vselect(in_range, a, (vf){0} + 80.0f);
+    vf e = -a;
+    /* k = round(e / ln 2), by the 1.5 * 2^23 trick (|e / ln 2| < 116) */
+    vf k = (e * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+    vf f = e - k * 0.693359375f + k * 2.12194440e-4f;
+    vf p = (vf){0} + 1.9875691500e-4f;
+    p = p * f + 1.3981999507e-3f;
+    p = p * f + 8.3334519073e-3f;
+    p = p * f + 4.1665795894e-2f;
+    p = p * f + 1.6666665459e-1f;
+    p = p * f + 5.0000001201e-1f;
+    vf ef = p * f * f + f + 1.0f;
+    vi bits = (__builtin_convertvector(k, vi) + 127) << 23; /* 2^k */
+    vf q = vselect(in_range, r * ef * (vf)bits, (vf){0});   /* 1 - erf(|z|) */
+    vf two_phi = vselect(x < 0.0f, q, 2.0f - q);
+    return 0.5f * x * two_phi;
+}
+
+static void gelu_inplace(float *p, int64_t n) {
+    int64_t i = 0;
+    for (; i + LANES <= n; i += LANES) {
+        vf x;
+        __builtin_memcpy(&x, p + i, sizeof x);
+        x = vgelu(x);
+        __builtin_memcpy(p + i, &x, sizeof x);
+    }
+    if (i < n) {
+        vf x = {0};
+        __builtin_memcpy(&x, p + i, sizeof(float) * (size_t)(n - i));
+        x = vgelu(x);
+        __builtin_memcpy(p + i, &x, sizeof(float) * (size_t)(n - i));
+    }
+}
+
+/* Work is vectorised over pixels: a vector holds one channel of LANES neighbouring pixels, so
+   every product is a vector times a broadcast weight and the hypernetwork dot products need no
+   horizontal sums. n_pad: the row's 2w first-conv pixels rounded up to whole vectors. */
+
+/* Second conv of one output row: zT[b2][o][X] = bias[o] + sum_c W[c][b2][o] vT[c][X]. Blocks of
+   OB outputs stay in registers across the c loop. */
+#define OB 16
+static inline __attribute__((always_inline)) void conv2_row(const float *restrict vT, int64_t n_pad, int64_t c1,
+                                                            int64_t NO, const float *restrict W,
+                                                            const float *restrict bias2, float *restrict zT) {
+    for (int64_t X = 0; X < n_pad; X += LANES) {
+        int64_t o0 = 0;
+        for (; o0 + OB <= NO; o0 += OB) {
+            vf acc[OB];
+            for (int64_t q = 0; q < OB; q++) acc[q] = (vf){0} + bias2[o0 + q];
+            for (int64_t c = 0; c < c1; c++) {
+                vf x;
+                __builtin_memcpy(&x, vT + c * n_pad + X, sizeof x);
+                const float *Wc = W + c * NO + o0;
+                for (int64_t q = 0; q < OB; q++) acc[q] += Wc[q] * x;
+            }
+            for (int64_t q = 0; q < OB; q++) __builtin_memcpy(zT + (o0 + q) * n_pad + X, &acc[q], sizeof(vf));
+        }
+        for (; o0 < NO; o0++) { /* NO not a multiple of OB (tiny configurations) */
+            vf acc = (vf){0} + bias2[o0];
+            for (int64_t c = 0; c < c1; c++) {
+                vf x;
+                __builtin_memcpy(&x, vT + c * n_pad + X, sizeof x);
+                acc += W[c * NO + o0] * x;
+            }
+            __builtin_memcpy(zT + o0 * n_pad + X, &acc, sizeof(vf));
+        }
+    }
+}
+
+static inline vf load_part(const float *p, int64_t n) {
+    vf x = {0};
+    if (n >= LANES)
+        __builtin_memcpy(&x, p, sizeof x);
+    else
+        __builtin_memcpy(&x, p, sizeof(float) * (size_t)n);
+    return x;
+}
+
+/* One embedding row i of one prompt: 4 output rows of 4w pixels for each of the M masks.
+   yT points at the prompt's (4*c1, N) first-conv map. Pixels are taken in the order (bb, j),
+   each run of w padded to w_pad (whole vectors); the stores put column 4j+2bb+b2 in place.
+   work: n_pad * (c1 + 2*c2 + 2) floats, n_pad = 2*w_pad. */
+static inline __attribute__((always_inline)) void tail_row(
+    const float *restrict yT, int64_t N, int64_t i, int64_t w, int64_t c1, int64_t c2, int64_t M,
+    const float *restrict ln_w, const float *restrict ln_b, float eps, const float *restrict w2,
+    const float *restrict bias2, const float *restrict hyp, float *restrict out, int64_t out_plane,
+    float *restrict work) {
+    const int64_t w_pad = (w + LANES - 1) / LANES * LANES, n_pad = 2 * w_pad;
+    const int64_t OW = 4 * w, NO = 2 * c2;
+    float *vT = work;              /* (c1, n_pad): first-conv row 2i+a, normalised, through GELU */
+    float *zT = vT + c1 * n_pad;   /* (2, c2, n_pad): one output row before the dot products */
+    float *d = zT + NO * n_pad;    /* (2, n_pad): one mask's values of that row, by b2 */
+    const float inv_c1 = 1.0f / (float)c1;
+    for (int64_t a = 0; a < 2; a++) {
+        /* LayerNorm2d over channels, LANES pixels at a time */
+        for (int64_t bb = 0; bb < 2; bb++) {
+            const float *src = yT + (a * 2 + bb) * c1 * N + i * w;
+            for (int64_t j0 = 0; j0 < w_pad; j0 += LANES) {
+                int64_t n = w - j0;
+                vf s = {0};
+                for (int64_t c = 0; c < c1; c++) s += load_part(src + c * N + j0, n);
+                vf mean = s * inv_c1;
+                vf ss = {0};
+                for (int64_t c = 0; c < c1; c++) {
+                    vf e = load_part(src + c * N + j0, n) - mean;
+                    ss += e * e;
+                }
+                vf var = ss * inv_c1 + eps;
+                vf rstd;
+                for (int64_t l = 0; l < LANES; l++) rstd[l] = 1.0f / sqrtf(var[l]);
+                float *dst = vT + bb * w_pad + j0;
+                for (int64_t c = 0; c < c1; c++) {
+                    vf x = (load_part(src + c * N + j0, n) - mean) * rstd * ln_w[c] + ln_b[c];
+                    __builtin_memcpy(dst + c * n_pad, &x, sizeof x);
+                }
+            }
+        }
+        gelu_inplace(vT, c1 * n_pad);
+        for (int64_t a2 = 0; a2 < 2; a2++) {
+            conv2_row(vT, n_pad, c1, NO, w2 + a2 * c1 * NO, bias2, zT);
+            gelu_inplace(zT, NO * n_pad);
+            /* masks: out[m][row][4j+2bb+b2] = hyp[m] . zT[b2][:][bb*w_pad+j] */
+            int64_t row = 2 * a + a2;
+            for (int64_t m = 0; m < M; m++) {
+                const float *h = hyp + m * c2;
+                for (int64_t b2 = 0; b2 < 2; b2++) {
+                    for (int64_t X = 0; X < n_pad; X += LANES) {
+                        vf acc = (vf){0};
+                        for (int64_t o = 0; o < c2; o++) {
+                            vf x;
+                            __builtin_memcpy(&x, zT + (b2 * c2 + o) * n_pad + X, sizeof x);
+                            acc += h[o] * x;
+                        }
+                        __builtin_memcpy(d + b2 * n_pad + X, &acc, sizeof acc);
+                    }
+                }
+                float *o = out + m * out_plane + row * OW;
+                for (int64_t j = 0; j < w; j++) {
+                    o[4 * j + 0] = d[j];
+                    o[4 * j + 1] = d[n_pad + j];
+                    o[4 * j + 2] = d[w_pad + j];
+                    o[4 * j + 3] = d[n_pad + w_pad + j];
+                }
+            }
+        }
+    }
+}
+
+/* Pieces p0..p1-1 of B*R (prompt b, embedding row i of this call's R rows); yT (B, 4*c1, R*w);
+   out rows 4*(row0+i).. of (B, M, OH, 4w). Returns 0, or 1 when out of memory. */
+int segany_decoder_tail(int64_t p0, int64_t p1, int64_t R, int64_t w, int64_t c1, int64_t c2, int64_t M,
+                        const float *yT, const float *ln_w, const float *ln_b, float eps, const float *w2,
+                        const float *b2, const float *hyp, float *out, int64_t row0, int64_t OH) {
+    int err = 0;
+    const int64_t N = R * w, n_pad = 2 * ((w + LANES - 1) / LANES * LANES);
+#pragma omp parallel for schedule(static) reduction(| : err)
+    for (int64_t p = p0; p < p1; p++) {
+        float *work = scratch((size_t)(n_pad * (c1 + 2 * c2 + 2)));
+        if (!work) {
+            err |= 1;
+            continue;
+        }
+        int64_t b = p / R, i = p % R;
+        const float *yb = yT + b * 4 * c1 * N;
+        float *op = out + b * M * OH * 4 * w + (row0 + i) * 4 * 4 * w;
+        const float *hp = hyp + b * M * c2;
+        int64_t plane = OH * 4 * w;
+        /* constant channel counts let the compiler unroll the channel loops */
+        if (c1 == 64 && c2 == 32)
+            tail_row(yb, N, i, w, 64, 32, M, ln_w, ln_b, eps, w2, b2, hp, op, plane, work);
+        else if (c1 == 32 && c2 == 16)
+            tail_row(yb, N, i, w, 32, 16, M, ln_w, ln_b, eps, w2, b2, hp, op, plane, work);
+        else
+            tail_row(yb, N, i, w, c1, c2, M, ln_w, ln_b, eps, w2, b2, hp, op, plane, work);
+    }
+    return err;
+}
+
+int segany_has_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
