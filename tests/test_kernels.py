@@ -180,3 +180,27 @@ def test_kernel_threads_work_in_a_forked_child():
 def _child_masks(low):
     # a numpy array back: torch's own tensor sharing between processes is not what is tested
     return CellUpscaler(32, 128, (96, 128), (300, 400)).masks(torch.from_numpy(low), 0.0).numpy()
+
+
+@needs_decoder_kernel
+def test_decoder_cache_built_for_the_kernel_also_serves_the_pytorch_path(monkeypatch):
+    """A cache built while the native tail was usable (it keeps the upscaling base transposed)
+    still gives the same masks when a later call cannot use the kernel."""
+    from core_helpers import TINY_VIT
+    from segany.modeling import fast_decoder
+    from segany.modeling.build import build_sam, randomize_
+
+    sam = randomize_(build_sam(TINY_VIT), seed=3, std=0.2).eval()
+    pe = sam.prompt_encoder
+    h, w = pe.image_embedding_size
+    feats = torch.randn(1, pe.embed_dim, h, w, generator=torch.Generator().manual_seed(0))
+    pts = torch.tensor([[[20.0, 30.0]], [[50.0, 10.0]]])
+    with torch.no_grad():
+        sparse, _ = pe(points=(pts, torch.ones(2, 1, dtype=torch.int64)), boxes=None, masks=None)
+        cache = fast_decoder.build_cache(sam.mask_decoder, feats, pe.get_dense_pe(), pe.no_mask_embed.weight)
+        assert cache.upscale is None and cache.upscale_t is not None
+        native, iou_n = fast_decoder.predict_masks_fast(sam.mask_decoder, sparse, cache)
+        monkeypatch.setattr(fast_decoder, "_native_tail_ok", lambda decoder, x: False)
+        plain, iou_p = fast_decoder.predict_masks_fast(sam.mask_decoder, sparse, cache)
+    assert torch.equal(iou_n, iou_p)
+    assert (native - plain).abs().max().item() <= 2e-6 * max(1.0, plain.abs().max().item())
