@@ -488,11 +488,11 @@ def _upscale_masks_native(decoder: MaskDecoder, keys, hyper_in: Tensor, h: int, 
         qw1t = (fx.Q @ w1t.t()).transpose(1, 2)  # (B, 4*c1, r)
     # one chunk buffer, filled in place (an out-of-place baddbmm copies its input into a fresh
     # result first: 2.6 ms a click for a 4 MB chunk, page faults included)
-    buf = torch.from_numpy(np.empty((B, 4 * c1, rows_per_chunk * w), dtype=np.float32))
+    buf = torch.from_numpy(np.empty(B * 4 * c1 * rows_per_chunk * w, dtype=np.float32))
     for i0 in range(0, h, rows_per_chunk):
         i1 = min(h, i0 + rows_per_chunk)
         n0, n1 = i0 * w, i1 * w
-        yT = buf if n1 - n0 == buf.shape[-1] else buf[..., : n1 - n0].contiguous()
+        yT = buf[: B * 4 * c1 * (n1 - n0)].view(B, 4 * c1, n1 - n0)
         if isinstance(keys, Tensor):
             yT.copy_(b1.expand_as(yT)).baddbmm_(w1t.expand(B, -1, -1), keys[:, n0:n1].transpose(1, 2))
         else:
