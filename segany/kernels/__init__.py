@@ -91,7 +91,7 @@ def _build(name: str) -> Optional[ctypes.CDLL]:
     from ..download import cache_dir
 
     src_path = _HERE / f"{name}.c"
-    src = src_path.read_bytes()
+    src = src_path.read_bytes() + (_HERE / "common.h").read_bytes()  # the key covers what it includes
     # with OpenMP first (PyTorch's own threads, see upscale.c), else without (a thread pool here)
     for extra in (["-fopenmp"], []):
         flags = _FLAGS[name] + extra

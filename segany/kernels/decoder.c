@@ -22,20 +22,8 @@
      hyp  (B, M, c2)           hypernetwork outputs of the requested mask tokens
      out  (B, M, OH, 4w)       masks; embedding row i of this call writes rows 4*(row0+i)..+3 */
 #include <math.h>
-#include <stdint.h>
-#include <stdlib.h>
 
-static __thread float *scratch_buf = 0;
-static __thread size_t scratch_cap = 0;
-
-static float *scratch(size_t n_floats) {
-    if (n_floats > scratch_cap) {
-        free(scratch_buf);
-        scratch_buf = (float *)malloc(sizeof(float) * n_floats);
-        scratch_cap = scratch_buf ? n_floats : 0;
-    }
-    return scratch_buf;
-}
+#include "common.h"
 
 /* GELU over arrays, in GCC/Clang vector extensions (16 lanes; lowered to whatever the target
    has): the auto-vectoriser does not vectorise the bit cast that builds 2^k in exp. */
@@ -231,12 +219,4 @@ int segany_decoder_tail(int64_t p0, int64_t p1, int64_t R, int64_t w, int64_t c1
             tail_row(yb, N, i, w, c1, c2, M, ln_w, ln_b, eps, w2, b2, hp, op, plane, work);
     }
     return err;
-}
-
-int segany_has_openmp(void) {
-#ifdef _OPENMP
-    return 1;
-#else
-    return 0;
-#endif
 }

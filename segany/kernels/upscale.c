@@ -12,22 +12,7 @@
    All arrays are row-major and contiguous. Tap tables: for output row y, taps s = 0..S-1 read
    low-res row ridx[y*S+s] with weight rw[y*S+s]; for output column x, taps read low-res column
    cidx[x*S+t] with weight cw[x*S+t]. */
-#include <stdint.h>
-#include <stdlib.h>
-
-/* Per-thread scratch memory, kept between calls: a fresh multi-MB malloc is a fresh mapping
-   whose pages fault in on every call. */
-static __thread float *scratch_buf = 0;
-static __thread size_t scratch_cap = 0;
-
-static float *scratch(size_t n_floats) {
-    if (n_floats > scratch_cap) {
-        free(scratch_buf);
-        scratch_buf = (float *)malloc(sizeof(float) * n_floats);
-        scratch_cap = scratch_buf ? n_floats : 0;
-    }
-    return scratch_buf;
-}
+#include "common.h"
 
 /* Column pass of low-res rows r0..r1 (inclusive) of one map L (n_low x n_low) into c
    ((r1-r0+1) x W). Vectorised over rows: the needed block of L is transposed first (so that each
@@ -143,16 +128,6 @@ int segany_upscale_rows(const float *L, int64_t n_low, const int64_t *ridx, cons
     return 0;
 }
 
-/* Whether this build runs segany_upscale_batch on OpenMP threads. Built with -fopenmp it links
-   libgomp.so.1, which in a PyTorch process is PyTorch's own copy (same soname, loaded first): the
-   pieces then run on PyTorch's intra-op threads, not on threads competing with them. */
-int segany_has_openmp(void) {
-#ifdef _OPENMP
-    return 1;
-#else
-    return 0;
-#endif
-}
 
 /* n_masks masks (H output rows each) cut into pieces of rows_per_piece rows, numbered mask by
    mask; computes pieces p0..p1-1, spread over the OpenMP threads (a build without OpenMP runs
