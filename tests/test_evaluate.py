@@ -252,6 +252,14 @@ def test_cli_eval_tiny_coco(tmp_path, monkeypatch, capsys):
     assert Image.open(out / "data.miou.png").format == "PNG"
     md = (out / "summary.md").read_text().splitlines()
     assert md[0].startswith("| dataset | method") and len(md) == 4
+    # --zoom-in adds the model with zoom-in as a method of its own
+    out = tmp_path / "zoom"
+    rc = _main(["eval", str(tmp_path / "data"), "--checkpoint", str(ckpt), "--zoom-in", "--protocol", "clicks",
+                "--split", "all", "--max-clicks", "3", "--no-progress", "-o", str(out)], monkeypatch)
+    assert rc == 0, capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["method"] for r in summary["rows"]] == ["tiny_test", "tiny_test+zoom"]
+    assert json.loads((out / "data.tiny_test+zoom.json").read_text())["objects"] == 4
 
 
 def test_cli_eval_bad_input(tmp_path, monkeypatch, capsys):
@@ -260,6 +268,8 @@ def test_cli_eval_bad_input(tmp_path, monkeypatch, capsys):
     make_coco(str(tmp_path / "d"), n=1)
     rc = _main(["eval", str(tmp_path / "d"), "--checkpoint", str(tmp_path / "missing.pth"), "--split", "all", "-o", str(tmp_path / "r")], monkeypatch)
     assert rc == 2 and "missing.pth" in capsys.readouterr().err
+    assert _main(["eval", str(tmp_path / "d"), "--method", "grabcut", "--zoom-in", "-o", str(tmp_path / "r")], monkeypatch) == 2
+    assert "--zoom-in needs --method sam" in capsys.readouterr().err
 
 
 class _Oracle:
@@ -355,3 +365,56 @@ def test_sam_method_follows_the_paper_protocol():
         assert np.array_equal(cur[2], logits[best : best + 1])  # previous best logits fed back
         assert len(cur[0]) == len(prev[0]) + 1  # all clicks so far
     assert np.allclose(calls[0][0][0] % 1, 0.5)  # pixel centres
+
+
+def test_sam_method_zoom_in_predicts_later_clicks_in_a_crop_around_the_object():
+    from segany.evaluate.metrics import Click
+
+    m = SamMethod(tiny_model(), zoom_in=True)
+    assert m.name.endswith("+zoom")
+    rng = np.random.default_rng(0)
+    img = rng.integers(0, 255, (200, 300, 3), dtype=np.uint8)
+    m.set_image(img)
+    first = m.predict_clicks([Click(110, 50, True)])  # whole image, multimask
+    assert first.shape == (200, 300) and first.dtype == bool
+    # a known current state: the object predicted at rows 40-59, columns 100-119
+    prev = np.full((200, 300), -5.0, np.float32)
+    prev[40:60, 100:120] = 5.0
+    m._full = prev
+    crops = []
+    real_set = m._crop_predictor.set_image
+    m._crop_predictor.set_image = lambda image: (crops.append(image.shape), real_set(image))[1]
+    clicks = [Click(110, 50, True), Click(130, 45, True)]
+    mask = m.predict_clicks(clicks)
+    x0, y0, x1, y1 = m._crop
+    assert crops == [(y1 - y0, x1 - x0, 3)]
+    # the crop holds the previous mask and every positive click, grown around them, and is
+    # far smaller than the image
+    assert x0 <= 100 and x1 >= 131 and y0 <= 40 and y1 >= 60
+    assert (x1 - x0) * (y1 - y0) < 0.2 * 200 * 300
+    assert max(x1 - x0, y1 - y0) >= 0.2 * 300 - 1  # the minimum crop side
+    # outside the crop nothing changed; inside it, the crop model's prediction
+    outside = np.ones((200, 300), bool)
+    outside[y0:y1, x0:x1] = False
+    assert np.array_equal(mask[outside], prev[outside] > 0)
+    assert np.array_equal(m._full[outside], prev[outside])
+    from segany.evaluate.methods import _mask_prompt
+
+    cp = m._crop_predictor
+    prompt = _mask_prompt(cp, prev[y0:y1, x0:x1])
+    assert prompt.shape == (1, *m.model.prompt_encoder.mask_input_size)
+    local, _, _ = cp.predict(np.array([[c.x + 0.5 - x0, c.y + 0.5 - y0] for c in clicks]), np.array([1, 1]),
+                             mask_input=prompt, multimask_output=False, return_logits=True)
+    assert np.array_equal(mask[y0:y1, x0:x1], local[0] > m.model.mask_threshold)
+    assert m._logits.shape == (1, *m.model.prompt_encoder.mask_input_size)
+    # the same state again gives the same crop, which is not re-encoded
+    m._full = prev
+    m.predict_clicks(clicks)
+    assert len(crops) == 1
+    # an object that fills most of the image: the whole image is used
+    m._full = np.full((200, 300), 5.0, np.float32)
+    m._crop = None
+    m.predict_clicks(clicks + [Click(10, 10, True)])
+    assert m._crop is None and len(crops) == 1
+    m.reset()
+    assert m._full is None and m._logits is None

@@ -11,6 +11,7 @@ EPILOG = """examples:
   segany eval ../shared/data/horses ../shared/data/people --method sam --method grabcut -o reports/cmp
   segany eval data/annotations.json --checkpoint model.safetensors --protocol all -o reports/x
   segany eval my_masks/ --split all --protocol box --method grabcut -o reports/gc
+  segany eval ../shared/data/coco128 --zoom-in --protocol clicks -o reports/zoom
 
 DATASET is a COCO folder (annotations.json + images/) or JSON file, an SA-1B folder of per-image
 JSON files, or a folder with images/ and masks/ (0 background, 128 ignore, other values objects).
@@ -44,6 +45,9 @@ def register(subparsers) -> None:
     p.add_argument("--max-objects", type=int, default=None, metavar="N", help="first N objects of each image only (quick runs)")
     p.add_argument("--seed", type=int, default=0, help="seed of the jittered boxes (default 0)")
     p.add_argument("--points-per-side", type=int, default=None, help="segment-everything grid (generator default if unset)")
+    p.add_argument("--zoom-in", action="store_true",
+                   help="also run the model with RITM's zoom-in (clicks after the first predicted in a re-encoded crop "
+                        "around the object), reported as '<model>+zoom'; not part of the SAM protocol")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="report folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -100,6 +104,8 @@ def run(args) -> int:
         raise UsageError("--limit must be at least 1")
     if args.max_objects is not None and args.max_objects < 1:
         raise UsageError("--max-objects must be at least 1")
+    if args.zoom_in and "sam" not in methods_wanted:
+        raise UsageError("--zoom-in needs --method sam")
     if (args.model or args.checkpoint) and "sam" not in methods_wanted:
         raise UsageError("--model/--checkpoint given but --method does not include 'sam'")
     if os.path.exists(args.output) and not os.path.isdir(args.output):
@@ -125,7 +131,10 @@ def run(args) -> int:
     methods = []
     for m in methods_wanted:
         if m == "sam":
-            methods.append(SamMethod(load_sam(args.model, args.checkpoint, args.device)))
+            sam = load_sam(args.model, args.checkpoint, args.device)
+            methods.append(SamMethod(sam))
+            if args.zoom_in:
+                methods.append(SamMethod(sam, zoom_in=True))
         else:
             methods.append(GrabCutMethod())
     if "everything" in protocols and not any(m.supports_everything for m in methods):

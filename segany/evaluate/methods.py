@@ -38,35 +38,106 @@ class Method:
 
 
 class SamMethod(Method):
+    """A segany/SAM model under the SAM paper's protocol (see the module doc).
+
+    ``zoom_in``: from the second click on, the model looks at a crop around the current mask and
+    the positive clicks (their bounding box grown ``zoom_expansion`` times around its centre, a
+    square of at least ``zoom_min_side`` of the image's longer side), re-encoded at the model's
+    input size, with the previous logits cropped into its mask prompt; the crop's logits replace
+    the previous ones inside it. This is RITM's "ZoomIn" (Sofiiuk et al. 2022), not part of the
+    SAM protocol: it costs one image encoding per click whose crop changed, and helps where
+    objects are small in the frame. Off by default; ``segany eval --zoom-in`` reports it as its
+    own method (``<model>+zoom``)."""
+
     supports_everything = True
 
-    def __init__(self, model, name: Optional[str] = None) -> None:
+    def __init__(self, model, name: Optional[str] = None, zoom_in: bool = False, zoom_expansion: float = 1.4,
+                 zoom_min_side: float = 0.2) -> None:
         from ..predictor import SamPredictor
 
         self.model = model
         self.predictor = SamPredictor(model)
-        self.name = name or getattr(model, "model_name", "sam")
+        self.name = (name or getattr(model, "model_name", "sam")) + ("+zoom" if zoom_in else "")
+        self.zoom_in = zoom_in
+        self.zoom_expansion = float(zoom_expansion)
+        self.zoom_min_side = float(zoom_min_side)
         self._logits: Optional[np.ndarray] = None
         self._image: Optional[np.ndarray] = None
+        self._full: Optional[np.ndarray] = None  # zoom-in: the current full-size logits
+        self._crop_predictor = SamPredictor(model) if zoom_in else None
+        self._crop: Optional[tuple] = None
 
     def set_image(self, image: np.ndarray) -> None:
         self.predictor.set_image(image)
         self._image = image
         self._logits = None
+        self._full = None
+        self._crop = None
 
     def reset(self) -> None:
         self._logits = None
+        self._full = None
 
     def predict_clicks(self, clicks: Sequence[Click]) -> np.ndarray:
         coords = np.array([c.xy for c in clicks], dtype=np.float64)
         labels = np.array([1 if c.positive else 0 for c in clicks], dtype=np.int64)
         first = len(clicks) == 1 or self._logits is None
+        if self.zoom_in and not first:
+            crop = self._zoom_crop(clicks)
+            if crop is not None:
+                return self._predict_in_crop(crop, coords, labels)
+        if not self.zoom_in:
+            masks, scores, logits = self.predictor.predict(
+                coords, labels, mask_input=None if first else self._logits, multimask_output=first
+            )
+            i = int(np.argmax(scores))
+            self._logits = logits[i : i + 1]
+            return masks[i]
         masks, scores, logits = self.predictor.predict(
-            coords, labels, mask_input=None if first else self._logits, multimask_output=first
+            coords, labels, mask_input=None if first else self._logits, multimask_output=first, return_logits=True
         )
         i = int(np.argmax(scores))
         self._logits = logits[i : i + 1]
-        return masks[i]
+        self._full = masks[i]
+        return masks[i] > self.model.mask_threshold
+
+    def _zoom_crop(self, clicks: Sequence[Click]) -> Optional[tuple]:
+        """The crop (x0, y0, x1, y1) for the next prediction, or None when it would cover most of
+        the image (then the whole image is used)."""
+        h, w = self._image.shape[:2]
+        xs = [c.x for c in clicks if c.positive]
+        ys = [c.y for c in clicks if c.positive]
+        rows = np.flatnonzero((self._full > self.model.mask_threshold).any(1))
+        cols = np.flatnonzero((self._full > self.model.mask_threshold).any(0))
+        if len(rows):
+            xs += [int(cols[0]), int(cols[-1])]
+            ys += [int(rows[0]), int(rows[-1])]
+        if not xs:
+            return None
+        cx, cy = (min(xs) + max(xs) + 1) / 2, (min(ys) + max(ys) + 1) / 2
+        side = max(max(xs) - min(xs) + 1, max(ys) - min(ys) + 1) * self.zoom_expansion
+        side = max(side, self.zoom_min_side * max(h, w), 16.0)
+        x0, x1 = int(max(0, np.floor(cx - side / 2))), int(min(w, np.ceil(cx + side / 2)))
+        y0, y1 = int(max(0, np.floor(cy - side / 2))), int(min(h, np.ceil(cy + side / 2)))
+        if (x1 - x0) * (y1 - y0) > 0.8 * h * w:
+            return None
+        return x0, y0, x1, y1
+
+    def _predict_in_crop(self, crop: tuple, coords: np.ndarray, labels: np.ndarray) -> np.ndarray:
+        x0, y0, x1, y1 = crop
+        cp = self._crop_predictor
+        if self._crop != crop:
+            cp.set_image(np.ascontiguousarray(self._image[y0:y1, x0:x1]))
+            self._crop = crop
+        local = coords - np.array([x0, y0], dtype=np.float64)
+        inside = (local[:, 0] >= 0) & (local[:, 0] < x1 - x0) & (local[:, 1] >= 0) & (local[:, 1] < y1 - y0)
+        prompt = _mask_prompt(cp, self._full[y0:y1, x0:x1])
+        masks, _, _ = cp.predict(local[inside], labels[inside], mask_input=prompt, multimask_output=False, return_logits=True)
+        full = self._full.copy()
+        full[y0:y1, x0:x1] = masks[0]
+        self._full = full
+        self._logits = _mask_prompt(self.predictor, full)
+        return full > self.model.mask_threshold
 
     def predict_box(self, box: np.ndarray) -> np.ndarray:
         masks, scores, _ = self.predictor.predict(box=np.asarray(box, dtype=np.float64), multimask_output=False)
@@ -79,6 +150,17 @@ class SamMethod(Method):
         except ImportError as e:
             raise RuntimeError(f"the 'everything' protocol needs segany.automatic ({e})") from None
         return SamAutomaticMaskGenerator(self.model, **kwargs).generate(image)
+
+
+def _mask_prompt(predictor, logits: np.ndarray) -> np.ndarray:
+    """Full-size logits (H, W) of ``predictor``'s image -> its low-res mask prompt (1, n, n): the
+    image's resize to the model frame, padding as background, area-averaged to the prompt grid."""
+    h, w = predictor.input_size
+    size = predictor.model.image_encoder.img_size
+    n = predictor.model.prompt_encoder.mask_input_size[0]
+    frame = np.full((size, size), -20.0, dtype=np.float32)
+    frame[:h, :w] = cv2.resize(logits.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
+    return cv2.resize(frame, (n, n), interpolation=cv2.INTER_AREA)[None]
 
 
 class GrabCutMethod(Method):
