@@ -41,11 +41,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-import numpy as np
 
 from .. import kernels
 from .common import LayerNorm2d, _act_name, _dispatch_mode_active, linear
