@@ -107,8 +107,8 @@ class SamMethod(Method):
         h, w = self._image.shape[:2]
         xs = [c.x for c in clicks if c.positive]
         ys = [c.y for c in clicks if c.positive]
-        rows = np.flatnonzero((self._full > self.model.mask_threshold).any(1))
-        cols = np.flatnonzero((self._full > self.model.mask_threshold).any(0))
+        current = self._full > self.model.mask_threshold
+        rows, cols = np.flatnonzero(current.any(1)), np.flatnonzero(current.any(0))
         if len(rows):
             xs += [int(cols[0]), int(cols[-1])]
             ys += [int(rows[0]), int(rows[-1])]
