@@ -182,6 +182,8 @@ class OnnxPredictor(SamPredictor):
     ``onnx_dir`` holds the files of ``export_onnx`` for this model; without it the model is
     exported to a temporary folder first. The PyTorch model supplies sizes and preprocessing."""
 
+    decode_in_threads = False  # onnxruntime has its own thread pool per session
+
     def __init__(self, sam_model: Sam, onnx_dir=None, threads: Optional[int] = None, int8: bool = False) -> None:
         super().__init__(sam_model)
         if onnx_dir is None:

@@ -140,6 +140,10 @@ class _SeparableResize:
 class SamPredictor:
     """Same API as ``segment_anything.SamPredictor``."""
 
+    # ``decode`` may run in several threads at once on one image (segment everything does, on a
+    # CPU, with PyTorch single-threaded); the per-image decoder cache is built first
+    decode_in_threads = True
+
     def __init__(self, sam_model: Sam) -> None:
         self.model = sam_model
         self.transform = ResizeLongestSide(sam_model.image_encoder.img_size)

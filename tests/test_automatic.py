@@ -205,6 +205,44 @@ def test_generate_from_embedding_equals_generate(models, output_mode):
         SamAutomaticMaskGenerator(p, points_per_side=2, crop_n_layers=1).generate_from_embedding()
 
 
+def test_decode_workers_give_the_serial_results_and_restore_threads(models, monkeypatch):
+    """Batches decoded on 2 worker threads (PyTorch single-threaded meanwhile) give the serial
+    records; PyTorch's thread count is restored afterwards, also when a batch fails."""
+    from segany import automatic, kernels
+
+    if not kernels.available():
+        pytest.skip("the threaded path needs the native upscale kernel")
+    ours = models[0]
+    img = _image(90, 130, seed=3)
+    kw = dict(points_per_side=8, pred_iou_thresh=-5.0, stability_score_thresh=0.5, box_nms_thresh=1.0, points_per_batch=16)
+    calls = []
+    real = automatic._map_single_threaded
+    monkeypatch.setattr(automatic, "_map_single_threaded", lambda fn, items, n: calls.append(n) or real(fn, items, n))
+    before = torch.get_num_threads()
+    serial = SamAutomaticMaskGenerator(ours, decode_workers=1, **kw).generate(img)
+    assert calls == []
+    threaded = SamAutomaticMaskGenerator(ours, decode_workers=2, **kw).generate(img)
+    assert calls == [2] and torch.get_num_threads() == before
+    assert len(serial) >= 5
+    _match(threaded, serial, 90, 130)
+
+    gen = SamAutomaticMaskGenerator(ours, decode_workers=2, **kw)
+    real_decode = gen.predictor.decode
+
+    def failing(*a, **k):
+        if len(calls) == 2:
+            calls.append("failed")
+            raise RuntimeError("decoder failed")
+        return real_decode(*a, **k)
+
+    monkeypatch.setattr(gen.predictor, "decode", failing)
+    with pytest.raises(RuntimeError, match="decoder failed"):
+        gen.generate(img)
+    assert torch.get_num_threads() == before
+    with pytest.raises(ValueError, match="decode_workers"):
+        SamAutomaticMaskGenerator(ours, decode_workers=0)
+
+
 def test_generator_bad_arguments(models):
     ours = models[0]
     with pytest.raises(ValueError, match="Exactly one"):

@@ -238,7 +238,9 @@ class ModelService:
             with entry.lock:
                 p = entry.predictor
                 h, w = p.original_size
-                records = SamAutomaticMaskGenerator(p, output_mode="coco_rle", **generator_kw).generate_from_embedding()
+                # one decode thread: other requests run PyTorch concurrently (see decode_workers)
+                gen = SamAutomaticMaskGenerator(p, output_mode="coco_rle", decode_workers=1, **generator_kw)
+                records = gen.generate_from_embedding()
         records.sort(key=lambda r: -r["predicted_iou"])
         min_area = max(1, min_area_fraction * h * w)
         results = []
