@@ -77,6 +77,33 @@ def test_native_decoder_tail_checks_its_arguments():
         kernels.decoder_tail(yT.double(), 5, ln.weight.detach(), ln.bias.detach(), ln.eps, w2.detach(), b2.detach(), torch.zeros(1, 2, 4), out, 0)
 
 
+@needs_decoder_kernel
+@pytest.mark.parametrize("shape", [(8, 4096, 256), (3, 1024, 128), (2, 37, 64), (5, 64)])
+def test_native_layer_norm_rows_matches_pytorch(shape):
+    """In place and statistics-only LayerNorm over the last axis: torch.native_layer_norm's
+    values, means and rstds up to float32 rounding, on rows with a large common offset (where a
+    one-pass variance would cancel)."""
+    C = shape[-1]
+    g = torch.Generator().manual_seed(C)
+    y = torch.randn(shape, generator=g) * 3 + 40
+    y[..., 0, :] = 7.0  # a constant row: variance 0, rstd = eps^-1/2
+    w, b = torch.rand(C, generator=g) + 0.5, torch.randn(C, generator=g)
+    want, mean, rstd = torch.native_layer_norm(y, (C,), w, b, 1e-5)
+    got = y.clone()
+    m, r = kernels.layer_norm_rows_(got, w, b, 1e-5)
+    assert m.shape == r.shape == y.shape[:-1]
+    assert (got - want).abs().max().item() <= 1e-5
+    torch.testing.assert_close(m, mean.squeeze(-1), rtol=1e-6, atol=1e-6)  # |mean| ~ 40: a few ulp
+    assert ((r - rstd.squeeze(-1)).abs() / rstd.squeeze(-1)).max().item() <= 1e-5
+    same = y.clone()
+    m2, r2 = kernels.layer_norm_rows_(same, w, b, 1e-5, normalise=False)
+    assert torch.equal(same, y) and torch.equal(m2, m) and torch.equal(r2, r)
+    with pytest.raises(ValueError, match="channels"):
+        kernels.layer_norm_rows_(torch.zeros(4, 48), torch.ones(48), torch.zeros(48), 1e-5)
+    with pytest.raises(ValueError, match="contiguous float32"):
+        kernels.layer_norm_rows_(y.double(), w, b, 1e-5)
+
+
 def _logits(n, side, seed):
     g = torch.Generator().manual_seed(seed)
     smooth = F.interpolate(torch.randn(n, 1, 7, 7, generator=g) * 20, (side, side), mode="bicubic", align_corners=False)[:, 0]

@@ -10,7 +10,9 @@ PyTorch path.
 
 ``decoder.c`` is the mask decoder's output upscaling after its first convolution (LayerNorm2d,
 GELU, the second transposed convolution, GELU, the hypernetwork dot products), which PyTorch
-runs as six passes over multi-MB temporaries; one pass here, equal up to float32 rounding.
+runs as six passes over multi-MB temporaries; one pass here, equal up to float32 rounding. It
+also holds the two-way transformer's LayerNorm of the image-token stream, in place or statistics
+only (PyTorch's writes a fresh multi-MB result on every call).
 
 Each shared library is built once per machine and source version into
 ``<cache>/kernels/`` (``$SEGANY_HOME``, else the XDG cache; see ``segany.download``), written
@@ -78,6 +80,8 @@ def _declare(name: str, lib: ctypes.CDLL) -> None:
     else:
         lib.segany_decoder_tail.argtypes = [i64, i64, i64, i64, i64, i64, i64, p, p, p, f32, p, p, p, p, i64, i64]
         lib.segany_decoder_tail.restype = ctypes.c_int
+        lib.segany_layer_norm_rows.argtypes = [i64, i64, i64, i64, p, p, p, f32, ctypes.c_int, p, p]
+        lib.segany_layer_norm_rows.restype = ctypes.c_int
     lib.segany_has_openmp.restype = ctypes.c_int
 
 
@@ -271,3 +275,29 @@ def decoder_tail(yT: torch.Tensor, w: int, ln_weight: torch.Tensor, ln_bias: tor
     args = (R, w, c1, c2, M, yT.data_ptr(), ln_weight.data_ptr(), ln_bias.data_ptr(), float(eps), w2.data_ptr(),
             bias2.data_ptr(), hyper_in.data_ptr(), out.data_ptr(), row0, out.shape[2])
     _run_pieces(lib, lambda p0, p1: lib.segany_decoder_tail(p0, p1, *args), B * R)
+
+
+def layer_norm_rows_(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                     normalise: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+    """LayerNorm over the last axis of ``y`` (..., C) in place (``normalise``) or statistics only:
+    returns mean and rstd (y.shape[:-1]), as ``torch.native_layer_norm`` computes them (up to
+    float32 rounding). Contiguous float32 CPU tensors; C a multiple of 64 (:func:`rows_ok`)."""
+    lib = _get("decoder")
+    if lib is None:
+        raise RuntimeError("the native decoder kernel is not available")
+    C = y.shape[-1]
+    ts = (y, weight, bias)
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() for t in ts):
+        raise ValueError("layer_norm_rows_ needs contiguous float32 CPU tensors")
+    if weight.numel() != C or bias.numel() != C or not rows_ok(C):
+        raise ValueError(f"layer_norm_rows_: {C} channels, weight {weight.numel()}, bias {bias.numel()} (C a multiple of 64)")
+    rows = y.numel() // C
+    mean, rstd = torch.empty(y.shape[:-1]), torch.empty(y.shape[:-1])
+    args = (rows, C, y.data_ptr(), weight.data_ptr(), bias.data_ptr(), float(eps), int(normalise), mean.data_ptr(), rstd.data_ptr())
+    _run_pieces(lib, lambda p0, p1: lib.segany_layer_norm_rows(p0, p1, *args), -(-rows // 256))
+    return mean, rstd
+
+
+def rows_ok(C: int) -> bool:
+    """Whether :func:`layer_norm_rows_` takes ``C`` channels (a multiple of its vector step)."""
+    return C % 64 == 0

@@ -220,3 +220,78 @@ int segany_decoder_tail(int64_t p0, int64_t p1, int64_t R, int64_t w, int64_t c1
     }
     return err;
 }
+
+/* ---------------------------------------------------------------------------------------------
+   LayerNorm over rows of C channels (the two-way transformer's norm4 on the image tokens), in
+   place or statistics only.
+
+   The factored image tokens (fast_decoder.py) need the statistics of every layer's residual
+   stream, and the normalised tokens only where the next layer reads them densely. PyTorch's
+   native_layer_norm always writes a fresh multi-MB result (page faults on every call); here the
+   rows are normalised where they are, or left as they are.
+
+   y (rows, C); g, bb (C,); mean, rstd (rows,). */
+#if defined(__AVX512F__)
+typedef float vrow __attribute__((vector_size(64)));
+#define ROW_LANES 16
+#else
+typedef float vrow __attribute__((vector_size(32)));
+#define ROW_LANES 8
+#endif
+#define ROW_NV 4                          /* independent accumulators */
+#define ROW_CB (ROW_LANES * ROW_NV)       /* channels per step */
+#define ROW_PIECE 256                     /* rows per piece of work */
+
+static inline vrow vrow_load(const float *p) {
+    vrow v;
+    __builtin_memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline void vrow_store(float *p, vrow v) { __builtin_memcpy(p, &v, sizeof v); }
+
+static inline float vrow_sum(vrow v) {
+    float s = 0.0f;
+    for (int l = 0; l < ROW_LANES; l++) s += v[l];
+    return s;
+}
+
+/* LayerNorm of one row (C a multiple of ROW_CB), two-pass statistics in vector lanes; o may be y */
+static void normalise_row(const float *y, int64_t C, float eps, const float *g, const float *bb, float *o,
+                          float *mean_out, float *rstd_out) {
+    vrow acc[ROW_NV];
+    for (int j = 0; j < ROW_NV; j++) acc[j] = (vrow){0};
+    for (int64_t c = 0; c < C; c += ROW_CB)
+        for (int j = 0; j < ROW_NV; j++) acc[j] += vrow_load(y + c + j * ROW_LANES);
+    for (int j = 1; j < ROW_NV; j++) acc[0] += acc[j];
+    float m = vrow_sum(acc[0]) / (float)C;
+    for (int j = 0; j < ROW_NV; j++) acc[j] = (vrow){0};
+    for (int64_t c = 0; c < C; c += ROW_CB)
+        for (int j = 0; j < ROW_NV; j++) {
+            vrow d = vrow_load(y + c + j * ROW_LANES) - m;
+            acc[j] += d * d;
+        }
+    for (int j = 1; j < ROW_NV; j++) acc[0] += acc[j];
+    float rs = 1.0f / sqrtf(vrow_sum(acc[0]) / (float)C + eps);
+    *mean_out = m;
+    *rstd_out = rs;
+    if (o)
+        for (int64_t c = 0; c < C; c += ROW_LANES) {
+            vrow d = (vrow_load(y + c) - m) * rs;
+            vrow_store(o + c, d * vrow_load(g + c) + vrow_load(bb + c));
+        }
+}
+
+/* Pieces p0..p1-1 of ceil(rows / ROW_PIECE). C must be a multiple of ROW_CB (else 2 is
+   returned and nothing is written). normalise: 1 -> y is overwritten by LayerNorm(y). */
+int segany_layer_norm_rows(int64_t p0, int64_t p1, int64_t rows, int64_t C, float *y, const float *g,
+                           const float *bb, float eps, int normalise, float *mean, float *rstd) {
+    if (C % ROW_CB) return 2;
+#pragma omp parallel for schedule(static)
+    for (int64_t p = p0; p < p1; p++) {
+        int64_t n_hi = (p + 1) * ROW_PIECE < rows ? (p + 1) * ROW_PIECE : rows;
+        for (int64_t n = p * ROW_PIECE; n < n_hi; n++)
+            normalise_row(y + n * C, C, eps, g, bb, normalise ? y + n * C : 0, mean + n, rstd + n);
+    }
+    return 0;
+}

@@ -23,7 +23,9 @@ image-side work either done once per image or folded onto the few prompt tokens:
   projection of the image tokens, ``X W^T = diag(alpha) (S W^T) + P^T (Q W^T)``, reads a
   per-image ``S W^T`` (built once, in ``DecoderCache``) plus a rank-r product; this covers the
   later token->image keys/values, image->token queries and the first output-upscaling
-  convolution. Only the residual stream that LayerNorm statistics need is formed densely.
+  convolution. Only the residual stream that LayerNorm statistics need is formed densely, in
+  one buffer kept per thread; with the native kernels it is normalised in place, and after the
+  last layer only its statistics are taken.
 * The output upscaling: only the requested mask tokens go through their hypernetwork MLP. The
   first 2x2 stride-2 transposed convolution is one GEMM (on the factored tokens, a per-image map
   plus a rank-r product). Everything after it (LayerNorm2d, GELU, the second convolution, GELU,
@@ -38,6 +40,7 @@ The module structure and parameters are the official ones; this file only reads 
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -221,17 +224,15 @@ def _i2t(attn: Attention, x_pe: Tensor, k_tokens: Tensor, v_tokens: Tensor, resi
     return torch.baddbmm(residual.expand(B, -1, -1), aT.transpose(1, 2), u)
 
 
-def _i2t_cached(attn: Attention, q_cols: Tensor, k_tokens: Tensor, v_tokens: Tensor, residual: Tensor):
-    """Image->token attention with precomputed image queries ``q_cols`` (heads, hd, N): returns
-    ``residual + update`` as a new (B, N, C) tensor and the update's factors aT (B, heads*t, N),
-    u (B, heads*t, C)."""
+def _i2t_cached(attn: Attention, q_cols: Tensor, k_tokens: Tensor, v_tokens: Tensor):
+    """Image->token attention with precomputed image queries ``q_cols`` (heads, hd, N): the
+    update's factors aT (B, heads*t, N), u (B, heads*t, C); the update is ``aT^T u``."""
     B, t, _ = k_tokens.shape
     h = _split_heads_scaled(attn.k_proj(k_tokens), attn.num_heads)  # (nh, B*t, hd)
     nh, _, N = q_cols.shape
     s = torch.bmm(h, q_cols).view(nh, B, t, N)
     aT = torch.softmax(s, dim=2).transpose(0, 1).reshape(B, nh * t, N)
-    u = _value_update(attn, v_tokens)
-    return torch.baddbmm(residual.expand(B, -1, -1), aT.transpose(1, 2), u), aT, u
+    return aT, _value_update(attn, v_tokens)
 
 
 def _value_update(attn: Attention, v_tokens: Tensor) -> Tensor:
@@ -316,17 +317,16 @@ def _t2i_factored(attn: Attention, q_tokens: Tensor, fx: _Factored, proj: _Layer
     return attn.out_proj(o.reshape(B, t, nh * hd))
 
 
-def _i2t_factored(attn: Attention, fx: _Factored, proj: _LayerProjections, k_tokens: Tensor, v_tokens: Tensor, residual: Tensor):
-    """Image->token attention with queries from factored image tokens (X + pe): returns
-    ``residual + update`` (in place) and the update's factors aT (B, heads*t, N), u (B, heads*t, C)."""
+def _i2t_factored(attn: Attention, fx: _Factored, proj: _LayerProjections, k_tokens: Tensor, v_tokens: Tensor):
+    """Image->token attention with queries from factored image tokens (X + pe): the update's
+    factors aT (B, heads*t, N), u (B, heads*t, C)."""
     nh = attn.num_heads
     B, t, _ = k_tokens.shape
     N = fx.P.shape[-1]
     h = _split_heads_scaled(attn.k_proj(k_tokens), nh)
     s = _factored_scores(h, attn.q_proj.weight, fx, proj.i2t_q, proj.i2t_qpe)  # (nh, B, t, N)
     aT = torch.softmax(s, dim=2).transpose(0, 1).reshape(B, nh * t, N)
-    u = _value_update(attn, v_tokens)
-    return residual.baddbmm_(aT.transpose(1, 2), u), aT, u
+    return aT, _value_update(attn, v_tokens)
 
 
 def _layer_norm(ln: torch.nn.LayerNorm, x: Tensor) -> Tensor:
@@ -422,6 +422,20 @@ def _transformer_dense(decoder: MaskDecoder, tokens: Tensor, src: Tensor, pe: Te
     return _layer_norm(tf.norm_final_attn, queries), keys
 
 
+_per_thread = threading.local()
+
+
+def _stream_buffer(n: int) -> Tensor:
+    """A float32 buffer of ``n`` elements kept per thread between calls, for the image-token
+    stream of one decoder call (~32 MB for 8 prompts at SAM's sizes): a fresh tensor that size is
+    a fresh mapping whose pages fault in on every call, in PyTorch's allocator and glibc's alike
+    (above its 32 MB mmap threshold). Valid until the thread's next decoder call."""
+    buf = getattr(_per_thread, "stream", None)
+    if buf is None or buf.numel() < n:
+        buf = _per_thread.stream = torch.empty(n)
+    return buf[:n]
+
+
 def _transformer_cached(decoder: MaskDecoder, tokens: Tensor, cache: DecoderCache, used: Tensor):
     """No mask input: the first layer from the cache, the rest on factored image tokens. Returns
     the ``used`` tokens and (factored final image tokens, the cache's upscaling base)."""
@@ -429,19 +443,33 @@ def _transformer_cached(decoder: MaskDecoder, tokens: Tensor, cache: DecoderCach
     queries = tokens
     keys = cache.src  # the dense residual stream, needed for LayerNorm statistics
     fx: Optional[_Factored] = None
+    native = _native_rows_ok(cache.src)
+    last = len(tf.layers) - 1
     for i, layer in enumerate(tf.layers):
         if i == 0:
             queries = _token_steps(layer, queries, tokens, lambda q: _t2i_cached(layer.cross_attn_token_to_image, q, cache.k0, cache.v0))
-            y, aT, u = _i2t_cached(layer.cross_attn_image_to_token, cache.q0, queries + tokens, queries, keys)
+            aT, u = _i2t_cached(layer.cross_attn_image_to_token, cache.q0, queries + tokens, queries)
         else:
             proj = cache.layers[i - 1]
             queries = _token_steps(layer, queries, tokens, lambda q: _t2i_factored(layer.cross_attn_token_to_image, q, fx, proj))
-            y, aT, u = _i2t_factored(layer.cross_attn_image_to_token, fx, proj, queries + tokens, queries, keys)
+            aT, u = _i2t_factored(layer.cross_attn_image_to_token, fx, proj, queries + tokens, queries)
         ln = layer.norm4
         # The statistics are what the factored form needs; the normalised stream itself only as
-        # the next layer's residual. (native_layer_norm is ~10x faster than var_mean here.)
-        keys, mean, rstd = torch.native_layer_norm(y, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
-        fx = _normed(fx, aT, u, mean.squeeze(-1), rstd.squeeze(-1), ln)
+        # the next layer's residual (so not after the last layer).
+        if native:
+            if i == 0:
+                y = _stream_buffer(aT.shape[0] * keys.shape[1] * keys.shape[2]).view(aT.shape[0], *keys.shape[1:])
+                torch.baddbmm(keys.expand(aT.shape[0], -1, -1), aT.transpose(1, 2), u, out=y)
+            else:
+                y = keys.baddbmm_(aT.transpose(1, 2), u)
+            mean, rstd = kernels.layer_norm_rows_(y, ln.weight, ln.bias, ln.eps, normalise=i < last)
+            keys = y
+        else:
+            # (native_layer_norm is ~10x faster than var_mean here)
+            y = torch.baddbmm(keys.expand(aT.shape[0], -1, -1), aT.transpose(1, 2), u) if i == 0 else keys.baddbmm_(aT.transpose(1, 2), u)
+            keys, mean, rstd = torch.native_layer_norm(y, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+            mean, rstd = mean.squeeze(-1), rstd.squeeze(-1)
+        fx = _normed(fx, aT, u, mean, rstd, ln)
     queries, tokens = queries[:, used], tokens[:, used]
     queries = queries + _t2i_factored(tf.final_attn_token_to_image, queries + tokens, fx, cache.final)
     return _layer_norm(tf.norm_final_attn, queries), (fx, cache.upscale, cache.upscale_t)
@@ -452,16 +480,29 @@ def _first_conv_channels_last(ct1: torch.nn.ConvTranspose2d) -> Tensor:
     return ct1.weight.permute(0, 2, 3, 1).reshape(ct1.in_channels, -1)
 
 
+def _native_ok(x: Tensor) -> bool:
+    """Whether ``x`` may go to segany's native kernels: float32 on the CPU, no autograd, not
+    traced/exported or watched by a dispatch mode, and the decoder kernels built."""
+    return (
+        x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
+        and not (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export())
+        and not _dispatch_mode_active() and kernels.decoder_available()
+    )
+
+
+def _native_rows_ok(src: Tensor) -> bool:
+    """Whether the image-token LayerNorms can run in the native row kernel (see
+    ``segany.kernels.layer_norm_rows_``)."""
+    return kernels.rows_ok(src.shape[-1]) and _native_ok(src)
+
+
 def _native_tail_ok(decoder: MaskDecoder, x: Tensor) -> bool:
     """Whether the output upscaling can run in segany's native kernel: SAM's layers (exact GELU,
     LayerNorm2d), float32 on the CPU, not traced/exported or watched by a dispatch mode."""
     ct1, ln, act1, ct2, act2 = decoder.output_upscaling
     return (
-        x.device.type == "cpu" and x.dtype == torch.float32 and ct1.weight.dtype == torch.float32
-        and _act_name(act1) == "gelu" and _act_name(act2) == "gelu" and isinstance(ln, LayerNorm2d)
-        and not torch.is_grad_enabled()
-        and not (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export())
-        and not _dispatch_mode_active() and kernels.decoder_available()
+        ct1.weight.dtype == torch.float32 and _act_name(act1) == "gelu" and _act_name(act2) == "gelu"
+        and isinstance(ln, LayerNorm2d) and _native_ok(x)
     )
 
 
