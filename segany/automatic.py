@@ -315,7 +315,7 @@ class SamAutomaticMaskGenerator:
             k = ~is_box_near_crop_edge(boxes, crop_box, [0, 0, orig_w, orig_h])
             if not torch.all(k):
                 low, iou, pts, stab, boxes = low[k], iou[k], pts[k], stab[k], boxes[k]
-            return low.clone(), iou, pts, stab, boxes
+            return low, iou, pts, stab, boxes  # fresh tensors (cat, boolean indexing): no views kept
 
         names = ("logits", "iou_preds", "points", "stability_score", "boxes")
         parts: Dict[str, list] = {k: [] for k in names}
