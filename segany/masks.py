@@ -258,8 +258,12 @@ def nms(boxes: ArrayLike, scores: ArrayLike, iou_threshold: float) -> torch.Tens
     if len(b) == 0:
         return torch.empty(0, dtype=torch.int64)
     order = torch.sort(torch.as_tensor(s), descending=True, stable=True).indices.numpy()
-    iou = box_iou_matrix(b[order])
-    suppress = iou > np.float32(iou_threshold)
+    b = b[order]
+    # One IoU row per kept box against the boxes after it that are still in, never the whole
+    # matrix (segment everything brings thousands of boxes, of which a few hundred are kept);
+    # the float32 operations are box_iou_matrix's, in its order.
+    area = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    thr = np.float32(iou_threshold)
     n = len(order)
     removed = np.zeros(n, dtype=bool)
     keep = []
@@ -267,7 +271,15 @@ def nms(boxes: ArrayLike, scores: ArrayLike, iou_threshold: float) -> torch.Tens
         if removed[i]:
             continue
         keep.append(i)
-        removed[i + 1 :] |= suppress[i, i + 1 :]
+        rest = i + 1 + np.flatnonzero(~removed[i + 1 :])
+        if len(rest) == 0:
+            break
+        r = b[rest]
+        w = np.maximum(np.float32(0), np.minimum(b[i, 2], r[:, 2]) - np.maximum(b[i, 0], r[:, 0]))
+        h = np.maximum(np.float32(0), np.minimum(b[i, 3], r[:, 3]) - np.maximum(b[i, 1], r[:, 1]))
+        inter = w * h
+        with np.errstate(divide="ignore", invalid="ignore"):
+            removed[rest] = inter / (area[i] + area[rest] - inter) > thr
     return torch.as_tensor(order[np.asarray(keep, dtype=np.int64)], dtype=torch.int64)
 
 
