@@ -391,10 +391,11 @@ def _map_single_threaded(fn, items: list, workers: int) -> list:
     with), so it is set to 1 for the duration and restored after."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="segany-everything")
     try:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="segany-everything") as pool:
-            return list(pool.map(fn, items))
+        return list(pool.map(fn, items))
     finally:
+        pool.shutdown(wait=True, cancel_futures=True)  # after a failure, the batches not started are dropped
         torch.set_num_threads(before)
 
 
