@@ -350,8 +350,8 @@ def test_sam_method_follows_the_paper_protocol():
     calls = []
     real = m.predictor.predict
 
-    def spy(pc=None, pl=None, box=None, mask_input=None, multimask_output=True):
-        out = real(pc, pl, box, mask_input, multimask_output)
+    def spy(pc=None, pl=None, box=None, mask_input=None, multimask_output=True, return_logits=False):
+        out = real(pc, pl, box, mask_input, multimask_output, return_logits)
         calls.append((None if pc is None else pc.copy(), pl, mask_input, multimask_output, out))
         return out
 

@@ -86,18 +86,14 @@ class SamMethod(Method):
             crop = self._zoom_crop(clicks)
             if crop is not None:
                 return self._predict_in_crop(crop, coords, labels)
-        if not self.zoom_in:
-            masks, scores, logits = self.predictor.predict(
-                coords, labels, mask_input=None if first else self._logits, multimask_output=first
-            )
-            i = int(np.argmax(scores))
-            self._logits = logits[i : i + 1]
-            return masks[i]
+        # zoom-in keeps the full-size logits: the next crop's mask prompt is cut from them
         masks, scores, logits = self.predictor.predict(
-            coords, labels, mask_input=None if first else self._logits, multimask_output=first, return_logits=True
+            coords, labels, mask_input=None if first else self._logits, multimask_output=first, return_logits=self.zoom_in
         )
         i = int(np.argmax(scores))
         self._logits = logits[i : i + 1]
+        if not self.zoom_in:
+            return masks[i]
         self._full = masks[i]
         return masks[i] > self.model.mask_threshold
 
