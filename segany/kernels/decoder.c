@@ -231,54 +231,47 @@ int segany_decoder_tail(int64_t p0, int64_t p1, int64_t R, int64_t w, int64_t c1
    rows are normalised where they are, or left as they are.
 
    y (rows, C); g, bb (C,); mean, rstd (rows,). */
-#if defined(__AVX512F__)
-typedef float vrow __attribute__((vector_size(64)));
-#define ROW_LANES 16
-#else
-typedef float vrow __attribute__((vector_size(32)));
-#define ROW_LANES 8
-#endif
 #define ROW_NV 4                          /* independent accumulators */
-#define ROW_CB (ROW_LANES * ROW_NV)       /* channels per step */
+#define ROW_CB (LANES * ROW_NV)           /* channels per step (64; segany.kernels.rows_ok) */
 #define ROW_PIECE 256                     /* rows per piece of work */
 
-static inline vrow vrow_load(const float *p) {
-    vrow v;
+static inline vf vload(const float *p) {
+    vf v;
     __builtin_memcpy(&v, p, sizeof v);
     return v;
 }
 
-static inline void vrow_store(float *p, vrow v) { __builtin_memcpy(p, &v, sizeof v); }
+static inline void vstore(float *p, vf v) { __builtin_memcpy(p, &v, sizeof v); }
 
-static inline float vrow_sum(vrow v) {
+static inline float vsum(vf v) {
     float s = 0.0f;
-    for (int l = 0; l < ROW_LANES; l++) s += v[l];
+    for (int l = 0; l < LANES; l++) s += v[l];
     return s;
 }
 
 /* LayerNorm of one row (C a multiple of ROW_CB), two-pass statistics in vector lanes; o may be y */
 static void normalise_row(const float *y, int64_t C, float eps, const float *g, const float *bb, float *o,
                           float *mean_out, float *rstd_out) {
-    vrow acc[ROW_NV];
-    for (int j = 0; j < ROW_NV; j++) acc[j] = (vrow){0};
+    vf acc[ROW_NV];
+    for (int j = 0; j < ROW_NV; j++) acc[j] = (vf){0};
     for (int64_t c = 0; c < C; c += ROW_CB)
-        for (int j = 0; j < ROW_NV; j++) acc[j] += vrow_load(y + c + j * ROW_LANES);
+        for (int j = 0; j < ROW_NV; j++) acc[j] += vload(y + c + j * LANES);
     for (int j = 1; j < ROW_NV; j++) acc[0] += acc[j];
-    float m = vrow_sum(acc[0]) / (float)C;
-    for (int j = 0; j < ROW_NV; j++) acc[j] = (vrow){0};
+    float m = vsum(acc[0]) / (float)C;
+    for (int j = 0; j < ROW_NV; j++) acc[j] = (vf){0};
     for (int64_t c = 0; c < C; c += ROW_CB)
         for (int j = 0; j < ROW_NV; j++) {
-            vrow d = vrow_load(y + c + j * ROW_LANES) - m;
+            vf d = vload(y + c + j * LANES) - m;
             acc[j] += d * d;
         }
     for (int j = 1; j < ROW_NV; j++) acc[0] += acc[j];
-    float rs = 1.0f / sqrtf(vrow_sum(acc[0]) / (float)C + eps);
+    float rs = 1.0f / sqrtf(vsum(acc[0]) / (float)C + eps);
     *mean_out = m;
     *rstd_out = rs;
     if (o)
-        for (int64_t c = 0; c < C; c += ROW_LANES) {
-            vrow d = (vrow_load(y + c) - m) * rs;
-            vrow_store(o + c, d * vrow_load(g + c) + vrow_load(bb + c));
+        for (int64_t c = 0; c < C; c += LANES) {
+            vf d = (vload(y + c) - m) * rs;
+            vstore(o + c, d * vload(g + c) + vload(bb + c));
         }
 }
 

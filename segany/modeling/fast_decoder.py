@@ -456,17 +456,16 @@ def _transformer_cached(decoder: MaskDecoder, tokens: Tensor, cache: DecoderCach
         ln = layer.norm4
         # The statistics are what the factored form needs; the normalised stream itself only as
         # the next layer's residual (so not after the last layer).
+        B = aT.shape[0]
+        if i > 0:  # keys is this call's own stream by now
+            y = keys.baddbmm_(aT.transpose(1, 2), u)
+        else:
+            out = _stream_buffer(B * keys.shape[1] * keys.shape[2]).view(B, *keys.shape[1:]) if native else None
+            y = torch.baddbmm(keys.expand(B, -1, -1), aT.transpose(1, 2), u, out=out)
         if native:
-            if i == 0:
-                y = _stream_buffer(aT.shape[0] * keys.shape[1] * keys.shape[2]).view(aT.shape[0], *keys.shape[1:])
-                torch.baddbmm(keys.expand(aT.shape[0], -1, -1), aT.transpose(1, 2), u, out=y)
-            else:
-                y = keys.baddbmm_(aT.transpose(1, 2), u)
             mean, rstd = kernels.layer_norm_rows_(y, ln.weight, ln.bias, ln.eps, normalise=i < last)
             keys = y
-        else:
-            # (native_layer_norm is ~10x faster than var_mean here)
-            y = torch.baddbmm(keys.expand(aT.shape[0], -1, -1), aT.transpose(1, 2), u) if i == 0 else keys.baddbmm_(aT.transpose(1, 2), u)
+        else:  # (native_layer_norm is ~10x faster than var_mean here)
             keys, mean, rstd = torch.native_layer_norm(y, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
             mean, rstd = mean.squeeze(-1), rstd.squeeze(-1)
         fx = _normed(fx, aT, u, mean, rstd, ln)
