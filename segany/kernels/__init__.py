@@ -128,7 +128,7 @@ def available() -> bool:
 
 
 def decoder_available() -> bool:
-    """Whether the native decoder tail (:func:`decoder_tail`) is built and loaded."""
+    """Whether the native decoder kernels (:func:`decoder_tail`, :func:`layer_norm_rows_`) are built and loaded."""
     return _get("decoder") is not None
 
 
@@ -250,6 +250,11 @@ def _check(L: torch.Tensor) -> torch.Tensor:
     return L.to(torch.float32).contiguous()
 
 
+def _check_f32(kernel: str, *ts: torch.Tensor) -> None:
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() for t in ts):
+        raise ValueError(f"{kernel} needs contiguous float32 CPU tensors")
+
+
 def decoder_tail(yT: torch.Tensor, w: int, ln_weight: torch.Tensor, ln_bias: torch.Tensor, eps: float,
                  w2: torch.Tensor, bias2: torch.Tensor, hyper_in: torch.Tensor, out: torch.Tensor, row0: int) -> None:
     """The mask decoder's output upscaling after its first transposed convolution, into ``out``.
@@ -266,9 +271,7 @@ def decoder_tail(yT: torch.Tensor, w: int, ln_weight: torch.Tensor, ln_bias: tor
     c1 = C4 // 4
     R = N // w
     M, c2 = hyper_in.shape[1:]
-    ts = (yT, ln_weight, ln_bias, w2, bias2, hyper_in, out)
-    if any(t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() for t in ts):
-        raise ValueError("decoder_tail needs contiguous float32 CPU tensors")
+    _check_f32("decoder_tail", yT, ln_weight, ln_bias, w2, bias2, hyper_in, out)
     if R * w != N or tuple(w2.shape) != (2, c1, 2, c2) or bias2.numel() != 2 * c2 or out.shape[:2] != (B, M) \
             or out.shape[3] != 4 * w or out.shape[2] < 4 * (row0 + R) or hyper_in.shape[0] != B:
         raise ValueError("decoder_tail: inconsistent shapes")
@@ -286,9 +289,7 @@ def layer_norm_rows_(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, 
     if lib is None:
         raise RuntimeError("the native decoder kernel is not available")
     C = y.shape[-1]
-    ts = (y, weight, bias)
-    if any(t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() for t in ts):
-        raise ValueError("layer_norm_rows_ needs contiguous float32 CPU tensors")
+    _check_f32("layer_norm_rows_", y, weight, bias)
     if weight.numel() != C or bias.numel() != C or not rows_ok(C):
         raise ValueError(f"layer_norm_rows_: {C} channels, weight {weight.numel()}, bias {bias.numel()} (C a multiple of 64)")
     rows = y.numel() // C
