@@ -287,41 +287,48 @@ class SamAutomaticMaskGenerator:
         thresh = self.pred_iou_thresh if self.pred_iou_thresh > 0.0 else None
         batches = [points_all[s : s + self.points_per_batch] for s in range(0, len(points_all), self.points_per_batch)]
 
-        def one_batch(points: np.ndarray) -> Tuple[torch.Tensor, ...]:
+        def one_batch(points: np.ndarray) -> Tuple[List[torch.Tensor], ...]:
+            """Survivors of the per-mask filters, as lists of per-decoder-call pieces: the
+            low-res logits (256 KB a mask at SAM's size) are never concatenated or copied
+            whole (only a piece with a failing mask is compacted)."""
             tp = self.predictor.transform.apply_coords(points, im_size)
             in_points = torch.as_tensor(tp, device=self.predictor.device)
             in_labels = torch.ones(in_points.shape[0], dtype=torch.int, device=in_points.device)
+            pts_all = torch.as_tensor(points.repeat(3, axis=0))
+            min_stab = self.stability_score_thresh if self.stability_score_thresh > 0.0 else None
+            pieces: Tuple[List[torch.Tensor], ...] = ([], [], [], [], [])
             # the decoder's per-prompt activations (~8 MB a prompt at SAM's sizes) are decoded a
             # few prompts at a time; the results do not depend on this split
-            # masks that fail pred_iou_thresh are never upscaled (the IoU head comes first)
-            lows, ious = [], []
             for d in range(0, len(in_points), self.decode_batch):
-                lo, io = self.predictor.decode(
+                # masks that fail pred_iou_thresh are never upscaled (the IoU head comes first)
+                low, iou = self.predictor.decode(
                     in_points[d : d + self.decode_batch, None, :], in_labels[d : d + self.decode_batch, None],
                     multimask_output=True, iou_thresh=thresh,
                 )
-                lows.append(lo.flatten(0, 1).cpu() if thresh is None else lo.cpu())
-                ious.append(io.flatten(0, 1).cpu())
-            low, iou = torch.cat(lows), torch.cat(ious)
-            pts = torch.as_tensor(points.repeat(3, axis=0))
-            if thresh is not None:
-                k = iou > thresh
-                iou, pts = iou[k], pts[k]
-            min_stab = self.stability_score_thresh if self.stability_score_thresh > 0.0 else None
-            stab, boxes = up.stats(low, threshold, self.stability_score_offset, min_stability=min_stab)
-            if self.stability_score_thresh > 0.0:
-                k = stab >= self.stability_score_thresh
-                low, iou, pts, stab, boxes = low[k], iou[k], pts[k], stab[k], boxes[k]
-            k = ~is_box_near_crop_edge(boxes, crop_box, [0, 0, orig_w, orig_h])
-            if not torch.all(k):
-                low, iou, pts, stab, boxes = low[k], iou[k], pts[k], stab[k], boxes[k]
-            return low, iou, pts, stab, boxes  # fresh tensors (cat, boolean indexing): no views kept
+                low, iou = low.cpu(), iou.flatten(0, 1).cpu()
+                pts = pts_all[3 * d : 3 * (d + self.decode_batch)]
+                if thresh is None:
+                    low = low.flatten(0, 1)
+                else:
+                    k = iou > thresh
+                    iou, pts = iou[k], pts[k]
+                stab, boxes = up.stats(low, threshold, self.stability_score_offset, min_stability=min_stab)
+                k = ~is_box_near_crop_edge(boxes, crop_box, [0, 0, orig_w, orig_h])
+                if min_stab is not None:
+                    k &= stab >= min_stab
+                piece = (low, iou, pts, stab, boxes)
+                if not torch.all(k):
+                    rows = k.nonzero().flatten()
+                    piece = tuple(v.index_select(0, rows) for v in piece)
+                for part, v in zip(pieces, piece):
+                    part.append(v)
+            return pieces
 
         names = ("logits", "iou_preds", "points", "stability_score", "boxes")
         parts: Dict[str, list] = {k: [] for k in names}
         for result in self._map_batches(one_batch, batches, up):
             for name, v in zip(names, result):
-                parts[name].append(v)
+                parts[name].extend(v)
         if image is not None:
             self.predictor.reset_image()
         # NMS on the small per-candidate arrays; the low-res logits (256 KB a candidate at SAM's
