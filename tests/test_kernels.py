@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -182,11 +183,22 @@ def test_kernel_is_built_into_the_cache_and_reused(tmp_path):
     code = "from segany import kernels; print(kernels.available())"
     env = {**os.environ, "SEGANY_HOME": str(tmp_path)}
     env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(os.path.dirname(__file__))] + sys.path)
+    # builds an older segany (or another CPU sharing the cache) left: stale ones are deleted on
+    # load, a recently used one and other kernels' builds stay
+    (tmp_path / "kernels").mkdir()
+    old_day = time.time() - (kernels.STALE_DAYS + 1) * 86400
+    for f, mtime in [("upscale-0000000000000000.so", old_day), ("upscale-1111111111111111.so", time.time()),
+                     ("decoder-2222222222222222.so", old_day)]:
+        (tmp_path / "kernels" / f).write_bytes(b"not a library")
+        os.utime(tmp_path / "kernels" / f, (mtime, mtime))
     for _ in range(2):
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
         assert out.stdout.strip() == "True"
-    built = list((tmp_path / "kernels").iterdir())
-    assert len(built) == 1 and built[0].suffix == ".so"  # no temporary left behind
+    names = sorted(f.name for f in (tmp_path / "kernels").iterdir())
+    built = [n for n in names if n.startswith("upscale-") and n != "upscale-1111111111111111.so"]
+    assert len(built) == 1 and built[0].endswith(".so")  # no temporary left behind
+    assert names == sorted(built + ["upscale-1111111111111111.so", "decoder-2222222222222222.so"])
+    assert time.time() - (tmp_path / "kernels" / built[0]).stat().st_mtime < 60  # marked used
 
 
 @needs_kernels

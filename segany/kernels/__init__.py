@@ -18,6 +18,9 @@ Each shared library is built once per machine and source version into
 ``<cache>/kernels/`` (``$SEGANY_HOME``, else the XDG cache; see ``segany.download``), written
 to a temporary file and renamed. No compiler, a failed build, or ``SEGANY_KERNELS=0`` ->
 :func:`available` / :func:`decoder_available` is False and callers use their PyTorch code.
+Loading a build marks it used (its mtime); builds of the same kernel unused for
+``STALE_DAYS`` (left by older segany versions, other compilers or CPUs sharing the cache) are
+deleted then.
 """
 from __future__ import annotations
 
@@ -29,6 +32,7 @@ import platform
 import shutil
 import subprocess
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import List, Optional, Tuple
@@ -44,6 +48,7 @@ _FLAGS = {
     "upscale": ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared"],
     "decoder": ["-O3", "-march=native", "-fno-math-errno", "-fPIC", "-shared"],
 }
+STALE_DAYS = 30
 _lock = threading.Lock()
 _libs: dict = {}  # name -> loaded CDLL, or None once a build was tried and failed
 _pool: Optional[ThreadPoolExecutor] = None
@@ -70,6 +75,19 @@ def _compile(cc: str, flags: List[str], src: Path, out: Path) -> None:
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _mark_used_and_prune(out: Path, name: str) -> None:
+    """Touch ``out`` (loaded now) and delete the other builds of kernel ``name`` beside it that
+    have not been loaded for STALE_DAYS. Best effort: a read-only cache stays as it is."""
+    cutoff = time.time() - STALE_DAYS * 86400
+    try:
+        os.utime(out)
+        for f in out.parent.glob(f"{name}-*.so"):
+            if f != out and f.stat().st_mtime < cutoff:
+                f.unlink()
+    except OSError:
+        pass
 
 
 def _declare(name: str, lib: ctypes.CDLL) -> None:
@@ -105,6 +123,7 @@ def _build(name: str) -> Optional[ctypes.CDLL]:
             _compile(cc, flags, src_path, out)
             lib = ctypes.CDLL(str(out))
             _declare(name, lib)
+            _mark_used_and_prune(out, name)
         except (OSError, AttributeError, subprocess.SubprocessError) as e:
             detail = getattr(e, "stderr", b"") or b""
             log.info("native kernel %s could not be built with %s (%s %s)", name, flags, e, detail.decode(errors="replace")[:500])
