@@ -106,6 +106,31 @@ def test_mask_drop_withholds_previous_logits(mask_drop):
     assert seen[1:] == ([False] * 3 if mask_drop == 1.0 else [True] * 3)
 
 
+@pytest.mark.parametrize("prompt", ["points+mask", "box"])
+def test_passes_without_a_loss_decode_like_the_modules(prompt):
+    """The passes that only pick the next click take the inference fast path: the same logits
+    and IoU as the modules' single-mask output (the token the next click is taken from)."""
+    from segany.train.loop import decode
+
+    model = build_sam({**TINY, "decoder": {**TINY["decoder"], "depth": 2}}).train()
+    g = torch.Generator().manual_seed(3)
+    emb = model.image_encoder(model.preprocess(torch.rand(3, 64, 64, generator=g) * 255)[None])
+    pe = model.prompt_encoder.get_dense_pe()
+    if prompt == "box":
+        kw = dict(points=None, boxes=torch.tensor([[4.0, 6.0, 40.0, 50.0], [10.0, 0.0, 63.0, 30.0]]), masks=None)
+    else:
+        pts = torch.rand(2, 3, 2, generator=g) * 64
+        kw = dict(points=(pts, torch.tensor([[1, 0, 1], [1, 1, -1]])), boxes=None, masks=torch.randn(2, 1, 32, 32, generator=g))
+    sparse, dense = model.prompt_encoder(**kw)
+    want_logits, want_iou = model.mask_decoder.predict_masks(emb, pe, sparse, dense)
+    logits, iou = decode(model, emb, pe, sparse, dense, with_grad=False)
+    assert logits.shape == (2, 1, 32, 32) and iou.shape == (2, 1) and not logits.requires_grad
+    torch.testing.assert_close(logits, want_logits[:, :1], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(iou, want_iou[:, :1], rtol=1e-4, atol=1e-5)
+    full, full_iou = decode(model, emb, pe, sparse, dense, with_grad=True)
+    assert full.shape == (2, 4, 32, 32) and full.requires_grad
+
+
 def test_imagenet_keys_match_backbone():
     """Every backbone tensor has the key and shape of the efficientnet-pytorch Lite0 layout."""
     enc = EfficientNetEncoder(img_size=64, out_chans=16)

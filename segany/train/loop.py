@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from ..checkpoints import load_state_dict_strict, read_state_dict
 from ..datasets import Mixture, open_dataset, split
 from ..modeling.build import build_sam
+from ..modeling.fast_decoder import predict_masks_fast
 from ..modeling.sam import Sam
 from . import augment as A
 from .objective import center_points, next_clicks, noisy_boxes, sam_loss, sample_points
@@ -106,6 +107,21 @@ def to_tensors(sample: A.Arrays, size: int, low: int, device) -> Tuple[torch.Ten
 # --- one step ----------------------------------------------------------------------------
 
 
+def decode(model: Sam, emb: torch.Tensor, pe: torch.Tensor, sparse: torch.Tensor, dense: torch.Tensor,
+           with_grad: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Mask decoder logits (K, M, L, L) and IoU (K, M). ``with_grad``: every mask token, through
+    the modules (autograd). Otherwise, passes whose output only picks the next click (a later
+    pass: single-mask token 0): on the CPU through the inference fast path (the same function
+    up to float32 rounding; tiny model, 8 objects, one thread: 50 vs 83 ms a pass, 7 of the 11
+    passes a step), elsewhere the modules (the fast path is untested under CUDA autocast)."""
+    if with_grad or emb.device.type != "cpu":
+        logits, iou = model.mask_decoder.predict_masks(emb, pe, sparse, dense)
+        return (logits, iou) if with_grad else (logits[:, :1], iou[:, :1])
+    with torch.no_grad():
+        return predict_masks_fast(model.mask_decoder, sparse, image_embeddings=emb, image_pe=pe,
+                                  dense_prompt_embeddings=dense, multimask_output=False)
+
+
 def object_step(model: Sam, emb: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor, cfg: TrainConfig, rng: np.random.Generator, g: torch.Generator) -> Tuple[torch.Tensor, Dict[str, float]]:
     """Interactive simulation for K objects of one image. emb (1, C, h, w); gt (K, L, L);
     valid (1, L, L). Returns the loss (scalar, with graph) and stats."""
@@ -144,7 +160,7 @@ def object_step(model: Sam, emb: torch.Tensor, gt: torch.Tensor, valid: torch.Te
             # ignore the new click (seen as flat mIoU over clicks without it)
             use_mask = None if (mask_in is not None and cfg.mask_drop > 0 and rng.random() < cfg.mask_drop) else mask_in
             sparse, dense = model.prompt_encoder(points=points, boxes=box, masks=use_mask)
-            logits, iou = model.mask_decoder.predict_masks(emb, pe, sparse, dense)  # (K, 4, L, L), (K, 4)
+            logits, iou = decode(model, emb, pe, sparse, dense, with_grad=t in grad_iters)  # (K, 4|1, L, L), (K, 4|1)
             if t == 0:  # one prompt: ambiguous, best of the 3 multimask outputs; token 0 too
                 loss_m, best, actual = sam_loss(logits[:, 1:], iou[:, 1:], gt4, valid4, **lw)
                 loss_s, _, actual0 = sam_loss(logits[:, :1], iou[:, :1], gt4, valid4, **lw)
