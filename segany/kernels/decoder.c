@@ -33,10 +33,10 @@ typedef int32_t vi __attribute__((vector_size(64)));
 static inline vf vselect(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
 
 /* Exact GELU, x * Phi(x) = x * (1 + erf(x / sqrt 2)) / 2, with erf(z) = z P(z^2) / Q(z^2) on
-   |z| <= 4 (Eigen's float erf; beyond, erf is +-1 in float32): 18 vector operations, half of
-   an erf through exp (Abramowitz-Stegun 7.1.26, PyTorch's vectorised form), which made the
-   whole tail 13% slower (4.9 vs 4.3 ms for 8 prompts x 8 rows, one thread). In the far left
-   tail 1 + erf cancels: absolute error ~1e-6, like PyTorch's. */
+   |z| <= 4 (Eigen's float erf; beyond, erf is +-1 in float32): 18 vector operations, half as
+   many as the erf through exp it replaces (Abramowitz-Stegun 7.1.26, PyTorch's vectorised
+   form), with which the whole tail took 13% longer (4.9 vs 4.3 ms for 8 prompts x 8 rows, one
+   thread). In the far left tail 1 + erf cancels: absolute error ~1e-6, like PyTorch's. */
 static inline vf vgelu(vf x) {
     vf z = x * 0.70710678118654752f;
     z = vselect(z > 4.0f, (vf){0} + 4.0f, z);
