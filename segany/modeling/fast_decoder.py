@@ -264,17 +264,23 @@ def _normed(fx: Optional[_Factored], aT: Tensor, u: Tensor, mean: Tensor, rstd: 
     """``LayerNorm(X + aT^T u)`` in factored form, from the row statistics mean, rstd (B, N) of
     ``X + aT^T u``; ``fx`` is X (None: X is the base itself)."""
     g, b = ln.weight, ln.bias
-    B, _, N = aT.shape
+    B, k, N = aT.shape
     C = g.shape[0]
     r = rstd[:, None, :]
-    P = [aT * r, (-mean * rstd)[:, None, :], torch.ones_like(r)]
+    r0 = 0 if fx is None else fx.P.shape[1]
+    # P's rows written in place (a concatenation would copy the multi-MB factor once more)
+    P = aT.new_empty(B, r0 + k + 2, N)
+    if fx is not None:
+        torch.mul(fx.P, r, out=P[:, :r0])
+    torch.mul(aT, r, out=P[:, r0 : r0 + k])
+    torch.mul(mean, rstd, out=P[:, r0 + k]).neg_()
+    P[:, r0 + k + 1] = 1.0
     Q = [u * g, g.expand(B, 1, C), b.expand(B, 1, C)]
     alpha = rstd
     if fx is not None:
-        P.insert(0, fx.P * r)
         Q.insert(0, fx.Q * g)
         alpha = fx.alpha * rstd
-    return _Factored(alpha, torch.cat(P, 1), torch.cat(Q, 1))
+    return _Factored(alpha, P, torch.cat(Q, 1))
 
 
 def _factored_scores(h: Tensor, weight: Tensor, fx: _Factored, base_cols: Tensor, pe_cols: Tensor) -> Tensor:
