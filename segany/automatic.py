@@ -31,6 +31,7 @@ import torch
 from . import kernels
 from . import masks as M
 from .modeling import Sam
+from .modeling.fast_decoder import decoder_workspace, keep_decoder_workspace
 from .predictor import SamPredictor
 from .upscale import CellUpscaler
 
@@ -299,29 +300,32 @@ class SamAutomaticMaskGenerator:
             pieces: Tuple[List[torch.Tensor], ...] = ([], [], [], [], [])
             # the decoder's per-prompt activations (~8 MB a prompt at SAM's sizes) are decoded a
             # few prompts at a time; the results do not depend on this split
-            for d in range(0, len(in_points), self.decode_batch):
-                # masks that fail pred_iou_thresh are never upscaled (the IoU head comes first)
-                low, iou = self.predictor.decode(
-                    in_points[d : d + self.decode_batch, None, :], in_labels[d : d + self.decode_batch, None],
-                    multimask_output=True, iou_thresh=thresh,
-                )
-                low, iou = low.cpu(), iou.flatten(0, 1).cpu()
-                pts = pts_all[3 * d : 3 * (d + self.decode_batch)]
-                if thresh is None:
-                    low = low.flatten(0, 1)
-                else:
-                    k = iou > thresh
-                    iou, pts = iou[k], pts[k]
-                stab, boxes = up.stats(low, threshold, self.stability_score_offset, min_stability=min_stab)
-                k = ~is_box_near_crop_edge(boxes, crop_box, [0, 0, orig_w, orig_h])
-                if min_stab is not None:
-                    k &= stab >= min_stab
-                piece = (low, iou, pts, stab, boxes)
-                if not torch.all(k):
-                    rows = k.nonzero().flatten()
-                    piece = tuple(v.index_select(0, rows) for v in piece)
-                for part, v in zip(pieces, piece):
-                    part.append(v)
+            with decoder_workspace():  # the batch's decoder calls share their temporaries
+                for d in range(0, len(in_points), self.decode_batch):
+                    # masks that fail pred_iou_thresh are never upscaled (the IoU head comes first)
+                    low, iou = self.predictor.decode(
+                        in_points[d : d + self.decode_batch, None, :], in_labels[d : d + self.decode_batch, None],
+                        multimask_output=True, iou_thresh=thresh, scratch_masks=True,
+                    )
+                    low, iou = low.cpu(), iou.flatten(0, 1).cpu()
+                    pts = pts_all[3 * d : 3 * (d + self.decode_batch)]
+                    if thresh is None:
+                        low = low.flatten(0, 1)
+                    else:
+                        k = iou > thresh
+                        iou, pts = iou[k], pts[k]
+                    stab, boxes = up.stats(low, threshold, self.stability_score_offset, min_stability=min_stab)
+                    k = ~is_box_near_crop_edge(boxes, crop_box, [0, 0, orig_w, orig_h])
+                    if min_stab is not None:
+                        k &= stab >= min_stab
+                    piece = (low, iou, pts, stab, boxes)
+                    if not torch.all(k):
+                        rows = k.nonzero().flatten()
+                        piece = tuple(v.index_select(0, rows) for v in piece)
+                    elif thresh is None:  # the logits are the workspace's until the next call
+                        piece = (low.clone(), *piece[1:])
+                    for part, v in zip(pieces, piece):
+                        part.append(v)
             return pieces
 
         names = ("logits", "iou_preds", "points", "stability_score", "boxes")
@@ -356,7 +360,7 @@ class SamAutomaticMaskGenerator:
         }
 
     def _map_batches(self, fn, batches: list, up: CellUpscaler):
-        """``map(fn, batches)``, in order. On a CPU with several PyTorch threads the batches go
+        """``list(map(fn, batches))``, in order. On a CPU with several PyTorch threads the batches go
         to that many worker threads running PyTorch single-threaded: the decoder's ~150 small
         ops a batch scale poorly over threads (random ViT-B decoder, 64 prompts: 17.1 ms a
         prompt on 2 threads, 26.0 on 1, 13.3 on 2 workers of 1 thread). Each prompt's result
@@ -366,7 +370,8 @@ class SamAutomaticMaskGenerator:
         # the PyTorch stats path keeps buffers between calls; the native one does not
         p = self.predictor
         if workers < 2 or p.device.type != "cpu" or native is None or not getattr(p, "decode_in_threads", False):
-            return map(fn, batches)
+            with decoder_workspace():  # the crop's decoder temporaries, allocated once
+                return list(map(fn, batches))
         p._get_decoder_cache()  # built once, before the workers read it
         kernels.decoder_available()
         return _map_single_threaded(fn, batches, workers)
@@ -398,7 +403,8 @@ def _map_single_threaded(fn, items: list, workers: int) -> list:
     with), so it is set to 1 for the duration and restored after."""
     before = torch.get_num_threads()
     torch.set_num_threads(1)
-    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="segany-everything")
+    # each worker keeps its decoder temporaries for its lifetime (the pool's, this call's)
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="segany-everything", initializer=keep_decoder_workspace)
     try:
         return list(pool.map(fn, items))
     finally:

@@ -288,11 +288,14 @@ class SamPredictor:
         mask_input: Optional[torch.Tensor] = None,
         multimask_output: bool = True,
         iou_thresh: Optional[float] = None,
+        *,
+        scratch_masks: bool = False,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Prompt encoder + mask decoder only: low-res logits (B, C, 4h, 4w) and iou (B, C).
 
         With ``iou_thresh``, only the masks with predicted IoU above it are upscaled and returned,
-        as (K, 4h, 4w) in (prompt, mask) order (see ``predict_masks_fast``)."""
+        as (K, 4h, 4w) in (prompt, mask) order; with ``scratch_masks`` the logits may live in the
+        thread's decoder workspace until its next decoder call (see ``predict_masks_fast``)."""
         points = (point_coords, point_labels) if point_coords is not None else None
         pe = self.model.prompt_encoder
         with torch.no_grad():
@@ -301,7 +304,7 @@ class SamPredictor:
                 # Prompt-independent decoder work is done once per image (see fast_decoder).
                 return predict_masks_fast(
                     self.model.mask_decoder, sparse, self._get_decoder_cache(), multimask_output=multimask_output,
-                    iou_thresh=iou_thresh,
+                    iou_thresh=iou_thresh, scratch_masks=scratch_masks,
                 )
             return predict_masks_fast(
                 self.model.mask_decoder,
@@ -311,6 +314,7 @@ class SamPredictor:
                 dense_prompt_embeddings=dense,
                 multimask_output=multimask_output,
                 iou_thresh=iou_thresh,
+                scratch_masks=scratch_masks,
             )
 
     def _get_decoder_cache(self):

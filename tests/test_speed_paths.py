@@ -63,6 +63,56 @@ def test_fast_decoder_matches_module(config, multimask, batch, npts, with_box, w
     assert (got_iou - want_iou).abs().max().item() <= 1e-5 * max(1.0, want_iou.abs().max().item())
 
 
+@pytest.mark.parametrize("config", DEC_CONFIGS[:2])
+def test_decoder_workspace_reuses_its_buffers_and_changes_no_result(config):
+    """Segment everything decodes batch after batch in a workspace: the second call of a size
+    allocates nothing, results are those of calls outside one, a result handed back is never
+    overwritten by the next call (unless asked for scratch masks), and the buffers go with the block."""
+    import threading
+
+    from segany.modeling import fast_decoder as fd
+
+    sam = _model(config)
+    pe = sam.prompt_encoder
+    g = torch.Generator().manual_seed(5)
+    h, w = pe.image_embedding_size
+    feats = torch.randn(1, pe.embed_dim, h, w, generator=g)
+    cache = build_cache(sam.mask_decoder, feats, pe.get_dense_pe(), pe.no_mask_embed.weight)
+    prompts = []
+    for _ in range(3):
+        pts = torch.rand(4, 1, 2, generator=g) * config["image_size"]
+        prompts.append(pe(points=(pts, torch.ones(4, 1, dtype=torch.int32)), boxes=None, masks=None)[0])
+
+    def run(sparse, **kw):
+        with torch.no_grad():
+            return predict_masks_fast(sam.mask_decoder, sparse, cache, multimask_output=True, **kw)
+
+    want = [run(sp) for sp in prompts]
+    want_thresh = run(prompts[0], iou_thresh=0.0)
+    with fd.decoder_workspace():
+        got0 = run(prompts[0])
+        kept = got0[0].clone()
+        buffers = {k: v.data_ptr() for k, v in fd._per_thread.workspace.items()}
+        assert buffers, "the calls took no buffers from the workspace"
+        with fd.decoder_workspace():  # an inner block joins the outer one
+            got1 = run(prompts[1])
+        assert fd._per_thread.workspace is not None
+        assert {k: v.data_ptr() for k, v in fd._per_thread.workspace.items()} == buffers  # nothing new
+        torch.testing.assert_close(got0[0], kept, rtol=0, atol=0)  # not overwritten by the next call
+        got_thresh = run(prompts[0], iou_thresh=0.0)
+        scratch = run(prompts[2], scratch_masks=True)
+        other = []
+        t = threading.Thread(target=lambda: other.append((run(prompts[2]), getattr(fd._per_thread, "workspace", None))))
+        t.start()
+        t.join()
+    assert fd._per_thread.workspace is None  # freed with the block
+    assert other[0][1] is None  # another thread never sees this thread's workspace
+    for (gm, gi), (wm, wi) in zip([got0, got1, scratch, other[0][0]], [want[0], want[1], want[2], want[2]]):
+        torch.testing.assert_close(gm, wm, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(gi, wi, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got_thresh[0], want_thresh[0], rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("original", [(100, 150), (37, 11), (300, 200), (128, 128), (1, 700), (1500, 2), (2000, 1500)])
 def test_separable_resize_matches_two_step_interpolation(original):
     from segany.transforms import ResizeLongestSide

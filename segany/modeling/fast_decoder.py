@@ -24,8 +24,8 @@ image-side work either done once per image or folded onto the few prompt tokens:
   per-image ``S W^T`` (built once, in ``DecoderCache``) plus a rank-r product; this covers the
   later token->image keys/values, image->token queries and the first output-upscaling
   convolution. Only the residual stream that LayerNorm statistics need is formed densely, in
-  one buffer kept per thread; with the native kernels it is normalised in place, and after the
-  last layer only its statistics are taken.
+  one reused buffer; with the native kernels it is normalised in place, and after the last
+  layer only its statistics are taken.
 * The output upscaling: only the requested mask tokens go through their hypernetwork MLP. The
   first 2x2 stride-2 transposed convolution is one GEMM (on the factored tokens, a per-image map
   plus a rank-r product). Everything after it (LayerNorm2d, GELU, the second convolution, GELU,
@@ -35,12 +35,17 @@ image-side work either done once per image or folded onto the few prompt tokens:
   runs channel-last in PyTorch: the second convolution one GEMM per output-row parity and
   LayerNorm2d ``layer_norm`` over the last axis.
 
+* Many prompts in a row (segment everything): inside ``decoder_workspace()`` the large
+  temporaries of each call (score maps, attention, the factored P, the stream, the masks) reuse
+  buffers instead of fresh memory, whose pages would fault in one by one every call.
+
 Results equal ``MaskDecoder.forward`` up to float32 rounding (see tests/test_speed_paths.py).
 The module structure and parameters are the official ones; this file only reads them.
 """
 from __future__ import annotations
 
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
@@ -84,6 +89,61 @@ class _LayerProjections:
     t2i_v: Tensor  # (heads, N, hd)   S @ W_v^T
     i2t_q: Optional[Tensor] = None  # (heads, hd, N) S @ W_q^T
     i2t_qpe: Optional[Tensor] = None  # (heads, hd, N) pe @ W_q^T + b_q
+
+
+_per_thread = threading.local()
+
+
+@contextmanager
+def decoder_workspace():
+    """Within this block, this thread's decoder calls (``predict_masks_fast``) take their large
+    temporaries (score and attention maps, the factored image tokens, the stream: tens of MB a
+    call for 8 prompts at SAM's sizes) from buffers kept for the block and freed when it ends.
+
+    Without it each call allocates them afresh; above glibc's mmap threshold, and always in a
+    worker thread's arena, a fresh multi-MB tensor is fresh memory whose pages fault in one by one
+    (segment everything, 32x32 points, 2 workers: ~330,000 faults, ~2.4 s of system time). A block
+    holds one buffer per kind at the largest size it met; blocks do not nest (an inner one joins
+    the outer), and a thread's results never alias its buffers (only temporaries live there)."""
+    if getattr(_per_thread, "workspace", None) is not None:
+        yield
+        return
+    _per_thread.workspace = {}
+    try:
+        yield
+    finally:
+        _per_thread.workspace = None
+
+
+def keep_decoder_workspace() -> None:
+    """Give the calling thread a workspace (see :func:`decoder_workspace`) for the rest of its
+    life: for worker threads of a pool that ends with the work (as a pool ``initializer``)."""
+    if getattr(_per_thread, "workspace", None) is None:
+        _per_thread.workspace = {}
+
+
+def _scratch(name: str, shape: Tuple[int, ...], dtype: torch.dtype, device: torch.device, numpy: bool = False) -> Tensor:
+    """An uninitialised tensor for a temporary of one decoder call: a view of the active
+    workspace's buffer ``name`` (grown as needed), or a fresh tensor outside a workspace (from
+    numpy's allocator with ``numpy``, see ``kernels.Taps.values``). A name stands for one live
+    temporary at a time."""
+    ws = getattr(_per_thread, "workspace", None)
+    if ws is None:
+        if numpy and dtype == torch.float32 and device.type == "cpu":
+            return torch.from_numpy(np.empty(shape, dtype=np.float32))
+        return torch.empty(shape, dtype=dtype, device=device)
+    n = 1
+    for d in shape:
+        n *= int(d)
+    key = (name, dtype, device)
+    buf = ws.get(key)
+    if buf is None or buf.numel() < n:
+        buf = ws[key] = torch.empty(n, dtype=dtype, device=device)
+    return buf[:n].view(shape)
+
+
+def _scratch_like(name: str, shape: Tuple[int, ...], like: Tensor, numpy: bool = False) -> Tensor:
+    return _scratch(name, tuple(shape), like.dtype, like.device, numpy)
 
 
 def _heads(x: Tensor, nh: int) -> Tensor:
@@ -230,9 +290,18 @@ def _i2t_cached(attn: Attention, q_cols: Tensor, k_tokens: Tensor, v_tokens: Ten
     B, t, _ = k_tokens.shape
     h = _split_heads_scaled(attn.k_proj(k_tokens), attn.num_heads)  # (nh, B*t, hd)
     nh, _, N = q_cols.shape
-    s = torch.bmm(h, q_cols).view(nh, B, t, N)
-    aT = torch.softmax(s, dim=2).transpose(0, 1).reshape(B, nh * t, N)
-    return aT, _value_update(attn, v_tokens)
+    s = torch.bmm(h, q_cols, out=_scratch_like("scores", (nh, B * t, N), h)).view(nh, B, t, N)
+    return _softmax_over_tokens(s), _value_update(attn, v_tokens)
+
+
+def _softmax_over_tokens(s: Tensor) -> Tensor:
+    """Scores (heads, B, t, N) -> attention over the t tokens, laid out (B, heads*t, N)."""
+    nh, B, t, N = s.shape
+    # (a softmax written straight into a permuted ``out`` goes through a fresh temporary)
+    a = torch.softmax(s, dim=2, out=_scratch_like("softmax", s.shape, s))
+    aT = _scratch_like("aT", (B, nh, t, N), s)
+    aT.copy_(a.transpose(0, 1))
+    return aT.view(B, nh * t, N)
 
 
 def _value_update(attn: Attention, v_tokens: Tensor) -> Tensor:
@@ -269,7 +338,7 @@ def _normed(fx: Optional[_Factored], aT: Tensor, u: Tensor, mean: Tensor, rstd: 
     r = rstd[:, None, :]
     r0 = 0 if fx is None else fx.P.shape[1]
     # P's rows written in place (a concatenation would copy the multi-MB factor once more)
-    P = aT.new_empty(B, r0 + k + 2, N)
+    P = _scratch_like(f"P{r0}", (B, r0 + k + 2, N), aT)  # one per layer: layer l's P reads layer l-1's
     if fx is not None:
         torch.mul(fx.P, r, out=P[:, :r0])
     torch.mul(aT, r, out=P[:, r0 : r0 + k])
@@ -290,11 +359,11 @@ def _factored_scores(h: Tensor, weight: Tensor, fx: _Factored, base_cols: Tensor
     nh, Bt, hd = h.shape
     B, r, N = fx.P.shape
     t = Bt // B
-    s = torch.bmm(h, base_cols).view(nh, B, t, N).mul_(fx.alpha[None, :, None, :])
+    s = torch.bmm(h, base_cols, out=_scratch_like("scores", (nh, Bt, N), h)).view(nh, B, t, N).mul_(fx.alpha[None, :, None, :])
     s.view(nh, Bt, N).baddbmm_(h, pe_cols)
     qw = F.linear(fx.Q, weight).view(B, r, nh, hd).permute(0, 2, 3, 1)  # (B, nh, hd, r)
     low = torch.matmul(h.view(nh, B, t, hd).transpose(0, 1), qw)  # (B, nh, t, r)
-    low = torch.bmm(low.reshape(B, nh * t, r), fx.P)  # (B, nh*t, N)
+    low = torch.bmm(low.reshape(B, nh * t, r), fx.P, out=_scratch_like("low", (B, nh * t, N), h))
     return s.add_(low.view(B, nh, t, N).transpose(0, 1))
 
 
@@ -312,11 +381,15 @@ def _t2i_factored(attn: Attention, q_tokens: Tensor, fx: _Factored, proj: _Layer
     N = fx.P.shape[-1]
     h = _split_heads_scaled(attn.q_proj(q_tokens), nh)  # (nh, B*t, hd)
     hd = h.shape[-1]
-    a = torch.softmax(_factored_scores(h, attn.k_proj.weight, fx, proj.t2i_k, proj.t2i_kpe), dim=-1)  # (nh, B, t, N)
+    s = _factored_scores(h, attn.k_proj.weight, fx, proj.t2i_k, proj.t2i_kpe)
+    a = torch.softmax(s, dim=-1, out=_scratch_like("softmax", s.shape, s))  # (nh, B, t, N)
+    a_bt = _scratch_like("attn", (B, nh, t, N), h)  # the same in (B, nh*t, N) layout for a P^T
+    a_bt.copy_(a.transpose(0, 1))
     # values: (a * alpha) S W_v^T + (a P^T)(Q W_v^T) + b_v
-    o = torch.bmm((a * fx.alpha[None, :, None, :]).view(nh, B * t, N), proj.t2i_v)  # (nh, B*t, hd)
+    weighted = torch.mul(a, fx.alpha[None, :, None, :], out=_scratch_like("weighted", (nh, B, t, N), h))
+    o = torch.bmm(weighted.view(nh, B * t, N), proj.t2i_v)  # (nh, B*t, hd)
     r = fx.P.shape[1]
-    aP = torch.bmm(a.transpose(0, 1).reshape(B, nh * t, N), fx.P.transpose(1, 2))  # (B, nh*t, r)
+    aP = torch.bmm(a_bt.view(B, nh * t, N), fx.P.transpose(1, 2))  # (B, nh*t, r)
     qv = F.linear(fx.Q, attn.v_proj.weight).view(B, r, nh, hd).transpose(1, 2)  # (B, nh, r, hd)
     o2 = torch.matmul(aP.view(B, nh, t, r), qv)  # (B, nh, t, hd)
     o = o.view(nh, B, t, hd).permute(1, 2, 0, 3) + o2.transpose(1, 2) + attn.v_proj.bias.view(nh, hd)
@@ -331,8 +404,7 @@ def _i2t_factored(attn: Attention, fx: _Factored, proj: _LayerProjections, k_tok
     N = fx.P.shape[-1]
     h = _split_heads_scaled(attn.k_proj(k_tokens), nh)
     s = _factored_scores(h, attn.q_proj.weight, fx, proj.i2t_q, proj.i2t_qpe)  # (nh, B, t, N)
-    aT = torch.softmax(s, dim=2).transpose(0, 1).reshape(B, nh * t, N)
-    return aT, _value_update(attn, v_tokens)
+    return _softmax_over_tokens(s), _value_update(attn, v_tokens)
 
 
 def _layer_norm(ln: torch.nn.LayerNorm, x: Tensor) -> Tensor:
@@ -350,6 +422,7 @@ def predict_masks_fast(
     dense_prompt_embeddings: Optional[Tensor] = None,
     multimask_output: bool = True,
     iou_thresh: Optional[float] = None,
+    scratch_masks: bool = False,
 ) -> Tuple[Tensor, Tensor]:
     """Same outputs as ``decoder(image_embeddings, image_pe, sparse, dense, multimask_output)``.
 
@@ -359,7 +432,10 @@ def predict_masks_fast(
     With ``iou_thresh`` only the masks whose predicted IoU is above it are upscaled (the IoU head
     runs before the output upscaling, which is half the decoder's work): returns masks (K, 4h, 4w)
     of those K masks in (prompt, mask) order, and the full iou (B, M); ``iou > iou_thresh`` says
-    which they are."""
+    which they are.
+
+    ``scratch_masks``: the masks may be a view of the active :func:`decoder_workspace`'s buffer,
+    overwritten by the thread's next call; for callers that copy what they keep."""
     tokens0 = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
     B = sparse_prompt_embeddings.shape[0]
     tokens = torch.cat((tokens0.unsqueeze(0).expand(B, -1, -1), sparse_prompt_embeddings), dim=1)
@@ -385,7 +461,7 @@ def predict_masks_fast(
     iou_pred = decoder.iou_prediction_head(queries[:, 0, :])[:, sl]
     hyper_in = torch.stack([decoder.output_hypernetworks_mlps[j](queries[:, 1 + i, :]) for i, j in enumerate(idx)], dim=1)
     if iou_thresh is None:
-        return _upscale_masks(decoder, upscale_in, hyper_in, h, w), iou_pred
+        return _upscale_masks(decoder, upscale_in, hyper_in, h, w, scratch=scratch_masks), iou_pred
     keep = iou_pred > iou_thresh  # (B, M)
     rows = keep.any(1).nonzero().flatten()
     if len(rows) == 0:
@@ -394,8 +470,8 @@ def predict_masks_fast(
         upscale_in = upscale_in[rows].contiguous()
     else:
         upscale_in = (upscale_in[0].select(rows), *upscale_in[1:])
-    masks = _upscale_masks(decoder, upscale_in, hyper_in[rows], h, w)  # (R, M, 4h, 4w)
-    return masks[keep[rows]], iou_pred
+    masks = _upscale_masks(decoder, upscale_in, hyper_in[rows], h, w, scratch=True)  # (R, M, 4h, 4w)
+    return masks[keep[rows]], iou_pred  # (a fresh tensor)
 
 
 def _token_steps(layer, queries: Tensor, tokens: Tensor, t2i) -> Tensor:
@@ -428,14 +504,14 @@ def _transformer_dense(decoder: MaskDecoder, tokens: Tensor, src: Tensor, pe: Te
     return _layer_norm(tf.norm_final_attn, queries), keys
 
 
-_per_thread = threading.local()
-
-
 def _stream_buffer(n: int) -> Tensor:
-    """A float32 buffer of ``n`` elements kept per thread between calls, for the image-token
-    stream of one decoder call (~32 MB for 8 prompts at SAM's sizes): a fresh tensor that size is
-    a fresh mapping whose pages fault in on every call, in PyTorch's allocator and glibc's alike
-    (above its 32 MB mmap threshold). Valid until the thread's next decoder call."""
+    """A float32 buffer of ``n`` elements for the image-token stream of one decoder call (~32 MB
+    for 8 prompts at SAM's sizes): the workspace's when one is active, else one kept per thread
+    between calls (a fresh tensor that size is a fresh mapping whose pages fault in on every call,
+    in PyTorch's allocator and glibc's alike, above its 32 MB mmap threshold). Valid until the
+    thread's next decoder call."""
+    if getattr(_per_thread, "workspace", None) is not None:
+        return _scratch("stream", (n,), torch.float32, torch.device("cpu"))
     buf = getattr(_per_thread, "stream", None)
     if buf is None or buf.numel() < n:
         buf = _per_thread.stream = torch.empty(n)
@@ -511,7 +587,7 @@ def _native_tail_ok(decoder: MaskDecoder, x: Tensor) -> bool:
     )
 
 
-def _upscale_masks_native(decoder: MaskDecoder, keys, hyper_in: Tensor, h: int, w: int) -> Tensor:
+def _upscale_masks_native(decoder: MaskDecoder, keys, hyper_in: Tensor, h: int, w: int, scratch: bool = False) -> Tensor:
     """:func:`_upscale_masks` with the part after the first convolution in ``segany.kernels``:
     the first convolution is a GEMM producing channel-major (B, 4*c1, pixels) chunks, which the
     kernel reads with pixels along its vectors."""
@@ -524,8 +600,10 @@ def _upscale_masks_native(decoder: MaskDecoder, keys, hyper_in: Tensor, h: int, 
     w2 = ct2.weight.permute(2, 0, 3, 1).contiguous()  # (a2, c, b2, o)
     b2 = ct2.bias.repeat(2).contiguous()
     hyp = hyper_in.contiguous()
-    # numpy's allocator for the multi-MB result (see segany.kernels.Taps.values)
-    out = torch.from_numpy(np.empty((B, M, 4 * h, 4 * w), dtype=np.float32))
+    if scratch:
+        out = _scratch_like("masks", (B, M, 4 * h, 4 * w), hyper_in)
+    else:  # numpy's allocator for the multi-MB result (see segany.kernels.Taps.values)
+        out = torch.from_numpy(np.empty((B, M, 4 * h, 4 * w), dtype=np.float32))
     if not isinstance(keys, Tensor):  # diag(alpha) (S W1) + P^T (Q W1), with S W1 transposed
         fx, base_w1, base_w1t = keys
         if base_w1t is None:
@@ -533,7 +611,7 @@ def _upscale_masks_native(decoder: MaskDecoder, keys, hyper_in: Tensor, h: int, 
         qw1t = (fx.Q @ w1t.t()).transpose(1, 2)  # (B, 4*c1, r)
     # one chunk buffer, filled in place (an out-of-place baddbmm copies its input into a fresh
     # result first: 2.6 ms a click for a 4 MB chunk, page faults included)
-    buf = torch.from_numpy(np.empty(B * 4 * c1 * rows_per_chunk * w, dtype=np.float32))
+    buf = _scratch_like("upscale", (B * 4 * c1 * rows_per_chunk * w,), hyp, numpy=True)
     for i0 in range(0, h, rows_per_chunk):
         i1 = min(h, i0 + rows_per_chunk)
         n0, n1 = i0 * w, i1 * w
@@ -547,7 +625,9 @@ def _upscale_masks_native(decoder: MaskDecoder, keys, hyper_in: Tensor, h: int, 
     return out
 
 
-def _upscale_masks(decoder: MaskDecoder, keys, hyper_in: Tensor, h: int, w: int, rows_per_chunk: Optional[int] = None) -> Tensor:
+def _upscale_masks(
+    decoder: MaskDecoder, keys, hyper_in: Tensor, h: int, w: int, rows_per_chunk: Optional[int] = None, scratch: bool = False
+) -> Tensor:
     """keys (B, h*w, C) channel-last, or (factored keys, their base through the first conv
     (h*w, 4*c1) or None, the same transposed (4*c1, h*w) or None); hyper_in (B, M, C/8) -> masks (B, M, 4h, 4w).
 
@@ -556,7 +636,7 @@ def _upscale_masks(decoder: MaskDecoder, keys, hyper_in: Tensor, h: int, w: int,
     (6-7 ms vs 8.6-9 ms for 8 rows at 64x64), while a batch of prompts keeps its intermediates
     (16x the pixels at up to 64 channels per prompt) bounded."""
     if rows_per_chunk is None and _native_tail_ok(decoder, hyper_in):
-        return _upscale_masks_native(decoder, keys, hyper_in, h, w)
+        return _upscale_masks_native(decoder, keys, hyper_in, h, w, scratch)
     ct1, ln, act1, ct2, act2 = decoder.output_upscaling
     C = ct1.in_channels
     B = hyper_in.shape[0]
