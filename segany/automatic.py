@@ -31,7 +31,7 @@ import torch
 from . import kernels
 from . import masks as M
 from .modeling import Sam
-from .modeling.fast_decoder import decoder_workspace, keep_decoder_workspace
+from .modeling.fast_decoder import decoder_workspace, keep_decoder_workspace, workspace_buffer
 from .predictor import SamPredictor
 from .upscale import CellUpscaler
 
@@ -289,15 +289,15 @@ class SamAutomaticMaskGenerator:
         batches = [points_all[s : s + self.points_per_batch] for s in range(0, len(points_all), self.points_per_batch)]
 
         def one_batch(points: np.ndarray) -> Tuple[List[torch.Tensor], ...]:
-            """Survivors of the per-mask filters, as lists of per-decoder-call pieces: the
-            low-res logits (256 KB a mask at SAM's size) are never concatenated or copied
-            whole (only a piece with a failing mask is compacted)."""
+            """Survivors of the per-mask filters: their low-res logits (256 KB a mask at SAM's
+            size) as one tensor, the rest as lists of per-decoder-call pieces."""
             tp = self.predictor.transform.apply_coords(points, im_size)
             in_points = torch.as_tensor(tp, device=self.predictor.device)
             in_labels = torch.ones(in_points.shape[0], dtype=torch.int, device=in_points.device)
             pts_all = torch.as_tensor(points.repeat(3, axis=0))
             min_stab = self.stability_score_thresh if self.stability_score_thresh > 0.0 else None
             pieces: Tuple[List[torch.Tensor], ...] = ([], [], [], [], [])
+            survivors, n_kept = None, 0
             # the decoder's per-prompt activations (~8 MB a prompt at SAM's sizes) are decoded a
             # few prompts at a time; the results do not depend on this split
             with decoder_workspace():  # the batch's decoder calls share their temporaries
@@ -318,14 +318,22 @@ class SamAutomaticMaskGenerator:
                     k = ~is_box_near_crop_edge(boxes, crop_box, [0, 0, orig_w, orig_h])
                     if min_stab is not None:
                         k &= stab >= min_stab
-                    piece = (low, iou, pts, stab, boxes)
-                    if not torch.all(k):
-                        rows = k.nonzero().flatten()
+                    piece = (iou, pts, stab, boxes)
+                    rows = k.nonzero().flatten()
+                    if len(rows) < len(k):
                         piece = tuple(v.index_select(0, rows) for v in piece)
-                    elif thresh is None:  # the logits are the workspace's until the next call
-                        piece = (low.clone(), *piece[1:])
-                    for part, v in zip(pieces, piece):
+                    # the logits (the workspace's until the next call) of the survivors go to
+                    # the batch's buffer, and from there into one tensor
+                    if survivors is None:
+                        survivors = workspace_buffer("survivors", (3 * len(in_points), *low.shape[1:]), low)
+                    torch.index_select(low, 0, rows, out=survivors[n_kept : n_kept + len(rows)])
+                    n_kept += len(rows)
+                    for part, v in zip(pieces[1:], piece):
                         part.append(v)
+                if survivors is not None:
+                    # one allocation, on huge pages when large: the candidates' logits stay
+                    # until the crop's NMS (pieces of a few masks each faulted in page by page)
+                    pieces[0].append(survivors[:n_kept].clone())
             return pieces
 
         names = ("logits", "iou_preds", "points", "stability_score", "boxes")

@@ -142,6 +142,12 @@ def _scratch(name: str, shape: Tuple[int, ...], dtype: torch.dtype, device: torc
     return buf[:n].view(shape)
 
 
+def workspace_buffer(name: str, shape: Tuple[int, ...], like: Tensor) -> Tensor:
+    """A caller's own temporary in the active workspace (see :func:`decoder_workspace`), under a
+    name the decoder does not use (``name`` is prefixed); a fresh tensor outside a workspace."""
+    return _scratch_like("caller:" + name, shape, like)
+
+
 def _scratch_like(name: str, shape: Tuple[int, ...], like: Tensor, numpy: bool = False) -> Tensor:
     return _scratch(name, tuple(shape), like.dtype, like.device, numpy)
 
@@ -471,7 +477,9 @@ def predict_masks_fast(
     else:
         upscale_in = (upscale_in[0].select(rows), *upscale_in[1:])
     masks = _upscale_masks(decoder, upscale_in, hyper_in[rows], h, w, scratch=True)  # (R, M, 4h, 4w)
-    return masks[keep[rows]], iou_pred  # (a fresh tensor)
+    kept = keep[rows].flatten().nonzero().flatten()
+    out = _scratch_like("masks_kept", (len(kept), 4 * h, 4 * w), masks) if scratch_masks else None
+    return torch.index_select(masks.flatten(0, 1), 0, kept, out=out), iou_pred
 
 
 def _token_steps(layer, queries: Tensor, tokens: Tensor, t2i) -> Tensor:
