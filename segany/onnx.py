@@ -210,9 +210,17 @@ class OnnxPredictor(SamPredictor):
     def _get_decoder_cache(self):
         return None  # the ONNX decoder runs whole; the torch fast path's per-image cache is unused
 
-    def decode(self, point_coords, point_labels, boxes=None, mask_input=None, multimask_output=True, iou_thresh=None):
-        coords, labels = [], []
+    def decode(self, point_coords, point_labels, boxes=None, mask_input=None, multimask_output=True, iou_thresh=None,
+               *, scratch_masks=False):
+        # scratch_masks: the caller would accept workspace memory; these results are always fresh
         bs = next((t.shape[0] for t in (point_coords, boxes, mask_input) if t is not None), 1)
+        if bs > 1:  # the exported decoder takes one prompt (batch 1, like the official export)
+            part = lambda t, i: None if t is None else t[i : i + 1]
+            outs = [self.decode(part(point_coords, i), part(point_labels, i), part(boxes, i), part(mask_input, i), multimask_output)
+                    for i in range(bs)]
+            low, iou = torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+            return (low[iou > iou_thresh] if iou_thresh is not None else low), iou
+        coords, labels = [], []
         if point_coords is not None:
             coords.append(point_coords.float())
             labels.append(point_labels.float())

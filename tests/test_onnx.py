@@ -121,6 +121,23 @@ def test_segmenter_backends(tiny, exported):
     assert _iou(pa.best, pb.best) >= 0.999 or pa.best.sum() < 5
 
 
+def test_segment_everything_on_the_onnxruntime_backend_gives_the_torch_masks(tiny, exported):
+    """`segany everything --backend onnxruntime` runs the generator on an OnnxPredictor."""
+    from segany.automatic import SamAutomaticMaskGenerator
+
+    img = test_image(64, 96, seed=7)
+    kw = dict(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0, box_nms_thresh=0.7)
+    want = SamAutomaticMaskGenerator(SamPredictor(tiny), **kw).generate(img)
+    got = SamAutomaticMaskGenerator(OnnxPredictor(tiny, exported), **kw).generate(img)
+    assert want and len(got) == len(want)
+    assert any(r["area"] > 100 for r in want)  # not only the random model's empty masks
+    for g, w in zip(sorted(got, key=lambda r: r["predicted_iou"]), sorted(want, key=lambda r: r["predicted_iou"])):
+        assert abs(g["predicted_iou"] - w["predicted_iou"]) < 1e-3
+        assert abs(g["area"] - w["area"]) <= 0.01 * w["area"] + 1
+        if w["area"] > 10:
+            assert _iou(g["segmentation"], w["segmentation"]) >= 0.99
+
+
 def test_export_of_another_model_is_refused(tiny, exported, tmp_path):
     """Pointing the predictor at an export of a different model (another grid size) gives a clear
     error before onnxruntime runs, not a shape error from inside it; a folder with no export too."""
