@@ -332,7 +332,8 @@ class _Factored:
     Q: Tensor  # (B, r, C)
 
     def select(self, rows: Tensor) -> "_Factored":
-        return _Factored(self.alpha[rows], self.P[rows], self.Q[rows])
+        # index_select: advanced indexing copied P (15 MB for 8 prompts) at ~2 GB/s
+        return _Factored(*(torch.index_select(t, 0, rows) for t in (self.alpha, self.P, self.Q)))
 
 
 def _normed(fx: Optional[_Factored], aT: Tensor, u: Tensor, mean: Tensor, rstd: Tensor, ln: torch.nn.LayerNorm) -> _Factored:
@@ -472,11 +473,13 @@ def predict_masks_fast(
     rows = keep.any(1).nonzero().flatten()
     if len(rows) == 0:
         return queries.new_zeros(0, 4 * h, 4 * w), iou_pred
-    if isinstance(upscale_in, Tensor):
-        upscale_in = upscale_in[rows].contiguous()
-    else:
-        upscale_in = (upscale_in[0].select(rows), *upscale_in[1:])
-    masks = _upscale_masks(decoder, upscale_in, hyper_in[rows], h, w, scratch=True)  # (R, M, 4h, 4w)
+    if len(rows) < B:  # (all kept: nothing to gather)
+        if isinstance(upscale_in, Tensor):
+            upscale_in = torch.index_select(upscale_in, 0, rows)
+        else:
+            upscale_in = (upscale_in[0].select(rows), *upscale_in[1:])
+        hyper_in = hyper_in[rows]
+    masks = _upscale_masks(decoder, upscale_in, hyper_in, h, w, scratch=True)  # (R, M, 4h, 4w)
     kept = keep[rows].flatten().nonzero().flatten()
     out = _scratch_like("masks_kept", (len(kept), 4 * h, 4 * w), masks) if scratch_masks else None
     return torch.index_select(masks.flatten(0, 1), 0, kept, out=out), iou_pred
