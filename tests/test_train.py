@@ -303,3 +303,86 @@ def test_train_model_option_takes_registry_names_and_rejects_unknown_ones():
     assert _model_config("tiny")["encoder"]["type"] == "efficientnet"
     with pytest.raises(UsageError, match="neither a known model"):
         _model_config("vit_q")
+
+
+_DDP_WORKER = r"""
+import json, sys, torch
+import segany.train.loop as L
+from tests.test_train import TINY
+import hashlib
+import segany.datasets as D
+models, samples = [], []
+build = L.build_model
+L.build_model = lambda cfg: models.append(build(cfg)) or models[-1]  # keep the rank's model to compare
+draw = D.Mixture.sample
+def sample(self, rng):  # note which images the rank draws
+    s = draw(self, rng)
+    samples.append(hashlib.sha1(L.A.as_arrays(*s)[0].tobytes()).hexdigest()[:12])
+    return s
+D.Mixture.sample = sample
+torch.set_num_threads(1)
+cfg = L.TrainConfig(**json.loads(sys.argv[1]))
+result = L.train(cfg)
+rank = int(__import__("os").environ["RANK"])
+torch.save({"step": result["step"], "state": models[-1].state_dict(), "samples": samples}, sys.argv[2] + f".rank{rank}")
+"""
+
+
+def _run_ddp(tmp_path, cfg: dict, tag: str, world: int = 2):
+    """``train(cfg)`` on ``world`` CPU processes (gloo), as torchrun would start them; returns
+    each rank's final step and state dict."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = str(tmp_path / tag)
+    procs = []
+    for rank in range(world):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=str(port), PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        procs.append(subprocess.Popen([sys.executable, "-c", _DDP_WORKER, json.dumps(cfg), out], env=env, cwd=root,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    try:
+        logs = [p.communicate(timeout=240)[0].decode(errors="replace") for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, log in zip(procs, logs):
+        assert p.returncode == 0, log[-3000:]
+    return [torch.load(f"{out}.rank{r}", weights_only=True) for r in range(world)]
+
+
+def test_ddp_ranks_stay_in_step_and_stop_together(tmp_path):
+    """Two CPU processes (gloo), as ``torchrun --nproc_per_node 2 -m segany train`` starts them:
+    the ranks start from the same weights, average their gradients and so end with identical
+    weights; with a time budget they stop at the same step (a rank that stopped alone would leave
+    the other waiting in its all-reduce forever); a resumed run goes on from the saved step with
+    each rank drawing its own samples."""
+    data = str(tmp_path / "shapes")
+    make_shapes_set(data, n=40)
+    base = dict(data=[data], out=str(tmp_path / "run"), model=TINY, imagenet_backbone=False, objects_per_image=2,
+                iters=2, grad_iters=1, lr=1e-3, warmup_steps=2, val_every=1000, val_images=4, val_objects=1,
+                ckpt_every_s=1e9, progress=False, seed=0)
+    ranks = _run_ddp(tmp_path, dict(base, steps=6), "fixed")
+    assert [r["step"] for r in ranks] == [6, 6]
+    assert ranks[0]["samples"] != ranks[1]["samples"]
+    for k, v in ranks[0]["state"].items():
+        assert torch.equal(v, ranks[1]["state"][k]), k
+    start = build_sam(TINY).state_dict()  # seed 0's initial weights: training moved them
+    assert any(not torch.equal(v, start[k]) for k, v in ranks[0]["state"].items())
+
+    # by wall time only: the LR schedule and the stop follow the clock, which differs between ranks
+    ranks = _run_ddp(tmp_path, dict(base, out=str(tmp_path / "budget"), steps=100000, time_budget_min=0.1), "budget")
+    assert ranks[0]["step"] == ranks[1]["step"] > 0
+    for k, v in ranks[0]["state"].items():
+        assert torch.equal(v, ranks[1]["state"][k]), k
+
+    ranks = _run_ddp(tmp_path, dict(base, steps=9, resume=True), "resumed")
+    assert [r["step"] for r in ranks] == [9, 9]
+    assert ranks[0]["samples"][:4] != ranks[1]["samples"][:4]
+    for k, v in ranks[0]["state"].items():
+        assert torch.equal(v, ranks[1]["state"][k]), k

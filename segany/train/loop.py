@@ -285,6 +285,9 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         step, elapsed, best = ck["step"], ck["elapsed"], ck["best"]
         rng.bit_generator.state = ck["rng"]
         g.set_state(ck["g"])
+        if rank > 0:  # the file holds rank 0's generators: the others draw their own from here on
+            rng = np.random.default_rng([cfg.seed, rank, step])
+            g = torch.Generator().manual_seed(cfg.seed + 1000 * rank + 7919 * step)
         if master:
             print(f"resumed from {last_path} at step {step}", flush=True)
     if ddp:  # same start on every rank
@@ -328,6 +331,11 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     model.train()
     while step < cfg.steps:
         t0 = time.time()
+        if ddp:  # one clock, rank 0's: the same LR on every rank, and the same last step (a rank
+            # stopping alone would leave the others waiting in their all-reduce)
+            clock = torch.tensor([elapsed], dtype=torch.float64)
+            dist.broadcast(clock, 0)
+            elapsed = float(clock)
         progress = max(step / cfg.steps, elapsed / (60 * cfg.time_budget_min) if cfg.time_budget_min > 0 else 0.0)
         if progress >= 1.0:
             break
