@@ -147,3 +147,21 @@ def test_help_has_examples(command, capsys):
         main([command, "--help"])
     assert e.value.code == 0
     assert "examples:" in capsys.readouterr().out
+
+
+def test_global_threads_option(files, tmp_path, capsys):
+    """``segany --threads N COMMAND`` runs the command with N PyTorch threads (on a machine where
+    other programs keep cores busy, PyTorch's default of one thread per core waits on the busy
+    ones); 0 or less is refused."""
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        code, _, err = run(capsys, "--threads", 1, "segment", files / "photo.png", "--point", "60,40",
+                           "--checkpoint", files / "model.safetensors", "-o", tmp_path / "m.png")
+        assert code == 0, err
+        assert torch.get_num_threads() == 1 and (tmp_path / "m.png").exists()
+    finally:
+        torch.set_num_threads(before)
+    code, _, err = run(capsys, "--threads", 0, "models")
+    assert code == 2 and "--threads" in err
