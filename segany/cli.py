@@ -37,7 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
     from . import __version__
 
     parser.add_argument("--version", action="version", version=f"segany {__version__}")
-    parser.add_argument("--threads", type=int, default=None, metavar="N",
+    parser.add_argument("--threads", dest="global_threads", type=int, default=None, metavar="N",  # (not annotate's/train's own)
                         help="PyTorch CPU threads (default: one per core); fewer when other programs keep cores busy")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
@@ -62,13 +62,13 @@ def main(argv: Optional[List[str]] = None) -> int:
     from .io import ImageError
     from .predictor import PromptError
 
-    if args.threads is not None:
-        if args.threads < 1:
-            print(f"segany: error: --threads must be at least 1, got {args.threads}", file=sys.stderr)
+    if args.global_threads is not None:
+        if args.global_threads < 1:
+            print(f"segany: error: --threads must be at least 1, got {args.global_threads}", file=sys.stderr)
             return EXIT_USAGE
         import torch
 
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(args.global_threads)
     try:
         return int(args.func(args) or 0)
     except (UsageError, ImageError, PromptError, CheckpointError, FileNotFoundError) as e:

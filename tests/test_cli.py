@@ -10,7 +10,7 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 
 from core_helpers import TINY_VIT, config_safetensors, test_image
-from segany.cli import main
+from segany.cli import build_parser, main
 from segany.predictor import Segmenter
 
 
@@ -165,3 +165,6 @@ def test_global_threads_option(files, tmp_path, capsys):
         torch.set_num_threads(before)
     code, _, err = run(capsys, "--threads", 0, "models")
     assert code == 2 and "--threads" in err
+    # a command's own --threads (annotate, train) is its own option
+    args = build_parser().parse_args(["--threads", "2", "annotate", "x", "-o", "y", "--threads", "1"])
+    assert args.global_threads == 2 and args.threads == 1
