@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
         data=args.data, out=args.out, model=_model_config(args.model), init=args.init,
         imagenet_backbone=not args.no_imagenet, resume=args.resume, export=args.export,
         steps=args.steps, time_budget_min=args.time_budget_min, objects_per_image=args.objects,
-        images_per_step=args.images_per_step, iters=args.iters, grad_iters=args.grad_iters,
+        images_per_step=args.images_per_step, batch_images=args.batch_images, iters=args.iters, grad_iters=args.grad_iters,
         p_box=args.p_box, p_center_click=args.p_center_click, mask_drop=args.mask_drop, focal_weight=args.focal_weight, focal_alpha=args.focal_alpha, focal_gamma=args.focal_gamma, min_object_area=args.min_object_area, lr=args.lr, backbone_lr_mult=args.backbone_lr_mult, weight_decay=args.weight_decay,
         warmup_steps=args.warmup, freeze_image_encoder=args.freeze_image_encoder,
         freeze_prompt_encoder=args.freeze_prompt_encoder, freeze_backbone_blocks=args.freeze_backbone_blocks, val_every=args.val_every, val_images=args.val_images,
@@ -75,6 +75,9 @@ def register(subparsers) -> None:
     p.add_argument("--time-budget-min", type=float, default=0.0, help="stop after this much training time (LR schedule follows)")
     p.add_argument("--objects", type=int, default=8, help="objects per image per step (share one embedding)")
     p.add_argument("--images-per-step", type=int, default=1)
+    p.add_argument("--batch-images", action="store_true",
+                   help="the step's images in one encoder batch and all their objects in one decoder batch (for GPUs; "
+                        "default: one image after the other, gradients accumulated)")
     p.add_argument("--iters", type=int, default=11, help="decoder passes per object (paper: 11)")
     p.add_argument("--grad-iters", type=int, default=2, help="passes that get a loss")
     p.add_argument("--p-box", type=float, default=0.5)

@@ -1,7 +1,8 @@
 """The training loop (SAM recipe, interactive prompt simulation), readable top to bottom.
 
-One step = one image (or ``images_per_step`` images by gradient accumulation): the image is
-encoded once and K of its objects are trained together, sharing that embedding. Per object the
+One step = one image (or ``images_per_step`` images by gradient accumulation; with
+``batch_images`` in one batch): the image is encoded once and K of its objects are trained
+together, sharing that embedding. Per object the
 first prompt is a point or a noisy box; then ``iters - 1`` more decoder passes follow, each with
 the previous low-res logits as mask input and, except for two of them (one random, the last), a
 new point sampled from the error region. Losses are taken on ``grad_iters`` of those passes (the
@@ -46,6 +47,7 @@ class TrainConfig:
     time_budget_min: float = 0.0  # > 0: stop (and schedule the LR) by wall time as well
     objects_per_image: int = 8
     images_per_step: int = 1
+    batch_images: bool = False  # the step's images in one encoder call and their objects in one decoder batch (GPU)
     iters: int = 11  # decoder passes per object (paper: 1 + 8 points + 2 without new point)
     grad_iters: int = 2  # passes that get a loss (the first + random later ones)
     p_box: float = 0.5  # probability that the first prompt is a noisy box
@@ -123,8 +125,9 @@ def decode(model: Sam, emb: torch.Tensor, pe: torch.Tensor, sparse: torch.Tensor
 
 
 def object_step(model: Sam, emb: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor, cfg: TrainConfig, rng: np.random.Generator, g: torch.Generator) -> Tuple[torch.Tensor, Dict[str, float]]:
-    """Interactive simulation for K objects of one image. emb (1, C, h, w); gt (K, L, L);
-    valid (1, L, L). Returns the loss (scalar, with graph) and stats."""
+    """Interactive simulation for K objects of one image, emb (1, C, h, w) and valid (1, L, L), or
+    of several, each object with its image's emb (K, C, h, w) and valid (K, L, L); gt (K, L, L).
+    Returns the loss (scalar, with graph) and stats."""
     k, low = gt.shape[0], gt.shape[-1]
     scale = model.img_size / low
     pe = model.prompt_encoder.get_dense_pe()
@@ -327,6 +330,24 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     metrics: Dict[str, float] = {}
     if master and step == 0:
         metrics = run_validation()  # the starting point
+
+    def draw():
+        """One augmented training image with objects: image (3, h, w), gt (K, L, L), valid (1, L, L)."""
+        while True:
+            sample = A.as_arrays(*mix.sample(rng))
+            other = A.as_arrays(*mix.sample(rng)) if rng.random() < 0.25 else None
+            sample = A.augment(sample, size, rng, other, min_area=cfg.min_object_area)
+            if len(sample[1]) == 0:
+                continue
+            pick = rng.permutation(len(sample[1]))[: cfg.objects_per_image]
+            img, gt, valid = to_tensors((sample[0], sample[1][pick], sample[2]), size, low, device)
+            keep = gt.flatten(1).sum(1) > 0
+            if keep.any():
+                return img, gt[keep], valid
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda")
+
     t_last_ckpt = time.time()
     model.train()
     while step < cfg.steps:
@@ -343,26 +364,25 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
         for grp in opt.param_groups:
             grp["lr"] = lr * grp["lr_mult"]
 
-        stats_acc: Dict[str, float] = {}
-        n_img = 0
-        while n_img < cfg.images_per_step:
-            sample = A.as_arrays(*mix.sample(rng))
-            other = A.as_arrays(*mix.sample(rng)) if rng.random() < 0.25 else None
-            sample = A.augment(sample, size, rng, other, min_area=cfg.min_object_area)
-            if len(sample[1]) == 0:
-                continue
-            pick = rng.permutation(len(sample[1]))[: cfg.objects_per_image]
-            img, gt, valid = to_tensors((sample[0], sample[1][pick], sample[2]), size, low, device)
-            keep = gt.flatten(1).sum(1) > 0
-            if not keep.any():
-                continue
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.amp and device.type == "cuda"):
-                emb = model.image_encoder(model.preprocess(img)[None])
-                loss, stats = object_step(model, emb, gt[keep], valid, cfg, rng, g)
-            (loss / cfg.images_per_step).backward()
-            for k_, v in stats.items():
-                stats_acc[k_] = stats_acc.get(k_, 0.0) + v / cfg.images_per_step
-            n_img += 1
+        if cfg.batch_images:
+            # one encoder batch, and every object of every image in one interaction batch, each
+            # object with its own image's embedding (fewer, larger kernels: what a GPU needs)
+            batch = [draw() for _ in range(cfg.images_per_step)]
+            owner = torch.cat([torch.full((len(b[1]),), i, dtype=torch.long) for i, b in enumerate(batch)]).to(device)
+            with autocast():
+                emb = model.image_encoder(torch.stack([model.preprocess(b[0]) for b in batch]))
+                loss, stats_acc = object_step(model, emb[owner], torch.cat([b[1] for b in batch]), torch.cat([b[2] for b in batch])[owner], cfg, rng, g)
+            loss.backward()
+        else:
+            stats_acc: Dict[str, float] = {}
+            for _ in range(cfg.images_per_step):
+                img, gt, valid = draw()
+                with autocast():
+                    emb = model.image_encoder(model.preprocess(img)[None])
+                    loss, stats = object_step(model, emb, gt, valid, cfg, rng, g)
+                (loss / cfg.images_per_step).backward()
+                for k_, v in stats.items():
+                    stats_acc[k_] = stats_acc.get(k_, 0.0) + v / cfg.images_per_step
         if ddp:  # average gradients over ranks (what DDP does); unused parameters count as zero
             for p in params:
                 if p.grad is None:

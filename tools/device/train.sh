@@ -16,7 +16,7 @@ $py -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_av
 d=.device/data
 $py -m segany train --data $d/coco_mval:0.3 --data $d/coco128:0.2 --data $d/clothing:0.2 --data $d/feral_cats:0.1 \
   --data $d/horses:0.1 --data $d/people:0.1 --init segany/weights/tiny.safetensors --out "${RUN_DIR:-/tmp/run}" \
-  --steps 1000000 --time-budget-min "$minutes" --amp --images-per-step 4 --mask-drop 0.5 --p-center-click 0.7 \
+  --steps 1000000 --time-budget-min "$minutes" --amp --images-per-step 8 --batch-images --mask-drop 0.5 --p-center-click 0.7 \
   --objects 8 --iters 11 --grad-iters 4 --lr 2.4e-4 --warmup 50 --focal-weight 2 --focal-alpha 0.5 --focal-gamma 0 \
   --min-object-area 200 --freeze-backbone-blocks 2 --val-every 500 --val-images 40 --seed 9 --no-progress \
   2>&1 | tee "$out/train.log" | grep -v '"step"' || true
