@@ -3,10 +3,10 @@
 One step = one image (or ``images_per_step`` images by gradient accumulation; with
 ``batch_images`` in one batch): the image is encoded once and K of its objects are trained
 together, sharing that embedding. Per object the first prompt is a point or a noisy box; then
-``iters - 1`` more decoder passes follow, each with
-the previous low-res logits as mask input and, except for two of them (one random, the last), a
-new point sampled from the error region. Losses are taken on ``grad_iters`` of those passes (the
-first one and a random later one by default; the others run without gradient, to save time).
+``iters - 1`` more decoder passes follow, each with the previous low-res logits as mask input
+and, except for two of them (one random, the last), a new point sampled from the error region.
+Losses are taken on ``grad_iters`` of those passes (the first one and a random later one by
+default; the others run without gradient, to save time).
 """
 from __future__ import annotations
 
