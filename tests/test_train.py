@@ -411,8 +411,9 @@ def test_decode_with_an_embedding_per_object_equals_decoding_per_image(with_grad
 
 def test_batched_images_step_runs_and_learns_like_accumulation(tmp_path):
     """``batch_images``: a step's images through the encoder together and their objects through
-    one interaction batch. The same budget of steps and images raises validation IoU as much as
-    accumulating the images' gradients one after the other does."""
+    one interaction batch. The same budget of steps and images raises validation IoU well above
+    its start, and about as much as accumulating the images' gradients one after the other
+    (measured: box mIoU 0.05 -> 0.24 batched, 0.21 accumulated)."""
     torch.set_num_threads(1)
     data = str(tmp_path / "shapes")
     make_shapes_set(data, n=120)
@@ -420,14 +421,13 @@ def test_batched_images_step_runs_and_learns_like_accumulation(tmp_path):
     for batched in (True, False):
         out = str(tmp_path / f"run{batched}")
         cfg = TrainConfig(
-            data=[data], out=out, model=TINY, imagenet_backbone=False, steps=100, images_per_step=4, batch_images=batched,
+            data=[data], out=out, model=TINY, imagenet_backbone=False, steps=160, images_per_step=4, batch_images=batched,
             objects_per_image=3, iters=3, grad_iters=2, focal_weight=2.0, focal_alpha=0.5, focal_gamma=0.0, lr=2e-3,
             backbone_lr_mult=1.0, warmup_steps=10, val_every=1000, val_images=24, val_objects=3, ckpt_every_s=1e9,
             progress=False, seed=0,
         )
-        assert train(cfg)["step"] == 100
+        assert train(cfg)["step"] == 160
         vals = [json.loads(line)["val"] for line in open(os.path.join(out, "log.jsonl")) if "val" in line]
         start, ends[batched] = vals[0], vals[-1]
-    print(start, ends)
-    assert ends[True]["box_miou"] > start["box_miou"] + 0.05, (start, ends)
+    assert ends[True]["box_miou"] > max(2 * start["box_miou"], start["box_miou"] + 0.1), (start, ends)
     assert ends[True]["box_miou"] > ends[False]["box_miou"] - 0.05, (start, ends)
