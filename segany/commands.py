@@ -24,6 +24,7 @@ examples:
   segany segment photo.jpg --point 420,310 --point 100,80,0 --overlay overlay.png
   segany segment photo.jpg --box 50,60,700,520 --model vit_b --json > result.json
   segany segment photo.jpg --point 420,310 --all-masks -o mask.png   # mask_0.png .. mask_2.png
+  segany segment photo.jpg --point 420,310 --snap-edges -o mask.png      # outline snapped to image edges
   segany embed photo.jpg -o photo.emb.pt && segany segment photo.jpg --embedding photo.emb.pt --point 420,310
 
 A point is X,Y in pixels (x to the right, y down) with an optional label: 1 foreground
@@ -67,6 +68,9 @@ def register(subparsers) -> None:
     p.add_argument("--overlay", metavar="OVERLAY.png", help="also write the image with the mask and prompts drawn on it")
     p.add_argument("--all-masks", action="store_true", help="write every candidate mask (MASK_0.png, MASK_1.png, ...), not only the best")
     p.add_argument("--json", action="store_true", help="print the result as JSON (scores, areas, boxes, COCO RLE masks) instead of text")
+    p.add_argument("--snap-edges", action="store_true",
+                   help="snap the mask's outline to the image's edges (guided filter, segany.edges): not SAM's own output; "
+                        "helps most where a mask's edge runs along a visible edge")
     p.set_defaults(func=cmd_segment)
 
     p = subparsers.add_parser(
@@ -217,12 +221,12 @@ def cmd_segment(args) -> int:
                 f"but {args.image} is {image.shape[1]}x{image.shape[0]}"
             )
         try:
-            seg.load_embedding(args.embedding)
+            seg.load_embedding(args.embedding, image=image)
         except ValueError as e:
             raise UsageError(f"--embedding: {e}") from None
     else:
         seg.set_image(image)
-    pred = seg.predict(points=coords, labels=labels, box=box)  # PromptError names the bad prompt
+    pred = seg.predict(points=coords, labels=labels, box=box, snap_edges=args.snap_edges)  # PromptError names the bad prompt
 
     order = list(range(len(pred.scores)))
     best = int(np.argmax(pred.scores))

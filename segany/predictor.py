@@ -414,6 +414,7 @@ class Segmenter:
             sam = load_model(model, checkpoint=checkpoint, device=device)
             self.model_name = getattr(sam, "model_name", model)
         self.backend = backend
+        self._image: Optional[np.ndarray] = None  # the embedded image, for snap_edges
         if backend == "torch":
             self.predictor = SamPredictor(sam)
         elif backend == "torch-int8":
@@ -435,6 +436,7 @@ class Segmenter:
 
         arr = load_image(image)
         self.predictor.set_image(arr)
+        self._image = arr
         return arr
 
     def predict(
@@ -444,11 +446,14 @@ class Segmenter:
         box: Optional[Sequence[float]] = None,
         mask: Optional[np.ndarray] = None,
         multimask: Optional[bool] = None,
+        snap_edges: bool = False,
     ) -> Prediction:
         """Points (N, 2) xy with labels (default all 1), a box xyxy, and/or previous low-res logits.
 
         ``multimask`` defaults to True for a single point without box (an ambiguous prompt, as in
-        the paper) and False otherwise."""
+        the paper) and False otherwise. ``snap_edges``: snap the masks' outlines to the image's edges
+        (:mod:`segany.edges`; not SAM's output, opt-in; needs ``set_image``, not an embedding
+        file). Scores and logits are the model's either way."""
         pc = None if points is None or len(points) == 0 else np.asarray(points, dtype=np.float64)
         pl = None
         if pc is not None:
@@ -460,7 +465,13 @@ class Segmenter:
             mask = np.asarray(mask, dtype=np.float32)
             if mask.ndim == 2:
                 mask = mask[None]
-        masks, scores, logits = self.predictor.predict(pc, pl, b, mask, multimask_output=multimask)
+        if snap_edges and getattr(self, "_image", None) is None:
+            raise RuntimeError("snap_edges needs the image itself: call set_image (a loaded embedding has no pixels)")
+        masks, scores, logits = self.predictor.predict(pc, pl, b, mask, multimask_output=multimask, return_logits=snap_edges)
+        if snap_edges:
+            from . import edges as R
+
+            masks = R.snap_to_edges(self._image, masks, R.logit_radius(self._image.shape, logits.shape[-1]))
         return Prediction(masks=masks, scores=scores, logits=logits)
 
     def save_embedding(self, path: Union[str, "os.PathLike[str]"]) -> None:
@@ -480,9 +491,14 @@ class Segmenter:
             path,
         )
 
-    def load_embedding(self, path: Union[str, "os.PathLike[str]"]) -> None:
-        """Use an embedding written by ``save_embedding`` (or ``segany embed``)."""
+    def load_embedding(self, path: Union[str, "os.PathLike[str]"], image: Optional[np.ndarray] = None) -> None:
+        """Use an embedding written by ``save_embedding`` (or ``segany embed``). ``image``: the
+        HxWx3 uint8 RGB picture it was made from, if at hand (``predict(snap_edges=True)`` needs it)."""
         data = load_embedding_file(path)
+        if image is not None and tuple(np.asarray(image).shape[:2]) != tuple(data["original_size"]):
+            h, w = data["original_size"]
+            raise ValueError(f"{path}: embedding was made from a {w}x{h} image, the image given is {image.shape[1]}x{image.shape[0]}")
+        self._image = image
         if data["model"] not in (self.model_name, "custom") and self.model_name != "custom":
             raise ValueError(f"{path}: embedding was made with model {data['model']!r}, this segmenter uses {self.model_name!r}")
         self.predictor.set_embedding(data["features"], data["original_size"], data["input_size"])

@@ -252,14 +252,15 @@ def test_cli_eval_tiny_coco(tmp_path, monkeypatch, capsys):
     assert Image.open(out / "data.miou.png").format == "PNG"
     md = (out / "summary.md").read_text().splitlines()
     assert md[0].startswith("| dataset | method") and len(md) == 4
-    # --zoom-in adds the model with zoom-in as a method of its own
-    out = tmp_path / "zoom"
-    rc = _main(["eval", str(tmp_path / "data"), "--checkpoint", str(ckpt), "--zoom-in", "--protocol", "clicks",
-                "--split", "all", "--max-clicks", "3", "--no-progress", "-o", str(out)], monkeypatch)
-    assert rc == 0, capsys.readouterr().err
-    summary = json.loads((out / "summary.json").read_text())
-    assert [r["method"] for r in summary["rows"]] == ["tiny_test", "tiny_test+zoom"]
-    assert json.loads((out / "data.tiny_test+zoom.json").read_text())["objects"] == 4
+    # --zoom-in / --snap-edges add the model with zoom-in / edge snapping as a method of its own
+    for flag, suffix in (("--zoom-in", "+zoom"), ("--snap-edges", "+edges")):
+        out = tmp_path / flag.strip("-")
+        rc = _main(["eval", str(tmp_path / "data"), "--checkpoint", str(ckpt), flag, "--protocol", "clicks",
+                    "--split", "all", "--max-clicks", "3", "--no-progress", "-o", str(out)], monkeypatch)
+        assert rc == 0, capsys.readouterr().err
+        summary = json.loads((out / "summary.json").read_text())
+        assert [r["method"] for r in summary["rows"]] == ["tiny_test", "tiny_test" + suffix]
+        assert json.loads((out / f"data.tiny_test{suffix}.json").read_text())["objects"] == 4
 
 
 def test_cli_eval_bad_input(tmp_path, monkeypatch, capsys):
@@ -270,6 +271,8 @@ def test_cli_eval_bad_input(tmp_path, monkeypatch, capsys):
     assert rc == 2 and "missing.pth" in capsys.readouterr().err
     assert _main(["eval", str(tmp_path / "d"), "--method", "grabcut", "--zoom-in", "-o", str(tmp_path / "r")], monkeypatch) == 2
     assert "--zoom-in needs --method sam" in capsys.readouterr().err
+    assert _main(["eval", str(tmp_path / "d"), "--method", "grabcut", "--snap-edges", "-o", str(tmp_path / "r")], monkeypatch) == 2
+    assert "--snap-edges needs --method sam" in capsys.readouterr().err
 
 
 class _Oracle:

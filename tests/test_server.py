@@ -24,7 +24,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from pycocotools import mask as mask_utils  # noqa: E402
 
 from segany.modeling.build import build_sam  # noqa: E402
-from segany.predictor import SamPredictor  # noqa: E402
+from segany.predictor import PromptError, SamPredictor  # noqa: E402
 from segany.server.app import create_app  # noqa: E402
 from segany.server import wait_until_serving  # noqa: E402
 
@@ -145,6 +145,46 @@ def test_predict_matches_predictor(client, model):
     _, _, low = ref.predict(np.array([[30.0, 20.0]]), np.array([1]), multimask_output=True)
     m2, _, _ = ref.predict(np.array([[30.0, 20.0], [80, 60]]), np.array([1, 0]), np.array([10, 5, 60, 40.0]), low[0:1], multimask_output=False)
     assert np.array_equal(decode(r2.json()["masks"][0]["segmentation"]), m2[0])
+
+
+def test_predict_snap_edges(client, model, dataset):
+    from segany import edges
+
+    wait_ready(client, "a.png")
+    body = {"points": [[30, 20]], "labels": [1]}
+    plain = client.post("/api/predict/a.png", json=body).json()
+    r = client.post("/api/predict/a.png", json={**body, "snap_edges": True})
+    assert r.status_code == 200, r.text
+    out = r.json()
+    ref = SamPredictor(model)
+    ref.set_image(make_image())
+    full, scores, low = ref.predict(np.array([[30.0, 20.0]]), np.array([1]), multimask_output=True, return_logits=True)
+    want = edges.snap_to_edges(make_image(), full, edges.logit_radius((72, 96), low.shape[-1]))
+    for i, m in enumerate(out["masks"]):
+        assert np.array_equal(decode(m["segmentation"]), want[i])
+        assert m["score"] == plain["masks"][i]["score"]  # scores are the model's
+    assert "snap_ms" in out["timing"]
+    # the service reads the image once, on the first request that snaps, and keeps it
+    from segany.server.engine import ModelService
+    from segany.server.storage import ImageRecord
+
+    svc = ModelService(model)
+    rec = ImageRecord("a.png", dataset / "a.png", 96, 72, 1, 2, False)
+    reads = []
+
+    def load(_rec=None):
+        reads.append(1)
+        return make_image()
+
+    entry = svc.entry(rec, load)
+    assert len(reads) == 1 and entry.pixels is None  # embedding alone keeps no pixels
+    for _ in range(2):
+        res = svc.predict(entry, [[30, 20]], [1], None, None, True, snap_edges=True, load_pixels=load)
+        assert np.array_equal(decode(res["masks"][0]["segmentation"]), want[0])
+    assert len(reads) == 2
+    entry.pixels = None
+    with pytest.raises(PromptError, match="image changed since it was embedded"):
+        svc.predict(entry, [[30, 20]], [1], None, None, True, snap_edges=True, load_pixels=lambda: make_image(50, 40))
 
 
 def test_cropped_upscale_equals_predictor(model):

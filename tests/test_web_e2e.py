@@ -107,6 +107,20 @@ def test_click_mask_accept_save(tmp_path):
             final = page.evaluate("window.segany.prediction.masks[window.segany.selected].segmentation")
             assert np.array_equal(decode(final), mask)
 
+            # E snaps the outlines to the image's edges (the same prompt again); E again turns it off
+            with page.expect_response(lambda r: "/api/predict/" in r.url) as resp3:
+                page.keyboard.press("e")
+            assert json.loads(resp3.value.request.post_data)["snap_edges"] is True
+            assert resp3.value.status == 200 and "snap_ms" in resp3.value.json()["timing"]
+            assert page.locator("#snap").inner_text() == "Snap edges: on"
+            with page.expect_response(lambda r: "/api/predict/" in r.url) as resp4:
+                page.keyboard.press("e")
+            assert json.loads(resp4.value.request.post_data)["snap_edges"] is False
+            assert page.locator("#snap").inner_text() == "Snap edges: off"
+            page.wait_for_timeout(100)
+            final = page.evaluate("window.segany.prediction.masks[window.segany.selected].segmentation")
+            assert np.array_equal(decode(final), mask)
+
             # accept with a label, save, and find the object on disk
             page.fill("#label", "disc")
             page.press("#label", "Enter")  # Enter accepts (also from the label field)

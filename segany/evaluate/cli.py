@@ -12,6 +12,7 @@ EPILOG = """examples:
   segany eval data/annotations.json --checkpoint model.safetensors --protocol all -o reports/x
   segany eval my_masks/ --split all --protocol box --method grabcut -o reports/gc
   segany eval ../shared/data/coco128 --zoom-in --protocol clicks -o reports/zoom
+  segany eval ../shared/data/horses --snap-edges -o reports/edges
 
 DATASET is a COCO folder (annotations.json + images/) or JSON file, an SA-1B folder of per-image
 JSON files, or a folder with images/ and masks/ (0 background, 128 ignore, other values objects).
@@ -48,6 +49,9 @@ def register(subparsers) -> None:
     p.add_argument("--zoom-in", action="store_true",
                    help="also run the model with RITM's zoom-in (clicks after the first predicted in a re-encoded crop "
                         "around the object), reported as '<model>+zoom'; not part of the SAM protocol")
+    p.add_argument("--snap-edges", action="store_true",
+                   help="also run the model with its masks snapped to the image's edges (segany.edges), reported as "
+                        "'<model>+edges'; not part of the SAM protocol")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="report folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -106,6 +110,8 @@ def run(args) -> int:
         raise UsageError("--max-objects must be at least 1")
     if args.zoom_in and "sam" not in methods_wanted:
         raise UsageError("--zoom-in needs --method sam")
+    if args.snap_edges and "sam" not in methods_wanted:
+        raise UsageError("--snap-edges needs --method sam")
     if (args.model or args.checkpoint) and "sam" not in methods_wanted:
         raise UsageError("--model/--checkpoint given but --method does not include 'sam'")
     if os.path.exists(args.output) and not os.path.isdir(args.output):
@@ -135,6 +141,8 @@ def run(args) -> int:
             methods.append(SamMethod(sam))
             if args.zoom_in:
                 methods.append(SamMethod(sam, zoom_in=True))
+            if args.snap_edges:
+                methods.append(SamMethod(sam, snap_edges=True))
         else:
             methods.append(GrabCutMethod())
     if "everything" in protocols and not any(m.supports_everything for m in methods):

@@ -47,18 +47,24 @@ class SamMethod(Method):
     the previous ones inside it. This is RITM's "ZoomIn" (Sofiiuk et al. 2022), not part of the
     SAM protocol: it costs one image encoding per click whose crop changed, and helps where
     objects are small in the frame. Off by default; ``segany eval --zoom-in`` reports it as its
-    own method (``<model>+zoom``)."""
+    own method (``<model>+zoom``).
+
+    ``snap_edges``: every returned mask (clicks and boxes) is snapped to the image's edges by
+    :mod:`segany.edges`; the logits fed back to the next click stay the model's. Not part of the
+    SAM protocol either: ``segany eval --snap-edges`` reports it as ``<model>+edges``."""
 
     supports_everything = True
 
     def __init__(self, model, name: Optional[str] = None, zoom_in: bool = False, zoom_expansion: float = 1.4,
-                 zoom_min_side: float = 0.2) -> None:
+                 zoom_min_side: float = 0.2, snap_edges: bool = False) -> None:
         from ..predictor import SamPredictor
 
         self.model = model
         self.predictor = SamPredictor(model)
-        self.name = (name or getattr(model, "model_name", "sam")) + ("+zoom" if zoom_in else "")
+        self.name = (name or getattr(model, "model_name", "sam")) + ("+zoom" if zoom_in else "") + ("+edges" if snap_edges else "")
         self.zoom_in = zoom_in
+        self.snap_edges = snap_edges
+        self.supports_everything = not snap_edges  # its proposals would be the plain model's
         self.zoom_expansion = float(zoom_expansion)
         self.zoom_min_side = float(zoom_min_side)
         self._logits: Optional[np.ndarray] = None
@@ -79,23 +85,39 @@ class SamMethod(Method):
         self._full = None
 
     def predict_clicks(self, clicks: Sequence[Click]) -> np.ndarray:
+        if not self.snap_edges:
+            return self._predict_clicks(clicks)
+        full = self._predict_clicks(clicks, full_logits=True)
+        return self._snapped(full)
+
+    def _snapped(self, full_logits: np.ndarray) -> np.ndarray:
+        from .. import edges as R
+
+        low_res = 4 * self.predictor.features.shape[-1]
+        return R.snap_to_edges(self._image, full_logits, R.logit_radius(self._image.shape, low_res))
+
+    def _predict_clicks(self, clicks: Sequence[Click], full_logits: bool = False) -> np.ndarray:
+        """The mask for ``clicks`` (bool), or with ``full_logits`` its full-size logits."""
         coords = np.array([c.xy for c in clicks], dtype=np.float64)
         labels = np.array([1 if c.positive else 0 for c in clicks], dtype=np.int64)
         first = len(clicks) == 1 or self._logits is None
         if self.zoom_in and not first:
             crop = self._zoom_crop(clicks)
             if crop is not None:
-                return self._predict_in_crop(crop, coords, labels)
+                self._predict_in_crop(crop, coords, labels)
+                return self._full if full_logits else self._full > self.model.mask_threshold
         # zoom-in keeps the full-size logits: the next crop's mask prompt is cut from them
         masks, scores, logits = self.predictor.predict(
-            coords, labels, mask_input=None if first else self._logits, multimask_output=first, return_logits=self.zoom_in
+            coords, labels, mask_input=None if first else self._logits, multimask_output=first,
+            return_logits=self.zoom_in or full_logits,
         )
         i = int(np.argmax(scores))
         self._logits = logits[i : i + 1]
-        if not self.zoom_in:
+        if not (self.zoom_in or full_logits):
             return masks[i]
-        self._full = masks[i]
-        return masks[i] > self.model.mask_threshold
+        if self.zoom_in:
+            self._full = masks[i]
+        return masks[i] if full_logits else masks[i] > self.model.mask_threshold
 
     def _zoom_crop(self, clicks: Sequence[Click]) -> Optional[tuple]:
         """The crop (x0, y0, x1, y1) for the next prediction, or None when it would cover most of
@@ -119,7 +141,7 @@ class SamMethod(Method):
             return None
         return x0, y0, x1, y1
 
-    def _predict_in_crop(self, crop: tuple, coords: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    def _predict_in_crop(self, crop: tuple, coords: np.ndarray, labels: np.ndarray) -> None:
         x0, y0, x1, y1 = crop
         cp = self._crop_predictor
         if self._crop != crop:
@@ -133,11 +155,10 @@ class SamMethod(Method):
         full[y0:y1, x0:x1] = masks[0]
         self._full = full
         self._logits = _mask_prompt(self.predictor, full)
-        return full > self.model.mask_threshold
 
     def predict_box(self, box: np.ndarray) -> np.ndarray:
-        masks, scores, _ = self.predictor.predict(box=np.asarray(box, dtype=np.float64), multimask_output=False)
-        return masks[0]
+        masks, scores, _ = self.predictor.predict(box=np.asarray(box, dtype=np.float64), multimask_output=False, return_logits=self.snap_edges)
+        return self._snapped(masks[0]) if self.snap_edges else masks[0]
 
     def generate(self, image: np.ndarray, **kwargs) -> List[dict]:
         """Segment-everything proposals from ``segany.automatic.SamAutomaticMaskGenerator``."""

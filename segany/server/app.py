@@ -34,6 +34,7 @@ class PredictRequest(BaseModel):
     box: Optional[Tuple[float, float, float, float]] = Field(None, description="[x0, y0, x1, y1] in image pixels")
     mask_input_id: Optional[str] = Field(None, max_length=64, description="logits_id of a previous prediction on this image, to refine it")
     multimask: bool = Field(True, description="return 3 candidates (True) or 1")
+    snap_edges: bool = Field(False, description="snap the masks' outlines to the image's edges (segany.edges; not SAM's own output)")
 
 
 class ProposalRequest(BaseModel):
@@ -230,7 +231,8 @@ def create_app(
     def predict(image_id: str, body: PredictRequest) -> Dict[str, Any]:
         r = rec_of(image_id)
         entry = svc.entry(r, ds.load_pixels)
-        return svc.predict(entry, body.points, body.labels, body.box, body.mask_input_id, body.multimask)
+        return svc.predict(entry, body.points, body.labels, body.box, body.mask_input_id, body.multimask,
+                           snap_edges=body.snap_edges, load_pixels=lambda: ds.load_pixels(r))
 
     @app.post("/api/proposals/{image_id:path}", tags=["prompts"], summary="Segment everything: confident mask proposals")
     def proposals(image_id: str, body: Optional[ProposalRequest] = None) -> Dict[str, Any]:

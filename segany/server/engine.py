@@ -17,7 +17,7 @@ import uuid
 from collections import OrderedDict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -39,6 +39,7 @@ class Entry:
     lock: threading.Lock = field(default_factory=threading.Lock)
     logits: "OrderedDict[str, torch.Tensor]" = field(default_factory=OrderedDict)
     max_logits: int = 48  # 3 per click; 48 x 256 x 256 float32 = 12 MB per cached image
+    pixels: Optional[np.ndarray] = None  # the image, read on the first snap_edges request only
 
     def keep_logits(self, t: torch.Tensor) -> str:
         token = uuid.uuid4().hex[:16]
@@ -186,7 +187,12 @@ class ModelService:
         box: Optional[Sequence[float]],
         mask_input_id: Optional[str],
         multimask: bool,
+        snap_edges: bool = False,
+        load_pixels: Optional[Callable[[], np.ndarray]] = None,
     ) -> Dict[str, Any]:
+        """Masks for one prompt on a cached embedding. ``snap_edges``: outlines snapped to the
+        image's edges (``segany.edges``); the image is read once with ``load_pixels`` and kept
+        with the entry (H x W x 3 bytes) for later requests."""
         t0 = time.perf_counter()
         pc = np.asarray(points, dtype=np.float64).reshape(-1, 2) if len(points) else None
         pl = np.asarray(labels, dtype=np.int64) if len(points) else None
@@ -207,6 +213,8 @@ class ModelService:
                         raise PromptError(f"unknown or expired mask_input_id {mask_input_id!r}; send the prompt without it")
                     mask_input = t.numpy()
                 masks, scores, low, timing = _predict(entry.predictor, pc, pl, b, mask_input, multimask)
+                if snap_edges:
+                    masks = _snap(entry, low, load_pixels, timing)
                 tokens = [entry.keep_logits(torch.from_numpy(low[i : i + 1].copy())) for i in range(len(scores))]
                 return masks, scores, tokens, timing
 
@@ -289,6 +297,25 @@ def _predict(p: SamPredictor, pc, pl, b, mask_input, multimask: bool):
     masks = _upscale_masks(p, low)
     timing = {"decode_ms": round((t1 - t0) * 1000, 2), "upscale_ms": round((time.perf_counter() - t1) * 1000, 2)}
     return masks, iou.numpy(), low.numpy(), timing
+
+
+def _snap(entry: Entry, low: np.ndarray, load_pixels, timing: dict) -> np.ndarray:
+    """The masks of ``low`` (C, l, l) logits snapped to the entry's image edges."""
+    from .. import edges
+
+    t0 = time.perf_counter()
+    p = entry.predictor
+    if entry.pixels is None:
+        if load_pixels is None:
+            raise PromptError("snap_edges needs the image, and this server cannot read it")
+        pixels = np.asarray(load_pixels())
+        if pixels.shape[:2] != tuple(p.original_size):
+            raise PromptError("snap_edges: the image changed since it was embedded; embed it again")
+        entry.pixels = pixels
+    full = p.upscale(torch.from_numpy(np.ascontiguousarray(low))).numpy()
+    masks = edges.snap_to_edges(entry.pixels, full, edges.logit_radius(entry.pixels.shape, low.shape[-1]))
+    timing["snap_ms"] = round((time.perf_counter() - t0) * 1000, 2)
+    return masks
 
 
 def _upscale_masks(p: SamPredictor, low: torch.Tensor, tile: int = 48) -> np.ndarray:

@@ -13,7 +13,7 @@ const S = {
   images: [], imageId: null, info: null, img: null, ready: false,
   prompt: { points: [], labels: [], box: null }, undo: [], redo: [],
   prediction: null, selected: 0, seq: 0,
-  objects: [], selectedObject: -1, showObjects: true, nextId: 1,
+  objects: [], selectedObject: -1, showObjects: true, snapEdges: false, nextId: 1,
   proposals: [], dirty: false, saveTimer: null, drag: null,
 };
 window.segany = S; // for tests and the console
@@ -224,7 +224,7 @@ async function predict(refine) {
   if (!S.ready) { status("waiting for the embedding…"); return; }
   const seq = ++S.seq, id = S.imageId;
   const single = pr.points.length === 1 && !pr.box;
-  const body = { points: pr.points, labels: pr.labels, box: pr.box, multimask: single };
+  const body = { points: pr.points, labels: pr.labels, box: pr.box, multimask: single, snap_edges: S.snapEdges };
   const prev = currentMask();
   if (refine && prev && !single && prev.logits_id) body.mask_input_id = prev.logits_id;
   const t0 = performance.now();
@@ -444,6 +444,7 @@ window.addEventListener("keydown", (e) => {
   else if (k === "Tab") { if (S.prediction) selectCandidate((S.selected + 1) % S.prediction.masks.length); }
   else if (k === "Delete" || k === "Backspace") deleteObject(S.selectedObject);
   else if (k === "h") toggleObjects();
+  else if (k === "e") toggleSnap();
   else if (k === "p") propose();
   else if (k === "s") save();
   else if (k === "ArrowRight" || k === ".") go(1);
@@ -453,6 +454,13 @@ window.addEventListener("keydown", (e) => {
   else handled = false;
   if (handled) e.preventDefault();
 });
+
+function toggleSnap() {
+  S.snapEdges = !S.snapEdges;
+  $("snap").textContent = S.snapEdges ? "Snap edges: on" : "Snap edges: off";
+  $("snap").setAttribute("aria-pressed", String(S.snapEdges));
+  predict(false); // the current prompt again, with or without snapping
+}
 
 function toggleObjects() {
   S.showObjects = !S.showObjects;
@@ -469,6 +477,7 @@ $("clear").onclick = clearPrompt;
 $("accept").onclick = accept;
 $("propose").onclick = propose;
 $("toggle-objects").onclick = toggleObjects;
+$("snap").onclick = toggleSnap;
 $("save").onclick = save;
 $("help-btn").onclick = () => { $("help").hidden = false; };
 $("help-close").onclick = () => { $("help").hidden = true; };
