@@ -96,6 +96,10 @@ class SamAutomaticMaskGenerator:
     prompts at once on a CPU (each with PyTorch single-threaded). None: PyTorch's thread count.
     While more than one runs, ``torch.set_num_threads(1)`` holds for the whole process (restored
     afterwards), so a program that runs other PyTorch work concurrently (a server) should pass 1.
+
+    Another: ``snap_edges``, the final masks snapped to the image's edges (``segany.edges``; not
+    SAM's output, off by default); area and bbox are those of the snapped masks, and a mask that
+    snapping empties is dropped. Needs the pixels, so ``generate`` only.
     """
 
     def __init__(
@@ -116,6 +120,7 @@ class SamAutomaticMaskGenerator:
         output_mode: str = "binary_mask",
         *,
         decode_workers: Optional[int] = None,
+        snap_edges: bool = False,
     ) -> None:
         if (points_per_side is None) == (point_grids is None):
             raise ValueError("Exactly one of points_per_side or point_grids must be provided.")
@@ -150,6 +155,7 @@ class SamAutomaticMaskGenerator:
         if decode_workers is not None and int(decode_workers) < 1:
             raise ValueError(f"decode_workers must be >= 1 or None, got {decode_workers}")
         self.decode_workers = None if decode_workers is None else int(decode_workers)
+        self.snap_edges = bool(snap_edges)
 
         self.predictor = model if isinstance(model, SamPredictor) else SamPredictor(model)
         self.points_per_batch = int(points_per_batch)
@@ -181,7 +187,7 @@ class SamAutomaticMaskGenerator:
             image = load_image(image)
         if min(image.shape[:2]) < 1:
             raise ValueError(f"image is empty: shape {image.shape}")
-        return self._records(self._generate_masks(image.shape[:2], image))
+        return self._records(self._generate_masks(image.shape[:2], image), image)
 
     @torch.no_grad()
     def generate_from_embedding(self) -> List[Dict[str, Any]]:
@@ -198,13 +204,18 @@ class SamAutomaticMaskGenerator:
             raise RuntimeError("generate_from_embedding needs a predictor that holds an image: call set_image or set_embedding first")
         if self.crop_n_layers:
             raise ValueError("generate_from_embedding covers the full-image crop only (crop_n_layers=0); use generate(image) for crops")
+        if self.snap_edges:
+            raise ValueError("snap_edges needs the image's pixels: use generate(image)")
         return self._records(self._generate_masks(tuple(p.original_size), None))
 
-    def _records(self, data: Dict[str, Any]) -> List[Dict[str, Any]]:
+    def _records(self, data: Dict[str, Any], image: Optional[np.ndarray] = None) -> List[Dict[str, Any]]:
         """The generator's output records from the surviving masks."""
         masks = data["masks"]
         if self.min_mask_region_area > 0 and len(masks):
             data = self._postprocess_small_regions(data, self.min_mask_region_area, max(self.box_nms_thresh, self.crop_nms_thresh))
+            masks = data["masks"]
+        if self.snap_edges and len(masks):
+            data = self._snap(data, image)
             masks = data["masks"]
 
         rles = M.mask_to_rle(masks) if self.output_mode != "binary_mask" else None
@@ -233,6 +244,18 @@ class SamAutomaticMaskGenerator:
         return out
 
     # ----------------------------------------------------------------- internals
+    def _snap(self, data: Dict[str, Any], image: np.ndarray) -> Dict[str, Any]:
+        from . import edges
+
+        low_res = self.predictor.model.prompt_encoder.mask_input_size[0]  # the low-res logits' side
+        radius = edges.logit_radius(image.shape, low_res)
+        masks = torch.from_numpy(edges.snap_masks(image, data["masks"].numpy(), radius))
+        keep = masks.flatten(1).any(1)
+        data = {k: v[keep] for k, v in data.items()}
+        data["masks"] = masks[keep]
+        data["boxes"] = M.masks_to_boxes(data["masks"])
+        return data
+
     def _set_crop_image(self, image: np.ndarray) -> None:
         """Embed a crop (hook point for callers that cache embeddings)."""
         self.predictor.set_image(image)

@@ -92,6 +92,31 @@ def guided_filter(guide: np.ndarray, src: np.ndarray, radius: int, eps: float, s
     return coeffs[0] * full_guide[..., 0] + coeffs[1] * full_guide[..., 1] + coeffs[2] * full_guide[..., 2] + coeffs[3]
 
 
+def _check(image: np.ndarray, masks: np.ndarray, what: str) -> np.ndarray:
+    if masks.ndim not in (2, 3):
+        raise ValueError(f"snap_to_edges: {what} must be (H, W) or (C, H, W), got shape {masks.shape}")
+    image = np.asarray(image)
+    if image.shape[:2] != masks.shape[-2:]:
+        raise ValueError(f"snap_to_edges: image is {image.shape[1]}x{image.shape[0]} but the {what} are {masks.shape[-1]}x{masks.shape[-2]}")
+    return image
+
+
+def _snap_band(image: np.ndarray, p: np.ndarray, doubt: np.ndarray, out: np.ndarray, radius: int, eps: float) -> None:
+    """Filter the probability ``p`` (H, W) around the pixels in ``doubt`` (their bounding box,
+    grown so that every output there sees the same windows as on the whole image) and write the
+    thresholded result into ``out`` there."""
+    rows, cols = np.flatnonzero(doubt.any(axis=1)), np.flatnonzero(doubt.any(axis=0))
+    if len(rows) == 0:
+        return
+    h, w = p.shape
+    grow = 4 * radius + 2  # a pixel's output reads probabilities up to 2 * radius away
+    y0, y1 = max(0, rows[0] - grow), min(h, rows[-1] + 1 + grow)
+    x0, x1 = max(0, cols[0] - grow), min(w, cols[-1] + 1 + grow)
+    # windows wider than ~9 px are fitted on a shrunk image (photos well above 1000 px)
+    q = guided_filter(_guide(image[y0:y1, x0:x1]), np.ascontiguousarray(p[y0:y1, x0:x1]), radius, eps, max(1, radius // 4))
+    out[y0:y1, x0:x1] = q > 0.5
+
+
 def snap_to_edges(
     image: np.ndarray,
     logits: np.ndarray,
@@ -99,37 +124,38 @@ def snap_to_edges(
     eps: float = DEFAULT_EPS,
     temperature: float = DEFAULT_TEMPERATURE,
 ) -> np.ndarray:
-    """Full-size mask logits (H, W) or (C, H, W) -> refined bool masks of the same shape.
+    """Full-size mask logits (H, W) or (C, H, W) -> snapped bool masks of the same shape.
 
     ``image``: the photo the logits belong to, (H, W, 3) uint8 RGB (or (H, W) gray); ``radius``:
     the window radius in pixels (see :func:`logit_radius`). From radius 8 on, the filter runs
     ``radius // 4`` times shrunk (see :func:`guided_filter`)."""
     logits = np.asarray(logits, dtype=np.float32)
-    if logits.ndim not in (2, 3):
-        raise ValueError(f"snap_to_edges: logits must be (H, W) or (C, H, W), got shape {logits.shape}")
-    image = np.asarray(image)
-    if image.shape[:2] != logits.shape[-2:]:
-        raise ValueError(f"snap_to_edges: image is {image.shape[1]}x{image.shape[0]} but the logits are {logits.shape[-1]}x{logits.shape[-2]}")
+    image = _check(image, logits, "logits")
     if not np.isfinite(logits).all():
         raise ValueError("snap_to_edges: logits contain NaN or infinity")
     if temperature <= 0 or eps <= 0:
         raise ValueError(f"snap_to_edges: temperature and eps must be > 0, got {temperature}, {eps}")
-    radius = int(radius)
     flat = logits.reshape(-1, *logits.shape[-2:])
     out = flat > 0
-    h, w = flat.shape[-2:]
-    grow = 4 * radius + 2  # a pixel's output reads probabilities up to 2 * radius away
-    # windows wider than ~9 px are fitted on a shrunk image (photos well above 1000 px)
-    subsample = max(1, radius // 4)
     for i, z in enumerate(flat):
-        doubt = np.abs(z) < _SATURATED * temperature
-        rows, cols = np.flatnonzero(doubt.any(axis=1)), np.flatnonzero(doubt.any(axis=0))
-        if len(rows) == 0:
-            continue
-        y0, y1 = max(0, rows[0] - grow), min(h, rows[-1] + 1 + grow)
-        x0, x1 = max(0, cols[0] - grow), min(w, cols[-1] + 1 + grow)
-        zc = z[y0:y1, x0:x1]
-        p = 1.0 / (1.0 + np.exp(-np.clip(zc / temperature, -30.0, 30.0)))
-        q = guided_filter(_guide(image[y0:y1, x0:x1]), p.astype(np.float32), radius, float(eps), subsample)
-        out[i, y0:y1, x0:x1] = q > 0.5
+        p = 1.0 / (1.0 + np.exp(-np.clip(z / temperature, -30.0, 30.0)))
+        _snap_band(image, p.astype(np.float32), np.abs(z) < _SATURATED * temperature, out[i], int(radius), float(eps))
     return out.reshape(logits.shape)
+
+
+def snap_masks(image: np.ndarray, masks: np.ndarray, radius: int, eps: float = DEFAULT_EPS) -> np.ndarray:
+    """Bool masks (H, W) or (C, H, W), without logits (e.g. segment-everything's) -> snapped bool
+    masks: the guided filter of the mask itself ("guided feathering" in He et al.), over the band
+    of ``2 * radius`` around its outline."""
+    masks = np.asarray(masks, dtype=bool)
+    image = _check(image, masks, "masks")
+    if eps <= 0:
+        raise ValueError(f"snap_to_edges: eps must be > 0, got {eps}")
+    flat = masks.reshape(-1, *masks.shape[-2:])
+    out = flat.copy()
+    k = np.ones((3, 3), np.uint8)
+    for i, m in enumerate(flat):
+        m8 = m.view(np.uint8)
+        outline = cv2.dilate(m8, k) != cv2.erode(m8, k)
+        _snap_band(image, m.astype(np.float32), outline, out[i], int(radius), float(eps))
+    return out.reshape(masks.shape)

@@ -53,6 +53,8 @@ def register(subparsers) -> None:
     g.add_argument("--crop-overlap-ratio", type=float, default=512 / 1500)
     g.add_argument("--crop-n-points-downscale-factor", type=int, default=1)
     g.add_argument("--min-mask-region-area", type=int, default=0)
+    g.add_argument("--snap-edges", action="store_true",
+                   help="snap the masks' outlines to the image's edges (segany.edges; not SAM's output): area and bbox follow")
     _add_model_args(p)
     p.set_defaults(func=cmd_everything)
 
@@ -120,7 +122,7 @@ def cmd_everything(args) -> int:
             **thresholds, stability_score_offset=args.stability_score_offset, box_nms_thresh=args.box_nms_thresh,
             crop_n_layers=args.crop_n_layers, crop_nms_thresh=args.crop_nms_thresh, crop_overlap_ratio=args.crop_overlap_ratio,
             crop_n_points_downscale_factor=args.crop_n_points_downscale_factor,
-            min_mask_region_area=args.min_mask_region_area, output_mode="binary_mask",
+            min_mask_region_area=args.min_mask_region_area, output_mode="binary_mask", snap_edges=args.snap_edges,
         )
     except ValueError as e:
         raise UsageError(str(e)) from None

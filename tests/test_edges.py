@@ -151,7 +151,7 @@ def test_sam_method_snap_edges_returns_snapped_masks_and_feeds_back_the_models_l
 
     model = load_model(str(files / "model.safetensors"))
     plain, refined = SamMethod(model), SamMethod(model, snap_edges=True)
-    assert refined.name == plain.name + "+edges" and not refined.supports_everything
+    assert refined.name == plain.name + "+edges"
     image = np.asarray(Image.open(files / "photo.png").convert("RGB"))
     clicks = [Click(60, 40, True), Click(20, 70, False)]
     for m in (plain, refined):
@@ -166,3 +166,34 @@ def test_sam_method_snap_edges_returns_snapped_masks_and_feeds_back_the_models_l
     assert np.array_equal(second, R.snap_to_edges(image, full, radius))
     box = refined.predict_box(np.array([30, 20, 90, 70]))
     assert box.dtype == bool and box.shape == image.shape[:2]
+
+
+def test_snap_masks_moves_a_binary_outline_onto_the_edge():
+    image, truth = step_scene()
+    coarse = np.zeros_like(truth)
+    coarse[:, 57:] = True  # 3 px off, no logits
+    snapped = R.snap_masks(image, np.stack([coarse, np.zeros_like(coarse)]), radius=8)
+    assert iou(coarse, truth) < 0.96 and iou(snapped[0], truth) > 0.99 and not snapped[1].any()
+
+
+def test_generator_snap_edges_snaps_the_final_masks(files):
+    from segany.automatic import SamAutomaticMaskGenerator
+    from segany.checkpoints import load_model
+
+    model = load_model(str(files / "model.safetensors"))
+    image = np.asarray(Image.open(files / "photo.png").convert("RGB"))
+    kw = dict(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0)
+    plain = SamAutomaticMaskGenerator(model, **kw).generate(image)
+    snapped = SamAutomaticMaskGenerator(model, snap_edges=True, **kw).generate(image)
+    assert len(plain) > 0
+    radius = R.logit_radius(image.shape, model.prompt_encoder.mask_input_size[0])
+    want = [m for m in R.snap_masks(image, np.stack([r["segmentation"] for r in plain]), radius) if m.any()]
+    assert len(snapped) == len(want)
+    for rec, m in zip(snapped, want):
+        assert np.array_equal(rec["segmentation"], m) and rec["area"] == int(m.sum())
+        ys, xs = np.nonzero(m)
+        assert rec["bbox"] == [xs.min(), ys.min(), xs.max() - xs.min(), ys.max() - ys.min()]
+    gen = SamAutomaticMaskGenerator(model, snap_edges=True, **kw)
+    gen.predictor.set_image(image)
+    with pytest.raises(ValueError, match="snap_edges needs the image"):
+        gen.generate_from_embedding()

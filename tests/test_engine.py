@@ -165,6 +165,24 @@ def test_resume_skips_done_images_and_pins_options(tmp_path, model_path):
     assert r.returncode == 2 and "other options" in r.stderr and "amg" in r.stderr
 
 
+def test_annotate_snap_edges_pins_the_option_and_writes_snapped_masks(tmp_path, model_path):
+    from segany import formats
+    from segany.automatic import SamAutomaticMaskGenerator
+    from segany.checkpoints import load_model
+
+    src = tmp_path / "in"
+    make_images(src, 1, nested=False)
+    out = tmp_path / "out"
+    r = cli("annotate", str(src), "-o", str(out), "--checkpoint", model_path, *AMG_ARGS, "--snap-edges", "--no-progress")
+    assert r.returncode == 0, r.stderr
+    assert json.loads((out / "job.json").read_text())["amg"]["snap_edges"] is True
+    img = np.asarray(Image.open(src / "img000.png").convert("RGB"))
+    want = SamAutomaticMaskGenerator(load_model(model_path), snap_edges=True, **AMG).generate(img)
+    anns = formats.read_sa1b(out / "img000.json", decode=True)["annotations"]
+    assert len(anns) == len(want) > 0
+    assert all(np.array_equal(a["mask"], w["segmentation"]) for a, w in zip(anns, want))
+
+
 def test_filters_min_masks_max_masks(tmp_path, model_path):
     src = tmp_path / "in"
     make_images(src, 3, nested=False)

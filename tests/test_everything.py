@@ -135,3 +135,18 @@ def torch_equal(a, b) -> bool:
     import torch
 
     return bool(torch.equal(a, b))
+
+
+def test_snap_edges_writes_the_generators_snapped_masks(ckpt, images, tmp_path):
+    from segany.automatic import SamAutomaticMaskGenerator
+    from segany.checkpoints import load_model
+
+    out = tmp_path / "out"
+    assert main(["everything", str(images / "a.png"), "-o", str(out), "--checkpoint", ckpt, "--snap-edges", *ARGS]) == 0
+    data = formats.read_sa1b(out / "a.json", decode=True)
+    img = np.asarray(Image.open(images / "a.png").convert("RGB"))
+    kw = dict(points_per_side=4, pred_iou_thresh=-100, stability_score_thresh=0, box_nms_thresh=1.0)  # ARGS
+    want = SamAutomaticMaskGenerator(load_model(ckpt), snap_edges=True, **kw).generate(img)
+    assert len(data["annotations"]) == len(want) > 0
+    for ann, rec in zip(data["annotations"], want):
+        assert np.array_equal(ann["mask"], rec["segmentation"]) and ann["area"] == rec["area"]

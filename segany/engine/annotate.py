@@ -51,6 +51,7 @@ AMG_DEFAULTS: Dict[str, Any] = {
     "points_per_side": 32, "points_per_batch": 64, "pred_iou_thresh": 0.88, "stability_score_thresh": 0.95,
     "stability_score_offset": 1.0, "box_nms_thresh": 0.7, "crop_n_layers": 0, "crop_nms_thresh": 0.7,
     "crop_overlap_ratio": 512 / 1500, "crop_n_points_downscale_factor": 1, "min_mask_region_area": 0,
+    "snap_edges": False,  # segany's own: masks snapped to the image's edges (segany.edges)
 }
 
 

@@ -46,6 +46,7 @@ def _add_amg_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--crop-overlap-ratio", type=float, default=AMG_DEFAULTS["crop_overlap_ratio"])
     g.add_argument("--crop-n-points-downscale-factor", type=int, default=AMG_DEFAULTS["crop_n_points_downscale_factor"])
     g.add_argument("--min-mask-region-area", type=int, default=AMG_DEFAULTS["min_mask_region_area"], help="remove holes/islands smaller than this (pixels)")
+    g.add_argument("--snap-edges", action="store_true", help="snap the masks' outlines to the image's edges (segany.edges; not SAM's output)")
     q = p.add_argument_group("quality filters (after the generator)")
     q.add_argument("--min-masks", type=int, default=0, help="an image with fewer masks is recorded 'rejected' and gets no JSON")
     q.add_argument("--max-masks", type=int, default=0, help="keep the N masks with the best predicted IoU (0: all)")
@@ -55,7 +56,7 @@ def _add_amg_options(p: argparse.ArgumentParser) -> None:
 
 AMG_KEYS = ("points_per_side", "points_per_batch", "pred_iou_thresh", "stability_score_thresh", "stability_score_offset",
             "box_nms_thresh", "crop_n_layers", "crop_nms_thresh", "crop_overlap_ratio", "crop_n_points_downscale_factor",
-            "min_mask_region_area")
+            "min_mask_region_area", "snap_edges")
 
 
 def options_from_args(args: argparse.Namespace):

@@ -49,9 +49,10 @@ class SamMethod(Method):
     objects are small in the frame. Off by default; ``segany eval --zoom-in`` reports it as its
     own method (``<model>+zoom``).
 
-    ``snap_edges``: every returned mask (clicks and boxes) is snapped to the image's edges by
-    :mod:`segany.edges`; the logits fed back to the next click stay the model's. Not part of the
-    SAM protocol either: ``segany eval --snap-edges`` reports it as ``<model>+edges``."""
+    ``snap_edges``: every returned mask (clicks, boxes and segment-everything proposals) is snapped
+    to the image's edges by :mod:`segany.edges`; the logits fed back to the next click stay the
+    model's. Not part of the SAM protocol either: ``segany eval --snap-edges`` reports it as
+    ``<model>+edges``."""
 
     supports_everything = True
 
@@ -64,7 +65,6 @@ class SamMethod(Method):
         self.name = (name or getattr(model, "model_name", "sam")) + ("+zoom" if zoom_in else "") + ("+edges" if snap_edges else "")
         self.zoom_in = zoom_in
         self.snap_edges = snap_edges
-        self.supports_everything = not snap_edges  # its proposals would be the plain model's
         self.zoom_expansion = float(zoom_expansion)
         self.zoom_min_side = float(zoom_min_side)
         self._logits: Optional[np.ndarray] = None
@@ -166,7 +166,7 @@ class SamMethod(Method):
             from ..automatic import SamAutomaticMaskGenerator
         except ImportError as e:
             raise RuntimeError(f"the 'everything' protocol needs segany.automatic ({e})") from None
-        return SamAutomaticMaskGenerator(self.model, **kwargs).generate(image)
+        return SamAutomaticMaskGenerator(self.model, snap_edges=self.snap_edges, **kwargs).generate(image)
 
 
 def _mask_prompt(predictor, logits: np.ndarray) -> np.ndarray:
