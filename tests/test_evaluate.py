@@ -253,14 +253,16 @@ def test_cli_eval_tiny_coco(tmp_path, monkeypatch, capsys):
     md = (out / "summary.md").read_text().splitlines()
     assert md[0].startswith("| dataset | method") and len(md) == 4
     # --zoom-in / --snap-edges add the model with zoom-in / edge snapping as a method of its own
-    for flag, suffix in (("--zoom-in", "+zoom"), ("--snap-edges", "+edges")):
-        out = tmp_path / flag.strip("-")
-        rc = _main(["eval", str(tmp_path / "data"), "--checkpoint", str(ckpt), flag, "--protocol", "clicks",
+    # (both: each, and the two together)
+    for flags, suffixes in ((["--zoom-in"], ["+zoom"]), (["--snap-edges"], ["+edges"]),
+                            (["--zoom-in", "--snap-edges"], ["+zoom", "+edges", "+zoom+edges"])):
+        out = tmp_path / "_".join(f.strip("-") for f in flags)
+        rc = _main(["eval", str(tmp_path / "data"), "--checkpoint", str(ckpt), *flags, "--protocol", "clicks",
                     "--split", "all", "--max-clicks", "3", "--no-progress", "-o", str(out)], monkeypatch)
         assert rc == 0, capsys.readouterr().err
         summary = json.loads((out / "summary.json").read_text())
-        assert [r["method"] for r in summary["rows"]] == ["tiny_test", "tiny_test" + suffix]
-        assert json.loads((out / f"data.tiny_test{suffix}.json").read_text())["objects"] == 4
+        assert [r["method"] for r in summary["rows"]] == ["tiny_test"] + ["tiny_test" + s for s in suffixes]
+        assert json.loads((out / f"data.tiny_test{suffixes[-1]}.json").read_text())["objects"] == 4
 
 
 def test_cli_eval_bad_input(tmp_path, monkeypatch, capsys):

@@ -51,7 +51,7 @@ def register(subparsers) -> None:
                         "around the object), reported as '<model>+zoom'; not part of the SAM protocol")
     p.add_argument("--snap-edges", action="store_true",
                    help="also run the model with its masks snapped to the image's edges (segany.edges), reported as "
-                        "'<model>+edges'; not part of the SAM protocol")
+                        "'<model>+edges' (with --zoom-in also both: '<model>+zoom+edges'); not part of the SAM protocol")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="report folder")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
@@ -143,6 +143,8 @@ def run(args) -> int:
                 methods.append(SamMethod(sam, zoom_in=True))
             if args.snap_edges:
                 methods.append(SamMethod(sam, snap_edges=True))
+            if args.zoom_in and args.snap_edges:
+                methods.append(SamMethod(sam, zoom_in=True, snap_edges=True))
         else:
             methods.append(GrabCutMethod())
     if "everything" in protocols and not any(m.supports_everything for m in methods):
