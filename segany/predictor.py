@@ -452,8 +452,8 @@ class Segmenter:
 
         ``multimask`` defaults to True for a single point without box (an ambiguous prompt, as in
         the paper) and False otherwise. ``snap_edges``: snap the masks' outlines to the image's edges
-        (:mod:`segany.edges`; not SAM's output, opt-in; needs ``set_image``, not an embedding
-        file). Scores and logits are the model's either way."""
+        (:mod:`segany.edges`; not SAM's output, opt-in; needs the pixels: ``set_image``, or
+        ``load_embedding(path, image=...)``). Scores and logits are the model's either way."""
         pc = None if points is None or len(points) == 0 else np.asarray(points, dtype=np.float64)
         pl = None
         if pc is not None:
@@ -466,12 +466,12 @@ class Segmenter:
             if mask.ndim == 2:
                 mask = mask[None]
         if snap_edges and getattr(self, "_image", None) is None:
-            raise RuntimeError("snap_edges needs the image itself: call set_image (a loaded embedding has no pixels)")
+            raise RuntimeError("snap_edges needs the image itself: call set_image, or load_embedding(path, image=...)")
         masks, scores, logits = self.predictor.predict(pc, pl, b, mask, multimask_output=multimask, return_logits=snap_edges)
         if snap_edges:
-            from . import edges as R
+            from . import edges
 
-            masks = R.snap_to_edges(self._image, masks, R.logit_radius(self._image.shape, logits.shape[-1]))
+            masks = edges.snap_to_edges(self._image, masks, edges.logit_radius(self._image.shape, logits.shape[-1]))
         return Prediction(masks=masks, scores=scores, logits=logits)
 
     def save_embedding(self, path: Union[str, "os.PathLike[str]"]) -> None:

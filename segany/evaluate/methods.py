@@ -91,10 +91,10 @@ class SamMethod(Method):
         return self._snapped(full)
 
     def _snapped(self, full_logits: np.ndarray) -> np.ndarray:
-        from .. import edges as R
+        from .. import edges
 
         low_res = 4 * self.predictor.features.shape[-1]
-        return R.snap_to_edges(self._image, full_logits, R.logit_radius(self._image.shape, low_res))
+        return edges.snap_to_edges(self._image, full_logits, edges.logit_radius(self._image.shape, low_res))
 
     def _predict_clicks(self, clicks: Sequence[Click], full_logits: bool = False) -> np.ndarray:
         """The mask for ``clicks`` (bool), or with ``full_logits`` its full-size logits."""
