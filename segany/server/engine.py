@@ -212,7 +212,7 @@ class ModelService:
                     if t is None:
                         raise PromptError(f"unknown or expired mask_input_id {mask_input_id!r}; send the prompt without it")
                     mask_input = t.numpy()
-                masks, scores, low, timing = _predict(entry.predictor, pc, pl, b, mask_input, multimask)
+                masks, scores, low, timing = _predict(entry.predictor, pc, pl, b, mask_input, multimask, upscale=not snap_edges)
                 if snap_edges:
                     masks = _snap(entry, low, load_pixels, timing)
                 tokens = [entry.keep_logits(torch.from_numpy(low[i : i + 1].copy())) for i in range(len(scores))]
@@ -268,11 +268,12 @@ class ModelService:
         return results
 
 
-def _predict(p: SamPredictor, pc, pl, b, mask_input, multimask: bool):
+def _predict(p: SamPredictor, pc, pl, b, mask_input, multimask: bool, upscale: bool = True):
     """``SamPredictor.predict`` (same checks, same messages, same masks), but the low-res logits
     are upscaled only where the result can be foreground: bilinear weights are non-negative, so
     an output pixel whose source taps are all <= threshold is background. Only the rows and
-    columns whose taps reach the mask's low-res bounding box are computed."""
+    columns whose taps reach the mask's low-res bounding box are computed. ``upscale`` False: no
+    masks (None), for callers that make their own from the logits."""
     coords_t = labels_t = box_t = mask_t = None
     if pc is not None:
         _finite("point_coords", pc)
@@ -294,7 +295,7 @@ def _predict(p: SamPredictor, pc, pl, b, mask_input, multimask: bool):
     low, iou = p.decode(coords_t, labels_t, box_t, mask_t, multimask)
     low, iou = low[0], iou[0]
     t1 = time.perf_counter()
-    masks = _upscale_masks(p, low)
+    masks = _upscale_masks(p, low) if upscale else None
     timing = {"decode_ms": round((t1 - t0) * 1000, 2), "upscale_ms": round((time.perf_counter() - t1) * 1000, 2)}
     return masks, iou.numpy(), low.numpy(), timing
 
