@@ -423,3 +423,18 @@ def test_sam_method_zoom_in_predicts_later_clicks_in_a_crop_around_the_object():
     assert m._crop is None and len(crops) == 1
     m.reset()
     assert m._full is None and m._logits is None
+
+
+def test_zoom_in_method_skips_segment_everything_which_it_would_not_change(tmp_path):
+    from segany.datasets import open_dataset
+
+    root = tmp_path / "c"
+    make_coco(str(root), n=1)
+    ds = open_dataset(str(root))
+    generated = []
+    for zoom in (False, True):
+        m = SamMethod(tiny_model(), zoom_in=zoom)
+        m.generate = lambda image, **kw: generated.append(zoom) or []
+        rep = evaluate(ds, m, ("box", "everything"), max_clicks=1, progress=False)
+        assert ("everything" in rep) == (not zoom) and "box" in rep
+    assert generated == [False]

@@ -47,7 +47,8 @@ class SamMethod(Method):
     the previous ones inside it. This is RITM's "ZoomIn" (Sofiiuk et al. 2022), not part of the
     SAM protocol: it costs one image encoding per click whose crop changed, and helps where
     objects are small in the frame. Off by default; ``segany eval --zoom-in`` reports it as its
-    own method (``<model>+zoom``).
+    own method (``<model>+zoom``). Zoom-in only changes corrective clicks, so such a method skips
+    the segment-everything protocol (its proposals would be the plain model's, at full cost).
 
     ``snap_edges``: every returned mask (clicks, boxes and segment-everything proposals) is snapped
     to the image's edges by :mod:`segany.edges`; the logits fed back to the next click stay the
@@ -64,6 +65,7 @@ class SamMethod(Method):
         self.predictor = SamPredictor(model)
         self.name = (name or getattr(model, "model_name", "sam")) + ("+zoom" if zoom_in else "") + ("+edges" if snap_edges else "")
         self.zoom_in = zoom_in
+        self.supports_everything = not zoom_in
         self.snap_edges = snap_edges
         self.zoom_expansion = float(zoom_expansion)
         self.zoom_min_side = float(zoom_min_side)
