@@ -248,8 +248,14 @@ class SamAutomaticMaskGenerator:
         from . import edges
 
         low_res = self.predictor.model.prompt_encoder.mask_input_size[0]  # the low-res logits' side
-        radius = edges.logit_radius(image.shape, low_res)
-        masks = torch.from_numpy(edges.snap_masks(image, data["masks"].numpy(), radius))
+        # a mask's logits were as fine as its crop's: the window follows the crop it came from
+        sides = (data["crop_boxes"][:, 2:] - data["crop_boxes"][:, :2]).max(1).values.tolist()
+        radii = np.array([edges.logit_radius((side, side), low_res) for side in sides])
+        binary = data["masks"].numpy()
+        snapped = np.empty_like(binary)
+        for r in np.unique(radii):
+            snapped[radii == r] = edges.snap_masks(image, binary[radii == r], int(r))
+        masks = torch.from_numpy(snapped)
         keep = masks.flatten(1).any(1)
         data = {k: v[keep] for k, v in data.items()}
         data["masks"] = masks[keep]

@@ -3,6 +3,8 @@ shapes and dtypes, and is reachable from Segmenter, ``segany segment --snap-edge
 benchmark's ``SamMethod(snap_edges=True)``."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -197,3 +199,23 @@ def test_generator_snap_edges_snaps_the_final_masks(files):
     gen.predictor.set_image(image)
     with pytest.raises(ValueError, match="snap_edges needs the image"):
         gen.generate_from_embedding()
+
+
+def test_generator_snap_edges_window_follows_each_masks_crop(files):
+    # a mask from a crop layer had finer logits than the whole image's: its window is its crop's
+    from segany.automatic import SamAutomaticMaskGenerator
+    from segany.checkpoints import load_model
+
+    model = load_model("tiny")  # the bundled model: real masks (a random model's are empty)
+    photo = Image.open(os.path.join(os.path.dirname(__file__), "..", "examples", "cat.png")).convert("RGB")
+    image = np.asarray(photo.resize((photo.width // 2, photo.height // 2)))
+    kw = dict(points_per_side=4, pred_iou_thresh=0.0, stability_score_thresh=0.0, crop_n_layers=1)
+    plain = SamAutomaticMaskGenerator(model, **kw).generate(image)
+    snapped = SamAutomaticMaskGenerator(model, snap_edges=True, **kw).generate(image)
+    low_res = model.prompt_encoder.mask_input_size[0]
+    radii = [R.logit_radius((max(r["crop_box"][2:]),) * 2, low_res) for r in plain]
+    assert len(set(radii)) > 1 and all(r["area"] for r in plain)  # masks from the whole image and from crops
+    want = [m for m in (R.snap_masks(image, r["segmentation"][None], rad)[0] for r, rad in zip(plain, radii)) if m.any()]
+    assert len(snapped) == len(want)
+    for rec, m in zip(snapped, want):
+        assert np.array_equal(rec["segmentation"], m)
