@@ -30,6 +30,7 @@ from ..modeling.build import build_sam
 from ..modeling.fast_decoder import predict_masks_fast
 from ..modeling.sam import Sam
 from . import augment as A
+from .clock import PausingClock
 from .objective import center_points, next_clicks, noisy_boxes, sam_loss, sample_points
 from .validate import validate
 
@@ -350,67 +351,71 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
 
     t_last_ckpt = time.time()
     model.train()
-    while step < cfg.steps:
-        t0 = time.time()
-        if ddp:  # one clock, rank 0's: the same LR on every rank, and the same last step (a rank
-            # stopping alone would leave the others waiting in their all-reduce)
-            clock = torch.tensor([elapsed], dtype=torch.float64)
-            dist.broadcast(clock, 0)
-            elapsed = float(clock)
-        progress = max(step / cfg.steps, elapsed / (60 * cfg.time_budget_min) if cfg.time_budget_min > 0 else 0.0)
-        if progress >= 1.0:
-            break
-        lr = lr_at(step, progress, cfg)
-        for grp in opt.param_groups:
-            grp["lr"] = lr * grp["lr_mult"]
+    clock = PausingClock()  # a paused run (kill -STOP) keeps its budget and LR schedule
+    try:
+        while step < cfg.steps:
+            t0 = clock.now()
+            if ddp:  # one clock, rank 0's: the same LR on every rank, and the same last step (a rank
+                # stopping alone would leave the others waiting in their all-reduce)
+                shared = torch.tensor([elapsed], dtype=torch.float64)
+                dist.broadcast(shared, 0)
+                elapsed = float(shared)
+            progress = max(step / cfg.steps, elapsed / (60 * cfg.time_budget_min) if cfg.time_budget_min > 0 else 0.0)
+            if progress >= 1.0:
+                break
+            lr = lr_at(step, progress, cfg)
+            for grp in opt.param_groups:
+                grp["lr"] = lr * grp["lr_mult"]
 
-        if cfg.batch_images:
-            # one encoder batch, and every object of every image in one interaction batch, each
-            # object with its own image's embedding (fewer, larger kernels: what a GPU needs)
-            batch = [draw() for _ in range(cfg.images_per_step)]
-            owner = torch.cat([torch.full((len(b[1]),), i, dtype=torch.long) for i, b in enumerate(batch)]).to(device)
-            with autocast():
-                emb = model.image_encoder(torch.stack([model.preprocess(b[0]) for b in batch]))
-                loss, stats_acc = object_step(model, emb[owner], torch.cat([b[1] for b in batch]), torch.cat([b[2] for b in batch])[owner], cfg, rng, g)
-            loss.backward()
-        else:
-            stats_acc: Dict[str, float] = {}
-            for _ in range(cfg.images_per_step):
-                img, gt, valid = draw()
+            if cfg.batch_images:
+                # one encoder batch, and every object of every image in one interaction batch, each
+                # object with its own image's embedding (fewer, larger kernels: what a GPU needs)
+                batch = [draw() for _ in range(cfg.images_per_step)]
+                owner = torch.cat([torch.full((len(b[1]),), i, dtype=torch.long) for i, b in enumerate(batch)]).to(device)
                 with autocast():
-                    emb = model.image_encoder(model.preprocess(img)[None])
-                    loss, stats = object_step(model, emb, gt, valid, cfg, rng, g)
-                (loss / cfg.images_per_step).backward()
-                for k_, v in stats.items():
-                    stats_acc[k_] = stats_acc.get(k_, 0.0) + v / cfg.images_per_step
-        if ddp:  # average gradients over ranks (what DDP does); unused parameters count as zero
-            for p in params:
-                if p.grad is None:
-                    p.grad = torch.zeros_like(p)
-                dist.all_reduce(p.grad)
-                p.grad /= world
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        step += 1
-        elapsed += time.time() - t0
+                    emb = model.image_encoder(torch.stack([model.preprocess(b[0]) for b in batch]))
+                    loss, stats_acc = object_step(model, emb[owner], torch.cat([b[1] for b in batch]), torch.cat([b[2] for b in batch])[owner], cfg, rng, g)
+                loss.backward()
+            else:
+                stats_acc: Dict[str, float] = {}
+                for _ in range(cfg.images_per_step):
+                    img, gt, valid = draw()
+                    with autocast():
+                        emb = model.image_encoder(model.preprocess(img)[None])
+                        loss, stats = object_step(model, emb, gt, valid, cfg, rng, g)
+                    (loss / cfg.images_per_step).backward()
+                    for k_, v in stats.items():
+                        stats_acc[k_] = stats_acc.get(k_, 0.0) + v / cfg.images_per_step
+            if ddp:  # average gradients over ranks (what DDP does); unused parameters count as zero
+                for p in params:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    dist.all_reduce(p.grad)
+                    p.grad /= world
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            elapsed += clock.now() - t0
 
-        if master:
-            history.append(stats_acc)
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{stats_acc['loss']:.3f}", iou=f"{stats_acc['iou_last']:.3f}", lr=f"{lr:.1e}")
-            if step % 25 == 0:
-                avg = {k_: round(float(np.mean([h[k_] for h in history[-25:]])), 4) for k_ in stats_acc}
-                log({"step": step, "lr": lr, "elapsed_min": round(elapsed / 60, 2), **avg})
-            if step % cfg.val_every == 0:
-                model.eval()
-                metrics = run_validation()
-                model.train()
-            if time.time() - t_last_ckpt > cfg.ckpt_every_s:
-                save_last()
-                t_last_ckpt = time.time()
+            if master:
+                history.append(stats_acc)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{stats_acc['loss']:.3f}", iou=f"{stats_acc['iou_last']:.3f}", lr=f"{lr:.1e}")
+                if step % 25 == 0:
+                    avg = {k_: round(float(np.mean([h[k_] for h in history[-25:]])), 4) for k_ in stats_acc}
+                    log({"step": step, "lr": lr, "elapsed_min": round(elapsed / 60, 2), **avg})
+                if step % cfg.val_every == 0:
+                    model.eval()
+                    metrics = run_validation()
+                    model.train()
+                if time.time() - t_last_ckpt > cfg.ckpt_every_s:
+                    save_last()
+                    t_last_ckpt = time.time()
+    finally:
+        clock.close()
     if master:
         model.eval()
         if not metrics or metrics.get("step") != step:
