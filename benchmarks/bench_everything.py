@@ -15,7 +15,8 @@ reach the post-processing; ``--defaults`` uses the generator's defaults (0.88, 0
 
 BENCH_WEIGHTS: a segany .safetensors (config in its metadata) instead of random weights; the
 reference gets the same prompt encoder and mask decoder. BENCH_IMAGE: a real photo instead of
-the synthetic image. BENCH_THREADS: torch threads (2).
+the synthetic image. BENCH_THREADS: torch threads (2). BENCH_DENORMALS=1: keep denormal floats
+(flushed to zero by default, in both implementations: see child()).
 """
 from __future__ import annotations
 
@@ -77,6 +78,15 @@ def child(impl: str, config: str, side: int, size) -> dict:
     from segany.predictor import SamPredictor
 
     torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    if os.environ.get("BENCH_DENORMALS") != "1":
+        # The random weights (std 0.5) drive attention scores far apart, and the softmax then
+        # gives denormal weights; on Intel cores (Sapphire Rapids here) each arithmetic op on a
+        # denormal takes a microcode assist, and both implementations ran ~12x slower (segany's
+        # 8x8 grid 16.7 s vs 1.4 s; the reference's 32x32 did not finish in 8 min). Trained
+        # weights do not get there (tiny.safetensors, cat.png, 32x32: 5.74 s vs 5.95 s with
+        # flush-to-zero), so the benchmark flushes them, for both; set before any thread starts,
+        # which inherit it. BENCH_DENORMALS=1 keeps them.
+        torch.set_flush_denormal(True)
     weights, image = os.environ.get("BENCH_WEIGHTS"), os.environ.get("BENCH_IMAGE")
     if weights:
         from safetensors import safe_open

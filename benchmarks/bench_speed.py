@@ -289,8 +289,9 @@ WORKERS = {"gemm": w_gemm, "encoder": w_encoder, "click": w_click, "rss": w_rss,
 
 
 def _run(a, worker, **extra):
+    # the worker parses its own arguments: every option a worker reads must be passed on
     cmd = [sys.executable, __file__, "--worker", worker, "--model", extra.get("model", a.model), "--repeats", str(a.repeats),
-           "--side", str(a.side), "--onnx-dir", a.onnx_dir, "--variant", extra.get("variant", ""), "--agreement", str(a.agreement)]
+           "--side", str(a.side), "--onnx-dir", a.onnx_dir, "--variant", extra.get("variant", ""), "--agreement", str(a.agreement), "--size", a.size]
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
         print(r.stderr[-3000:], file=sys.stderr)
