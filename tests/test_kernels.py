@@ -64,6 +64,33 @@ def test_native_decoder_tail_matches_pytorch(dim, h, w, B, M, ln_gain):
 
 
 @needs_decoder_kernel
+@pytest.mark.parametrize("dim,h,w,B,M", [(256, 64, 64, 1, 3), (256, 64, 64, 3, 1), (32, 5, 7, 2, 3)])
+def test_native_decoder_tail_on_factored_image_tokens(dim, h, w, B, M):
+    """Factored image tokens alpha * S + P^T Q (the transformer's output form, with S W1
+    precomputed per image): the native path's masks equal the dense PyTorch path's."""
+    from segany.modeling import fast_decoder
+
+    dec = _upscaling_decoder(dim, seed=h * w, ln_gain=1.0)
+    g = torch.Generator().manual_seed(dim + B + M)
+    r, N = 11, h * w
+    S = torch.randn(N, dim, generator=g)
+    fx = fast_decoder._Factored(alpha=torch.rand(B, N, generator=g) + 0.5, P=torch.randn(B, r, N, generator=g) * 0.3,
+                                Q=torch.randn(B, r, dim, generator=g) * 0.3)
+    dense = fx.alpha[..., None] * S + fx.P.transpose(1, 2) @ fx.Q
+    hyper = torch.randn(B, M, dim // 8, generator=g)
+    with torch.no_grad():
+        w1 = fast_decoder._first_conv_channels_last(dec.output_upscaling[0])
+        base_w1t = (w1.t() @ S.t()).contiguous()
+        want = fast_decoder._upscale_masks(dec, dense, hyper, h, w, rows_per_chunk=max(1, h // 3))
+        got = fast_decoder._upscale_masks_native(dec, (fx, None, base_w1t), hyper, h, w)
+        # the base given untransposed (the PyTorch path's layout): same masks
+        got2 = fast_decoder._upscale_masks_native(dec, (fx, base_w1t.t().contiguous(), None), hyper, h, w)
+    scale = want.abs().max().item()
+    assert (got - want).abs().max().item() <= 5e-6 * max(1.0, scale)
+    assert (got2 - want).abs().max().item() <= 5e-6 * max(1.0, scale)
+
+
+@needs_decoder_kernel
 def test_native_decoder_tail_checks_its_arguments():
     dec = _upscaling_decoder(32, seed=0)
     ct2 = dec.output_upscaling[3]
