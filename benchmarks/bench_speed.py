@@ -3,7 +3,9 @@ weights, one markdown table.
 
 Every row runs in its own subprocess; rows that compare timings run segany and the reference
 alternately in that same process (machine noise hits both) and report medians and their ratio.
-Weights are random (no official checkpoint offline): timings do not depend on weight values.
+Weights are random (no official checkpoint offline): timings do not depend on weight values,
+except through denormal floats, which slow Intel cores many-fold (see bench_everything.py); these
+std-0.05 weights give none that matter (the click with flush-to-zero: 32.2 vs 36.7 ms, noise).
 
     python benchmarks/bench_speed.py                       # vit_b, 600x900 photo-sized input
     python benchmarks/bench_speed.py --rows gemm,encoder,click --repeats 5
