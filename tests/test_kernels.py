@@ -132,6 +132,27 @@ def test_native_layer_norm_rows_matches_pytorch(shape):
         kernels.layer_norm_rows_(y.double(), w, b, 1e-5)
 
 
+@needs_decoder_kernel
+@pytest.mark.parametrize("B, nh, t, hd, r, N", [(1, 8, 7, 16, 58, 4096), (3, 8, 9, 8, 37, 2304), (2, 4, 3, 5, 0, 100), (1, 2, 1, 4, 3, 17)])
+def test_native_factored_scores_match_pytorch(B, nh, t, hd, r, N):
+    """Scores against factored image tokens, and the softmax over tokens, equal the PyTorch
+    products up to float32 rounding: SAM's sizes and odd ones (token counts not a multiple of the
+    register block, pixel counts not a multiple of the vector, no low-rank part)."""
+    g = torch.Generator().manual_seed(B * 1000 + N)
+    q, base, pe = torch.randn(nh, B * t, hd, generator=g), torch.randn(nh, hd, N, generator=g), torch.randn(nh, hd, N, generator=g)
+    alpha, low, P = torch.rand(B, N, generator=g) + 0.5, torch.randn(B, nh, t, r, generator=g), torch.randn(B, r, N, generator=g)
+    want = (torch.bmm(q, base).view(nh, B, t, N) * alpha[None, :, None] + torch.bmm(q, pe).view(nh, B, t, N)
+            + torch.matmul(low, P[:, None]).transpose(0, 1))
+    got = kernels.factored_scores(q, base, pe, alpha, low, P, torch.full((nh, B, t, N), float("nan")))
+    assert (got - want).abs().max().item() <= 2e-6 * max(1.0, want.abs().max().item())
+    soft = kernels.factored_scores(q, base, pe, alpha, low, P, torch.full((B, nh, t, N), float("nan")), softmax_over_tokens=True)
+    assert (soft - torch.softmax(got.transpose(0, 1), dim=2)).abs().max().item() <= 1e-6  # of the same scores
+    with pytest.raises(ValueError, match="inconsistent shapes"):
+        kernels.factored_scores(q, base, pe, alpha, low, P, torch.empty(B, nh, t, N + 1))
+    with pytest.raises(ValueError, match="contiguous float32"):
+        kernels.factored_scores(q.double(), base, pe, alpha, low, P, torch.empty(nh, B, t, N))
+
+
 def _logits(n, side, seed):
     g = torch.Generator().manual_seed(seed)
     smooth = F.interpolate(torch.randn(n, 1, 7, 7, generator=g) * 20, (side, side), mode="bicubic", align_corners=False)[:, 0]

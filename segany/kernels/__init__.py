@@ -100,6 +100,8 @@ def _declare(name: str, lib: ctypes.CDLL) -> None:
         lib.segany_decoder_tail.restype = ctypes.c_int
         lib.segany_layer_norm_rows.argtypes = [i64, i64, i64, i64, p, p, p, f32, ctypes.c_int, p, p]
         lib.segany_layer_norm_rows.restype = ctypes.c_int
+        lib.segany_factored_scores.argtypes = [i64, i64, i64, i64, i64, i64, i64, i64, p, p, p, p, p, p, p, ctypes.c_int, ctypes.c_int]
+        lib.segany_factored_scores.restype = None
     lib.segany_has_openmp.restype = ctypes.c_int
 
 
@@ -321,3 +323,36 @@ def layer_norm_rows_(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, 
 def rows_ok(C: int) -> bool:
     """Whether :func:`layer_norm_rows_` takes ``C`` channels (a multiple of its vector step)."""
     return C % 64 == 0
+
+
+def factored_scores(q: torch.Tensor, base: torch.Tensor, pe: torch.Tensor, alpha: torch.Tensor, low: torch.Tensor,
+                    P: torch.Tensor, out: torch.Tensor, softmax_over_tokens: bool = False) -> torch.Tensor:
+    """Attention scores of tokens against factored image tokens (``segany.modeling.fast_decoder``):
+
+    ``out[h, b, k, n] = alpha[b, n] (q[h, b*t+k] . base[h, :, n]) + q[h, b*t+k] . pe[h, :, n]
+    + low[b, h, k] . P[b, :, n]``
+
+    q (nh, B*t, hd), base and pe (nh, hd, N), alpha (B, N), low (B, nh, t, r), P (B, r, N); out
+    (nh, B, t, N), or with ``softmax_over_tokens`` (B, nh, t, N) holding, per pixel and head, the
+    softmax of the scores over the t tokens. Contiguous float32 CPU tensors. Returns ``out``."""
+    lib = _get("decoder")
+    if lib is None:
+        raise RuntimeError("the native decoder kernel is not available")
+    nh, Bt, hd = q.shape
+    B, r, N = P.shape
+    t = Bt // B if B else 0
+    _check_f32("factored_scores", q, base, pe, alpha, low, P, out)
+    want = (B, nh, t, N) if softmax_over_tokens else (nh, B, t, N)
+    if B * t != Bt or tuple(base.shape) != (nh, hd, N) or tuple(pe.shape) != (nh, hd, N) or tuple(alpha.shape) != (B, N) \
+            or tuple(low.shape) != (B, nh, t, r) or tuple(out.shape) != want:
+        raise ValueError("factored_scores: inconsistent shapes")
+    if B and t and N:
+        args = (B, nh, t, hd, r, N, q.data_ptr(), base.data_ptr(), pe.data_ptr(), alpha.data_ptr(), low.data_ptr(),
+                P.data_ptr(), out.data_ptr(), int(softmax_over_tokens), int(softmax_over_tokens))
+
+        def call(p0, p1):
+            lib.segany_factored_scores(p0, p1, *args)
+            return 0
+
+        _run_pieces(lib, call, B * -(-N // 64))
+    return out

@@ -282,3 +282,169 @@ int segany_layer_norm_rows(int64_t p0, int64_t p1, int64_t rows, int64_t C, floa
     }
     return 0;
 }
+
+/* ---------------------------------------------------------------------------------------------
+   Attention scores against factored image tokens (fast_decoder._factored_scores), optionally
+   with the softmax over the tokens (the image->token attention's).
+
+   Per head hh, prompt b, token k, pixel n:
+     s = alpha[b][n] * sum_d q[hh][b*t+k][d] base[hh][d][n] + sum_d q[hh][b*t+k][d] pe[hh][d][n]
+         + sum_j low[b][hh][k][j] P[b][j][n]
+   PyTorch ran that as five kernels with K = 16 (heads' width) or r (the factored rank), each a
+   pass over multi-MB maps; here pixel blocks go through all heads and tokens while their P rows
+   stay in the cache.
+
+     q     (nh, B*t, hd)   token queries (scaled)
+     base  (nh, hd, N)     per-image projection of the image tokens' base, per head
+     pe    (nh, hd, N)     the positional share (bias included)
+     alpha (B, N)          the row scales of the factored tokens
+     low   (B, nh, t, r)   the tokens against the low-rank part's projection
+     P     (B, r, N)
+     out   layout 0: (nh, B, t, N) scores; layout 1: (B, nh, t, N) scores, or with softmax, per
+           pixel and head the softmax over the t tokens. */
+
+static inline void store_part(float *p, vf x, int64_t n) {
+    if (n >= LANES)
+        __builtin_memcpy(p, &x, sizeof x);
+    else
+        __builtin_memcpy(p, &x, sizeof(float) * (size_t)n);
+}
+
+/* exp(x) for x <= 0 (softmax arguments): 2^k * exp(f), |f| <= ln2/2, a degree-6 polynomial
+   (Cephes' expf: relative error ~1e-7); below -87 the result is 0. */
+static inline vf vexp(vf x) {
+    vi under = x < -87.0f;
+    x = vselect(x < -87.0f, (vf){0} - 87.0f, x);
+    vf kf = x * 1.44269504088896341f;
+    vf k = (kf + 12582912.0f) - 12582912.0f; /* round to nearest (|kf| < 2^22) */
+    vi ki = __builtin_convertvector(k, vi);
+    vf f = x - k * 0.693359375f;
+    f = f + k * 2.12194440e-4f;
+    vf f2 = f * f;
+    vf y = f * 1.9875691500e-4f + 1.3981999507e-3f;
+    y = y * f + 8.3334519073e-3f;
+    y = y * f + 4.1665795894e-2f;
+    y = y * f + 1.6666665459e-1f;
+    y = y * f + 5.0000001201e-1f;
+    y = y * f2 + f + 1.0f;
+    vi bits = (ki + 127) << 23;
+    vf scale;
+    __builtin_memcpy(&scale, &bits, sizeof scale);
+    return (vf)((vi)(y * scale) & ~under);
+}
+
+#define SC_TB 4                 /* tokens per register block */
+#define SC_BLOCK (4 * LANES)    /* pixels per piece of work */
+
+static inline __attribute__((always_inline)) void scores_block(
+    int64_t n0, int64_t nv, const float *restrict qk, int64_t hd, const float *restrict bh,
+    const float *restrict ph, const float *restrict al, const float *restrict lk, int64_t r,
+    const float *restrict Pb, int64_t N, int64_t kb, float *const *restrict orow) {
+    /* kb tokens (<= SC_TB) at vectors nv, nv+1 of the block starting at n0 (one broadcast of a
+       token's weight serves two vectors) */
+    int64_t n = n0 + nv * LANES;
+    vf acc[SC_TB][2];
+    for (int64_t k = 0; k < SC_TB; k++) acc[k][0] = acc[k][1] = (vf){0};
+    for (int64_t d = 0; d < hd; d++) {
+        vf x0 = vload(bh + d * N + n), x1 = vload(bh + d * N + n + LANES);
+        for (int64_t k = 0; k < kb; k++) {
+            float c = qk[k * hd + d];
+            acc[k][0] += c * x0;
+            acc[k][1] += c * x1;
+        }
+    }
+    vf a0 = vload(al + n), a1 = vload(al + n + LANES);
+    for (int64_t k = 0; k < kb; k++) {
+        acc[k][0] *= a0;
+        acc[k][1] *= a1;
+    }
+    for (int64_t d = 0; d < hd; d++) {
+        vf x0 = vload(ph + d * N + n), x1 = vload(ph + d * N + n + LANES);
+        for (int64_t k = 0; k < kb; k++) {
+            float c = qk[k * hd + d];
+            acc[k][0] += c * x0;
+            acc[k][1] += c * x1;
+        }
+    }
+    for (int64_t j = 0; j < r; j++) {
+        vf x0 = vload(Pb + j * N + n), x1 = vload(Pb + j * N + n + LANES);
+        for (int64_t k = 0; k < kb; k++) {
+            float c = lk[k * r + j];
+            acc[k][0] += c * x0;
+            acc[k][1] += c * x1;
+        }
+    }
+    for (int64_t k = 0; k < kb; k++) {
+        vstore(orow[k] + n, acc[k][0]);
+        vstore(orow[k] + n + LANES, acc[k][1]);
+    }
+}
+
+static float scores_scalar(int64_t n, int64_t k, const float *q, int64_t hd, const float *bh, const float *ph,
+                           const float *al, const float *lk, int64_t r, const float *Pb, int64_t N) {
+    float s = 0.0f, sp = 0.0f;
+    for (int64_t d = 0; d < hd; d++) {
+        s += q[k * hd + d] * bh[d * N + n];
+        sp += q[k * hd + d] * ph[d * N + n];
+    }
+    s = s * al[n] + sp;
+    for (int64_t j = 0; j < r; j++) s += lk[k * r + j] * Pb[j * N + n];
+    return s;
+}
+
+/* Pieces p0..p1-1 of B * ceil(N / SC_BLOCK). */
+void segany_factored_scores(int64_t p0, int64_t p1, int64_t B, int64_t nh, int64_t t, int64_t hd, int64_t r,
+                            int64_t N, const float *q, const float *base, const float *pe, const float *alpha,
+                            const float *low, const float *P, float *out, int layout, int softmax) {
+    const int64_t nblk = (N + SC_BLOCK - 1) / SC_BLOCK;
+#pragma omp parallel for schedule(static)
+    for (int64_t p = p0; p < p1; p++) {
+        int64_t b = p / nblk, n0 = (p % nblk) * SC_BLOCK;
+        int64_t n1 = n0 + SC_BLOCK < N ? n0 + SC_BLOCK : N;
+        int64_t nfull = (n1 - n0) / LANES;
+        const float *al = alpha + b * N, *Pb = P + b * r * N;
+        for (int64_t hh = 0; hh < nh; hh++) {
+            const float *bh = base + hh * hd * N, *ph = pe + hh * hd * N;
+            for (int64_t k0 = 0; k0 < t; k0 += SC_TB) {
+                int64_t kb = t - k0 < SC_TB ? t - k0 : SC_TB;
+                const float *qk = q + (hh * B * t + b * t + k0) * hd;
+                const float *lk = low + ((b * nh + hh) * t + k0) * r;
+                float *orow[SC_TB];
+                for (int64_t k = 0; k < SC_TB; k++) {
+                    int64_t kk = k0 + (k < kb ? k : 0);
+                    orow[k] = out + (layout ? (b * nh + hh) * t + kk : (hh * B + b) * t + kk) * N;
+                }
+                /* constant token counts keep the accumulators in registers */
+                nfull = (n1 - n0) / (2 * LANES) * 2;
+                for (int64_t v = 0; v < nfull; v += 2) switch (kb) {
+                    case 4: scores_block(n0, v, qk, hd, bh, ph, al, lk, r, Pb, N, 4, orow); break;
+                    case 3: scores_block(n0, v, qk, hd, bh, ph, al, lk, r, Pb, N, 3, orow); break;
+                    case 2: scores_block(n0, v, qk, hd, bh, ph, al, lk, r, Pb, N, 2, orow); break;
+                    default: scores_block(n0, v, qk, hd, bh, ph, al, lk, r, Pb, N, 1, orow); break;
+                }
+                for (int64_t n = n0 + nfull * LANES; n < n1; n++)
+                    for (int64_t k = 0; k < kb; k++)
+                        orow[k][n] = scores_scalar(n, k, qk, hd, bh, ph, al, lk, r, Pb, N);
+            }
+            if (softmax) { /* over the t tokens of this head, LANES pixels at a time (layout 1) */
+                float *o = out + (b * nh + hh) * t * N;
+                for (int64_t n = n0; n < n1; n += LANES) {
+                    int64_t nn = n1 - n < LANES ? n1 - n : LANES;
+                    vf m = load_part(o + n, nn);
+                    for (int64_t k = 1; k < t; k++) {
+                        vf x = load_part(o + k * N + n, nn);
+                        m = vselect(x > m, x, m);
+                    }
+                    vf s = {0};
+                    for (int64_t k = 0; k < t; k++) {
+                        vf e = vexp(load_part(o + k * N + n, nn) - m);
+                        store_part(o + k * N + n, e, nn);
+                        s += e;
+                    }
+                    vf inv = 1.0f / s;
+                    for (int64_t k = 0; k < t; k++) store_part(o + k * N + n, load_part(o + k * N + n, nn) * inv, nn);
+                }
+            }
+        }
+    }
+}
