@@ -336,44 +336,37 @@ static inline vf vexp(vf x) {
 #define SC_TB 4                 /* tokens per register block */
 #define SC_BLOCK (4 * LANES)    /* pixels per piece of work */
 
+/* acc[k][v] += sum_d c[k * cs + d] * rows[d * N + n + v * LANES] for d < nd, k < kb, v < 2
+   (one broadcast of a token's weight serves two vectors) */
+static inline __attribute__((always_inline)) void accumulate2(vf (*restrict acc)[2], const float *restrict rows,
+                                                              int64_t nd, int64_t N, int64_t n,
+                                                              const float *restrict c, int64_t cs, int64_t kb) {
+    for (int64_t d = 0; d < nd; d++) {
+        vf x0 = vload(rows + d * N + n), x1 = vload(rows + d * N + n + LANES);
+        for (int64_t k = 0; k < kb; k++) {
+            float w = c[k * cs + d];
+            acc[k][0] += w * x0;
+            acc[k][1] += w * x1;
+        }
+    }
+}
+
 static inline __attribute__((always_inline)) void scores_block(
     int64_t n0, int64_t nv, const float *restrict qk, int64_t hd, const float *restrict bh,
     const float *restrict ph, const float *restrict al, const float *restrict lk, int64_t r,
     const float *restrict Pb, int64_t N, int64_t kb, float *const *restrict orow) {
-    /* kb tokens (<= SC_TB) at vectors nv, nv+1 of the block starting at n0 (one broadcast of a
-       token's weight serves two vectors) */
+    /* kb tokens (<= SC_TB) at vectors nv, nv+1 of the block starting at n0 */
     int64_t n = n0 + nv * LANES;
     vf acc[SC_TB][2];
     for (int64_t k = 0; k < SC_TB; k++) acc[k][0] = acc[k][1] = (vf){0};
-    for (int64_t d = 0; d < hd; d++) {
-        vf x0 = vload(bh + d * N + n), x1 = vload(bh + d * N + n + LANES);
-        for (int64_t k = 0; k < kb; k++) {
-            float c = qk[k * hd + d];
-            acc[k][0] += c * x0;
-            acc[k][1] += c * x1;
-        }
-    }
+    accumulate2(acc, bh, hd, N, n, qk, hd, kb);
     vf a0 = vload(al + n), a1 = vload(al + n + LANES);
     for (int64_t k = 0; k < kb; k++) {
         acc[k][0] *= a0;
         acc[k][1] *= a1;
     }
-    for (int64_t d = 0; d < hd; d++) {
-        vf x0 = vload(ph + d * N + n), x1 = vload(ph + d * N + n + LANES);
-        for (int64_t k = 0; k < kb; k++) {
-            float c = qk[k * hd + d];
-            acc[k][0] += c * x0;
-            acc[k][1] += c * x1;
-        }
-    }
-    for (int64_t j = 0; j < r; j++) {
-        vf x0 = vload(Pb + j * N + n), x1 = vload(Pb + j * N + n + LANES);
-        for (int64_t k = 0; k < kb; k++) {
-            float c = lk[k * r + j];
-            acc[k][0] += c * x0;
-            acc[k][1] += c * x1;
-        }
-    }
+    accumulate2(acc, ph, hd, N, n, qk, hd, kb);
+    accumulate2(acc, Pb, r, N, n, lk, r, kb);
     for (int64_t k = 0; k < kb; k++) {
         vstore(orow[k] + n, acc[k][0]);
         vstore(orow[k] + n + LANES, acc[k][1]);
