@@ -53,4 +53,6 @@ class ResizeLongestSide:
     def get_preprocess_shape(oldh: int, oldw: int, long_side_length: int) -> Tuple[int, int]:
         scale = long_side_length * 1.0 / max(oldh, oldw)
         newh, neww = oldh * scale, oldw * scale
-        return (int(newh + 0.5), int(neww + 0.5))
+        # At least one pixel: a 20000x3 strip would otherwise resize to height 0 (the reference
+        # crashes there); for every other shape this is the reference's rounding.
+        return (max(1, int(newh + 0.5)), max(1, int(neww + 0.5)))

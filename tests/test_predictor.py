@@ -133,3 +133,14 @@ def test_bad_prompts_raise_prompt_error(predictors, kw, message):
     p, _ = predictors
     with pytest.raises(PromptError, match=message):
         p.predict(**kw)
+
+
+@pytest.mark.parametrize("shape", [(3, 2000, 3), (2000, 2, 3)])
+def test_extreme_aspect_ratio_strip_is_segmented(models, shape):
+    """A strip so thin that resizing its long side rounds the short side to 0 still gets an
+    embedding and full-size masks (the reference crashes in its resize there)."""
+    p = SamPredictor(models[0])
+    p.set_image(np.full(shape, 120, np.uint8))
+    assert min(p.input_size) == 1
+    masks, scores, _ = p.predict(point_coords=np.array([[1.0, 1.0]]), point_labels=np.array([1]))
+    assert masks.shape == (3,) + shape[:2] and np.isfinite(scores).all()
