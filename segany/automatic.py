@@ -145,6 +145,10 @@ class SamAutomaticMaskGenerator:
             raise ValueError(f"Unknown output_mode {output_mode!r}; choose one of {OUTPUT_MODES}")
         if int(points_per_batch) < 1:
             raise ValueError(f"points_per_batch must be >= 1, got {points_per_batch}")
+        for name, v in (("pred_iou_thresh", pred_iou_thresh), ("stability_score_thresh", stability_score_thresh),
+                        ("stability_score_offset", stability_score_offset)):
+            if not np.isfinite(float(v)):  # a NaN threshold would silently switch its filter off
+                raise ValueError(f"{name} must be a finite number, got {v}")
         for name, v in (("box_nms_thresh", box_nms_thresh), ("crop_nms_thresh", crop_nms_thresh)):
             if not 0.0 <= float(v) <= 1.0:
                 raise ValueError(f"{name} must be in [0, 1], got {v}")

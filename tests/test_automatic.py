@@ -253,8 +253,12 @@ def test_generator_bad_arguments(models):
         SamAutomaticMaskGenerator(ours, points_per_batch=0)
     with pytest.raises(ValueError, match="one grid per layer"):
         SamAutomaticMaskGenerator(ours, points_per_side=None, point_grids=[np.full((4, 2), 0.5)], crop_n_layers=1)
+    with pytest.raises(ValueError, match="pred_iou_thresh must be a finite"):
+        SamAutomaticMaskGenerator(ours, pred_iou_thresh=float("nan"))
+    with pytest.raises(ValueError, match="stability_score_offset must be a finite"):
+        SamAutomaticMaskGenerator(ours, stability_score_offset=float("inf"))
     g = SamAutomaticMaskGenerator(ours, points_per_side=2)
-    with pytest.raises(Exception):
+    with pytest.raises(ValueError, match="image is empty"):
         g.generate(np.zeros((0, 5, 3), np.uint8))
 
 
