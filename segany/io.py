@@ -16,7 +16,7 @@ import os
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, BinaryIO, Callable, Union
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -145,8 +145,9 @@ def _array_to_rgb(a: np.ndarray, alpha: str, limit: int, name: str) -> np.ndarra
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
-def atomic_write_bytes(path: PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temporary file and an atomic rename."""
+def atomic_write(path: PathLike, write: Callable[[BinaryIO], None]) -> None:
+    """Call ``write(f)`` on a temporary file beside ``path``, fsync, then rename it over ``path``:
+    readers see the old file or the complete new one, and a failure leaves no partial file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -154,7 +155,7 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
         # mkstemp creates 0600; give the file the permissions a plain open() would.
         os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -166,6 +167,11 @@ def atomic_write_bytes(path: PathLike, data: bytes) -> None:
         raise
 
 
+def atomic_write_bytes(path: PathLike, data: bytes) -> None:
+    """Write ``data`` to ``path`` via a temporary file and an atomic rename."""
+    atomic_write(path, lambda f: f.write(data))
+
+
 def atomic_write_text(path: PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
@@ -175,11 +181,11 @@ def atomic_write_json(path: PathLike, obj: Any, indent: int | None = None) -> No
 
 
 def atomic_torch_save(obj: Any, path: PathLike) -> None:
+    """``torch.save`` streamed into a temporary file, then renamed (no copy of a large training
+    checkpoint in memory)."""
     import torch
 
-    buf = _io.BytesIO()
-    torch.save(obj, buf)
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def atomic_save_png(path: PathLike, array: np.ndarray) -> None:

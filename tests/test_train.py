@@ -431,3 +431,46 @@ def test_batched_images_step_runs_and_learns_like_accumulation(tmp_path):
         start, ends[batched] = vals[0], vals[-1]
     assert ends[True]["box_miou"] > max(2 * start["box_miou"], start["box_miou"] + 0.1), (start, ends)
     assert ends[True]["box_miou"] > ends[False]["box_miou"] - 0.05, (start, ends)
+
+
+@pytest.mark.parametrize("field,value,named", [
+    ("lr", float("nan"), "lr"), ("lr", 0.0, "lr"), ("iters", 0, "iters"), ("mask_drop", 2.0, "mask_drop"),
+    ("steps", 2.5, "steps"), ("grad_clip", float("inf"), "grad_clip"), ("data", [], "no data"),
+])
+def test_bad_training_options_are_refused_before_anything_runs(tmp_path, field, value, named):
+    from segany.train.loop import TrainSetupError
+
+    out = tmp_path / "run"
+    cfg = TrainConfig(**{"data": ["unused"], "out": str(out), "model": TINY, field: value})
+    with pytest.raises(TrainSetupError, match=named):
+        train(cfg)
+    assert not out.exists()  # nothing was written for a run that cannot work
+
+
+def test_data_specs_with_weights_and_bad_paths(tmp_path):
+    from segany.train.loop import TrainSetupError, parse_data
+
+    data = str(tmp_path / "shapes")
+    make_shapes_set(data, n=20)
+    train_sets, val_sets, weights = parse_data([data, data + ":2.5"])
+    assert weights[1] == 2.5 and weights[0] == float(len(train_sets[0])) and len(val_sets) == 2
+    with pytest.raises(TrainSetupError, match="no such data set"):
+        parse_data([str(tmp_path / "missing")])
+    with pytest.raises(TrainSetupError, match="not a weight"):
+        parse_data([data + ":heavy"])
+    with pytest.raises(TrainSetupError, match="positive"):
+        parse_data([data + ":0"])
+    (tmp_path / "junk.json").write_text("{not json")
+    with pytest.raises(TrainSetupError, match="cannot read data set"):
+        parse_data([str(tmp_path / "junk.json")])
+
+
+def test_train_cli_reports_bad_options_with_usage_exit_code(tmp_path, capsys):
+    from segany.cli import main
+
+    data = str(tmp_path / "shapes")
+    make_shapes_set(data, n=10)
+    rc = main(["train", "--data", data, "--lr", "nan", "--steps", "3", "--out", str(tmp_path / "run")])
+    assert rc == 2 and "segany train: error: lr must be a positive number" in capsys.readouterr().err
+    rc = main(["train", "--data", str(tmp_path / "nowhere"), "--steps", "3", "--out", str(tmp_path / "run")])
+    assert rc == 2 and "no such data set" in capsys.readouterr().err

@@ -13,7 +13,7 @@ import argparse
 import json
 import os
 
-from .loop import TrainConfig, train
+from .loop import TrainConfig, TrainSetupError, train
 
 
 def _model_config(spec: str | None):
@@ -55,8 +55,13 @@ def run(args: argparse.Namespace) -> int:
     if not cfg.model and cfg.resume and os.path.exists(os.path.join(cfg.out, "last.pt")):
         import torch
 
-        cfg.model = torch.load(os.path.join(cfg.out, "last.pt"), map_location="cpu", weights_only=False)["config"]["model"]
-    result = train(cfg)
+        cfg.model = torch.load(os.path.join(cfg.out, "last.pt"), map_location="cpu", weights_only=True)["config"]["model"]
+    try:
+        result = train(cfg)
+    except TrainSetupError as e:
+        from ..cli import UsageError
+
+        raise UsageError(str(e)) from None
     print(json.dumps(result))
     return 0
 

