@@ -134,7 +134,7 @@ def parse_data(specs: Sequence[str]) -> Tuple[list, list, List[float]]:
             raise TrainSetupError(f"--data {path!r}: cannot read data set ({type(e).__name__}: {e})") from None
         train.append(split(ds, "train"))
         val.append(split(ds, "val"))
-        weights.append(float(w) if w is not None else float(len(train[-1])))
+        weights.append(w if w is not None else float(len(train[-1])))
     return train, val, weights
 
 
