@@ -313,7 +313,7 @@ import hashlib
 import segany.datasets as D
 models, samples = [], []
 build = L.build_model
-L.build_model = lambda cfg: models.append(build(cfg)) or models[-1]  # keep the rank's model to compare
+L.build_model = lambda cfg, **kw: models.append(build(cfg, **kw)) or models[-1]  # keep the rank's model to compare
 draw = D.Mixture.sample
 def sample(self, rng):  # note which images the rank draws
     s = draw(self, rng)
@@ -474,3 +474,31 @@ def test_train_cli_reports_bad_options_with_usage_exit_code(tmp_path, capsys):
     assert rc == 2 and "segany train: error: lr must be a positive number" in capsys.readouterr().err
     rc = main(["train", "--data", str(tmp_path / "nowhere"), "--steps", "3", "--out", str(tmp_path / "run")])
     assert rc == 2 and "no such data set" in capsys.readouterr().err
+
+
+def test_resume_takes_the_saved_model_and_refuses_a_bad_state_file(tmp_path, capsys):
+    from segany.cli import main
+    from segany.train.loop import TrainSetupError
+
+    data = str(tmp_path / "shapes")
+    make_shapes_set(data, n=10)
+    out = tmp_path / "run"
+    base = dict(data=[data], out=str(out), model=TINY, steps=2, val_every=1000, val_images=0, progress=False,
+                imagenet_backbone=False)
+    assert train(TrainConfig(**base))["step"] == 2
+    # the CLI without --model continues the saved model (not the bundled default), and a resumed
+    # run needs no ImageNet weights (the saved state replaces them)
+    rc = main(["train", "--data", data, "--steps", "3", "--val-images", "0", "--out", str(out), "--resume", "--no-progress"])
+    assert rc == 0
+    state = torch.load(out / "last.pt", map_location="cpu", weights_only=True)
+    assert state["step"] == 3 and state["config"]["model"] == TINY
+    capsys.readouterr()
+    # a state file that is not one: named, before anything trains, with the CLI's usage exit code
+    (out / "last.pt").write_bytes(b"\x80\x02garbage")
+    with pytest.raises(TrainSetupError, match=r"last\.pt: cannot read the training state"):
+        train(TrainConfig(**{**base, "steps": 4, "resume": True}))
+    torch.save({"model": {}, "step": 1}, out / "last.pt")
+    with pytest.raises(TrainSetupError, match=r"not a segany training state \(missing opt, elapsed"):
+        train(TrainConfig(**{**base, "steps": 4, "resume": True}))
+    rc = main(["train", "--data", data, "--steps", "4", "--out", str(out), "--resume", "--no-progress"])
+    assert rc == 2 and "not a segany training state" in capsys.readouterr().err

@@ -51,11 +51,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
     )
     if not cfg.model and not cfg.init and not (cfg.resume and os.path.exists(os.path.join(cfg.out, "last.pt"))):
-        cfg.model = _model_config("tiny")
-    if not cfg.model and cfg.resume and os.path.exists(os.path.join(cfg.out, "last.pt")):
-        import torch
-
-        cfg.model = torch.load(os.path.join(cfg.out, "last.pt"), map_location="cpu", weights_only=True)["config"]["model"]
+        cfg.model = _model_config("tiny")  # (a resumed run takes its saved model config in train())
     try:
         result = train(cfg)
     except TrainSetupError as e:

@@ -15,7 +15,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -79,6 +79,25 @@ class TrainConfig:
 
 class TrainSetupError(ValueError):
     """A training option, data set or model that cannot work; the message names it."""
+
+
+_RESUME_KEYS = ("model", "opt", "step", "elapsed", "best", "rng", "g", "config")
+
+
+def read_resume(path: str) -> Dict[str, Any]:
+    """The training state ``<out>/last.pt`` (weights_only: tensors, numbers and plain dicts), or a
+    TrainSetupError naming the file and what is wrong with it."""
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, not a torch file, or holding objects weights_only refuses
+        raise TrainSetupError(f"{path}: cannot read the training state to resume from ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else 'unreadable'}); move it away or drop --resume") from None
+    missing = [k for k in _RESUME_KEYS if not isinstance(ck, dict) or k not in ck]
+    if not missing and not isinstance(ck["config"], dict):
+        missing = ["config"]
+    if missing:
+        raise TrainSetupError(f"{path}: not a segany training state (missing {', '.join(missing)}); move it away or drop --resume")
+    return ck
 
 
 def check_config(cfg: TrainConfig) -> None:
@@ -235,7 +254,9 @@ def object_step(model: Sam, emb: torch.Tensor, gt: torch.Tensor, valid: torch.Te
 # --- model, optimiser, schedule --------------------------------------------------------------
 
 
-def build_model(cfg: TrainConfig) -> Sam:
+def build_model(cfg: TrainConfig, resuming: bool = False) -> Sam:
+    """The model to train: from ``cfg.init`` weights, else ImageNet backbone weights where the
+    encoder has them (not when ``resuming``: the saved state replaces every weight)."""
     from .export import read_safetensors
 
     model_cfg = dict(cfg.model)
@@ -251,7 +272,7 @@ def build_model(cfg: TrainConfig) -> Sam:
     model = build_sam(model_cfg)
     if state is not None:
         load_state_dict_strict(model, state, source=cfg.init)
-    elif cfg.imagenet_backbone and model_cfg["encoder"]["type"] == "efficientnet":
+    elif cfg.imagenet_backbone and not resuming and model_cfg["encoder"]["type"] == "efficientnet":
         from ..modeling.efficientnet import load_imagenet_backbone
 
         try:
@@ -320,13 +341,16 @@ def train(cfg: TrainConfig) -> Dict[str, Any]:
     g = torch.Generator().manual_seed(cfg.seed + 1000 * rank)
     torch.manual_seed(cfg.seed)
 
-    # model and optimiser
-    model = build_model(cfg).to(device)
+    # model and optimiser; a resumed run takes the model config saved with its state
+    last_path = os.path.join(cfg.out, "last.pt")
+    resumed = read_resume(last_path) if cfg.resume and os.path.exists(last_path) else None
+    if resumed is not None and not cfg.model:
+        cfg = replace(cfg, model=resumed["config"].get("model") or {})
+    model = build_model(cfg, resuming=resumed is not None).to(device)
     opt = torch.optim.AdamW(param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay)
     step, elapsed, best, history = 0, 0.0, -1.0, []
-    last_path = os.path.join(cfg.out, "last.pt")
-    if cfg.resume and os.path.exists(last_path):
-        ck = torch.load(last_path, map_location="cpu", weights_only=True)  # RNG states are plain dicts and tensors
+    if resumed is not None:
+        ck = resumed
         model.load_state_dict(ck["model"])
         opt.load_state_dict(ck["opt"])
         step, elapsed, best = ck["step"], ck["elapsed"], ck["best"]
