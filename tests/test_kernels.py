@@ -186,6 +186,36 @@ def test_native_values_equal_pytorch_bit_for_bit(original):
 
 
 @needs_kernels
+@pytest.mark.parametrize("original", [(420, 600), (900, 700)])
+def test_thresholded_outputs_that_skip_decided_blocks_equal_pytorch(original):
+    """Thresholded maps and statistics skip blocks whose values are bounded away from the
+    thresholds (segany/kernels/upscale.c); every byte and count must stay as computed."""
+    side, img_size = 64, 256
+    input_size = ResizeLongestSide.get_preprocess_shape(*original, img_size)
+    up = CellUpscaler(side, img_size, input_size, original)
+    native = up.native()
+    assert native.skip  # bilinear taps: convex combinations
+    low = _logits(2, side, seed=1)[:1].repeat(6, 1, 1)
+    low[1] = 0.25  # a plateau exactly at the threshold: rounding decides each value
+    low[2, :, : side // 2] = 0.25 + 1e-7  # just above it
+    low[3, 10:20, 10:20] = float("nan")  # NaN is never above a threshold
+    low[4, 30:34, 5:40] = float("inf")
+    low[4, 40:44, 5:40] = -float("inf")
+    low[5] = low[5] * 1e4  # large values: the rounding margin scales with them
+    up.prefer_native = False
+    want = up.full(low)
+    for t in (0.25, 0.0, -3.0):
+        assert torch.equal(native.values(low, t), want > t)
+    counts, rows, cols = native.stats(low, 1.0, -1.0, 0.25)
+    assert torch.equal(counts[:, 0], (want > 1.0).sum((1, 2)))
+    assert torch.equal(counts[:, 1], (want > -1.0).sum((1, 2)))
+    assert torch.equal(rows, (want > 0.25).any(2)) and torch.equal(cols, (want > 0.25).any(1))
+    # the taps of a map that is not a convex combination are never skipped
+    t = kernels.Taps(native.ridx, -native.rw, native.cidx, native.cw)
+    assert not t.skip
+
+
+@needs_kernels
 def test_predictor_masks_match_segment_everything_and_the_banded_map():
     from core_helpers import TINY_VIT
     from segany.modeling.build import build_sam, randomize_

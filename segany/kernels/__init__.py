@@ -93,7 +93,7 @@ def _mark_used_and_prune(out: Path, name: str) -> None:
 def _declare(name: str, lib: ctypes.CDLL) -> None:
     p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
     if name == "upscale":
-        lib.segany_upscale_batch.argtypes = [i64, i64, i64, i64, p, i64, p, p, i64, p, p, i64, i64, f32, f32, f32, p, p, p, p, p]
+        lib.segany_upscale_batch.argtypes = [i64, i64, i64, i64, p, i64, p, p, i64, p, p, i64, i64, f32, f32, f32, p, p, p, p, p, ctypes.c_int]
         lib.segany_upscale_batch.restype = ctypes.c_int
     else:
         lib.segany_decoder_tail.argtypes = [i64, i64, i64, i64, i64, i64, i64, p, p, p, f32, p, p, p, p, i64, i64]
@@ -205,6 +205,9 @@ class Taps:
         self.W = self.cidx.shape[0]
         if self.cidx.shape[1] != self.S:
             raise ValueError("row and column tap tables need the same number of taps")
+        # Thresholded outputs may skip blocks whose values are bounded away from the threshold
+        # (see upscale.c): sound when every output value is a convex combination of its taps.
+        self.skip = all(bool((w >= 0).all() and ((w.double().sum(1) - 1).abs() <= 1e-6).all()) for w in (self.rw, self.cw))
 
     def _compute(self, L: torch.Tensor, thresholds, out: Optional[torch.Tensor], out_is_float: bool,
                  counts=None, rows=None, cols=None) -> None:
@@ -222,7 +225,7 @@ class Taps:
             self.cidx.data_ptr(), self.cw.data_ptr(), self.W, self.S, *thresholds,
             o if out_is_float else None, None if out_is_float else o,
             None if counts is None else counts.data_ptr(), None if rows is None else rows.data_ptr(),
-            None if cols is None else cols.data_ptr(),
+            None if cols is None else cols.data_ptr(), int(self.skip),
         )
         lib = _libs["upscale"]
         _run_pieces(lib, lambda p0, p1: lib.segany_upscale_batch(p0, p1, *args), pieces)

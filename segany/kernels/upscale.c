@@ -12,6 +12,9 @@
    All arrays are row-major and contiguous. Tap tables: for output row y, taps s = 0..S-1 read
    low-res row ridx[y*S+s] with weight rw[y*S+s]; for output column x, taps read low-res column
    cidx[x*S+t] with weight cw[x*S+t]. */
+#include <math.h>
+#include <string.h>
+
 #include "common.h"
 
 /* Column pass of low-res rows r0..r1 (inclusive) of one map L (n_low x n_low) into c
@@ -54,17 +57,130 @@ static void column_pass(const float *L, int64_t n_low, int64_t r0, int64_t r1, c
     }
 }
 
+/* column_pass restricted to low-res rows ra..rb and output columns x0..x1-1, into c (row ra at
+   c, row stride W): the same operations per value, so the same values. work: (the block's
+   low-res columns + x1 - x0) * (rb - ra + 1) floats. */
+static void column_pass_block(const float *L, int64_t n_low, int64_t ra, int64_t rb, int64_t x0, int64_t x1,
+                              const int64_t *cidx, const float *cw, int64_t W, int64_t S, float *c, float *work) {
+    int64_t R = rb - ra + 1;
+    int64_t c0 = cidx[x0 * S], c1 = c0;
+    for (int64_t i = x0 * S; i < x1 * S; i++) {
+        c0 = cidx[i] < c0 ? cidx[i] : c0;
+        c1 = cidx[i] > c1 ? cidx[i] : c1;
+    }
+    float *Lt = work;                  /* ((c1-c0+1) x R) */
+    float *cT = work + (c1 - c0 + 1) * R; /* ((x1-x0) x R) */
+    for (int64_t r = 0; r < R; r++) {
+        const float *row = L + (ra + r) * n_low;
+        for (int64_t j = c0; j <= c1; j++) Lt[(j - c0) * R + r] = row[j];
+    }
+    for (int64_t x = x0; x < x1; x++) {
+        const int64_t *ix = cidx + x * S;
+        const float *wx = cw + x * S;
+        float *o = cT + (x - x0) * R;
+        const float *a = Lt + (ix[0] - c0) * R;
+        float w0 = wx[0];
+        for (int64_t r = 0; r < R; r++) o[r] = a[r] * w0;
+        for (int64_t t = 1; t < S; t++) {
+            a = Lt + (ix[t] - c0) * R;
+            float wt = wx[t];
+            for (int64_t r = 0; r < R; r++) {
+                float p = a[r] * wt;
+                o[r] = o[r] + p;
+            }
+        }
+    }
+    for (int64_t r = 0; r < R; r++)
+        for (int64_t x = x0; x < x1; x++) c[r * W + x] = cT[(x - x0) * R + r];
+}
+
+/* Columns per block of the row pass's skip test (see segany_upscale_rows). */
+#define XB 32
+
+/* Per block of XB output columns of each low-res row r0..r0+R-1 of L: the min and max of the
+   low-res values its column taps read (a column-passed value is a convex combination of them);
+   -inf and +inf where one is NaN (then no bound decides the block). */
+static void block_bounds(const float *L, int64_t n_low, int64_t r0, int64_t R, const int64_t *cidx, int64_t W,
+                         int64_t S, float *bmin, float *bmax) {
+    int64_t nb = (W + XB - 1) / XB;
+    for (int64_t j = 0; j < nb; j++) {
+        int64_t x0 = j * XB, x1 = x0 + XB < W ? x0 + XB : W;
+        int64_t c0 = cidx[x0 * S], c1 = c0;
+        for (int64_t x = x0; x < x1; x++)
+            for (int64_t t = 0; t < S; t++) {
+                int64_t cc = cidx[x * S + t];
+                c0 = cc < c0 ? cc : c0;
+                c1 = cc > c1 ? cc : c1;
+            }
+        for (int64_t r = 0; r < R; r++) {
+            const float *row = L + (r0 + r) * n_low;
+            float lo = row[c0], hi = row[c0];
+            int bad = 0;
+            for (int64_t cc = c0; cc <= c1; cc++) {
+                float v = row[cc];
+                lo = v < lo ? v : lo;
+                hi = v > hi ? v : hi;
+                bad |= v != v;
+            }
+            bmin[r * nb + j] = bad ? -INFINITY : lo;
+            bmax[r * nb + j] = bad ? INFINITY : hi;
+        }
+    }
+}
+
+/* Per block of one output row: 0 where some of its values may be on either side of a requested
+   threshold, else 1 + (all > t_mid) + 2 (all > t_hi) + 4 (all > t_lo) for those requested. */
+static void classify_blocks(const float *bmin, const float *bmax, const int64_t *iy, int64_t S, int64_t r0,
+                            int64_t nb, float t_hi, float t_lo, float t_mid, int need_mid, int need_counts,
+                            float *lo, float *hi, uint8_t *code) {
+    const float *m0 = bmin + (iy[0] - r0) * nb, *M0 = bmax + (iy[0] - r0) * nb;
+    for (int64_t j = 0; j < nb; j++) {
+        lo[j] = m0[j];
+        hi[j] = M0[j];
+    }
+    for (int64_t s = 1; s < S; s++) {
+        const float *m = bmin + (iy[s] - r0) * nb, *M = bmax + (iy[s] - r0) * nb;
+        for (int64_t j = 0; j < nb; j++) {
+            lo[j] = m[j] < lo[j] ? m[j] : lo[j];
+            hi[j] = M[j] > hi[j] ? M[j] : hi[j];
+        }
+    }
+    for (int64_t j = 0; j < nb; j++) {
+        float a = fabsf(lo[j]), b = fabsf(hi[j]);
+        float margin = (a > b ? a : b) * 1e-5f + 1e-30f; /* NaN for infinite bounds: undecided */
+        float l = lo[j] - margin, h = hi[j] + margin;
+        int ok = 1, c = 1;
+        if (need_mid) {
+            ok &= (l > t_mid) | (h <= t_mid);
+            c += 1 * (l > t_mid);
+        }
+        if (need_counts) {
+            ok &= ((l > t_hi) | (h <= t_hi)) & ((l > t_lo) | (h <= t_lo));
+            c += 2 * (l > t_hi) + 4 * (l > t_lo);
+        }
+        code[j] = (uint8_t)(ok ? c : 0);
+    }
+}
+
 /* Output rows y0..y1-1 of one mask.
 
    out_f (optional): (y1-y0) x W values. out_b (optional): (y1-y0) x W bytes, value > t_mid.
    counts (optional): counts[0] += #(value > t_hi), counts[1] += #(value > t_lo).
    row_any (optional): (y1-y0) bytes, any value of the row > t_mid.
    col_any (optional): W bytes, |= value > t_mid.
+
+   skip (only without out_f, and only where the caller has checked that every row's and every
+   column's tap weights are >= 0 and sum to 1 within 1e-6): a value is a convex combination of
+   the low-res values its taps read, so where, for a block of XB columns of an output row, the
+   smallest of those over the block (widened by a rounding margin that covers both passes, as in
+   segany/upscale.py) is above a threshold, every value of the block is, and where the largest is
+   not, none is. Runs of such blocks take their bytes, counts and extents without computing a
+   value; the rest is computed as without skipping, so every result is the same.
    Returns 0, or -1 when the scratch memory could not be allocated. */
 int segany_upscale_rows(const float *L, int64_t n_low, const int64_t *ridx, const float *rw, int64_t y0,
                         int64_t y1, const int64_t *cidx, const float *cw, int64_t W, int64_t S, float t_hi,
                         float t_lo, float t_mid, float *out_f, uint8_t *out_b, int64_t *counts,
-                        uint8_t *row_any, uint8_t *col_any) {
+                        uint8_t *row_any, uint8_t *col_any, int skip) {
     if (y1 <= y0) return 0;
     int64_t r0 = ridx[y0 * S], r1 = r0;
     for (int64_t y = y0; y < y1; y++) {
@@ -75,51 +191,127 @@ int segany_upscale_rows(const float *L, int64_t n_low, const int64_t *ridx, cons
         }
     }
     int64_t R = r1 - r0 + 1;
-    float *c = scratch((size_t)(R * W + W + n_low * R + W * R));
+    int64_t nb = (W + XB - 1) / XB, ny = y1 - y0;
+    skip = skip && !out_f && W >= 2 * n_low; /* (a block of a shrinking map reads too many low-res values) */
+    size_t extra = skip ? (size_t)(2 * R * nb + 2 * nb + (ny * nb + R * nb) / 4 + 2) : 0;
+    float *c = scratch((size_t)(R * W + W + n_low * R + W * R) + extra);
     if (!c) return -1;
     float *v = c + R * W; /* one output row */
-    column_pass(L, n_low, r0, r1, cidx, cw, W, S, c, v + W);
+    float *work = v + W;
+    int need_mid = out_b || row_any || col_any;
+    uint8_t *codes = 0;
+    float *bmin = work + n_low * R + W * R, *bmax = bmin + R * nb, *lo = bmax + R * nb, *hi = lo + nb;
+    if (skip) {
+        /* a sample of rows first: where few blocks are decided (noisy logits) the test costs more
+           than it saves */
+        codes = (uint8_t *)(hi + nb);
+        block_bounds(L, n_low, r0, R, cidx, W, S, bmin, bmax);
+        int64_t open = 0, seen = 0;
+        for (int64_t y = y0; y < y1; y += 8) {
+            classify_blocks(bmin, bmax, ridx + y * S, S, r0, nb, t_hi, t_lo, t_mid, need_mid, counts != 0, lo, hi, codes);
+            for (int64_t j = 0; j < nb; j++) open += !codes[j];
+            seen += nb;
+        }
+        skip = 4 * open < 3 * seen;
+    }
+    if (!skip) {
+        column_pass(L, n_low, r0, r1, cidx, cw, W, S, c, work);
+    } else {
+        /* every row's block codes first, then the column pass only where a row computes values */
+        uint8_t *need = codes + ny * nb;
+        memset(need, 0, (size_t)(R * nb));
+        int64_t open = 0;
+        for (int64_t y = y0; y < y1; y++) {
+            const int64_t *iy = ridx + y * S;
+            uint8_t *code = codes + (y - y0) * nb;
+            classify_blocks(bmin, bmax, iy, S, r0, nb, t_hi, t_lo, t_mid, need_mid, counts != 0, lo, hi, code);
+            int64_t o = 0;
+            for (int64_t j = 0; j < nb; j++) o += !code[j];
+            open += o;
+            if (o)
+                for (int64_t s = 0; s < S; s++) {
+                    uint8_t *nr = need + (iy[s] - r0) * nb;
+                    for (int64_t j = 0; j < nb; j++) nr[j] |= !code[j];
+                }
+        }
+        if (2 * open > ny * nb) { /* mostly undecided (noisy logits): one pass is cheaper */
+            column_pass(L, n_low, r0, r1, cidx, cw, W, S, c, work);
+        } else {
+            for (int64_t j = 0; j < nb; j++) {
+                int64_t ra = -1, rb = -1;
+                for (int64_t r = 0; r < R; r++)
+                    if (need[r * nb + j]) {
+                        if (ra < 0) ra = r;
+                        rb = r;
+                    }
+                if (ra >= 0) {
+                    int64_t x0 = j * XB, x1 = x0 + XB < W ? x0 + XB : W;
+                    column_pass_block(L, n_low, r0 + ra, r0 + rb, x0, x1, cidx, cw, W, S, c + ra * W, work);
+                }
+            }
+        }
+    }
     int64_t n_hi = 0, n_lo = 0;
     for (int64_t y = y0; y < y1; y++) {
         const int64_t *iy = ridx + y * S;
         const float *wy = rw + y * S;
-        const float *src = c + (iy[0] - r0) * W;
-        float w0 = wy[0];
-        for (int64_t x = 0; x < W; x++) v[x] = src[x] * w0;
-        for (int64_t s = 1; s < S; s++) {
-            src = c + (iy[s] - r0) * W;
-            float ws = wy[s];
-            for (int64_t x = 0; x < W; x++) {
-                float p = src[x] * ws;
-                v[x] = v[x] + p;
-            }
-        }
         int64_t k = y - y0;
-        if (out_f) {
-            float *o = out_f + k * W;
-            for (int64_t x = 0; x < W; x++) o[x] = v[x];
-        }
-        if (out_b) {
-            uint8_t *o = out_b + k * W;
-            for (int64_t x = 0; x < W; x++) o[x] = v[x] > t_mid;
-        }
-        if (counts) {
-            int32_t a = 0, b = 0;
-            for (int64_t x = 0; x < W; x++) {
-                a += v[x] > t_hi;
-                b += v[x] > t_lo;
+        int32_t any = 0;
+        const uint8_t *code = skip ? codes + k * nb : 0;
+        for (int64_t ja = 0; ja < nb;) { /* runs of blocks with one code */
+            int64_t jb = ja + 1;
+            uint8_t cj = skip ? code[ja] : 0;
+            if (skip)
+                while (jb < nb && code[jb] == cj) jb++;
+            else
+                jb = nb;
+            int64_t x0 = ja * XB, x1 = jb * XB < W ? jb * XB : W, n = x1 - x0;
+            ja = jb;
+            if (cj) {
+                int above_mid = (cj - 1) & 1;
+                if (out_b) memset(out_b + k * W + x0, above_mid, (size_t)n);
+                if (col_any && above_mid) memset(col_any + x0, 1, (size_t)n);
+                any += above_mid;
+                n_hi += ((cj - 1) & 2) ? n : 0;
+                n_lo += ((cj - 1) & 4) ? n : 0;
+                continue;
             }
-            n_hi += a;
-            n_lo += b;
+            const float *src = c + (iy[0] - r0) * W;
+            float w0 = wy[0];
+            for (int64_t x = x0; x < x1; x++) v[x] = src[x] * w0;
+            for (int64_t s = 1; s < S; s++) {
+                src = c + (iy[s] - r0) * W;
+                float ws = wy[s];
+                for (int64_t x = x0; x < x1; x++) {
+                    float p = src[x] * ws;
+                    v[x] = v[x] + p;
+                }
+            }
+            if (out_f) {
+                float *o = out_f + k * W;
+                for (int64_t x = x0; x < x1; x++) o[x] = v[x];
+            }
+            if (out_b) {
+                uint8_t *o = out_b + k * W;
+                for (int64_t x = x0; x < x1; x++) o[x] = v[x] > t_mid;
+            }
+            if (counts) {
+                int32_t a = 0, b = 0;
+                for (int64_t x = x0; x < x1; x++) {
+                    a += v[x] > t_hi;
+                    b += v[x] > t_lo;
+                }
+                n_hi += a;
+                n_lo += b;
+            }
+            if (col_any) {
+                for (int64_t x = x0; x < x1; x++) col_any[x] |= v[x] > t_mid;
+            }
+            if (row_any) {
+                for (int64_t x = x0; x < x1; x++) any += v[x] > t_mid;
+            }
         }
-        if (col_any) {
-            for (int64_t x = 0; x < W; x++) col_any[x] |= v[x] > t_mid;
-        }
-        if (row_any) {
-            int32_t any = 0;
-            for (int64_t x = 0; x < W; x++) any += v[x] > t_mid;
-            row_any[k] = any > 0;
-        }
+        if (row_any) row_any[k] = any > 0;
     }
     if (counts) {
         counts[0] += n_hi;
@@ -137,7 +329,7 @@ int segany_upscale_batch(int64_t p0, int64_t p1, int64_t n_masks, int64_t rows_p
                          int64_t n_low, const int64_t *ridx,
                          const float *rw, int64_t H, const int64_t *cidx, const float *cw, int64_t W, int64_t S,
                          float t_hi, float t_lo, float t_mid, float *out_f, uint8_t *out_b, int64_t *counts,
-                         uint8_t *row_any, uint8_t *col_any) {
+                         uint8_t *row_any, uint8_t *col_any, int skip) {
     if (rows_per_piece < 1) rows_per_piece = H;
     int64_t ppm = (H + rows_per_piece - 1) / rows_per_piece;
     if (p1 > n_masks * ppm) p1 = n_masks * ppm;
@@ -150,7 +342,7 @@ int segany_upscale_batch(int64_t p0, int64_t p1, int64_t n_masks, int64_t rows_p
         int64_t off = i * H * W + y0 * W;
         err |= segany_upscale_rows(L + i * n_low * n_low, n_low, ridx, rw, y0, y1, cidx, cw, W, S, t_hi, t_lo, t_mid,
                                    out_f ? out_f + off : 0, out_b ? out_b + off : 0, counts ? counts + 2 * i : 0,
-                                   row_any ? row_any + i * H + y0 : 0, col_any ? col_any + i * W : 0) != 0;
+                                   row_any ? row_any + i * H + y0 : 0, col_any ? col_any + i * W : 0, skip) != 0;
     }
     return err ? -1 : 0;
 }

@@ -11,10 +11,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# oneDNN only for products at least this large (on the 2-core development machine MKL won on
-# small ones, (7 x 256) @ (256 x 256): 18 us vs oneDNN's 26, and lost from about here on,
-# (7 x 256) @ (256 x 2048): 172 us vs 93).
-_ONEDNN_MIN_WEIGHT = 1 << 19  # in x out elements
+# oneDNN only for products at least this large. On the 2-core development machine MKL won on
+# few rows: (7 x 256) @ (256 x 256) 43 vs oneDNN's 88 us, and the decoder MLP's
+# (7 x 256) @ (256 x 2048) 101 vs 173 us and (7 x 2048) @ (2048 x 256) 96 vs 184 us (caches
+# flushed between calls, as in a click, 2026-12-04); from ~28 rows on they were even, and oneDNN
+# won on the encoder's large products.
+_ONEDNN_MIN_WEIGHT = 1 << 20  # in x out elements
 _ONEDNN_MIN_MACS = 1 << 26  # rows x in x out
 _onednn: Optional[bool] = None
 
