@@ -131,27 +131,9 @@ def child(impl: str, config: str, side: int, size) -> dict:
 
         sa, _ = load_reference()
         if weights:
-            # the reference's own prompt encoder and mask decoder with the trained weights; its
-            # image encoder is never run (both get segany's embeddings), only its img_size is read
-            m = sa.modeling
-            dim, size_ = model_config["prompt_embed_dim"], model_config["image_size"]
-            grid = ours.prompt_encoder.image_embedding_size
-            dec = model_config["decoder"]
+            from reference import reference_decoder_model
 
-            class _NoEncoder(torch.nn.Module):
-                img_size = size_
-
-            ref = m.Sam(
-                image_encoder=_NoEncoder(),
-                prompt_encoder=m.PromptEncoder(embed_dim=dim, image_embedding_size=tuple(grid), input_image_size=(size_, size_), mask_in_chans=16),
-                mask_decoder=m.MaskDecoder(
-                    num_multimask_outputs=3,
-                    transformer=m.TwoWayTransformer(depth=dec["depth"], embedding_dim=dim, mlp_dim=dec["mlp_dim"], num_heads=dec["num_heads"]),
-                    transformer_dim=dim, iou_head_depth=3, iou_head_hidden_dim=dec["iou_head_hidden_dim"],
-                ),
-            ).eval()
-            ref.prompt_encoder.load_state_dict(ours.prompt_encoder.state_dict())
-            ref.mask_decoder.load_state_dict(ours.mask_decoder.state_dict())
+            ref = reference_decoder_model(sa, ours, model_config)
         else:
             ref = reference_model(CONFIG)
             ref.load_state_dict(ours.state_dict())

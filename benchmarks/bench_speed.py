@@ -3,18 +3,23 @@ weights, one markdown table.
 
 Every row runs in its own subprocess; rows that compare timings run segany and the reference
 alternately in that same process (machine noise hits both) and report medians and their ratio.
-Weights are random (no official checkpoint offline): timings do not depend on weight values,
-except through denormal floats, which slow Intel cores many-fold (see bench_everything.py); these
-std-0.05 weights give none that matter (the click with flush-to-zero: 32.2 vs 36.7 ms, noise).
+Weights are random (no official checkpoint offline), except in click_bundled. Timings depend on
+weight values in two ways: denormal floats slow Intel cores many-fold (see bench_everything.py;
+these std-0.05 weights give none that matter: the click with flush-to-zero 32.2 vs 36.7 ms,
+noise), and segany's thresholded upscale skips blocks of the image that a mask's low-res logits
+decide, which smooth masks of a trained model have and the ragged masks of random weights mostly
+do not (hence the click_bundled row).
 
     python benchmarks/bench_speed.py                       # vit_b, 600x900 photo-sized input
     python benchmarks/bench_speed.py --rows gemm,encoder,click --repeats 5
     python benchmarks/bench_speed.py --rows rss --rss-model vit_h
     python benchmarks/bench_speed.py --agreement 20        # int8 vs float32 mask IoU on photos
+    python benchmarks/bench_speed.py --rows click,click_bundled --size 1500x2000
 
 Rows: gemm (machine float32 GEMM rate), encoder (fp32), encoder_int8 (PyTorch dynamic int8),
 encoder_ort / encoder_ort_int8 (onnxruntime; needs an export, slow the first time), click (one
-click -> masks at the original size incl. prompt encoding and postprocessing), rss (peak RSS of
+click -> masks at the original size incl. prompt encoding and postprocessing), click_bundled
+(the same with the bundled trained model on 5 photos of ../shared/data), rss (peak RSS of
 set_image + one click, separate processes), everything (segany.automatic vs the reference's
 SamAutomaticMaskGenerator.generate on a fixed embedding, if segany/automatic.py exists).
 """
@@ -143,41 +148,92 @@ def w_encoder(a):
     return res
 
 
-def w_click(a):
-    import numpy as np
-    import torch
-
-    from segany.predictor import SamPredictor
-
-    sa, ours, ref = _models(a.model)
-    img = _image()
-    p1, p2 = SamPredictor(ours), sa.SamPredictor(ref)
-    p1.set_image(img)
-    p2.set_embedding = None
-    # same embedding for both (the reference's own encoder would be timed otherwise)
+def _share_embedding(p1, p2):
+    """Gives the reference predictor ``p2`` segany predictor ``p1``'s embedding (the reference's
+    own encoder would be timed otherwise)."""
     p2.reset_image()
-    p2.original_size = img.shape[:2]
+    p2.original_size = tuple(p1.original_size)
     p2.input_size = tuple(p1.input_size)
     p2.features = p1.features.clone()
     p2.is_image_set = True
-    rng = np.random.default_rng(0)
-    clicks = [np.array([[rng.uniform(0, img.shape[1]), rng.uniform(0, img.shape[0])]]) for _ in range(a.repeats * 4)]
+
+
+def _time_clicks(p1, p2, img, n_clicks, repeats, seed=0):
+    """Alternating best-mask clicks (one random foreground point each) on the image both
+    predictors hold: seconds per click {"ours": [...], "ref": [...]}, the smallest IoU between
+    their masks and the largest score difference over the first 5 clicks."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    clicks = [np.array([[rng.uniform(0, img.shape[1]), rng.uniform(0, img.shape[0])]]) for _ in range(n_clicks)]
     lab = np.array([1])
-    it1, it2 = iter(clicks), iter(clicks)
+    it1, it2 = iter(clicks * (repeats + 1)), iter(clicks * (repeats + 1))
 
     def best(p, it):
         m, s, _ = p.predict(point_coords=next(it), point_labels=lab)
         return m[int(np.argmax(s))]
 
-    ts = _alternate({"ours": lambda: best(p1, it1), "ref": lambda: best(p2, it2)}, a.repeats * 3, warmup=1)
+    ts = _alternate({"ours": lambda: best(p1, it1), "ref": lambda: best(p2, it2)}, repeats, warmup=1)
     ious, sdiff = [], 0.0
     for c in clicks[:5]:
         m1, s1, _ = p1.predict(point_coords=c, point_labels=lab)
         m2, s2, _ = p2.predict(point_coords=c, point_labels=lab)
         ious.append(min((1.0 if (x | y).sum() == 0 else (x & y).sum() / (x | y).sum()) for x, y in zip(m1, m2)))
         sdiff = max(sdiff, float(np.abs(s1 - s2).max()))
+    return ts, float(min(ious)), sdiff
+
+
+def w_click(a):
+    from segany.predictor import SamPredictor
+
+    sa, ours, ref = _models(a.model)
+    img = _image()
+    p1, p2 = SamPredictor(ours), sa.SamPredictor(ref)
+    p1.set_image(img)
+    _share_embedding(p1, p2)
+    ts, iou, sdiff = _time_clicks(p1, p2, img, a.repeats * 4, a.repeats * 3)
     res = {k: statistics.median(v) for k, v in ts.items()}
-    res.update({"min_mask_iou": float(min(ious)), "max_score_diff": sdiff, "size": list(img.shape[:2])})
+    res.update({"min_mask_iou": iou, "max_score_diff": sdiff, "size": list(img.shape[:2])})
+    return res
+
+
+def w_click_bundled(a):
+    """The click row with the bundled trained model on real photos (resized to ``--size``): its
+    masks are smooth where random weights give ragged ones, which changes what the postprocess
+    costs. The reference runs its own prompt encoder and mask decoder with the same weights."""
+    import json as _json
+
+    import numpy as np
+    from PIL import Image
+    from safetensors import safe_open
+
+    import segany
+    from reference import load_reference, reference_decoder_model
+    from segany.predictor import SamPredictor
+
+    sa, _ = load_reference()
+    ours = segany.load_model("tiny").eval()
+    with safe_open(str(ROOT / "segany" / "weights" / "tiny.safetensors"), "pt") as f:
+        cfg = _json.loads(f.metadata()["config"])
+    ref = reference_decoder_model(sa, ours, cfg)
+    h, w = (int(v) for v in a.size.split("x"))
+    photos = sorted(glob.glob(str(ROOT.parent / "shared" / "data" / "*" / "images" / "*.jpg")))[::97][:5]
+    if not photos:
+        raise SystemExit("click_bundled needs the photos of ../shared/data")
+    p1, p2 = SamPredictor(ours), sa.SamPredictor(ref)
+    ts = {"ours": [], "ref": []}
+    ious, sdiff = [], 0.0
+    for i, path in enumerate(photos):
+        img = np.asarray(Image.open(path).convert("RGB").resize((w, h), Image.BILINEAR))
+        p1.set_image(img)
+        _share_embedding(p1, p2)
+        t, iou, sd = _time_clicks(p1, p2, img, 4, a.repeats * 2, seed=i)
+        for k in ts:
+            ts[k] += t[k]
+        ious.append(iou)
+        sdiff = max(sdiff, sd)
+    res = {k: statistics.median(v) for k, v in ts.items()}
+    res.update({"min_mask_iou": float(min(ious)), "max_score_diff": sdiff, "size": [h, w], "photos": len(photos)})
     return res
 
 
@@ -287,7 +343,7 @@ def w_agreement(a):
     return {"model": name, "photos": len(pick), **{k: float(np.mean(v)) for k, v in ious.items()}}
 
 
-WORKERS = {"gemm": w_gemm, "encoder": w_encoder, "click": w_click, "rss": w_rss, "everything": w_everything, "agreement": w_agreement}
+WORKERS = {"gemm": w_gemm, "encoder": w_encoder, "click": w_click, "click_bundled": w_click_bundled, "rss": w_rss, "everything": w_everything, "agreement": w_agreement}
 
 
 def _run(a, worker, **extra):
@@ -349,6 +405,12 @@ def main():
         if r:
             lines.append(
                 f"| one click → best mask at {r['size'][0]}x{r['size'][1]} (prompt + decoder + postprocess) | {r['ref'] * 1e3:.1f} ms | "
+                f"{r['ours'] * 1e3:.1f} ms | {r['ours'] / r['ref']:.2f}× | min mask IoU {r['min_mask_iou']:.4f}, max score diff {r['max_score_diff']:.1e} |")
+    if "click_bundled" in rows:
+        r = _run(a, "click_bundled")
+        if r:
+            lines.append(
+                f"| one click → best mask at {r['size'][0]}x{r['size'][1]}, bundled model on {r['photos']} real photos | {r['ref'] * 1e3:.1f} ms | "
                 f"{r['ours'] * 1e3:.1f} ms | {r['ours'] / r['ref']:.2f}× | min mask IoU {r['min_mask_iou']:.4f}, max score diff {r['max_score_diff']:.1e} |")
     if "rss" in rows:
         ref = _run(a, "rss", model=a.rss_model, variant="ref")

@@ -113,3 +113,31 @@ def load_reference():
     import segment_anything
 
     return segment_anything, mobile_sam
+
+
+def reference_decoder_model(sa, ours, model_config: dict):
+    """The reference's own ``Sam`` with segany model ``ours``'s prompt encoder and mask decoder
+    weights (``model_config``: its segany config, e.g. a .safetensors' metadata), for comparing
+    what follows the embedding with a model the reference cannot build (the bundled
+    EfficientNet encoder). Its image encoder is never run: callers give it segany's embeddings;
+    only its ``img_size`` is read."""
+    m = sa.modeling
+    dim, size = model_config["prompt_embed_dim"], model_config["image_size"]
+    dec = model_config["decoder"]
+
+    class _NoEncoder(torch.nn.Module):
+        img_size = size
+
+    ref = m.Sam(
+        image_encoder=_NoEncoder(),
+        prompt_encoder=m.PromptEncoder(embed_dim=dim, image_embedding_size=tuple(ours.prompt_encoder.image_embedding_size),
+                                       input_image_size=(size, size), mask_in_chans=16),
+        mask_decoder=m.MaskDecoder(
+            num_multimask_outputs=3,
+            transformer=m.TwoWayTransformer(depth=dec["depth"], embedding_dim=dim, mlp_dim=dec["mlp_dim"], num_heads=dec["num_heads"]),
+            transformer_dim=dim, iou_head_depth=3, iou_head_hidden_dim=dec["iou_head_hidden_dim"],
+        ),
+    ).eval()
+    ref.prompt_encoder.load_state_dict(ours.prompt_encoder.state_dict())
+    ref.mask_decoder.load_state_dict(ours.mask_decoder.state_dict())
+    return ref
