@@ -400,17 +400,11 @@ def main():
             note += f" vs {gemm['gflops']:.0f} GEMM"
         note += f"; max abs diff {r['max_abs_diff']:.1e} (|ref| ≤ {r['ref_abs_max']:.2f}), cos {r['cos']:.5f}"
         lines.append(f"| {a.model} image embedding, {label} | {r['ref']:.2f} s | {r['ours']:.2f} s | {r['ours'] / r['ref']:.2f}× | {note} |")
-    if "click" in rows:
-        r = _run(a, "click")
+    for row, what in [("click", "(prompt + decoder + postprocess)"), ("click_bundled", "bundled model on {photos} real photos")]:
+        r = _run(a, row) if row in rows else None
         if r:
             lines.append(
-                f"| one click → best mask at {r['size'][0]}x{r['size'][1]} (prompt + decoder + postprocess) | {r['ref'] * 1e3:.1f} ms | "
-                f"{r['ours'] * 1e3:.1f} ms | {r['ours'] / r['ref']:.2f}× | min mask IoU {r['min_mask_iou']:.4f}, max score diff {r['max_score_diff']:.1e} |")
-    if "click_bundled" in rows:
-        r = _run(a, "click_bundled")
-        if r:
-            lines.append(
-                f"| one click → best mask at {r['size'][0]}x{r['size'][1]}, bundled model on {r['photos']} real photos | {r['ref'] * 1e3:.1f} ms | "
+                f"| one click → best mask at {r['size'][0]}x{r['size'][1]}, {what.format(photos=r.get('photos'))} | {r['ref'] * 1e3:.1f} ms | "
                 f"{r['ours'] * 1e3:.1f} ms | {r['ours'] / r['ref']:.2f}× | min mask IoU {r['min_mask_iou']:.4f}, max score diff {r['max_score_diff']:.1e} |")
     if "rss" in rows:
         ref = _run(a, "rss", model=a.rss_model, variant="ref")
