@@ -1,0 +1,115 @@
+"""Where one click's time goes in segany (no reference: the pieces are segany's own).
+
+Times, each on its own (median of ``--clicks`` calls, after warm-up), on one image embedding:
+
+* ``predict``: the whole ``SamPredictor.predict`` (validation, prompt encoder, decoder, masks to
+  the original size, to numpy);
+* ``prompt encoder``: points -> sparse embeddings;
+* ``decoder``: the mask decoder on the cached per-image state (``predict_masks_fast``), of which
+  ``two-way transformer`` (both layers and the final attention), the IoU head and hypernetwork
+  MLPs, and ``output upscaling`` (first transposed conv on the factored tokens, then the native
+  tail, or PyTorch without it);
+* ``masks to original size``: the low-res logits to bool masks at the image size.
+
+Pieces timed apart run with warmer caches than inside one click (where each piece first reads
+weights and maps the previous one evicted), so they sum to less than ``predict``.
+
+    python benchmarks/bench_click_split.py                      # random vit_b weights, 1500x2000
+    python benchmarks/bench_click_split.py --model tiny --size 600x900
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def _median_ms(fn, n: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(n):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts) * 1e3
+
+
+def _image(h: int, w: int) -> np.ndarray:
+    photos = sorted((ROOT.parent / "shared" / "data").glob("*/images/*.jpg"))
+    if photos:
+        from PIL import Image
+
+        return np.asarray(Image.open(photos[0]).convert("RGB").resize((w, h), Image.BILINEAR))
+    return np.random.default_rng(0).integers(0, 255, (h, w, 3), dtype=np.uint8)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="vit_b", help="vit_b/vit_l/vit_h/vit_t (random weights) or tiny (bundled, trained)")
+    ap.add_argument("--size", default="1500x2000", help="HxW of the image")
+    ap.add_argument("--clicks", type=int, default=30)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+
+    import torch
+
+    import segany
+    from segany import kernels
+    from segany.modeling import fast_decoder as fd
+    from segany.modeling.build import randomize_
+    from segany.predictor import SamPredictor
+
+    torch.set_num_threads(a.threads)
+    if a.model == "tiny":
+        sam = segany.load_model("tiny").eval()
+    else:
+        sam = randomize_(segany.sam_model_registry[a.model](), seed=0).eval()
+    h, w = (int(v) for v in a.size.split("x"))
+    img = _image(h, w)
+    p = SamPredictor(sam)
+    p.set_image(img)
+    point, label = np.array([[w / 2, h / 2]]), np.array([1])
+    coords = torch.as_tensor(p.transform.apply_coords(point.astype(np.float64), p.original_size), dtype=torch.float)[None]
+    labels = torch.ones(1, 1, dtype=torch.int)
+    pe, dec = sam.prompt_encoder, sam.mask_decoder
+    cache = p._get_decoder_cache()
+
+    with torch.no_grad():
+        sparse, _ = pe(points=(coords, labels), boxes=None, masks=None)
+        tokens0 = torch.cat([dec.iou_token.weight, dec.mask_tokens.weight], dim=0)
+        tokens = torch.cat((tokens0[None], sparse), dim=1)
+        idx = range(dec.num_mask_tokens)[1:]  # the 3 multimask outputs, as predict_masks_fast runs them
+        used = torch.tensor([0] + [1 + j for j in idx])
+        queries, upscale_in = fd._transformer_cached(dec, tokens, cache, used)
+        hyper_in = torch.stack([dec.output_hypernetworks_mlps[j](queries[:, 1 + i, :]) for i, j in enumerate(idx)], dim=1)
+        low_res, _ = fd.predict_masks_fast(dec, sparse, cache)
+        rows = [
+            ("predict (3 masks at the original size, as numpy)", lambda: p.predict(point_coords=point, point_labels=label)),
+            ("prompt encoder", lambda: pe(points=(coords, labels), boxes=None, masks=None)),
+            ("decoder (3 low-res masks + IoU)", lambda: fd.predict_masks_fast(dec, sparse, cache)),
+            ("  two-way transformer", lambda: fd._transformer_cached(dec, tokens, cache, used)),
+            ("  IoU head + hypernetwork MLPs", lambda: (dec.iou_prediction_head(queries[:, 0, :]), [dec.output_hypernetworks_mlps[j](queries[:, 1 + i, :]) for i, j in enumerate(idx)])),
+            ("  output upscaling", lambda: fd._upscale_masks(dec, upscale_in, hyper_in, *cache.hw)),
+            ("masks to original size (3, thresholded)", lambda: p.upscale(low_res, threshold=sam.mask_threshold)),
+            ("masks to original size (best one only)", lambda: p.upscale(low_res[:, :1], threshold=sam.mask_threshold)),
+        ]
+        results = [(name, _median_ms(fn, a.clicks)) for name, fn in rows]
+
+    print(f"{a.model} ({'bundled' if a.model == 'tiny' else 'random weights'}), image {h}x{w}, embedding "
+          f"{cache.hw[0]}x{cache.hw[1]}, torch {torch.__version__}, {a.threads} threads, native kernels "
+          f"{'on' if kernels.available() and kernels.decoder_available() else 'off'}; median of {a.clicks} each\n")
+    print("| piece | ms |\n|---|---:|")
+    for name, ms in results:
+        print(f"| {name} | {ms:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
