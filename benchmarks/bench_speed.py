@@ -201,21 +201,17 @@ def w_click_bundled(a):
     """The click row with the bundled trained model on real photos (resized to ``--size``): its
     masks are smooth where random weights give ragged ones, which changes what the postprocess
     costs. The reference runs its own prompt encoder and mask decoder with the same weights."""
-    import json as _json
-
     import numpy as np
     from PIL import Image
-    from safetensors import safe_open
 
     import segany
     from reference import load_reference, reference_decoder_model
+    from segany.checkpoints import safetensors_config
     from segany.predictor import SamPredictor
 
     sa, _ = load_reference()
     ours = segany.load_model("tiny").eval()
-    with safe_open(str(ROOT / "segany" / "weights" / "tiny.safetensors"), "pt") as f:
-        cfg = _json.loads(f.metadata()["config"])
-    ref = reference_decoder_model(sa, ours, cfg)
+    ref = reference_decoder_model(sa, ours, safetensors_config(ROOT / "segany" / "weights" / "tiny.safetensors"))
     h, w = (int(v) for v in a.size.split("x"))
     photos = sorted(glob.glob(str(ROOT.parent / "shared" / "data" / "*" / "images" / "*.jpg")))[::97][:5]
     if not photos:
