@@ -63,6 +63,43 @@ def test_fast_decoder_matches_module(config, multimask, batch, npts, with_box, w
     assert (got_iou - want_iou).abs().max().item() <= 1e-5 * max(1.0, want_iou.abs().max().item())
 
 
+@pytest.mark.parametrize("config", DEC_CONFIGS)
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_iou_filtered_decoding_returns_the_kept_masks_of_the_full_decoding(config, with_mask):
+    """Segment everything decodes with ``iou_thresh``: the IoU head runs first and only kept
+    masks are computed (without a mask input, the mask tokens' final attention too). Scores must
+    be those of the full decoding and the masks exactly the kept ones, in (prompt, mask) order,
+    for thresholds that keep none, some and all."""
+    sam = _model(config)
+    pe = sam.prompt_encoder
+    g = torch.Generator().manual_seed(3)
+    h, w = pe.image_embedding_size
+    feats = torch.randn(1, pe.embed_dim, h, w, generator=g)
+    pts = torch.rand(6, 1, 2, generator=g) * config["image_size"]
+    dense_in = torch.randn(6, 1, 4 * h, 4 * w, generator=g) if with_mask else None
+    with torch.no_grad():
+        sparse, dense = pe(points=(pts, torch.ones(6, 1, dtype=torch.int32)), boxes=None, masks=dense_in)
+        if with_mask:
+            kw = dict(image_embeddings=feats, image_pe=pe.get_dense_pe(), dense_prompt_embeddings=dense)
+            cache = None
+        else:
+            kw = {}
+            cache = build_cache(sam.mask_decoder, feats, pe.get_dense_pe(), pe.no_mask_embed.weight)
+        want_m, want_iou = predict_masks_fast(sam.mask_decoder, sparse, cache, multimask_output=True, **kw)
+        ious = want_iou.flatten().sort().values
+        # "some": between two scores of the middle half, at their widest gap (a threshold within
+        # float32 rounding of a score would make the comparison itself a coin toss)
+        n = len(ious)
+        k = n // 4 + int((ious[n // 4 + 1 : 3 * n // 4 + 1] - ious[n // 4 : 3 * n // 4]).argmax())
+        for thresh in (ious[-1].item() + 1.0, (ious[k].item() + ious[k + 1].item()) / 2, ious[0].item() - 1.0):
+            got_m, got_iou = predict_masks_fast(sam.mask_decoder, sparse, cache, multimask_output=True, iou_thresh=thresh, **kw)
+            torch.testing.assert_close(got_iou, want_iou, rtol=1e-5, atol=1e-5)
+            keep = want_iou > thresh
+            assert torch.equal(got_iou > thresh, keep)
+            assert got_m.shape == (int(keep.sum()), 4 * h, 4 * w)
+            torch.testing.assert_close(got_m, want_m[keep], rtol=1e-5, atol=1e-5 * max(1.0, want_m.abs().max().item()))
+
+
 @pytest.mark.parametrize("config", DEC_CONFIGS[:2])
 def test_decoder_workspace_reuses_its_buffers_and_changes_no_result(config):
     """Segment everything decodes batch after batch in a workspace: the second call of a size

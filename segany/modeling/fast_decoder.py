@@ -461,7 +461,8 @@ def predict_masks_fast(
     ``dense_prompt_embeddings`` (any dense input, e.g. a mask prompt).
 
     With ``iou_thresh`` only the masks whose predicted IoU is above it are upscaled (the IoU head
-    runs before the output upscaling, which is half the decoder's work): returns masks (K, 4h, 4w)
+    runs before the output upscaling, which is half the decoder's work, and, without a mask
+    input, before the mask tokens' final attention): returns masks (K, 4h, 4w)
     of those K masks in (prompt, mask) order, and the full iou (B, M); ``iou > iou_thresh`` says
     which they are.
 
@@ -481,6 +482,27 @@ def predict_masks_fast(
 
     sl = slice(1, None) if multimask_output else slice(0, 1)
     idx = range(decoder.num_mask_tokens)[sl]
+
+    def hypernetworks(queries: Tensor) -> Tensor:  # queries (B, M, C) of the requested mask tokens
+        return torch.stack([decoder.output_hypernetworks_mlps[j](queries[:, i, :]) for i, j in enumerate(idx)], dim=1)
+
+    if cache is not None and iou_thresh is not None:
+        # The IoU head reads only the IoU token, and the final attention treats each query token
+        # on its own: the IoU token goes through it first, the mask tokens only for the prompts
+        # with a mask above the threshold (segment everything at SAM's thresholds: few).
+        queries, fx = _layers_cached(decoder, tokens, cache)
+        iou_pred = decoder.iou_prediction_head(_final_cached(decoder, queries[:, :1], tokens[:, :1], fx, cache)[:, 0])[:, sl]
+        keep = iou_pred > iou_thresh  # (B, M)
+        rows = keep.any(1).nonzero().flatten()
+        if len(rows) == 0:
+            return queries.new_zeros(0, 4 * h, 4 * w), iou_pred
+        mask_tokens = torch.tensor([1 + j for j in idx], device=tokens.device)
+        if len(rows) < B:  # (all kept: nothing to gather)
+            fx, queries, tokens = fx.select(rows), queries[rows], tokens[rows]
+        hyper_in = hypernetworks(_final_cached(decoder, queries[:, mask_tokens], tokens[:, mask_tokens], fx, cache))
+        masks = _upscale_masks(decoder, (fx, cache.upscale, cache.upscale_t), hyper_in, h, w, scratch=True)
+        return _kept_masks(masks, keep[rows], scratch_masks), iou_pred
+
     # Only the IoU token and the requested mask tokens are read after the final token->image
     # attention, which treats each query token on its own: the others skip it.
     used = torch.tensor([0] + [1 + j for j in idx], device=tokens.device)
@@ -490,7 +512,7 @@ def predict_masks_fast(
         queries, upscale_in = _transformer_dense(decoder, tokens, src, pe, src_pe, used)
 
     iou_pred = decoder.iou_prediction_head(queries[:, 0, :])[:, sl]
-    hyper_in = torch.stack([decoder.output_hypernetworks_mlps[j](queries[:, 1 + i, :]) for i, j in enumerate(idx)], dim=1)
+    hyper_in = hypernetworks(queries[:, 1:])
     if iou_thresh is None:
         return _upscale_masks(decoder, upscale_in, hyper_in, h, w, scratch=scratch_masks), iou_pred
     keep = iou_pred > iou_thresh  # (B, M)
@@ -498,15 +520,18 @@ def predict_masks_fast(
     if len(rows) == 0:
         return queries.new_zeros(0, 4 * h, 4 * w), iou_pred
     if len(rows) < B:  # (all kept: nothing to gather)
-        if isinstance(upscale_in, Tensor):
-            upscale_in = torch.index_select(upscale_in, 0, rows)
-        else:
-            upscale_in = (upscale_in[0].select(rows), *upscale_in[1:])
+        upscale_in = torch.index_select(upscale_in, 0, rows)
         hyper_in = hyper_in[rows]
     masks = _upscale_masks(decoder, upscale_in, hyper_in, h, w, scratch=True)  # (R, M, 4h, 4w)
-    kept = keep[rows].flatten().nonzero().flatten()
-    out = _scratch_like("masks_kept", (len(kept), 4 * h, 4 * w), masks) if scratch_masks else None
-    return torch.index_select(masks.flatten(0, 1), 0, kept, out=out), iou_pred
+    return _kept_masks(masks, keep[rows], scratch_masks), iou_pred
+
+
+def _kept_masks(masks: Tensor, keep: Tensor, scratch: bool) -> Tensor:
+    """masks (R, M, H, W), keep (R, M) bool -> the kept masks (K, H, W) in (row, mask) order; in
+    the workspace's buffer with ``scratch``."""
+    kept = keep.flatten().nonzero().flatten()
+    out = _scratch_like("masks_kept", (len(kept), *masks.shape[2:]), masks) if scratch else None
+    return torch.index_select(masks.flatten(0, 1), 0, kept, out=out)
 
 
 def _token_steps(layer, queries: Tensor, tokens: Tensor, t2i) -> Tensor:
@@ -556,6 +581,21 @@ def _stream_buffer(n: int) -> Tensor:
 def _transformer_cached(decoder: MaskDecoder, tokens: Tensor, cache: DecoderCache, used: Tensor):
     """No mask input: the first layer from the cache, the rest on factored image tokens. Returns
     the ``used`` tokens and (factored final image tokens, the cache's upscaling base)."""
+    queries, fx = _layers_cached(decoder, tokens, cache)
+    return _final_cached(decoder, queries[:, used], tokens[:, used], fx, cache), (fx, cache.upscale, cache.upscale_t)
+
+
+def _final_cached(decoder: MaskDecoder, queries: Tensor, tokens: Tensor, fx: "_Factored", cache: DecoderCache) -> Tensor:
+    """The final token->image attention and its LayerNorm, for the given query tokens (each on
+    its own: any subset of them gives the same values as all of them together)."""
+    tf = decoder.transformer
+    queries = queries + _t2i_factored(tf.final_attn_token_to_image, queries + tokens, fx, cache.final)
+    return _layer_norm(tf.norm_final_attn, queries)
+
+
+def _layers_cached(decoder: MaskDecoder, tokens: Tensor, cache: DecoderCache):
+    """The two-way blocks of :func:`_transformer_cached`: all tokens and the factored image tokens
+    before the final attention."""
     tf = decoder.transformer
     queries = tokens
     keys = cache.src  # the dense residual stream, needed for LayerNorm statistics
@@ -586,9 +626,7 @@ def _transformer_cached(decoder: MaskDecoder, tokens: Tensor, cache: DecoderCach
             keys, mean, rstd = torch.native_layer_norm(y, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
             mean, rstd = mean.squeeze(-1), rstd.squeeze(-1)
         fx = _normed(fx, aT, u, mean, rstd, ln)
-    queries, tokens = queries[:, used], tokens[:, used]
-    queries = queries + _t2i_factored(tf.final_attn_token_to_image, queries + tokens, fx, cache.final)
-    return _layer_norm(tf.norm_final_attn, queries), (fx, cache.upscale, cache.upscale_t)
+    return queries, fx
 
 
 def _first_conv_channels_last(ct1: torch.nn.ConvTranspose2d) -> Tensor:
