@@ -618,7 +618,9 @@ def _layers_cached(decoder: MaskDecoder, tokens: Tensor, cache: DecoderCache):
             y = keys.baddbmm_(aT.transpose(1, 2), u)
         else:
             out = _stream_buffer(B * keys.shape[1] * keys.shape[2]).view(B, *keys.shape[1:]) if native else None
-            y = torch.baddbmm(keys.expand(B, -1, -1), aT.transpose(1, 2), u, out=out)
+            # the product first, then the base added: baddbmm with a broadcast base copies it
+            # twice (8 prompts: 4.26 vs 4.89 ms)
+            y = torch.bmm(aT.transpose(1, 2), u, out=out).add_(keys)
         if native:
             mean, rstd = kernels.layer_norm_rows_(y, ln.weight, ln.bias, ln.eps, normalise=i < last)
             keys = y
