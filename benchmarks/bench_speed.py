@@ -412,7 +412,7 @@ def main():
         r = _run(a, "everything")
         if r:
             lines.append(f"| segment everything, {a.side}x{a.side} points, generate() (tiny encoder, SAM decoder) | {r['ref']:.2f} s | {r['ours']:.2f} s | "
-                         f"{r['ours'] / r['ref']:.2f}× | see benchmarks/bench_everything.py for more |")
+                         f"{r['ours'] / r['ref']:.3f}× | see benchmarks/bench_everything.py for more |")
     if "agreement" in rows:
         r = _run(a, "agreement", model="tiny")
         if r:

@@ -106,6 +106,28 @@ def test_native_decoder_tail_checks_its_arguments():
 
 
 @needs_decoder_kernel
+@pytest.mark.parametrize("B,xb,N,C,k", [(8, 8, 4096, 256, 56), (3, 1, 301, 128, 9), (2, 2, 7, 64, 1)])
+def test_native_update_row_stats_match_the_formed_update(B, xb, N, C, k):
+    """The LayerNorm statistics of x + aT^T u, from the rows as the kernel forms them (never
+    stored): torch.native_layer_norm's of the formed sum, up to float32 rounding, with x shared
+    by the batch or per prompt and row counts that fill no whole block."""
+    g = torch.Generator().manual_seed(N)
+    x = torch.randn(xb, N, C, generator=g) * 2 + 5
+    aT = torch.softmax(torch.randn(B, k, N, generator=g) * 3, dim=1)
+    u = torch.randn(B, k, C, generator=g) * 4
+    y = x.expand(B, -1, -1) + aT.transpose(1, 2) @ u
+    _, mean, rstd = torch.native_layer_norm(y, (C,), None, None, 1e-5)
+    m, r = kernels.update_row_stats(x, aT, u, 1e-5)
+    assert m.shape == r.shape == (B, N)
+    torch.testing.assert_close(m, mean.squeeze(-1), rtol=1e-5, atol=1e-5)
+    assert ((r - rstd.squeeze(-1)).abs() / rstd.squeeze(-1)).max().item() <= 1e-5
+    with pytest.raises(ValueError, match="multiple of 64"):
+        kernels.update_row_stats(torch.zeros(1, N, 48), aT, torch.zeros(B, k, 48), 1e-5)
+    with pytest.raises(ValueError, match="update_row_stats"):
+        kernels.update_row_stats(x, aT, u[:, :, :-64] if C > 64 else u[:1 if B > 1 else 0], 1e-5)
+
+
+@needs_decoder_kernel
 @pytest.mark.parametrize("shape", [(8, 4096, 256), (3, 1024, 128), (2, 37, 64), (5, 64)])
 def test_native_layer_norm_rows_matches_pytorch(shape):
     """In place and statistics-only LayerNorm over the last axis: torch.native_layer_norm's

@@ -99,6 +99,8 @@ def _declare(name: str, lib: ctypes.CDLL) -> None:
         lib.segany_decoder_tail.argtypes = [i64, i64, i64, i64, i64, i64, i64, p, p, p, f32, p, p, p, p, i64, i64]
         lib.segany_decoder_tail.restype = ctypes.c_int
         lib.segany_layer_norm_rows.argtypes = [i64, i64, i64, i64, p, p, p, f32, ctypes.c_int, p, p]
+        lib.segany_update_row_stats.argtypes = [i64, i64, i64, i64, i64, i64, p, i64, p, p, f32, p, p]
+        lib.segany_update_row_stats.restype = ctypes.c_int
         lib.segany_layer_norm_rows.restype = ctypes.c_int
         lib.segany_factored_scores.argtypes = [i64, i64, i64, i64, i64, i64, i64, i64, p, p, p, p, p, p, p, ctypes.c_int, ctypes.c_int]
         lib.segany_factored_scores.restype = None
@@ -320,6 +322,25 @@ def layer_norm_rows_(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, 
     mean, rstd = torch.empty(y.shape[:-1]), torch.empty(y.shape[:-1])
     args = (rows, C, y.data_ptr(), weight.data_ptr(), bias.data_ptr(), float(eps), int(normalise), mean.data_ptr(), rstd.data_ptr())
     _run_pieces(lib, lambda p0, p1: lib.segany_layer_norm_rows(p0, p1, *args), -(-rows // 256))
+    return mean, rstd
+
+
+def update_row_stats(x: torch.Tensor, aT: torch.Tensor, u: torch.Tensor, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """LayerNorm statistics mean, rstd (B, N) of the rows of ``x + aT^T u`` without forming it:
+    x (B or 1, N, C), aT (B, k, N), u (B, k, C), contiguous float32 CPU tensors, C a multiple of
+    64 (:func:`rows_ok`). Up to float32 rounding what ``layer_norm_rows_`` returns for the sum."""
+    lib = _get("decoder")
+    if lib is None:
+        raise RuntimeError("the native decoder kernel is not available")
+    _check_f32("update_row_stats", x, aT, u)
+    B, k, N = aT.shape
+    C = x.shape[-1]
+    if x.ndim != 3 or x.shape[0] not in (1, B) or x.shape[1] != N or tuple(u.shape) != (B, k, C) or not rows_ok(C):
+        raise ValueError(f"update_row_stats: x {tuple(x.shape)}, aT {tuple(aT.shape)}, u {tuple(u.shape)} (C a multiple of 64)")
+    mean, rstd = torch.empty(B, N), torch.empty(B, N)
+    args = (B, N, C, k, x.data_ptr(), N * C if x.shape[0] == B and B > 1 else 0, aT.data_ptr(), u.data_ptr(), float(eps),
+            mean.data_ptr(), rstd.data_ptr())
+    _run_pieces(lib, lambda p0, p1: lib.segany_update_row_stats(p0, p1, *args), B * -(-N // 256))
     return mean, rstd
 
 

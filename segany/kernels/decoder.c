@@ -283,6 +283,55 @@ int segany_layer_norm_rows(int64_t p0, int64_t p1, int64_t rows, int64_t C, floa
     return 0;
 }
 
+/* Row statistics of Y = X + A^T U without forming Y (the last image-token update of the
+   decoder, whose rows are needed only for their LayerNorm statistics): X (B or 1, N, C) with
+   x_bstride = N*C or 0, A (B, k, N), U (B, k, C); mean, rstd (B, N) as normalise_row computes
+   them from Y's values. Blocks of UR rows x ROW_CB channels stay in registers across the k
+   terms; each row's C values go to a small buffer for the two-pass statistics. Pieces p0..p1-1
+   of B * ceil(N / ROW_PIECE). Returns 0, 2 when C is not a multiple of ROW_CB, -1 when the row
+   buffer could not be allocated. */
+#define UR 4
+int segany_update_row_stats(int64_t p0, int64_t p1, int64_t B, int64_t N, int64_t C, int64_t k, const float *X,
+                            int64_t x_bstride, const float *A, const float *U, float eps, float *mean, float *rstd) {
+    if (C % ROW_CB) return 2;
+    const int64_t npc = (N + ROW_PIECE - 1) / ROW_PIECE;
+    int err = 0;
+#pragma omp parallel for schedule(static) reduction(| : err)
+    for (int64_t p = p0; p < p1; p++) {
+        int64_t b = p / npc, n_lo = (p % npc) * ROW_PIECE;
+        int64_t n_hi = n_lo + ROW_PIECE < N ? n_lo + ROW_PIECE : N;
+        float *tmp = scratch((size_t)(UR * C));
+        if (!tmp) {
+            err |= 1;
+            continue;
+        }
+        const float *Xb = X + b * x_bstride, *Ab = A + b * k * N, *Ub = U + b * k * C;
+        for (int64_t n = n_lo; n < n_hi; n += UR) {
+            int64_t rb = n_hi - n < UR ? n_hi - n : UR;
+            for (int64_t c = 0; c < C; c += ROW_CB) {
+                vf acc[UR][ROW_NV];
+                for (int64_t r = 0; r < UR; r++)
+                    for (int v = 0; v < ROW_NV; v++)
+                        acc[r][v] = r < rb ? vload(Xb + (n + r) * C + c + v * LANES) : (vf){0};
+                for (int64_t j = 0; j < k; j++) {
+                    const float *aj = Ab + j * N + n, *uj = Ub + j * C + c;
+                    vf u[ROW_NV];
+                    for (int v = 0; v < ROW_NV; v++) u[v] = vload(uj + v * LANES);
+                    for (int64_t r = 0; r < UR; r++) {
+                        float a = r < rb ? aj[r] : 0.0f;
+                        for (int v = 0; v < ROW_NV; v++) acc[r][v] += a * u[v];
+                    }
+                }
+                for (int64_t r = 0; r < rb; r++)
+                    for (int v = 0; v < ROW_NV; v++) vstore(tmp + r * C + c + v * LANES, acc[r][v]);
+            }
+            for (int64_t r = 0; r < rb; r++)
+                normalise_row(tmp + r * C, C, eps, 0, 0, 0, mean + b * N + n + r, rstd + b * N + n + r);
+        }
+    }
+    return err ? -1 : 0;
+}
+
 /* ---------------------------------------------------------------------------------------------
    Attention scores against factored image tokens (fast_decoder._factored_scores), optionally
    with the softmax over the tokens (the image->token attention's).

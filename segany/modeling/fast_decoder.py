@@ -614,6 +614,13 @@ def _layers_cached(decoder: MaskDecoder, tokens: Tensor, cache: DecoderCache):
         # The statistics are what the factored form needs; the normalised stream itself only as
         # the next layer's residual (so not after the last layer).
         B = aT.shape[0]
+        if native and i == last and B > 1:
+            # only the statistics of the last update are read: from the update's rows as they
+            # are formed, never stored (8 prompts on one thread: 11.5 vs 13.9 ms; no gain for
+            # one prompt or on two threads, where MKL's GEMM is faster than the kernel's)
+            mean, rstd = kernels.update_row_stats(keys, aT.contiguous(), u.contiguous(), ln.eps)
+            fx = _normed(fx, aT, u, mean, rstd, ln)
+            continue
         if i > 0:  # keys is this call's own stream by now
             y = keys.baddbmm_(aT.transpose(1, 2), u)
         else:
