@@ -106,6 +106,27 @@ def test_native_decoder_tail_checks_its_arguments():
 
 
 @needs_decoder_kernel
+@pytest.mark.parametrize("nh,B,t,N", [(8, 2, 7, 4096), (2, 3, 1, 37), (1, 1, 3, 5)])
+def test_native_softmax_pixels_matches_pytorch(nh, B, t, N):
+    """The token->image softmax over the pixels with its two layouts: torch.softmax's values in
+    (B, nh, t, N), times alpha in (nh, B, t, N), also when written over the scores themselves."""
+    g = torch.Generator().manual_seed(N)
+    s = torch.randn(nh, B, t, N, generator=g) * 8
+    s[0, 0, 0, : min(N, 3)] = -1e4  # far below the row's maximum: exp underflows to 0
+    alpha = torch.rand(B, N, generator=g) + 0.5
+    a = torch.softmax(s, dim=-1)
+    a_bt, w = torch.empty(B, nh, t, N), torch.empty(nh, B, t, N)
+    kernels.softmax_pixels(s, alpha, a_bt, w)
+    torch.testing.assert_close(a_bt, a.transpose(0, 1), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(w, a * alpha[None, :, None, :], rtol=1e-5, atol=1e-7)
+    inplace = s.clone()
+    kernels.softmax_pixels(inplace, alpha, torch.empty(B, nh, t, N), inplace)
+    assert torch.equal(inplace, w)
+    with pytest.raises(ValueError, match="softmax_pixels"):
+        kernels.softmax_pixels(s, alpha[:, :-1].contiguous(), a_bt, w)
+
+
+@needs_decoder_kernel
 @pytest.mark.parametrize("B,xb,N,C,k", [(8, 8, 4096, 256, 56), (3, 1, 301, 128, 9), (2, 2, 7, 64, 1)])
 def test_native_update_row_stats_match_the_formed_update(B, xb, N, C, k):
     """The LayerNorm statistics of x + aT^T u, from the rows as the kernel forms them (never

@@ -101,6 +101,8 @@ def _declare(name: str, lib: ctypes.CDLL) -> None:
         lib.segany_layer_norm_rows.argtypes = [i64, i64, i64, i64, p, p, p, f32, ctypes.c_int, p, p]
         lib.segany_update_row_stats.argtypes = [i64, i64, i64, i64, i64, i64, p, i64, p, p, f32, p, p]
         lib.segany_update_row_stats.restype = ctypes.c_int
+        lib.segany_softmax_pixels.argtypes = [i64, i64, i64, i64, i64, i64, p, p, p, p]
+        lib.segany_softmax_pixels.restype = None
         lib.segany_layer_norm_rows.restype = ctypes.c_int
         lib.segany_factored_scores.argtypes = [i64, i64, i64, i64, i64, i64, i64, i64, p, p, p, p, p, p, p, ctypes.c_int, ctypes.c_int]
         lib.segany_factored_scores.restype = None
@@ -342,6 +344,28 @@ def update_row_stats(x: torch.Tensor, aT: torch.Tensor, u: torch.Tensor, eps: fl
             mean.data_ptr(), rstd.data_ptr())
     _run_pieces(lib, lambda p0, p1: lib.segany_update_row_stats(p0, p1, *args), B * -(-N // 256))
     return mean, rstd
+
+
+def softmax_pixels(s: torch.Tensor, alpha: torch.Tensor, a_bt: torch.Tensor, w: torch.Tensor) -> None:
+    """Token->image attention over the pixels: scores s (nh, B, t, N) -> a = softmax(s, -1) into
+    a_bt laid out (B, nh, t, N), and a * alpha[b] (alpha (B, N)) into w (nh, B, t, N), which may
+    be s itself. Contiguous float32 CPU tensors. The softmax's exp is a polynomial (relative
+    error ~1e-7, as in :func:`factored_scores`)."""
+    lib = _get("decoder")
+    if lib is None:
+        raise RuntimeError("the native decoder kernel is not available")
+    _check_f32("softmax_pixels", s, alpha, a_bt, w)
+    nh, B, t, N = s.shape
+    if tuple(alpha.shape) != (B, N) or tuple(a_bt.shape) != (B, nh, t, N) or tuple(w.shape) != (nh, B, t, N):
+        raise ValueError(f"softmax_pixels: s {tuple(s.shape)}, alpha {tuple(alpha.shape)}, a_bt {tuple(a_bt.shape)}, w {tuple(w.shape)}")
+    if s.numel():
+        args = (B, nh, t, N, s.data_ptr(), alpha.data_ptr(), a_bt.data_ptr(), w.data_ptr())
+
+        def call(p0, p1):
+            lib.segany_softmax_pixels(p0, p1, *args)
+            return 0
+
+        _run_pieces(lib, call, nh * B * t)
 
 
 def rows_ok(C: int) -> bool:

@@ -382,6 +382,48 @@ static inline vf vexp(vf x) {
     return (vf)((vi)(y * scale) & ~under);
 }
 
+/* The token->image attention's softmax over the N pixels, fused with the two layouts its value
+   side reads (fast_decoder._t2i_factored): for each row (hh, b, k) of the scores s (nh, B, t, N),
+   a = softmax(s) goes to a_bt (B, nh, t, N) and a * alpha[b] to w (nh, B, t, N), which may be s
+   itself. Three passes over one row (max; exp and sum; scale), where PyTorch made a softmax, a
+   transposing copy and a product over the whole map. Pieces p0..p1-1 of nh * B * t rows. */
+void segany_softmax_pixels(int64_t p0, int64_t p1, int64_t B, int64_t nh, int64_t t, int64_t N, const float *s,
+                           const float *alpha, float *a_bt, float *w) {
+#pragma omp parallel for schedule(static)
+    for (int64_t p = p0; p < p1; p++) {
+        int64_t hh = p / (B * t), b = (p / t) % B, k = p % t;
+        const float *row = s + p * N;
+        float *arow = a_bt + ((b * nh + hh) * t + k) * N, *wrow = w + p * N;
+        const float *al = alpha + b * N;
+        vf m = (vf){0} - INFINITY;
+        for (int64_t n = 0; n < N; n += LANES) {
+            int64_t nn = N - n < LANES ? N - n : LANES;
+            vf x = nn == LANES ? vload(row + n) : load_part(row + n, nn);
+            if (nn < LANES)
+                for (int64_t l = nn; l < LANES; l++) x[l] = -INFINITY;
+            m = vselect(x > m, x, m);
+        }
+        float M = m[0];
+        for (int l = 1; l < LANES; l++) M = m[l] > M ? m[l] : M;
+        vf z = {0};
+        for (int64_t n = 0; n < N; n += LANES) {
+            int64_t nn = N - n < LANES ? N - n : LANES;
+            vf e = vexp(load_part(row + n, nn) - M);
+            if (nn < LANES)
+                for (int64_t l = nn; l < LANES; l++) e[l] = 0.0f;
+            store_part(arow + n, e, nn);
+            z += e;
+        }
+        float inv = 1.0f / vsum(z);
+        for (int64_t n = 0; n < N; n += LANES) {
+            int64_t nn = N - n < LANES ? N - n : LANES;
+            vf a = load_part(arow + n, nn) * inv;
+            store_part(arow + n, a, nn);
+            store_part(wrow + n, a * load_part(al + n, nn), nn);
+        }
+    }
+}
+
 #define SC_TB 4                 /* tokens per register block */
 #define SC_BLOCK (4 * LANES)    /* pixels per piece of work */
 

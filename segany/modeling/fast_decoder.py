@@ -413,11 +413,15 @@ def _t2i_factored(attn: Attention, q_tokens: Tensor, fx: _Factored, proj: _Layer
     h = _split_heads_scaled(attn.q_proj(q_tokens), nh)  # (nh, B*t, hd)
     hd = h.shape[-1]
     s = _factored_scores(h, attn.k_proj.weight, fx, proj.t2i_k, proj.t2i_kpe)
-    a = torch.softmax(s, dim=-1, out=_scratch_like("softmax", s.shape, s))  # (nh, B, t, N)
-    a_bt = _scratch_like("attn", (B, nh, t, N), h)  # the same in (B, nh*t, N) layout for a P^T
-    a_bt.copy_(a.transpose(0, 1))
+    a_bt = _scratch_like("attn", (B, nh, t, N), h)  # the attention in (B, nh*t, N) layout for a P^T
     # values: (a * alpha) S W_v^T + (a P^T)(Q W_v^T) + b_v
-    weighted = torch.mul(a, fx.alpha[None, :, None, :], out=_scratch_like("weighted", (nh, B, t, N), h))
+    if _native_ok(h):  # one pass: softmax, both layouts, the alpha weighting (in place of s)
+        weighted = s
+        kernels.softmax_pixels(s, fx.alpha.contiguous(), a_bt, weighted)
+    else:
+        a = torch.softmax(s, dim=-1, out=_scratch_like("softmax", s.shape, s))  # (nh, B, t, N)
+        a_bt.copy_(a.transpose(0, 1))
+        weighted = torch.mul(a, fx.alpha[None, :, None, :], out=_scratch_like("weighted", (nh, B, t, N), h))
     o = torch.bmm(weighted.view(nh, B * t, N), proj.t2i_v)  # (nh, B*t, hd)
     r = fx.P.shape[1]
     aP = torch.bmm(a_bt.view(B, nh * t, N), fx.P.transpose(1, 2))  # (B, nh*t, r)
