@@ -106,6 +106,25 @@ def test_native_decoder_tail_checks_its_arguments():
 
 
 @needs_decoder_kernel
+def test_decoder_kernels_are_used_where_built_for_avx512_or_when_asked(monkeypatch):
+    """Built with vectors as wide as the CPU's (16 floats with AVX-512, 8 with AVX2, 4 else);
+    the decoder's fast path takes them only at 16 lanes (narrower builds were slower than the
+    PyTorch code), unless SEGANY_DECODER_KERNELS says otherwise."""
+    from segany.modeling.fast_decoder import _native_ok
+
+    lanes = kernels.decoder_lanes()
+    assert lanes in (4, 8, 16)
+    monkeypatch.delenv("SEGANY_DECODER_KERNELS", raising=False)
+    x = torch.zeros(1)
+    with torch.no_grad():
+        assert kernels.decoder_preferred() == (lanes == 16) == _native_ok(x)
+        monkeypatch.setenv("SEGANY_DECODER_KERNELS", "1")
+        assert kernels.decoder_preferred() and _native_ok(x)
+        monkeypatch.setenv("SEGANY_DECODER_KERNELS", "0")
+        assert not kernels.decoder_preferred() and not _native_ok(x)
+
+
+@needs_decoder_kernel
 @pytest.mark.parametrize("nh,B,t,N", [(8, 2, 7, 4096), (2, 3, 1, 37), (1, 1, 3, 5)])
 def test_native_softmax_pixels_matches_pytorch(nh, B, t, N):
     """The token->image softmax over the pixels with its two layouts: torch.softmax's values in
@@ -347,6 +366,8 @@ def test_decoder_cache_built_for_the_kernel_also_serves_the_pytorch_path(monkeyp
     """A cache built while the native tail was usable (it keeps the upscaling base transposed)
     still gives the same masks when a later call cannot use the kernel."""
     from core_helpers import TINY_VIT
+
+    monkeypatch.setenv("SEGANY_DECODER_KERNELS", "1")  # also where this CPU's build is not preferred
     from segany.modeling import fast_decoder
     from segany.modeling.build import build_sam, randomize_
 

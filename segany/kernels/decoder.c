@@ -25,12 +25,24 @@
 
 #include "common.h"
 
-/* GCC/Clang vector extensions (16 lanes; lowered to whatever the target has). */
-typedef float vf __attribute__((vector_size(64)));
-typedef int32_t vi __attribute__((vector_size(64)));
-#define LANES 16
+/* GCC/Clang vector extensions, as wide as the target's registers: 16 lanes with AVX-512, 8 with
+   AVX/AVX2, 4 otherwise (SSE2, NEON). Wider than the registers, GCC expands every vector
+   operation piecewise: 16-lane vectors built for AVX2 made these kernels 12-43x slower. */
+#if defined(__AVX512F__)
+#define VBYTES 64
+#elif defined(__AVX__)
+#define VBYTES 32
+#else
+#define VBYTES 16
+#endif
+typedef float vf __attribute__((vector_size(VBYTES)));
+typedef int32_t vi __attribute__((vector_size(VBYTES)));
+#define LANES (VBYTES / 4)
 
 static inline vf vselect(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
+
+/* This build's vector width in floats (segany.kernels.decoder_preferred). */
+int segany_vector_lanes(void) { return LANES; }
 
 /* Exact GELU, x * Phi(x) = x * (1 + erf(x / sqrt 2)) / 2, with erf(z) = z P(z^2) / Q(z^2) on
    |z| <= 4 (Eigen's float erf; beyond, erf is +-1 in float32): 18 vector operations, half as
@@ -77,7 +89,7 @@ static void gelu_inplace(float *p, int64_t n) {
 
 /* Second conv of one output row: zT[b2][o][X] = bias[o] + sum_c W[c][b2][o] vT[c][X]. Blocks of
    OB outputs stay in registers across the c loop. */
-#define OB 16
+#define OB (VBYTES == 64 ? 16 : 8) /* (AVX2 and narrower have 16 vector registers, not 32) */
 static inline __attribute__((always_inline)) void conv2_row(const float *restrict vT, int64_t n_pad, int64_t c1,
                                                             int64_t NO, const float *restrict W,
                                                             const float *restrict bias2, float *restrict zT) {
@@ -226,7 +238,7 @@ int segany_decoder_tail(int64_t p0, int64_t p1, int64_t R, int64_t w, int64_t c1
 
    y (rows, C); g, bb (C,); mean, rstd (rows,). */
 #define ROW_NV 4                          /* independent accumulators */
-#define ROW_CB (LANES * ROW_NV)           /* channels per step (64; segany.kernels.rows_ok) */
+#define ROW_CB (LANES * ROW_NV)           /* channels per step (at most 64: segany.kernels.rows_ok) */
 #define ROW_PIECE 256                     /* rows per piece of work */
 
 static inline vf vload(const float *p) {
@@ -286,11 +298,18 @@ int segany_layer_norm_rows(int64_t p0, int64_t p1, int64_t rows, int64_t C, floa
 /* Row statistics of Y = X + A^T U without forming Y (the last image-token update of the
    decoder, whose rows are needed only for their LayerNorm statistics): X (B or 1, N, C) with
    x_bstride = N*C or 0, A (B, k, N), U (B, k, C); mean, rstd (B, N) as normalise_row computes
-   them from Y's values. Blocks of UR rows x ROW_CB channels stay in registers across the k
-   terms; each row's C values go to a small buffer for the two-pass statistics. Pieces p0..p1-1
-   of B * ceil(N / ROW_PIECE). Returns 0, 2 when C is not a multiple of ROW_CB, -1 when the row
+   them from Y's values. Blocks of UR rows x UV vectors of channels stay in registers across the
+   k terms (AVX-512: 16 of its 32 registers; AVX2 and narrower: 8 of 16);
+   each row's C values go to a small buffer for the two-pass statistics. Pieces p0..p1-1 of
+   B * ceil(N / ROW_PIECE). Returns 0, 2 when C is not a multiple of ROW_CB, -1 when the row
    buffer could not be allocated. */
+#if VBYTES == 64
 #define UR 4
+#define UV 4
+#else
+#define UR 4
+#define UV 2
+#endif
 int segany_update_row_stats(int64_t p0, int64_t p1, int64_t B, int64_t N, int64_t C, int64_t k, const float *X,
                             int64_t x_bstride, const float *A, const float *U, float eps, float *mean, float *rstd) {
     if (C % ROW_CB) return 2;
@@ -308,22 +327,22 @@ int segany_update_row_stats(int64_t p0, int64_t p1, int64_t B, int64_t N, int64_
         const float *Xb = X + b * x_bstride, *Ab = A + b * k * N, *Ub = U + b * k * C;
         for (int64_t n = n_lo; n < n_hi; n += UR) {
             int64_t rb = n_hi - n < UR ? n_hi - n : UR;
-            for (int64_t c = 0; c < C; c += ROW_CB) {
-                vf acc[UR][ROW_NV];
+            for (int64_t c = 0; c < C; c += UV * LANES) {
+                vf acc[UR][UV];
                 for (int64_t r = 0; r < UR; r++)
-                    for (int v = 0; v < ROW_NV; v++)
+                    for (int v = 0; v < UV; v++)
                         acc[r][v] = r < rb ? vload(Xb + (n + r) * C + c + v * LANES) : (vf){0};
                 for (int64_t j = 0; j < k; j++) {
                     const float *aj = Ab + j * N + n, *uj = Ub + j * C + c;
-                    vf u[ROW_NV];
-                    for (int v = 0; v < ROW_NV; v++) u[v] = vload(uj + v * LANES);
+                    vf u[UV];
+                    for (int v = 0; v < UV; v++) u[v] = vload(uj + v * LANES);
                     for (int64_t r = 0; r < UR; r++) {
                         float a = r < rb ? aj[r] : 0.0f;
-                        for (int v = 0; v < ROW_NV; v++) acc[r][v] += a * u[v];
+                        for (int v = 0; v < UV; v++) acc[r][v] += a * u[v];
                     }
                 }
                 for (int64_t r = 0; r < rb; r++)
-                    for (int v = 0; v < ROW_NV; v++) vstore(tmp + r * C + c + v * LANES, acc[r][v]);
+                    for (int v = 0; v < UV; v++) vstore(tmp + r * C + c + v * LANES, acc[r][v]);
             }
             for (int64_t r = 0; r < rb; r++)
                 normalise_row(tmp + r * C, C, eps, 0, 0, 0, mean + b * N + n + r, rstd + b * N + n + r);
@@ -425,7 +444,7 @@ void segany_softmax_pixels(int64_t p0, int64_t p1, int64_t B, int64_t nh, int64_
 }
 
 #define SC_TB 4                 /* tokens per register block */
-#define SC_BLOCK (4 * LANES)    /* pixels per piece of work */
+#define SC_BLOCK 64              /* pixels per piece of work (segany.kernels.factored_scores) */
 
 /* acc[k][v] += sum_d c[k * cs + d] * rows[d * N + n + v * LANES] for d < nd, k < kb, v < 2
    (one broadcast of a token's weight serves two vectors) */

@@ -649,11 +649,12 @@ def _first_conv_channels_last(ct1: torch.nn.ConvTranspose2d) -> Tensor:
 
 def _native_ok(x: Tensor) -> bool:
     """Whether ``x`` may go to segany's native kernels: float32 on the CPU, no autograd, not
-    traced/exported or watched by a dispatch mode, and the decoder kernels built."""
+    traced/exported or watched by a dispatch mode, and the decoder kernels built and preferred
+    on this CPU (``kernels.decoder_preferred``)."""
     return (
         x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
         and not (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export())
-        and not _dispatch_mode_active() and kernels.decoder_available()
+        and not _dispatch_mode_active() and kernels.decoder_preferred()
     )
 
 
