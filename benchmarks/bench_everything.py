@@ -89,11 +89,11 @@ def child(impl: str, config: str, side: int, size) -> dict:
         torch.set_flush_denormal(True)
     weights, image = os.environ.get("BENCH_WEIGHTS"), os.environ.get("BENCH_IMAGE")
     if weights:
-        from safetensors import safe_open
         from safetensors.torch import load_file
 
-        with safe_open(weights, "pt") as f:
-            model_config = json.loads(f.metadata()["config"])
+        from segany.checkpoints import safetensors_config
+
+        model_config = safetensors_config(weights)
         ours = build_sam(model_config).eval()
         ours.load_state_dict(load_file(weights))
     else:

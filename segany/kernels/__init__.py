@@ -160,11 +160,17 @@ def decoder_available() -> bool:
     return _get("decoder") is not None
 
 
+_lanes: Optional[int] = None  # decoder_lanes(), asked once (the fast path asks on every call)
+
+
 def decoder_lanes() -> int:
     """The decoder kernels' vector width in floats as built for this CPU (16 with AVX-512, 8 with
     AVX2, 4 otherwise); 0 when they are not built."""
-    lib = _get("decoder")
-    return int(lib.segany_vector_lanes()) if lib is not None else 0
+    global _lanes
+    if _lanes is None:
+        lib = _get("decoder")
+        _lanes = int(lib.segany_vector_lanes()) if lib is not None else 0
+    return _lanes
 
 
 def decoder_preferred() -> bool:
