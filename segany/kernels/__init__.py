@@ -300,6 +300,13 @@ class Taps:
         return counts, rows.view(torch.bool), cols.view(torch.bool)
 
 
+def _decoder_lib() -> ctypes.CDLL:
+    lib = _get("decoder")
+    if lib is None:
+        raise RuntimeError("the native decoder kernel is not available")
+    return lib
+
+
 def _check(L: torch.Tensor) -> torch.Tensor:
     if L.ndim != 3 or L.shape[1] != L.shape[2]:
         raise ValueError(f"expected (B, n, n) low-res logits, got {tuple(L.shape)}")
@@ -322,9 +329,7 @@ def decoder_tail(yT: torch.Tensor, w: int, ln_weight: torch.Tensor, ln_bias: tor
     the LayerNorm2d; w2 (2, c1, 2, c2): the second convolution's weight as [a2][c][b2][o];
     bias2 (2*c2,): its bias repeated per b2; hyper_in (B, M, c2); out (B, M, OH, 4w) float32,
     rows 4*row0 .. 4*(row0+R)-1 are written. GELU after both, as in SAM."""
-    lib = _get("decoder")
-    if lib is None:
-        raise RuntimeError("the native decoder kernel is not available")
+    lib = _decoder_lib()
     B, C4, N = yT.shape
     c1 = C4 // 4
     R = N // w
@@ -343,9 +348,7 @@ def layer_norm_rows_(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, 
     """LayerNorm over the last axis of ``y`` (..., C) in place (``normalise``) or statistics only:
     returns mean and rstd (y.shape[:-1]), as ``torch.native_layer_norm`` computes them (up to
     float32 rounding). Contiguous float32 CPU tensors; C a multiple of 64 (:func:`rows_ok`)."""
-    lib = _get("decoder")
-    if lib is None:
-        raise RuntimeError("the native decoder kernel is not available")
+    lib = _decoder_lib()
     C = y.shape[-1]
     _check_f32("layer_norm_rows_", y, weight, bias)
     if weight.numel() != C or bias.numel() != C or not rows_ok(C):
@@ -361,16 +364,14 @@ def update_row_stats(x: torch.Tensor, aT: torch.Tensor, u: torch.Tensor, eps: fl
     """LayerNorm statistics mean, rstd (B, N) of the rows of ``x + aT^T u`` without forming it:
     x (B or 1, N, C), aT (B, k, N), u (B, k, C), contiguous float32 CPU tensors, C a multiple of
     64 (:func:`rows_ok`). Up to float32 rounding what ``layer_norm_rows_`` returns for the sum."""
-    lib = _get("decoder")
-    if lib is None:
-        raise RuntimeError("the native decoder kernel is not available")
+    lib = _decoder_lib()
     _check_f32("update_row_stats", x, aT, u)
     B, k, N = aT.shape
     C = x.shape[-1]
     if x.ndim != 3 or x.shape[0] not in (1, B) or x.shape[1] != N or tuple(u.shape) != (B, k, C) or not rows_ok(C):
         raise ValueError(f"update_row_stats: x {tuple(x.shape)}, aT {tuple(aT.shape)}, u {tuple(u.shape)} (C a multiple of 64)")
     mean, rstd = torch.empty(B, N), torch.empty(B, N)
-    args = (B, N, C, k, x.data_ptr(), N * C if x.shape[0] == B and B > 1 else 0, aT.data_ptr(), u.data_ptr(), float(eps),
+    args = (B, N, C, k, x.data_ptr(), 0 if x.shape[0] == 1 else N * C, aT.data_ptr(), u.data_ptr(), float(eps),
             mean.data_ptr(), rstd.data_ptr())
     _run_pieces(lib, lambda p0, p1: lib.segany_update_row_stats(p0, p1, *args), B * -(-N // 256))
     return mean, rstd
@@ -381,9 +382,7 @@ def softmax_pixels(s: torch.Tensor, alpha: torch.Tensor, a_bt: torch.Tensor, w: 
     a_bt laid out (B, nh, t, N), and a * alpha[b] (alpha (B, N)) into w (nh, B, t, N), which may
     be s itself. Contiguous float32 CPU tensors. The softmax's exp is a polynomial (relative
     error ~1e-7, as in :func:`factored_scores`)."""
-    lib = _get("decoder")
-    if lib is None:
-        raise RuntimeError("the native decoder kernel is not available")
+    lib = _decoder_lib()
     _check_f32("softmax_pixels", s, alpha, a_bt, w)
     nh, B, t, N = s.shape
     if tuple(alpha.shape) != (B, N) or tuple(a_bt.shape) != (B, nh, t, N) or tuple(w.shape) != (nh, B, t, N):
@@ -413,9 +412,7 @@ def factored_scores(q: torch.Tensor, base: torch.Tensor, pe: torch.Tensor, alpha
     q (nh, B*t, hd), base and pe (nh, hd, N), alpha (B, N), low (B, nh, t, r), P (B, r, N); out
     (nh, B, t, N), or with ``softmax_over_tokens`` (B, nh, t, N) holding, per pixel and head, the
     softmax of the scores over the t tokens. Contiguous float32 CPU tensors. Returns ``out``."""
-    lib = _get("decoder")
-    if lib is None:
-        raise RuntimeError("the native decoder kernel is not available")
+    lib = _decoder_lib()
     nh, Bt, hd = q.shape
     B, r, N = P.shape
     t = Bt // B if B else 0
