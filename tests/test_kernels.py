@@ -247,6 +247,50 @@ def test_native_values_equal_pytorch_bit_for_bit(original):
     assert torch.equal(native.values(low[:1]), want[:1])
 
 
+def _separable_reference(L, t):
+    """The native upscale's arithmetic in PyTorch: per output value, a multiply then an add per tap,
+    columns first, in tap order."""
+    cols = L[:, :, t.cidx[:, 0]] * t.cw[:, 0]
+    for k in range(1, t.S):
+        cols = cols + L[:, :, t.cidx[:, k]] * t.cw[:, k]
+    out = cols[:, t.ridx[:, 0], :] * t.rw[:, 0, None]
+    for k in range(1, t.S):
+        out = out + cols[:, t.ridx[:, k], :] * t.rw[:, k, None]
+    return out
+
+
+@needs_kernels
+@pytest.mark.parametrize("side,original", [(256, (13, 40)), (256, (700, 30)), (64, (1000, 1500))])
+def test_native_values_for_strong_down_and_upscaling_equal_pytorch(side, original):
+    """Strong downscaling spreads a block of output columns' taps wider than one vector (the
+    kernel's scalar path), strong upscaling packs many outputs into each low-res window."""
+    input_size = ResizeLongestSide.get_preprocess_shape(*original, 4 * side)
+    up = CellUpscaler(side, 4 * side, input_size, original)
+    low = _logits(2, side, seed=3)
+    native = up.native()
+    up.prefer_native = False
+    want = up.full(low)
+    assert torch.equal(native.values(low), want)
+    assert torch.equal(native.values(low, 0.25), want > 0.25)
+
+
+@needs_kernels
+@pytest.mark.parametrize("S", [1, 2, 5])
+def test_native_taps_of_any_count_equal_their_arithmetic(S):
+    """Tap tables with as many taps as a caller gives (the fused loops cover 2-4, others the
+    general one): values and thresholded bytes as the same float32 operations in PyTorch."""
+    g = torch.Generator().manual_seed(S)
+    n_low, H, W = 40, 90, 117
+    ridx = torch.sort(torch.randint(0, n_low, (H, S), generator=g), dim=1).values
+    cidx = torch.sort(torch.randint(0, n_low, (W, S), generator=g), dim=1).values
+    rw, cw = torch.rand(H, S, generator=g), torch.rand(W, S, generator=g)
+    t = kernels.Taps(ridx, rw, cidx, cw)
+    L = torch.randn(3, n_low, n_low, generator=g)
+    want = _separable_reference(L, t)
+    assert torch.equal(t.values(L), want)
+    assert torch.equal(t.values(L, 0.1), want > 0.1)
+
+
 @needs_kernels
 @pytest.mark.parametrize("original", [(420, 600), (900, 700)])
 def test_thresholded_outputs_that_skip_decided_blocks_equal_pytorch(original):

@@ -25,20 +25,6 @@
 
 #include "common.h"
 
-/* GCC/Clang vector extensions, as wide as the target's registers: 16 lanes with AVX-512, 8 with
-   AVX/AVX2, 4 otherwise (SSE2, NEON). Wider than the registers, GCC expands every vector
-   operation piecewise: 16-lane vectors built for AVX2 made these kernels 12-43x slower. */
-#if defined(__AVX512F__)
-#define VBYTES 64
-#elif defined(__AVX__)
-#define VBYTES 32
-#else
-#define VBYTES 16
-#endif
-typedef float vf __attribute__((vector_size(VBYTES)));
-typedef int32_t vi __attribute__((vector_size(VBYTES)));
-#define LANES (VBYTES / 4)
-
 static inline vf vselect(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
 
 /* This build's vector width in floats (segany.kernels.decoder_preferred). */

@@ -12,86 +12,168 @@
    All arrays are row-major and contiguous. Tap tables: for output row y, taps s = 0..S-1 read
    low-res row ridx[y*S+s] with weight rw[y*S+s]; for output column x, taps read low-res column
    cidx[x*S+t] with weight cw[x*S+t]. */
+#include <alloca.h>
 #include <math.h>
 #include <string.h>
 
 #include "common.h"
 
-/* Column pass of low-res rows r0..r1 (inclusive) of one map L (n_low x n_low) into c
-   ((r1-r0+1) x W). Vectorised over rows: the needed block of L is transposed first (so that each
-   output column's taps read contiguous low-res columns), the result is transposed back in
-   cache-sized tiles. work: n_low*R + W*R floats. */
-static void column_pass(const float *L, int64_t n_low, int64_t r0, int64_t r1, const int64_t *cidx,
-                        const float *cw, int64_t W, int64_t S, float *c, float *work) {
-    int64_t R = r1 - r0 + 1;
-    float *Lt = work;          /* (n_low x R): Lt[j*R + r] = L[(r0+r)*n_low + j] */
-    float *cT = work + n_low * R; /* (W x R) */
-    for (int64_t r = 0; r < R; r++) {
-        const float *row = L + (r0 + r) * n_low;
-        for (int64_t j = 0; j < n_low; j++) Lt[j * R + r] = row[j];
-    }
-    for (int64_t x = 0; x < W; x++) {
-        const int64_t *ix = cidx + x * S;
-        const float *wx = cw + x * S;
-        float *o = cT + x * R;
-        const float *a = Lt + ix[0] * R;
-        float w0 = wx[0];
-        for (int64_t r = 0; r < R; r++) o[r] = a[r] * w0;
-        for (int64_t t = 1; t < S; t++) {
-            a = Lt + ix[t] * R;
-            float wt = wx[t];
-            for (int64_t r = 0; r < R; r++) {
-                float p = a[r] * wt;
-                o[r] = o[r] + p;
-            }
+/* The column taps in blocks of LANES output columns, for column_rows. An upscale's columns read
+   neighbouring low-res columns, so a block's taps fall in a window of fewer than LANES low-res
+   values starting at base[b] (fits[b]); then each tap of the block is one in-register permute of
+   that window (gathers are several times slower, and slower still on CPUs with the Gather Data
+   Sampling mitigation). idx/wt (nblk, S, LANES): the tap's offset in the window and its weight
+   (0 past W). Blocks whose taps spread wider (strong downscaling) take the scalar loop. */
+typedef struct {
+    int64_t nblk;
+    int32_t *base, *fits, *idx;
+    float *wt;
+} col_blocks;
+
+static size_t col_blocks_floats(int64_t W, int64_t S) {
+    int64_t nblk = (W + LANES - 1) / LANES;
+    return (size_t)(2 * nblk + 2 * nblk * S * LANES);
+}
+
+static col_blocks make_col_blocks(const int64_t *cidx, const float *cw, int64_t W, int64_t S, float *mem) {
+    col_blocks cb;
+    cb.nblk = (W + LANES - 1) / LANES;
+    cb.base = (int32_t *)mem;
+    cb.fits = cb.base + cb.nblk;
+    cb.idx = cb.fits + cb.nblk;
+    cb.wt = (float *)(cb.idx + cb.nblk * S * LANES);
+    for (int64_t b = 0; b < cb.nblk; b++) {
+        int64_t x0 = b * LANES, x1 = x0 + LANES < W ? x0 + LANES : W;
+        int64_t lo = cidx[x0 * S], hi = lo;
+        for (int64_t i = x0 * S; i < x1 * S; i++) {
+            lo = cidx[i] < lo ? cidx[i] : lo;
+            hi = cidx[i] > hi ? cidx[i] : hi;
         }
+        cb.base[b] = (int32_t)lo;
+        cb.fits[b] = hi - lo < LANES;
+        for (int64_t t = 0; t < S; t++)
+            for (int64_t l = 0; l < LANES; l++) {
+                int64_t x = x0 + l, o = (b * S + t) * LANES + l;
+                cb.idx[o] = x < x1 ? (int32_t)(cidx[x * S + t] - lo) : 0;
+                cb.wt[o] = x < x1 ? cw[x * S + t] : 0.0f;
+            }
     }
-    const int64_t B = 32;
-    for (int64_t x0 = 0; x0 < W; x0 += B) {
-        int64_t x1 = x0 + B < W ? x0 + B : W;
-        for (int64_t q0 = 0; q0 < R; q0 += B) {
-            int64_t q1 = q0 + B < R ? q0 + B : R;
-            for (int64_t r = q0; r < q1; r++)
-                for (int64_t x = x0; x < x1; x++) c[r * W + x] = cT[x * R + r];
+    return cb;
+}
+
+/* Column pass of low-res rows ra..rb (inclusive) of one map L (n_low x n_low), output columns
+   x0..x1-1 (x0 a multiple of LANES), into c (row ra at c, row stride W): c[x] = sum_t
+   L[r][cidx[x,t]] * cw[x,t], as a multiply then an add per tap, in tap order. row: n_low + LANES
+   floats of scratch (a low-res row padded so that every window load stays inside it). */
+static void column_rows(const float *L, int64_t n_low, int64_t ra, int64_t rb, int64_t x0, int64_t x1,
+                        const col_blocks *cb, const int64_t *cidx, const float *cw, int64_t W, int64_t S,
+                        float *c, float *row) {
+    for (int64_t l = 0; l < LANES; l++) row[n_low + l] = 0.0f;
+    for (int64_t r = ra; r <= rb; r++) {
+        const float *Lr = L + r * n_low;
+        for (int64_t j = 0; j < n_low; j++) row[j] = Lr[j];
+        float *o = c + (r - ra) * W;
+        for (int64_t b = x0 / LANES; b * LANES < x1; b++) {
+            int64_t xa = b * LANES, n = x1 - xa < LANES ? x1 - xa : LANES;
+#if defined(__GNUC__) && !defined(__clang__)
+            if (cb->fits[b]) {
+                vf win;
+                __builtin_memcpy(&win, row + cb->base[b], sizeof win);
+                const int32_t *ix = cb->idx + b * S * LANES;
+                const float *wx = cb->wt + b * S * LANES;
+                vi i0;
+                vf w0;
+                __builtin_memcpy(&i0, ix, sizeof i0);
+                __builtin_memcpy(&w0, wx, sizeof w0);
+                vf a = __builtin_shuffle(win, i0) * w0;
+                for (int64_t t = 1; t < S; t++) {
+                    vi it;
+                    vf wt;
+                    __builtin_memcpy(&it, ix + t * LANES, sizeof it);
+                    __builtin_memcpy(&wt, wx + t * LANES, sizeof wt);
+                    vf p = __builtin_shuffle(win, it) * wt;
+                    a = a + p;
+                }
+                if (n == LANES)
+                    __builtin_memcpy(o + xa, &a, sizeof a);
+                else
+                    for (int64_t l = 0; l < n; l++) o[xa + l] = a[l];
+                continue;
+            }
+#endif
+            for (int64_t x = xa; x < xa + n; x++) {
+                float a = row[cidx[x * S]] * cw[x * S];
+                for (int64_t t = 1; t < S; t++) {
+                    float p = row[cidx[x * S + t]] * cw[x * S + t];
+                    a = a + p;
+                }
+                o[x] = a;
+            }
         }
     }
 }
 
-/* column_pass restricted to low-res rows ra..rb and output columns x0..x1-1, into c (row ra at
-   c, row stride W): the same operations per value, so the same values. work: (the block's
-   low-res columns + x1 - x0) * (rb - ra + 1) floats. */
-static void column_pass_block(const float *L, int64_t n_low, int64_t ra, int64_t rb, int64_t x0, int64_t x1,
-                              const int64_t *cidx, const float *cw, int64_t W, int64_t S, float *c, float *work) {
-    int64_t R = rb - ra + 1;
-    int64_t c0 = cidx[x0 * S], c1 = c0;
-    for (int64_t i = x0 * S; i < x1 * S; i++) {
-        c0 = cidx[i] < c0 ? cidx[i] : c0;
-        c1 = cidx[i] > c1 ? cidx[i] : c1;
+/* Row pass of one output row over columns x0..x1-1: v[x] = sum_s src_s[x] * w_s with the same
+   multiply-then-add order as the column pass (src_s: the column-passed low-res row of tap s),
+   stored to v (if given) and thresholded into ob (if given). One fused loop for S a constant. */
+#define ROW_TAPS(S_)                                                                                       \
+    static void row_values_##S_(const float *const *src, const float *wy, int64_t x0, int64_t x1,           \
+                                float *restrict v, uint8_t *restrict ob, float t) {                       \
+        float w[S_];                                                                                      \
+        const float *restrict s[S_];                                                                      \
+        for (int64_t k = 0; k < S_; k++) {                                                                \
+            w[k] = wy[k];                                                                                 \
+            s[k] = src[k];                                                                                \
+        }                                                                                                 \
+        if (v && ob) {                                                                                    \
+            for (int64_t x = x0; x < x1; x++) {                                                           \
+                float a = s[0][x] * w[0];                                                                 \
+                for (int64_t k = 1; k < S_; k++) {                                                        \
+                    float p = s[k][x] * w[k];                                                             \
+                    a = a + p;                                                                            \
+                }                                                                                         \
+                v[x] = a;                                                                                 \
+                ob[x] = a > t;                                                                            \
+            }                                                                                             \
+        } else if (ob) {                                                                                  \
+            for (int64_t x = x0; x < x1; x++) {                                                           \
+                float a = s[0][x] * w[0];                                                                 \
+                for (int64_t k = 1; k < S_; k++) {                                                        \
+                    float p = s[k][x] * w[k];                                                             \
+                    a = a + p;                                                                            \
+                }                                                                                         \
+                ob[x] = a > t;                                                                            \
+            }                                                                                             \
+        } else {                                                                                          \
+            for (int64_t x = x0; x < x1; x++) {                                                           \
+                float a = s[0][x] * w[0];                                                                 \
+                for (int64_t k = 1; k < S_; k++) {                                                        \
+                    float p = s[k][x] * w[k];                                                             \
+                    a = a + p;                                                                            \
+                }                                                                                         \
+                v[x] = a;                                                                                 \
+            }                                                                                             \
+        }                                                                                                 \
     }
-    float *Lt = work;                  /* ((c1-c0+1) x R) */
-    float *cT = work + (c1 - c0 + 1) * R; /* ((x1-x0) x R) */
-    for (int64_t r = 0; r < R; r++) {
-        const float *row = L + (ra + r) * n_low;
-        for (int64_t j = c0; j <= c1; j++) Lt[(j - c0) * R + r] = row[j];
+ROW_TAPS(2)
+ROW_TAPS(3)
+ROW_TAPS(4)
+
+static void row_values(const float *const *src, const float *wy, int64_t S, int64_t x0, int64_t x1, float *v,
+                       uint8_t *ob, float t) {
+    switch (S) {
+        case 2: row_values_2(src, wy, x0, x1, v, ob, t); return;
+        case 3: row_values_3(src, wy, x0, x1, v, ob, t); return;
+        case 4: row_values_4(src, wy, x0, x1, v, ob, t); return;
     }
-    for (int64_t x = x0; x < x1; x++) {
-        const int64_t *ix = cidx + x * S;
-        const float *wx = cw + x * S;
-        float *o = cT + (x - x0) * R;
-        const float *a = Lt + (ix[0] - c0) * R;
-        float w0 = wx[0];
-        for (int64_t r = 0; r < R; r++) o[r] = a[r] * w0;
-        for (int64_t t = 1; t < S; t++) {
-            a = Lt + (ix[t] - c0) * R;
-            float wt = wx[t];
-            for (int64_t r = 0; r < R; r++) {
-                float p = a[r] * wt;
-                o[r] = o[r] + p;
-            }
+    for (int64_t x = x0; x < x1; x++) v[x] = src[0][x] * wy[0];
+    for (int64_t k = 1; k < S; k++)
+        for (int64_t x = x0; x < x1; x++) {
+            float p = src[k][x] * wy[k];
+            v[x] = v[x] + p;
         }
-    }
-    for (int64_t r = 0; r < R; r++)
-        for (int64_t x = x0; x < x1; x++) c[r * W + x] = cT[(x - x0) * R + r];
+    if (ob)
+        for (int64_t x = x0; x < x1; x++) ob[x] = v[x] > t;
 }
 
 /* Columns per block of the row pass's skip test (see segany_upscale_rows). */
@@ -194,13 +276,15 @@ int segany_upscale_rows(const float *L, int64_t n_low, const int64_t *ridx, cons
     int64_t nb = (W + XB - 1) / XB, ny = y1 - y0;
     skip = skip && !out_f && W >= 2 * n_low; /* (a block of a shrinking map reads too many low-res values) */
     size_t extra = skip ? (size_t)(2 * R * nb + 2 * nb + (ny * nb + R * nb) / 4 + 2) : 0;
-    float *c = scratch((size_t)(R * W + W + n_low * R + W * R) + extra);
+    float *c = scratch((size_t)(R * W + W + n_low + LANES) + col_blocks_floats(W, S) + extra);
     if (!c) return -1;
     float *v = c + R * W; /* one output row */
-    float *work = v + W;
+    float *lrow = v + W;  /* one low-res row, padded (column_rows) */
+    float *cbm = lrow + n_low + LANES;
+    col_blocks cb = make_col_blocks(cidx, cw, W, S, cbm);
     int need_mid = out_b || row_any || col_any;
     uint8_t *codes = 0;
-    float *bmin = work + n_low * R + W * R, *bmax = bmin + R * nb, *lo = bmax + R * nb, *hi = lo + nb;
+    float *bmin = cbm + col_blocks_floats(W, S), *bmax = bmin + R * nb, *lo = bmax + R * nb, *hi = lo + nb;
     if (skip) {
         /* a sample of rows first: where few blocks are decided (noisy logits) the test costs more
            than it saves */
@@ -215,7 +299,7 @@ int segany_upscale_rows(const float *L, int64_t n_low, const int64_t *ridx, cons
         skip = 4 * open < 3 * seen;
     }
     if (!skip) {
-        column_pass(L, n_low, r0, r1, cidx, cw, W, S, c, work);
+        column_rows(L, n_low, r0, r1, 0, W, &cb, cidx, cw, W, S, c, lrow);
     } else {
         /* every row's block codes first, then the column pass only where a row computes values */
         uint8_t *need = codes + ny * nb;
@@ -235,7 +319,7 @@ int segany_upscale_rows(const float *L, int64_t n_low, const int64_t *ridx, cons
                 }
         }
         if (2 * open > ny * nb) { /* mostly undecided (noisy logits): one pass is cheaper */
-            column_pass(L, n_low, r0, r1, cidx, cw, W, S, c, work);
+            column_rows(L, n_low, r0, r1, 0, W, &cb, cidx, cw, W, S, c, lrow);
         } else {
             for (int64_t j = 0; j < nb; j++) {
                 int64_t ra = -1, rb = -1;
@@ -246,12 +330,13 @@ int segany_upscale_rows(const float *L, int64_t n_low, const int64_t *ridx, cons
                     }
                 if (ra >= 0) {
                     int64_t x0 = j * XB, x1 = x0 + XB < W ? x0 + XB : W;
-                    column_pass_block(L, n_low, r0 + ra, r0 + rb, x0, x1, cidx, cw, W, S, c + ra * W, work);
+                    column_rows(L, n_low, r0 + ra, r0 + rb, x0, x1, &cb, cidx, cw, W, S, c + ra * W, lrow);
                 }
             }
         }
     }
     int64_t n_hi = 0, n_lo = 0;
+    const float **sp = (const float **)alloca(sizeof(float *) * (size_t)S); /* the row taps' rows of c */
     for (int64_t y = y0; y < y1; y++) {
         const int64_t *iy = ridx + y * S;
         const float *wy = rw + y * S;
@@ -276,39 +361,24 @@ int segany_upscale_rows(const float *L, int64_t n_low, const int64_t *ridx, cons
                 n_lo += ((cj - 1) & 4) ? n : 0;
                 continue;
             }
-            const float *src = c + (iy[0] - r0) * W;
-            float w0 = wy[0];
-            for (int64_t x = x0; x < x1; x++) v[x] = src[x] * w0;
-            for (int64_t s = 1; s < S; s++) {
-                src = c + (iy[s] - r0) * W;
-                float ws = wy[s];
-                for (int64_t x = x0; x < x1; x++) {
-                    float p = src[x] * ws;
-                    v[x] = v[x] + p;
-                }
-            }
-            if (out_f) {
-                float *o = out_f + k * W;
-                for (int64_t x = x0; x < x1; x++) o[x] = v[x];
-            }
-            if (out_b) {
-                uint8_t *o = out_b + k * W;
-                for (int64_t x = x0; x < x1; x++) o[x] = v[x] > t_mid;
-            }
+            for (int64_t s = 0; s < S; s++) sp[s] = c + (iy[s] - r0) * W;
+            /* values to out_f's row, else to v where a statistic reads them (or S has no fused loop) */
+            float *vals = out_f ? out_f + k * W : (counts || col_any || row_any || S < 2 || S > 4) ? v : 0;
+            row_values(sp, wy, S, x0, x1, vals, out_b ? out_b + k * W : 0, t_mid);
             if (counts) {
                 int32_t a = 0, b = 0;
                 for (int64_t x = x0; x < x1; x++) {
-                    a += v[x] > t_hi;
-                    b += v[x] > t_lo;
+                    a += vals[x] > t_hi;
+                    b += vals[x] > t_lo;
                 }
                 n_hi += a;
                 n_lo += b;
             }
             if (col_any) {
-                for (int64_t x = x0; x < x1; x++) col_any[x] |= v[x] > t_mid;
+                for (int64_t x = x0; x < x1; x++) col_any[x] |= vals[x] > t_mid;
             }
             if (row_any) {
-                for (int64_t x = x0; x < x1; x++) any += v[x] > t_mid;
+                for (int64_t x = x0; x < x1; x++) any += vals[x] > t_mid;
             }
         }
         if (row_any) row_any[k] = any > 0;
