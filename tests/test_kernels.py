@@ -99,10 +99,16 @@ def test_native_decoder_tail_checks_its_arguments():
     ln = dec.output_upscaling[1]
     yT = torch.zeros(1, 32, 4 * 5)
     out = torch.zeros(1, 2, 16, 20)
+    b1 = dec.output_upscaling[0].bias.detach()
+    args = (ln.weight.detach(), ln.bias.detach(), ln.eps, w2.detach(), b2.detach())
     with pytest.raises(ValueError, match="inconsistent shapes"):
-        kernels.decoder_tail(yT, 5, ln.weight.detach(), ln.bias.detach(), ln.eps, w2.detach(), b2.detach(), torch.zeros(1, 3, 4), out, 0)
+        kernels.decoder_tail(yT, 5, *args, torch.zeros(1, 3, 4), out, 0, b1)
     with pytest.raises(ValueError, match="contiguous float32"):
-        kernels.decoder_tail(yT.double(), 5, ln.weight.detach(), ln.bias.detach(), ln.eps, w2.detach(), b2.detach(), torch.zeros(1, 2, 4), out, 0)
+        kernels.decoder_tail(yT.double(), 5, *args, torch.zeros(1, 2, 4), out, 0, b1)
+    with pytest.raises(ValueError, match="base"):  # a per-image part without its row scales
+        kernels.decoder_tail(yT, 5, *args, torch.zeros(1, 2, 4), out, 0, b1, base=torch.zeros(32, 20))
+    with pytest.raises(ValueError, match="base"):  # columns not contiguous
+        kernels.decoder_tail(yT, 5, *args, torch.zeros(1, 2, 4), out, 0, b1, base=torch.zeros(20, 32).t(), alpha=torch.ones(1, 20))
 
 
 @needs_decoder_kernel

@@ -98,7 +98,7 @@ def _declare(name: str, lib: ctypes.CDLL) -> None:
         lib.segany_upscale_batch.argtypes = [i64, i64, i64, i64, p, i64, p, p, i64, p, p, i64, i64, f32, f32, f32, p, p, p, p, p, ctypes.c_int]
         lib.segany_upscale_batch.restype = ctypes.c_int
     else:
-        lib.segany_decoder_tail.argtypes = [i64, i64, i64, i64, i64, i64, i64, p, p, p, f32, p, p, p, p, i64, i64]
+        lib.segany_decoder_tail.argtypes = [i64, i64, i64, i64, i64, i64, i64, p, p, p, i64, p, i64, p, p, f32, p, p, p, p, i64, i64]
         lib.segany_decoder_tail.restype = ctypes.c_int
         lib.segany_layer_norm_rows.argtypes = [i64, i64, i64, i64, p, p, p, f32, ctypes.c_int, p, p]
         lib.segany_update_row_stats.argtypes = [i64, i64, i64, i64, i64, i64, p, i64, p, p, f32, p, p]
@@ -321,25 +321,39 @@ def _check_f32(kernel: str, *ts: torch.Tensor) -> None:
 
 
 def decoder_tail(yT: torch.Tensor, w: int, ln_weight: torch.Tensor, ln_bias: torch.Tensor, eps: float,
-                 w2: torch.Tensor, bias2: torch.Tensor, hyper_in: torch.Tensor, out: torch.Tensor, row0: int) -> None:
-    """The mask decoder's output upscaling after its first transposed convolution, into ``out``.
+                 w2: torch.Tensor, bias2: torch.Tensor, hyper_in: torch.Tensor, out: torch.Tensor, row0: int,
+                 bias1: torch.Tensor, base: Optional[torch.Tensor] = None, alpha: Optional[torch.Tensor] = None) -> None:
+    """The mask decoder's output upscaling after its first transposed convolution's GEMM, into ``out``.
 
-    yT (B, 4*c1, R*w): the first convolution's output (bias included) for R embedding rows of
-    width w, channels ordered (a, bb, c) for the 2x2 sub-pixel (a, bb); ln_weight/ln_bias (c1,):
-    the LayerNorm2d; w2 (2, c1, 2, c2): the second convolution's weight as [a2][c][b2][o];
-    bias2 (2*c2,): its bias repeated per b2; hyper_in (B, M, c2); out (B, M, OH, 4w) float32,
-    rows 4*row0 .. 4*(row0+R)-1 are written. GELU after both, as in SAM."""
+    yT (B, 4*c1, R*w): the first convolution's product for R embedding rows of width w, without
+    its bias, channels ordered (a, bb, c) for the 2x2 sub-pixel (a, bb); bias1 (c1,) its bias,
+    added here; base (4*c1, R*w), optional, any row stride: a per-image part of the first
+    convolution's output, added here times alpha (B, R*w; the factored image tokens' row scales,
+    see ``segany.modeling.fast_decoder``), so that the first convolution's output is
+    ``yT + (bias1 + base * alpha)``; ln_weight/ln_bias (c1,): the LayerNorm2d; w2 (2, c1, 2, c2):
+    the second convolution's weight as [a2][c][b2][o]; bias2 (2*c2,): its bias repeated per b2;
+    hyper_in (B, M, c2); out (B, M, OH, 4w) float32, rows 4*row0 .. 4*(row0+R)-1 are written.
+    GELU after both, as in SAM."""
     lib = _decoder_lib()
     B, C4, N = yT.shape
     c1 = C4 // 4
     R = N // w
     M, c2 = hyper_in.shape[1:]
-    _check_f32("decoder_tail", yT, ln_weight, ln_bias, w2, bias2, hyper_in, out)
+    _check_f32("decoder_tail", yT, ln_weight, ln_bias, w2, bias2, hyper_in, out, bias1)
     if R * w != N or tuple(w2.shape) != (2, c1, 2, c2) or bias2.numel() != 2 * c2 or out.shape[:2] != (B, M) \
-            or out.shape[3] != 4 * w or out.shape[2] < 4 * (row0 + R) or hyper_in.shape[0] != B:
+            or out.shape[3] != 4 * w or out.shape[2] < 4 * (row0 + R) or hyper_in.shape[0] != B or bias1.numel() != c1:
         raise ValueError("decoder_tail: inconsistent shapes")
-    args = (R, w, c1, c2, M, yT.data_ptr(), ln_weight.data_ptr(), ln_bias.data_ptr(), float(eps), w2.data_ptr(),
-            bias2.data_ptr(), hyper_in.data_ptr(), out.data_ptr(), row0, out.shape[2])
+    base_ptr, base_stride, alpha_ptr, alpha_stride = None, 0, None, 0
+    if base is not None:
+        if alpha is None or tuple(base.shape) != (C4, N) or tuple(alpha.shape) != (B, N) \
+                or base.stride(1) != 1 or alpha.stride(1) != 1:
+            raise ValueError("decoder_tail: base (4*c1, R*w) and alpha (B, R*w) with unit column strides")
+        if base.dtype != torch.float32 or alpha.dtype != torch.float32 or base.device.type != "cpu" or alpha.device.type != "cpu":
+            raise ValueError("decoder_tail needs float32 CPU tensors")
+        base_ptr, base_stride, alpha_ptr, alpha_stride = base.data_ptr(), base.stride(0), alpha.data_ptr(), alpha.stride(0)
+    args = (R, w, c1, c2, M, yT.data_ptr(), bias1.data_ptr(), base_ptr, base_stride, alpha_ptr, alpha_stride,
+            ln_weight.data_ptr(), ln_bias.data_ptr(), float(eps), w2.data_ptr(), bias2.data_ptr(), hyper_in.data_ptr(),
+            out.data_ptr(), row0, out.shape[2])
     _run_pieces(lib, lambda p0, p1: lib.segany_decoder_tail(p0, p1, *args), B * R)
 
 

@@ -15,8 +15,12 @@
    1.4e-6). Differences are float32 rounding (tests/test_kernels.py).
 
    Layouts (row-major, contiguous):
-     y    (B, R, w, 2, 2, c1)  first-conv output, bias included: embedding row i, column j, then
-                               the 2x2 sub-pixel (a, bb) -> first-conv pixel (2i+a, 2j+bb)
+     yT   (B, 2, 2, c1, R*w)   first-conv GEMM output without its bias, channel-major: sub-pixel
+                               (a, bb) of embedding pixel (i, j) -> first-conv pixel (2i+a, 2j+bb)
+     bias1 (c1,)               first-conv bias, added here
+     base (2, 2, c1, R*w)      optional (row stride base_stride): a per-image part of the first
+                               conv's output, added here times alpha (B, R*w; row stride
+                               alpha_stride), the factored image tokens' row scales
      w2   (2, c1, 2, c2)       second conv weight as [a2][c][b2][o]
      b2   (2, c2)              its bias, once per b2
      hyp  (B, M, c2)           hypernetwork outputs of the requested mask tokens
@@ -119,6 +123,7 @@ static inline vf load_part(const float *p, int64_t n) {
    work: n_pad * (c1 + 2*c2 + 2) floats, n_pad = 2*w_pad. */
 static inline __attribute__((always_inline)) void tail_row(
     const float *restrict yT, int64_t N, int64_t i, int64_t w, int64_t c1, int64_t c2, int64_t M,
+    const float *restrict bias1, const float *restrict base, int64_t base_stride, const float *restrict alpha,
     const float *restrict ln_w, const float *restrict ln_b, float eps, const float *restrict w2,
     const float *restrict bias2, const float *restrict hyp, float *restrict out, int64_t out_plane,
     float *restrict work) {
@@ -132,22 +137,41 @@ static inline __attribute__((always_inline)) void tail_row(
         /* LayerNorm2d over channels, LANES pixels at a time */
         for (int64_t bb = 0; bb < 2; bb++) {
             const float *src = yT + (a * 2 + bb) * c1 * N + i * w;
+            const float *bs = base ? base + (a * 2 + bb) * c1 * base_stride + i * w : 0;
             for (int64_t j0 = 0; j0 < w_pad; j0 += LANES) {
                 int64_t n = w - j0;
+                float *dst = vT + bb * w_pad + j0;
+                /* the first conv's output: the GEMM's part plus the bias (and the per-image part) */
                 vf s = {0};
-                for (int64_t c = 0; c < c1; c++) s += load_part(src + c * N + j0, n);
+                if (bs) {
+                    vf al = load_part(alpha + i * w + j0, n);
+                    for (int64_t c = 0; c < c1; c++) {
+                        vf x = load_part(src + c * N + j0, n) + (bias1[c] + load_part(bs + c * base_stride + j0, n) * al);
+                        __builtin_memcpy(dst + c * n_pad, &x, sizeof x);
+                        s += x;
+                    }
+                } else {
+                    for (int64_t c = 0; c < c1; c++) {
+                        vf x = load_part(src + c * N + j0, n) + bias1[c];
+                        __builtin_memcpy(dst + c * n_pad, &x, sizeof x);
+                        s += x;
+                    }
+                }
                 vf mean = s * inv_c1;
                 vf ss = {0};
                 for (int64_t c = 0; c < c1; c++) {
-                    vf e = load_part(src + c * N + j0, n) - mean;
+                    vf e;
+                    __builtin_memcpy(&e, dst + c * n_pad, sizeof e);
+                    e -= mean;
                     ss += e * e;
                 }
                 vf var = ss * inv_c1 + eps;
                 vf rstd;
                 for (int64_t l = 0; l < LANES; l++) rstd[l] = 1.0f / sqrtf(var[l]);
-                float *dst = vT + bb * w_pad + j0;
                 for (int64_t c = 0; c < c1; c++) {
-                    vf x = (load_part(src + c * N + j0, n) - mean) * rstd * ln_w[c] + ln_b[c];
+                    vf x;
+                    __builtin_memcpy(&x, dst + c * n_pad, sizeof x);
+                    x = (x - mean) * rstd * ln_w[c] + ln_b[c];
                     __builtin_memcpy(dst + c * n_pad, &x, sizeof x);
                 }
             }
@@ -186,8 +210,9 @@ static inline __attribute__((always_inline)) void tail_row(
 /* Pieces p0..p1-1 of B*R (prompt b, embedding row i of this call's R rows); yT (B, 4*c1, R*w);
    out rows 4*(row0+i).. of (B, M, OH, 4w). Returns 0, or 1 when out of memory. */
 int segany_decoder_tail(int64_t p0, int64_t p1, int64_t R, int64_t w, int64_t c1, int64_t c2, int64_t M,
-                        const float *yT, const float *ln_w, const float *ln_b, float eps, const float *w2,
-                        const float *b2, const float *hyp, float *out, int64_t row0, int64_t OH) {
+                        const float *yT, const float *bias1, const float *base, int64_t base_stride,
+                        const float *alpha, int64_t alpha_stride, const float *ln_w, const float *ln_b, float eps,
+                        const float *w2, const float *b2, const float *hyp, float *out, int64_t row0, int64_t OH) {
     int err = 0;
     const int64_t N = R * w, n_pad = 2 * ((w + LANES - 1) / LANES * LANES);
 #pragma omp parallel for schedule(static) reduction(| : err)
@@ -201,14 +226,15 @@ int segany_decoder_tail(int64_t p0, int64_t p1, int64_t R, int64_t w, int64_t c1
         const float *yb = yT + b * 4 * c1 * N;
         float *op = out + b * M * OH * 4 * w + (row0 + i) * 4 * 4 * w;
         const float *hp = hyp + b * M * c2;
+        const float *ab = base ? alpha + b * alpha_stride : 0;
         int64_t plane = OH * 4 * w;
         /* constant channel counts let the compiler unroll the channel loops */
         if (c1 == 64 && c2 == 32)
-            tail_row(yb, N, i, w, 64, 32, M, ln_w, ln_b, eps, w2, b2, hp, op, plane, work);
+            tail_row(yb, N, i, w, 64, 32, M, bias1, base, base_stride, ab, ln_w, ln_b, eps, w2, b2, hp, op, plane, work);
         else if (c1 == 32 && c2 == 16)
-            tail_row(yb, N, i, w, 32, 16, M, ln_w, ln_b, eps, w2, b2, hp, op, plane, work);
+            tail_row(yb, N, i, w, 32, 16, M, bias1, base, base_stride, ab, ln_w, ln_b, eps, w2, b2, hp, op, plane, work);
         else
-            tail_row(yb, N, i, w, c1, c2, M, ln_w, ln_b, eps, w2, b2, hp, op, plane, work);
+            tail_row(yb, N, i, w, c1, c2, M, bias1, base, base_stride, ab, ln_w, ln_b, eps, w2, b2, hp, op, plane, work);
     }
     return err;
 }
