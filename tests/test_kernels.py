@@ -152,6 +152,21 @@ def test_native_softmax_pixels_matches_pytorch(nh, B, t, N):
 
 
 @needs_decoder_kernel
+@pytest.mark.parametrize("nh,B,t,N", [(8, 1, 7, 4096), (8, 5, 7, 300), (2, 2, 1, 13)])
+def test_native_softmax_tokens_matches_pytorch(nh, B, t, N):
+    """The image->token softmax over the tokens, (nh, B, t, N) scores into the (B, nh, t, N)
+    layout: torch.softmax's values, with pixel counts that fill no whole vector or piece."""
+    g = torch.Generator().manual_seed(N + t)
+    s = torch.randn(nh, B, t, N, generator=g) * 8
+    s[0, 0, 0, : min(N, 3)] = -1e4  # far below the others: exp underflows to 0
+    out = torch.empty(B, nh, t, N)
+    assert kernels.softmax_tokens(s, out) is out
+    torch.testing.assert_close(out, torch.softmax(s, dim=2).transpose(0, 1), rtol=1e-5, atol=1e-7)
+    with pytest.raises(ValueError, match="softmax_tokens"):
+        kernels.softmax_tokens(s, torch.empty(nh, B, t, N) if nh != B else torch.empty(1))
+
+
+@needs_decoder_kernel
 @pytest.mark.parametrize("B,xb,N,C,k", [(8, 8, 4096, 256, 56), (3, 1, 301, 128, 9), (2, 2, 7, 64, 1)])
 def test_native_update_row_stats_match_the_formed_update(B, xb, N, C, k):
     """The LayerNorm statistics of x + aT^T u, from the rows as the kernel forms them (never

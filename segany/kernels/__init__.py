@@ -105,6 +105,8 @@ def _declare(name: str, lib: ctypes.CDLL) -> None:
         lib.segany_update_row_stats.restype = ctypes.c_int
         lib.segany_softmax_pixels.argtypes = [i64, i64, i64, i64, i64, i64, p, p, p, p]
         lib.segany_softmax_pixels.restype = None
+        lib.segany_softmax_tokens.argtypes = [i64, i64, i64, i64, i64, i64, p, p]
+        lib.segany_softmax_tokens.restype = None
         lib.segany_vector_lanes.restype = ctypes.c_int
         lib.segany_layer_norm_rows.restype = ctypes.c_int
         lib.segany_factored_scores.argtypes = [i64, i64, i64, i64, i64, i64, i64, i64, p, p, p, p, p, p, p, ctypes.c_int, ctypes.c_int]
@@ -409,6 +411,26 @@ def softmax_pixels(s: torch.Tensor, alpha: torch.Tensor, a_bt: torch.Tensor, w: 
             return 0
 
         _run_pieces(lib, call, nh * B * t)
+
+
+def softmax_tokens(s: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Image->token attention over the tokens: scores s (nh, B, t, N) -> out (B, nh, t, N), per
+    pixel and head the softmax over the t tokens. Contiguous float32 CPU tensors; the exp as in
+    :func:`softmax_pixels`. Returns ``out``."""
+    lib = _decoder_lib()
+    _check_f32("softmax_tokens", s, out)
+    nh, B, t, N = s.shape
+    if tuple(out.shape) != (B, nh, t, N):
+        raise ValueError(f"softmax_tokens: s {tuple(s.shape)}, out {tuple(out.shape)}")
+    if s.numel():
+        args = (nh, B, t, N, s.data_ptr(), out.data_ptr())
+
+        def call(p0, p1):
+            lib.segany_softmax_tokens(p0, p1, *args)
+            return 0
+
+        _run_pieces(lib, call, nh * B * -(-N // 256))
+    return out
 
 
 def rows_ok(C: int) -> bool:

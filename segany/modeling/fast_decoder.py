@@ -306,9 +306,11 @@ def _i2t_cached(attn: Attention, q_cols: Tensor, k_tokens: Tensor, v_tokens: Ten
 def _softmax_over_tokens(s: Tensor) -> Tensor:
     """Scores (heads, B, t, N) -> attention over the t tokens, laid out (B, heads*t, N)."""
     nh, B, t, N = s.shape
+    aT = _scratch_like("aT", (B, nh, t, N), s)
+    if _native_ok(s) and s.is_contiguous():  # one pass (a click's: 0.05 vs 0.22 ms)
+        return kernels.softmax_tokens(s, aT).view(B, nh * t, N)
     # (a softmax written straight into a permuted ``out`` goes through a fresh temporary)
     a = torch.softmax(s, dim=2, out=_scratch_like("softmax", s.shape, s))
-    aT = _scratch_like("aT", (B, nh, t, N), s)
     aT.copy_(a.transpose(0, 1))
     return aT.view(B, nh * t, N)
 
