@@ -546,7 +546,8 @@ void segany_factored_scores(int64_t p0, int64_t p1, int64_t B, int64_t nh, int64
     const int64_t nblk = (N + SC_BLOCK - 1) / SC_BLOCK;
 #pragma omp parallel for schedule(static)
     for (int64_t p = p0; p < p1; p++) {
-        int64_t b = p / nblk, n0 = (p % nblk) * SC_BLOCK;
+        /* prompts inner: a block's image-side rows (base, pe) stay in the cache across prompts */
+        int64_t b = p % B, n0 = (p / B) * SC_BLOCK;
         int64_t n1 = n0 + SC_BLOCK < N ? n0 + SC_BLOCK : N;
         int64_t nfull = (n1 - n0) / LANES;
         const float *al = alpha + b * N, *Pb = P + b * r * N;
