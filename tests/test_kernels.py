@@ -213,6 +213,15 @@ def test_native_layer_norm_rows_matches_pytorch(shape):
         kernels.layer_norm_rows_(torch.zeros(4, 48), torch.ones(48), torch.zeros(48), 1e-5)
     with pytest.raises(ValueError, match="contiguous float32"):
         kernels.layer_norm_rows_(y.double(), w, b, 1e-5)
+    # a residual added in the same pass, repeating over the leading rows (one per prompt)
+    base = torch.randn((1,) + tuple(shape[-2:]) if len(shape) == 3 else shape, generator=g)
+    want2, mean2, _ = torch.native_layer_norm(y + base, (C,), w, b, 1e-5)
+    got2 = y.clone()
+    m3, _ = kernels.layer_norm_rows_(got2, w, b, 1e-5, add=base)
+    assert (got2 - want2).abs().max().item() <= 1e-5
+    torch.testing.assert_close(m3, mean2.squeeze(-1), rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="repeat"):
+        kernels.layer_norm_rows_(y.clone(), w, b, 1e-5, add=torch.zeros(3, C) if shape[0] % 3 else torch.zeros(7, C))
 
 
 @needs_decoder_kernel

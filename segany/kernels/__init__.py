@@ -100,7 +100,7 @@ def _declare(name: str, lib: ctypes.CDLL) -> None:
     else:
         lib.segany_decoder_tail.argtypes = [i64, i64, i64, i64, i64, i64, i64, p, p, p, i64, p, i64, p, p, f32, p, p, p, p, i64, i64]
         lib.segany_decoder_tail.restype = ctypes.c_int
-        lib.segany_layer_norm_rows.argtypes = [i64, i64, i64, i64, p, p, p, f32, ctypes.c_int, p, p]
+        lib.segany_layer_norm_rows.argtypes = [i64, i64, i64, i64, p, p, i64, p, p, f32, ctypes.c_int, p, p]
         lib.segany_update_row_stats.argtypes = [i64, i64, i64, i64, i64, i64, p, i64, p, p, f32, p, p]
         lib.segany_update_row_stats.restype = ctypes.c_int
         lib.segany_softmax_pixels.argtypes = [i64, i64, i64, i64, i64, i64, p, p, p, p]
@@ -360,18 +360,28 @@ def decoder_tail(yT: torch.Tensor, w: int, ln_weight: torch.Tensor, ln_bias: tor
 
 
 def layer_norm_rows_(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
-                     normalise: bool = True) -> Tuple[torch.Tensor, torch.Tensor]:
+                     normalise: bool = True, add: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """LayerNorm over the last axis of ``y`` (..., C) in place (``normalise``) or statistics only:
     returns mean and rstd (y.shape[:-1]), as ``torch.native_layer_norm`` computes them (up to
-    float32 rounding). Contiguous float32 CPU tensors; C a multiple of 64 (:func:`rows_ok`)."""
+    float32 rounding). ``add`` (optional; (..., C) whose rows repeat over y's, e.g. (1, N, C) for
+    y (B, N, C)) is first added to ``y`` in place, in the same pass. Contiguous float32 CPU
+    tensors; C a multiple of 64 (:func:`rows_ok`)."""
     lib = _decoder_lib()
     C = y.shape[-1]
     _check_f32("layer_norm_rows_", y, weight, bias)
     if weight.numel() != C or bias.numel() != C or not rows_ok(C):
         raise ValueError(f"layer_norm_rows_: {C} channels, weight {weight.numel()}, bias {bias.numel()} (C a multiple of 64)")
     rows = y.numel() // C
+    add_ptr, add_rows = None, 1
+    if add is not None:
+        _check_f32("layer_norm_rows_", add)
+        add_rows = add.numel() // C if C else 0
+        if add.shape[-1] != C or add_rows == 0 or rows % add_rows:
+            raise ValueError(f"layer_norm_rows_: add {tuple(add.shape)} does not repeat over y {tuple(y.shape)}")
+        add_ptr = add.data_ptr()
     mean, rstd = torch.empty(y.shape[:-1]), torch.empty(y.shape[:-1])
-    args = (rows, C, y.data_ptr(), weight.data_ptr(), bias.data_ptr(), float(eps), int(normalise), mean.data_ptr(), rstd.data_ptr())
+    args = (rows, C, y.data_ptr(), add_ptr, add_rows, weight.data_ptr(), bias.data_ptr(), float(eps), int(normalise),
+            mean.data_ptr(), rstd.data_ptr())
     _run_pieces(lib, lambda p0, p1: lib.segany_layer_norm_rows(p0, p1, *args), -(-rows // 256))
     return mean, rstd
 

@@ -294,15 +294,24 @@ static void normalise_row(const float *y, int64_t C, float eps, const float *g, 
 }
 
 /* Pieces p0..p1-1 of ceil(rows / ROW_PIECE). C must be a multiple of ROW_CB (else 2 is
-   returned and nothing is written). normalise: 1 -> y is overwritten by LayerNorm(y). */
-int segany_layer_norm_rows(int64_t p0, int64_t p1, int64_t rows, int64_t C, float *y, const float *g,
-                           const float *bb, float eps, int normalise, float *mean, float *rstd) {
+   returned and nothing is written). add (optional): row n % add_rows of add is added to row n
+   of y first (in place; a residual shared by a batch's prompts), while the row is in the cache.
+   normalise: 1 -> y is overwritten by LayerNorm(y). */
+int segany_layer_norm_rows(int64_t p0, int64_t p1, int64_t rows, int64_t C, float *y, const float *add,
+                           int64_t add_rows, const float *g, const float *bb, float eps, int normalise, float *mean,
+                           float *rstd) {
     if (C % ROW_CB) return 2;
 #pragma omp parallel for schedule(static)
     for (int64_t p = p0; p < p1; p++) {
         int64_t n_hi = (p + 1) * ROW_PIECE < rows ? (p + 1) * ROW_PIECE : rows;
-        for (int64_t n = p * ROW_PIECE; n < n_hi; n++)
-            normalise_row(y + n * C, C, eps, g, bb, normalise ? y + n * C : 0, mean + n, rstd + n);
+        for (int64_t n = p * ROW_PIECE; n < n_hi; n++) {
+            float *yn = y + n * C;
+            if (add) {
+                const float *an = add + (n % add_rows) * C;
+                for (int64_t c = 0; c < C; c += LANES) vstore(yn + c, vload(yn + c) + vload(an + c));
+            }
+            normalise_row(yn, C, eps, g, bb, normalise ? yn : 0, mean + n, rstd + n);
+        }
     }
     return 0;
 }
