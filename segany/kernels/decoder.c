@@ -422,6 +422,24 @@ static inline vf vexp(vf x) {
     return (vf)((vi)(y * scale) & ~under);
 }
 
+/* For the nn pixels at n (one vector), the softmax over t rows of stride N, from src into o
+   (which may be src). */
+static inline void softmax_over_rows(const float *src, float *o, int64_t t, int64_t N, int64_t n, int64_t nn) {
+    vf m = load_part(src + n, nn);
+    for (int64_t k = 1; k < t; k++) {
+        vf x = load_part(src + k * N + n, nn);
+        m = vselect(x > m, x, m);
+    }
+    vf z = {0};
+    for (int64_t k = 0; k < t; k++) {
+        vf e = vexp(load_part(src + k * N + n, nn) - m);
+        store_part(o + k * N + n, e, nn);
+        z += e;
+    }
+    vf inv = 1.0f / z;
+    for (int64_t k = 0; k < t; k++) store_part(o + k * N + n, load_part(o + k * N + n, nn) * inv, nn);
+}
+
 /* The token->image attention's softmax over the N pixels, fused with the two layouts its value
    side reads (fast_decoder._t2i_factored): for each row (hh, b, k) of the scores s (nh, B, t, N),
    a = softmax(s) goes to a_bt (B, nh, t, N) and a * alpha[b] to w (nh, B, t, N), which may be s
@@ -477,22 +495,8 @@ void segany_softmax_tokens(int64_t p0, int64_t p1, int64_t nh, int64_t B, int64_
         int64_t n1 = n0 + 256 < N ? n0 + 256 : N;
         const float *src = s + (hh * B + b) * t * N;
         float *o = out + (b * nh + hh) * t * N;
-        for (int64_t n = n0; n < n1; n += LANES) {
-            int64_t nn = n1 - n < LANES ? n1 - n : LANES;
-            vf m = load_part(src + n, nn);
-            for (int64_t k = 1; k < t; k++) {
-                vf x = load_part(src + k * N + n, nn);
-                m = vselect(x > m, x, m);
-            }
-            vf z = {0};
-            for (int64_t k = 0; k < t; k++) {
-                vf e = vexp(load_part(src + k * N + n, nn) - m);
-                store_part(o + k * N + n, e, nn);
-                z += e;
-            }
-            vf inv = 1.0f / z;
-            for (int64_t k = 0; k < t; k++) store_part(o + k * N + n, load_part(o + k * N + n, nn) * inv, nn);
-        }
+        for (int64_t n = n0; n < n1; n += LANES)
+            softmax_over_rows(src, o, t, N, n, n1 - n < LANES ? n1 - n : LANES);
     }
 }
 
@@ -585,22 +589,8 @@ void segany_factored_scores(int64_t p0, int64_t p1, int64_t B, int64_t nh, int64
             }
             if (softmax) { /* over the t tokens of this head, LANES pixels at a time (layout 1) */
                 float *o = out + (b * nh + hh) * t * N;
-                for (int64_t n = n0; n < n1; n += LANES) {
-                    int64_t nn = n1 - n < LANES ? n1 - n : LANES;
-                    vf m = load_part(o + n, nn);
-                    for (int64_t k = 1; k < t; k++) {
-                        vf x = load_part(o + k * N + n, nn);
-                        m = vselect(x > m, x, m);
-                    }
-                    vf s = {0};
-                    for (int64_t k = 0; k < t; k++) {
-                        vf e = vexp(load_part(o + k * N + n, nn) - m);
-                        store_part(o + k * N + n, e, nn);
-                        s += e;
-                    }
-                    vf inv = 1.0f / s;
-                    for (int64_t k = 0; k < t; k++) store_part(o + k * N + n, load_part(o + k * N + n, nn) * inv, nn);
-                }
+                for (int64_t n = n0; n < n1; n += LANES)
+                    softmax_over_rows(o, o, t, N, n, n1 - n < LANES ? n1 - n : LANES);
             }
         }
     }

@@ -116,6 +116,15 @@ static void column_rows(const float *L, int64_t n_low, int64_t ra, int64_t rb, i
 /* Row pass of one output row over columns x0..x1-1: v[x] = sum_s src_s[x] * w_s with the same
    multiply-then-add order as the column pass (src_s: the column-passed low-res row of tap s),
    stored to v (if given) and thresholded into ob (if given). One fused loop for S a constant. */
+static inline __attribute__((always_inline)) float tap_sum(const float *const *s, const float *w, int64_t x,
+                                                            int64_t S) {
+    float a = s[0][x] * w[0];
+    for (int64_t k = 1; k < S; k++) {
+        float p = s[k][x] * w[k];
+        a = a + p;
+    }
+    return a;
+}
 #define ROW_TAPS(S_)                                                                                       \
     static void row_values_##S_(const float *const *src, const float *wy, int64_t x0, int64_t x1,           \
                                 float *restrict v, uint8_t *restrict ob, float t) {                       \
@@ -125,35 +134,16 @@ static void column_rows(const float *L, int64_t n_low, int64_t ra, int64_t rb, i
             w[k] = wy[k];                                                                                 \
             s[k] = src[k];                                                                                \
         }                                                                                                 \
-        if (v && ob) {                                                                                    \
+        if (v && ob)                                                                                      \
             for (int64_t x = x0; x < x1; x++) {                                                           \
-                float a = s[0][x] * w[0];                                                                 \
-                for (int64_t k = 1; k < S_; k++) {                                                        \
-                    float p = s[k][x] * w[k];                                                             \
-                    a = a + p;                                                                            \
-                }                                                                                         \
+                float a = tap_sum(s, w, x, S_);                                                           \
                 v[x] = a;                                                                                 \
                 ob[x] = a > t;                                                                            \
             }                                                                                             \
-        } else if (ob) {                                                                                  \
-            for (int64_t x = x0; x < x1; x++) {                                                           \
-                float a = s[0][x] * w[0];                                                                 \
-                for (int64_t k = 1; k < S_; k++) {                                                        \
-                    float p = s[k][x] * w[k];                                                             \
-                    a = a + p;                                                                            \
-                }                                                                                         \
-                ob[x] = a > t;                                                                            \
-            }                                                                                             \
-        } else {                                                                                          \
-            for (int64_t x = x0; x < x1; x++) {                                                           \
-                float a = s[0][x] * w[0];                                                                 \
-                for (int64_t k = 1; k < S_; k++) {                                                        \
-                    float p = s[k][x] * w[k];                                                             \
-                    a = a + p;                                                                            \
-                }                                                                                         \
-                v[x] = a;                                                                                 \
-            }                                                                                             \
-        }                                                                                                 \
+        else if (ob)                                                                                      \
+            for (int64_t x = x0; x < x1; x++) ob[x] = tap_sum(s, w, x, S_) > t;                           \
+        else                                                                                              \
+            for (int64_t x = x0; x < x1; x++) v[x] = tap_sum(s, w, x, S_);                                \
     }
 ROW_TAPS(2)
 ROW_TAPS(3)
