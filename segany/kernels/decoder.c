@@ -556,7 +556,6 @@ static float scores_scalar(int64_t n, int64_t k, const float *q, int64_t hd, con
 void segany_factored_scores(int64_t p0, int64_t p1, int64_t B, int64_t nh, int64_t t, int64_t hd, int64_t r,
                             int64_t N, const float *q, const float *base, const float *pe, const float *alpha,
                             const float *low, const float *P, float *out, int layout, int softmax) {
-    const int64_t nblk = (N + SC_BLOCK - 1) / SC_BLOCK;
 #pragma omp parallel for schedule(static)
     for (int64_t p = p0; p < p1; p++) {
         /* prompts inner: a block's image-side rows (base, pe) stay in the cache across prompts */

@@ -116,7 +116,7 @@ static void column_rows(const float *L, int64_t n_low, int64_t ra, int64_t rb, i
 /* Row pass of one output row over columns x0..x1-1: v[x] = sum_s src_s[x] * w_s with the same
    multiply-then-add order as the column pass (src_s: the column-passed low-res row of tap s),
    stored to v (if given) and thresholded into ob (if given). One fused loop for S a constant. */
-static inline __attribute__((always_inline)) float tap_sum(const float *const *s, const float *w, int64_t x,
+static inline __attribute__((always_inline)) float tap_sum(const float *restrict const *s, const float *w, int64_t x,
                                                             int64_t S) {
     float a = s[0][x] * w[0];
     for (int64_t k = 1; k < S; k++) {
