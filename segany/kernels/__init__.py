@@ -95,8 +95,12 @@ def _mark_used_and_prune(out: Path, name: str) -> None:
 def _declare(name: str, lib: ctypes.CDLL) -> None:
     p, i64, f32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float
     if name == "upscale":
-        lib.segany_upscale_batch.argtypes = [i64, i64, i64, i64, p, i64, p, p, i64, p, p, i64, i64, f32, f32, f32, p, p, p, p, p, ctypes.c_int]
+        lib.segany_upscale_batch.argtypes = [i64, i64, i64, i64, p, i64, p, p, i64, p, p, p, i64, i64, f32, f32, f32, p, p, p, p, p, ctypes.c_int]
         lib.segany_upscale_batch.restype = ctypes.c_int
+        lib.segany_column_blocks_floats.argtypes = [i64, i64]
+        lib.segany_column_blocks_floats.restype = i64
+        lib.segany_column_blocks.argtypes = [p, p, i64, i64, p]
+        lib.segany_column_blocks.restype = None
     else:
         lib.segany_decoder_tail.argtypes = [i64, i64, i64, i64, i64, i64, i64, p, p, p, i64, p, i64, p, p, f32, p, p, p, p, i64, i64]
         lib.segany_decoder_tail.restype = ctypes.c_int
@@ -244,6 +248,16 @@ class Taps:
         # Thresholded outputs may skip blocks whose values are bounded away from the threshold
         # (see upscale.c): sound when every output value is a convex combination of its taps.
         self.skip = all(bool((w >= 0).all() and ((w.double().sum(1) - 1).abs() <= 1e-6).all()) for w in (self.rw, self.cw))
+        self._blocks: Optional[torch.Tensor] = None  # the column pass's tap blocks, built on first use
+
+    def _column_blocks(self, lib: ctypes.CDLL) -> torch.Tensor:
+        """The column taps regrouped per vector of output columns (upscale.c's column blocks):
+        once per table, not per call."""
+        if self._blocks is None:
+            blocks = torch.empty(int(lib.segany_column_blocks_floats(self.W, self.S)), dtype=torch.float32)
+            lib.segany_column_blocks(self.cidx.data_ptr(), self.cw.data_ptr(), self.W, self.S, blocks.data_ptr())
+            self._blocks = blocks
+        return self._blocks
 
     def _compute(self, L: torch.Tensor, thresholds, out: Optional[torch.Tensor], out_is_float: bool,
                  counts=None, rows=None, cols=None) -> None:
@@ -256,14 +270,14 @@ class Taps:
         rows_per_piece = H if whole else -(-H // T)
         pieces = B * -(-H // rows_per_piece)
         o = None if out is None else out.data_ptr()
+        lib = _libs["upscale"]
         args = (
             B, rows_per_piece, L.data_ptr(), L.shape[-1], self.ridx.data_ptr(), self.rw.data_ptr(), H,
-            self.cidx.data_ptr(), self.cw.data_ptr(), self.W, self.S, *thresholds,
+            self.cidx.data_ptr(), self.cw.data_ptr(), self._column_blocks(lib).data_ptr(), self.W, self.S, *thresholds,
             o if out_is_float else None, None if out_is_float else o,
             None if counts is None else counts.data_ptr(), None if rows is None else rows.data_ptr(),
             None if cols is None else cols.data_ptr(), int(self.skip),
         )
-        lib = _libs["upscale"]
         _run_pieces(lib, lambda p0, p1: lib.segany_upscale_batch(p0, p1, *args), pieces)
 
     def values(self, L: torch.Tensor, threshold: Optional[float] = None) -> torch.Tensor:

@@ -30,18 +30,26 @@ typedef struct {
     float *wt;
 } col_blocks;
 
-static size_t col_blocks_floats(int64_t W, int64_t S) {
+/* Floats of memory the column blocks of a W x S tap table take (segany.kernels.Taps keeps them). */
+int64_t segany_column_blocks_floats(int64_t W, int64_t S) {
     int64_t nblk = (W + LANES - 1) / LANES;
-    return (size_t)(2 * nblk + 2 * nblk * S * LANES);
+    return 2 * nblk + 2 * nblk * S * LANES;
 }
 
-static col_blocks make_col_blocks(const int64_t *cidx, const float *cw, int64_t W, int64_t S, float *mem) {
+static col_blocks col_blocks_view(float *mem, int64_t W, int64_t S) {
     col_blocks cb;
     cb.nblk = (W + LANES - 1) / LANES;
     cb.base = (int32_t *)mem;
     cb.fits = cb.base + cb.nblk;
     cb.idx = cb.fits + cb.nblk;
     cb.wt = (float *)(cb.idx + cb.nblk * S * LANES);
+    return cb;
+}
+
+/* The column blocks of the tap table cidx/cw (W x S) into mem (segany_column_blocks_floats):
+   built once per table, read by every upscale with it. */
+void segany_column_blocks(const int64_t *cidx, const float *cw, int64_t W, int64_t S, float *mem) {
+    col_blocks cb = col_blocks_view(mem, W, S);
     for (int64_t b = 0; b < cb.nblk; b++) {
         int64_t x0 = b * LANES, x1 = x0 + LANES < W ? x0 + LANES : W;
         int64_t lo = cidx[x0 * S], hi = lo;
@@ -58,7 +66,6 @@ static col_blocks make_col_blocks(const int64_t *cidx, const float *cw, int64_t 
                 cb.wt[o] = x < x1 ? cw[x * S + t] : 0.0f;
             }
     }
-    return cb;
 }
 
 /* Column pass of low-res rows ra..rb (inclusive) of one map L (n_low x n_low), output columns
@@ -250,7 +257,7 @@ static void classify_blocks(const float *bmin, const float *bmax, const int64_t 
    value; the rest is computed as without skipping, so every result is the same.
    Returns 0, or -1 when the scratch memory could not be allocated. */
 int segany_upscale_rows(const float *L, int64_t n_low, const int64_t *ridx, const float *rw, int64_t y0,
-                        int64_t y1, const int64_t *cidx, const float *cw, int64_t W, int64_t S, float t_hi,
+                        int64_t y1, const int64_t *cidx, const float *cw, float *blocks, int64_t W, int64_t S, float t_hi,
                         float t_lo, float t_mid, float *out_f, uint8_t *out_b, int64_t *counts,
                         uint8_t *row_any, uint8_t *col_any, int skip) {
     if (y1 <= y0) return 0;
@@ -266,15 +273,14 @@ int segany_upscale_rows(const float *L, int64_t n_low, const int64_t *ridx, cons
     int64_t nb = (W + XB - 1) / XB, ny = y1 - y0;
     skip = skip && !out_f && W >= 2 * n_low; /* (a block of a shrinking map reads too many low-res values) */
     size_t extra = skip ? (size_t)(2 * R * nb + 2 * nb + (ny * nb + R * nb) / 4 + 2) : 0;
-    float *c = scratch((size_t)(R * W + W + n_low + LANES) + col_blocks_floats(W, S) + extra);
+    float *c = scratch((size_t)(R * W + W + n_low + LANES) + extra);
     if (!c) return -1;
     float *v = c + R * W; /* one output row */
     float *lrow = v + W;  /* one low-res row, padded (column_rows) */
-    float *cbm = lrow + n_low + LANES;
-    col_blocks cb = make_col_blocks(cidx, cw, W, S, cbm);
+    col_blocks cb = col_blocks_view(blocks, W, S);
     int need_mid = out_b || row_any || col_any;
     uint8_t *codes = 0;
-    float *bmin = cbm + col_blocks_floats(W, S), *bmax = bmin + R * nb, *lo = bmax + R * nb, *hi = lo + nb;
+    float *bmin = lrow + n_low + LANES, *bmax = bmin + R * nb, *lo = bmax + R * nb, *hi = lo + nb;
     if (skip) {
         /* a sample of rows first: where few blocks are decided (noisy logits) the test costs more
            than it saves */
@@ -387,8 +393,8 @@ int segany_upscale_rows(const float *L, int64_t n_low, const int64_t *ridx, cons
    counts/row_any/col_any need whole masks per piece (rows_per_piece >= H). */
 int segany_upscale_batch(int64_t p0, int64_t p1, int64_t n_masks, int64_t rows_per_piece, const float *L,
                          int64_t n_low, const int64_t *ridx,
-                         const float *rw, int64_t H, const int64_t *cidx, const float *cw, int64_t W, int64_t S,
-                         float t_hi, float t_lo, float t_mid, float *out_f, uint8_t *out_b, int64_t *counts,
+                         const float *rw, int64_t H, const int64_t *cidx, const float *cw, float *blocks, int64_t W,
+                         int64_t S, float t_hi, float t_lo, float t_mid, float *out_f, uint8_t *out_b, int64_t *counts,
                          uint8_t *row_any, uint8_t *col_any, int skip) {
     if (rows_per_piece < 1) rows_per_piece = H;
     int64_t ppm = (H + rows_per_piece - 1) / rows_per_piece;
@@ -400,7 +406,7 @@ int segany_upscale_batch(int64_t p0, int64_t p1, int64_t n_masks, int64_t rows_p
         int64_t y0 = (p % ppm) * rows_per_piece;
         int64_t y1 = y0 + rows_per_piece < H ? y0 + rows_per_piece : H;
         int64_t off = i * H * W + y0 * W;
-        err |= segany_upscale_rows(L + i * n_low * n_low, n_low, ridx, rw, y0, y1, cidx, cw, W, S, t_hi, t_lo, t_mid,
+        err |= segany_upscale_rows(L + i * n_low * n_low, n_low, ridx, rw, y0, y1, cidx, cw, blocks, W, S, t_hi, t_lo, t_mid,
                                    out_f ? out_f + off : 0, out_b ? out_b + off : 0, counts ? counts + 2 * i : 0,
                                    row_any ? row_any + i * H + y0 : 0, col_any ? col_any + i * W : 0, skip) != 0;
     }
