@@ -211,8 +211,14 @@ class OnnxPredictor(SamPredictor):
         return None  # the ONNX decoder runs whole; the torch fast path's per-image cache is unused
 
     def decode(self, point_coords, point_labels, boxes=None, mask_input=None, multimask_output=True, iou_thresh=None,
-               *, scratch_masks=False):
+               *, scratch_masks=False, best_only=False):
         # scratch_masks: the caller would accept workspace memory; these results are always fresh
+        if best_only:  # the exported decoder gives all candidates; the best is picked from them
+            if iou_thresh is not None:
+                raise ValueError("best_only and iou_thresh do not combine")
+            low, iou = self.decode(point_coords, point_labels, boxes, mask_input, multimask_output)
+            best = iou.argmax(1, keepdim=True)
+            return low.gather(1, best[:, :, None, None].expand(-1, -1, *low.shape[2:])), iou.gather(1, best)
         bs = next((t.shape[0] for t in (point_coords, boxes, mask_input) if t is not None), 1)
         if bs > 1:  # the exported decoder takes one prompt (batch 1, like the official export)
             part = lambda t, i: None if t is None else t[i : i + 1]

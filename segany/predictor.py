@@ -216,6 +216,36 @@ class SamPredictor:
         point_coords: (N, 2) xy pixels; point_labels: (N,) 1 foreground, 0 background;
         box: (4,) xyxy; mask_input: (1, 256, 256) logits from a previous call.
         """
+        prompts = self._prompt_tensors(point_coords, point_labels, box, mask_input)
+        masks, iou, low_res = self.predict_torch(*prompts, multimask_output, return_logits=return_logits)
+        return masks[0].cpu().numpy(), iou[0].cpu().numpy(), low_res[0].cpu().numpy()
+
+    def predict_best(
+        self,
+        point_coords: Optional[np.ndarray] = None,
+        point_labels: Optional[np.ndarray] = None,
+        box: Optional[np.ndarray] = None,
+        mask_input: Optional[np.ndarray] = None,
+        return_logits: bool = False,
+    ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The best of ``predict``'s three candidates (``multimask_output=True``): the one with the
+        highest predicted IoU, as ``i = argmax(scores)`` picks it, returned as mask (1, H, W),
+        score (1,), low-res logits (1, 256, 256) (the next click's ``mask_input``).
+
+        An interactive click shows that one mask; here the IoU head picks it before the output
+        upscaling, so the other two are never upscaled or resized to the image (segany's own API;
+        the official package has no such call)."""
+        prompts = self._prompt_tensors(point_coords, point_labels, box, mask_input)
+        low_res, iou = self.decode(*prompts, multimask_output=True, best_only=True)
+        if return_logits:
+            masks = self.upscale(low_res)
+        else:
+            masks = self.upscale(low_res, threshold=self.model.mask_threshold)
+        return masks[0].cpu().numpy(), iou[0].cpu().numpy(), low_res[0].cpu().numpy()
+
+    def _prompt_tensors(self, point_coords, point_labels, box, mask_input):
+        """``predict``'s numpy prompts, checked (``PromptError`` names the bad one), as the input
+        frame's tensors for ``predict_torch``/``decode``."""
         if not self.is_image_set:
             raise RuntimeError("An image must be set with .set_image(...) before mask prediction.")
         coords_t = labels_t = box_t = mask_t = None
@@ -256,9 +286,7 @@ class SamPredictor:
                 raise PromptError(f"mask_input must have shape {exp} (low-res logits of a previous prediction), got {m.shape}")
             _finite("mask_input", m)
             mask_t = torch.as_tensor(m, device=self.device)[None]
-
-        masks, iou, low_res = self.predict_torch(coords_t, labels_t, box_t, mask_t, multimask_output, return_logits=return_logits)
-        return masks[0].cpu().numpy(), iou[0].cpu().numpy(), low_res[0].cpu().numpy()
+        return coords_t, labels_t, box_t, mask_t
 
     @torch.no_grad()
     def predict_torch(
@@ -290,12 +318,14 @@ class SamPredictor:
         iou_thresh: Optional[float] = None,
         *,
         scratch_masks: bool = False,
+        best_only: bool = False,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Prompt encoder + mask decoder only: low-res logits (B, C, 4h, 4w) and iou (B, C).
 
         With ``iou_thresh``, only the masks with predicted IoU above it are upscaled and returned,
         as (K, 4h, 4w) in (prompt, mask) order; with ``scratch_masks`` the logits may live in the
-        thread's decoder workspace until its next decoder call (see ``predict_masks_fast``)."""
+        thread's decoder workspace until its next decoder call; with ``best_only`` (C = 1) each
+        prompt's candidate with the highest predicted IoU (see ``predict_masks_fast``)."""
         points = (point_coords, point_labels) if point_coords is not None else None
         pe = self.model.prompt_encoder
         with torch.no_grad():
@@ -304,7 +334,7 @@ class SamPredictor:
                 # Prompt-independent decoder work is done once per image (see fast_decoder).
                 return predict_masks_fast(
                     self.model.mask_decoder, sparse, self._get_decoder_cache(), multimask_output=multimask_output,
-                    iou_thresh=iou_thresh, scratch_masks=scratch_masks,
+                    iou_thresh=iou_thresh, scratch_masks=scratch_masks, best_only=best_only,
                 )
             return predict_masks_fast(
                 self.model.mask_decoder,
@@ -315,6 +345,7 @@ class SamPredictor:
                 multimask_output=multimask_output,
                 iou_thresh=iou_thresh,
                 scratch_masks=scratch_masks,
+                best_only=best_only,
             )
 
     def _get_decoder_cache(self):
@@ -447,13 +478,16 @@ class Segmenter:
         mask: Optional[np.ndarray] = None,
         multimask: Optional[bool] = None,
         snap_edges: bool = False,
+        best: bool = False,
     ) -> Prediction:
         """Points (N, 2) xy with labels (default all 1), a box xyxy, and/or previous low-res logits.
 
         ``multimask`` defaults to True for a single point without box (an ambiguous prompt, as in
         the paper) and False otherwise. ``snap_edges``: snap the masks' outlines to the image's edges
         (:mod:`segany.edges`; not SAM's output, opt-in; needs the pixels: ``set_image``, or
-        ``load_embedding(path, image=...)``). Scores and logits are the model's either way."""
+        ``load_embedding(path, image=...)``). Scores and logits are the model's either way.
+        ``best``: only the candidate with the highest score (one mask; with ``multimask`` the
+        others are never upscaled: ``SamPredictor.predict_best``)."""
         pc = None if points is None or len(points) == 0 else np.asarray(points, dtype=np.float64)
         pl = None
         if pc is not None:
@@ -467,7 +501,10 @@ class Segmenter:
                 mask = mask[None]
         if snap_edges and getattr(self, "_image", None) is None:
             raise RuntimeError("snap_edges needs the image itself: call set_image, or load_embedding(path, image=...)")
-        masks, scores, logits = self.predictor.predict(pc, pl, b, mask, multimask_output=multimask, return_logits=snap_edges)
+        if best and multimask:
+            masks, scores, logits = self.predictor.predict_best(pc, pl, b, mask, return_logits=snap_edges)
+        else:
+            masks, scores, logits = self.predictor.predict(pc, pl, b, mask, multimask_output=multimask, return_logits=snap_edges)
         if snap_edges:
             from . import edges
 

@@ -360,7 +360,16 @@ def test_sam_method_follows_the_paper_protocol():
         calls.append((None if pc is None else pc.copy(), pl, mask_input, multimask_output, out))
         return out
 
+    real_best = m.predictor.predict_best
+
+    def spy_best(pc=None, pl=None, box=None, mask_input=None, return_logits=False):
+        # the best of the three candidates alone (what predict + argmax gives: test_speed_paths)
+        out = real_best(pc, pl, box, mask_input, return_logits)
+        calls.append((None if pc is None else pc.copy(), pl, mask_input, True, out))
+        return out
+
     m.predictor.predict = spy
+    m.predictor.predict_best = spy_best
     simulate_clicks(m.predict_clicks, gt, max_clicks=3)
     assert [c[3] for c in calls] == [True, False, False]  # multimask on the first click only
     assert calls[0][2] is None

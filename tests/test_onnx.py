@@ -86,6 +86,13 @@ def test_onnx_predictor_matches_torch(tiny, exported, prompt):
         np.testing.assert_allclose(b[2], a[2], atol=1e-3)
         for x, y in zip(a[0], b[0]):
             assert _iou(x, y) >= 0.999 or (x.sum() + y.sum()) < 5
+    # the best candidate alone (an interactive click's call): the one predict's argmax picks
+    a, b = ref.predict(**kw), onx.predict_best(**kw)
+    i = int(np.argmax(a[1]))
+    assert b[0].shape == (1, *a[0].shape[1:]) and b[1].shape == (1,)
+    np.testing.assert_allclose(b[1][0], a[1][i], atol=1e-4)
+    np.testing.assert_allclose(b[2][0], a[2][i], atol=1e-3)
+    assert _iou(b[0][0], a[0][i]) >= 0.999 or (a[0][i].sum() + b[0][0].sum()) < 5
 
 
 def test_export_cli(tmp_path, monkeypatch):
@@ -119,6 +126,10 @@ def test_segmenter_backends(tiny, exported):
     pa, pb = a.predict(points=[(20, 30)]), b.predict(points=[(20, 30)])
     np.testing.assert_allclose(pb.scores, pa.scores, atol=1e-4)
     assert _iou(pa.best, pb.best) >= 0.999 or pa.best.sum() < 5
+    for seg in (a, b):  # best=True: that mask alone
+        one = seg.predict(points=[(20, 30)], best=True)
+        assert one.masks.shape == (1, 64, 96) and np.array_equal(one.best, pa.best if seg is a else pb.best)
+        np.testing.assert_allclose(one.scores, [pa.scores.max() if seg is a else pb.scores.max()], atol=1e-6)
 
 
 def test_segment_everything_on_the_onnxruntime_backend_gives_the_torch_masks(tiny, exported):

@@ -102,6 +102,79 @@ def test_iou_filtered_decoding_returns_the_kept_masks_of_the_full_decoding(confi
             torch.testing.assert_close(got_m, want_m[keep], rtol=1e-5, atol=1e-5 * max(1.0, want_m.abs().max().item()))
 
 
+class _Shifted(torch.nn.Module):
+    def __init__(self, head: torch.nn.Module, offset: torch.Tensor) -> None:
+        super().__init__()
+        self.head, self.offset = head, offset
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x) + self.offset[: x.shape[0]]
+
+
+@pytest.mark.parametrize("config", DEC_CONFIGS)
+@pytest.mark.parametrize("with_mask", [False, True])
+def test_best_only_decoding_returns_each_prompts_top_candidate(config, with_mask):
+    """``best_only`` (an interactive click's path) upscales only the candidate with the highest
+    predicted IoU: per prompt, the mask and score that argmax over the full decoding picks, also
+    when a batch's prompts pick different candidates."""
+    sam = _model(config)
+    # random weights score the candidates alike for every prompt: a per-prompt offset on the
+    # IoU head's output makes the prompts pick different candidates
+    head = sam.mask_decoder.iou_prediction_head
+    offset = torch.zeros(12, sam.mask_decoder.num_mask_tokens)
+    offset[torch.arange(12), 1 + torch.arange(12) % 3] = 5.0
+    sam.mask_decoder.iou_prediction_head = _Shifted(head, offset)
+    pe = sam.prompt_encoder
+    g = torch.Generator().manual_seed(5)
+    h, w = pe.image_embedding_size
+    feats = torch.randn(1, pe.embed_dim, h, w, generator=g)
+    pts = torch.rand(12, 1, 2, generator=g) * config["image_size"]
+    dense_in = torch.randn(12, 1, 4 * h, 4 * w, generator=g) if with_mask else None
+    with torch.no_grad():
+        sparse, dense = pe(points=(pts, torch.ones(12, 1, dtype=torch.int32)), boxes=None, masks=dense_in)
+        if with_mask:
+            kw = dict(image_embeddings=feats, image_pe=pe.get_dense_pe(), dense_prompt_embeddings=dense)
+            cache = None
+        else:
+            kw = {}
+            cache = build_cache(sam.mask_decoder, feats, pe.get_dense_pe(), pe.no_mask_embed.weight)
+        want_m, want_iou = predict_masks_fast(sam.mask_decoder, sparse, cache, multimask_output=True, **kw)
+        got_m, got_iou = predict_masks_fast(sam.mask_decoder, sparse, cache, multimask_output=True, best_only=True, **kw)
+        with pytest.raises(ValueError, match="best_only"):
+            predict_masks_fast(sam.mask_decoder, sparse, cache, best_only=True, iou_thresh=0.5, **kw)
+    best = want_iou.argmax(1)
+    assert len(best.unique()) == 3  # the batch's prompts pick each of the three candidates
+    assert got_m.shape == (12, 1, 4 * h, 4 * w) and got_iou.shape == (12, 1)
+    torch.testing.assert_close(got_iou[:, 0], want_iou[torch.arange(12), best], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_m[:, 0], want_m[torch.arange(12), best], rtol=1e-5, atol=1e-5 * max(1.0, want_m.abs().max().item()))
+
+
+def test_predict_best_is_predicts_argmax_candidate():
+    """``SamPredictor.predict_best`` returns what ``predict`` + ``argmax(scores)`` picks: the
+    same mask at the original size, score and low-res logits (the next click's mask input)."""
+    sam = _model(TINY_VIT)
+    p = SamPredictor(sam)
+    img = np.random.default_rng(0).integers(0, 255, (90, 130, 3), dtype=np.uint8)
+    p.set_image(img)
+    rng = np.random.default_rng(1)
+    for k in range(4):
+        pts = rng.uniform((0, 0), (130, 90), size=(k + 1, 2))
+        labels = (np.arange(k + 1) % 2 == 0).astype(np.int64)
+        prev = None if k < 2 else logits[best : best + 1]  # noqa: F821 (from the previous click)
+        masks, scores, logits = p.predict(pts, labels, mask_input=prev)
+        best = int(np.argmax(scores))
+        m, s, lo = p.predict_best(pts, labels, mask_input=prev)
+        assert m.shape == (1, 90, 130) and m.dtype == bool and s.shape == (1,) and lo.shape == (1, *logits.shape[1:])
+        assert np.array_equal(m[0], masks[best])
+        np.testing.assert_allclose(s[0], scores[best], rtol=1e-6, atol=1e-6)
+        np.testing.assert_allclose(lo[0], logits[best], rtol=1e-5, atol=1e-5)
+        full, _, _ = p.predict(pts, labels, mask_input=prev, return_logits=True)
+        fb, _, _ = p.predict_best(pts, labels, mask_input=prev, return_logits=True)
+        np.testing.assert_allclose(fb[0], full[best], rtol=1e-5, atol=1e-5)
+    with pytest.raises(Exception, match="point_labels"):
+        p.predict_best(np.array([[5.0, 5.0]]))
+
+
 @pytest.mark.parametrize("config", DEC_CONFIGS[:2])
 def test_decoder_workspace_reuses_its_buffers_and_changes_no_result(config):
     """Segment everything decodes batch after batch in a workspace: the second call of a size
@@ -112,6 +185,12 @@ def test_decoder_workspace_reuses_its_buffers_and_changes_no_result(config):
     from segany.modeling import fast_decoder as fd
 
     sam = _model(config)
+    # random weights score the candidates alike for every prompt: a per-prompt offset on the
+    # IoU head's output makes the prompts pick different candidates
+    head = sam.mask_decoder.iou_prediction_head
+    offset = torch.zeros(12, sam.mask_decoder.num_mask_tokens)
+    offset[torch.arange(12), 1 + torch.arange(12) % 3] = 5.0
+    sam.mask_decoder.iou_prediction_head = _Shifted(head, offset)
     pe = sam.prompt_encoder
     g = torch.Generator().manual_seed(5)
     h, w = pe.image_embedding_size

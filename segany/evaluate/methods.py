@@ -12,6 +12,7 @@ a bool (H, W) mask at the image's size.
 """
 from __future__ import annotations
 
+from functools import partial
 from typing import List, Optional, Sequence
 
 import cv2
@@ -109,10 +110,10 @@ class SamMethod(Method):
                 self._predict_in_crop(crop, coords, labels)
                 return self._full if full_logits else self._full > self.model.mask_threshold
         # zoom-in keeps the full-size logits: the next crop's mask prompt is cut from them
-        masks, scores, logits = self.predictor.predict(
-            coords, labels, mask_input=None if first else self._logits, multimask_output=first,
-            return_logits=self.zoom_in or full_logits,
-        )
+        # the first click is ambiguous: SAM's best of three candidates (only that one upscaled)
+        predict = self.predictor.predict_best if first else partial(self.predictor.predict, multimask_output=False)
+        masks, scores, logits = predict(coords, labels, mask_input=None if first else self._logits,
+                                        return_logits=self.zoom_in or full_logits)
         i = int(np.argmax(scores))
         self._logits = logits[i : i + 1]
         if not (self.zoom_in or full_logits):

@@ -460,6 +460,7 @@ def predict_masks_fast(
     multimask_output: bool = True,
     iou_thresh: Optional[float] = None,
     scratch_masks: bool = False,
+    best_only: bool = False,
 ) -> Tuple[Tensor, Tensor]:
     """Same outputs as ``decoder(image_embeddings, image_pe, sparse, dense, multimask_output)``.
 
@@ -473,7 +474,14 @@ def predict_masks_fast(
     which they are.
 
     ``scratch_masks``: the masks may be a view of the active :func:`decoder_workspace`'s buffer,
-    overwritten by the thread's next call; for callers that copy what they keep."""
+    overwritten by the thread's next call; for callers that copy what they keep.
+
+    ``best_only`` (not with ``iou_thresh``): per prompt only the candidate with the highest
+    predicted IoU (the first of equal ones, as ``argmax``), the one an interactive click shows:
+    masks (B, 1, 4h, 4w) and its iou (B, 1). The IoU head runs before the output upscaling, so
+    the other candidates' hypernetwork MLPs and mask products are skipped."""
+    if best_only and iou_thresh is not None:
+        raise ValueError("best_only and iou_thresh do not combine")
     tokens0 = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
     B = sparse_prompt_embeddings.shape[0]
     tokens = torch.cat((tokens0.unsqueeze(0).expand(B, -1, -1), sparse_prompt_embeddings), dim=1)
@@ -518,6 +526,14 @@ def predict_masks_fast(
         queries, upscale_in = _transformer_dense(decoder, tokens, src, pe, src_pe, used)
 
     iou_pred = decoder.iou_prediction_head(queries[:, 0, :])[:, sl]
+    if best_only:
+        best = iou_pred.argmax(1)  # (B,)
+        hyper_in = queries.new_empty(B, 1, decoder.output_hypernetworks_mlps[0].layers[-1].out_features)
+        for i in best.unique().tolist():  # prompts that chose the same candidate share one MLP call
+            rows = (best == i).nonzero().flatten()
+            hyper_in[rows, 0] = decoder.output_hypernetworks_mlps[idx[i]](queries[rows, 1 + i, :])
+        return (_upscale_masks(decoder, upscale_in, hyper_in, h, w, scratch=scratch_masks),
+                iou_pred.gather(1, best[:, None]))
     hyper_in = hypernetworks(queries[:, 1:])
     if iou_thresh is None:
         return _upscale_masks(decoder, upscale_in, hyper_in, h, w, scratch=scratch_masks), iou_pred
