@@ -164,6 +164,13 @@ def test_native_softmax_tokens_matches_pytorch(nh, B, t, N):
     torch.testing.assert_close(out, torch.softmax(s, dim=2).transpose(0, 1), rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="softmax_tokens"):
         kernels.softmax_tokens(s, torch.empty(nh, B, t, N) if nh != B else torch.empty(1))
+    # the reduced layout: per head the first t-1 tokens' rows, then one row of ones
+    red = torch.full((B, kernels.reduced_rows(nh, t), N), float("nan"))
+    assert kernels.softmax_tokens(s, red, reduced=True) is red
+    assert torch.equal(red[:, :-1], out[:, :, : t - 1].reshape(B, nh * (t - 1), N))
+    assert torch.equal(red[:, -1], torch.ones(B, N))
+    with pytest.raises(ValueError, match="softmax_tokens"):
+        kernels.softmax_tokens(s, out if t > 1 else torch.empty(B, nh + 1, N), reduced=True)
 
 
 @needs_decoder_kernel
@@ -239,6 +246,15 @@ def test_native_factored_scores_match_pytorch(B, nh, t, hd, r, N):
     assert (got - want).abs().max().item() <= 2e-6 * max(1.0, want.abs().max().item())
     soft = kernels.factored_scores(q, base, pe, alpha, low, P, torch.full((B, nh, t, N), float("nan")), softmax_over_tokens=True)
     assert (soft - torch.softmax(got.transpose(0, 1), dim=2)).abs().max().item() <= 1e-6  # of the same scores
+    # the softmax in the reduced layout (see softmax_tokens), the scores left in out
+    red = torch.full((B, kernels.reduced_rows(nh, t), N), float("nan"))
+    scores = torch.full((B, nh, t, N), float("nan"))
+    kernels.factored_scores(q, base, pe, alpha, low, P, scores, softmax_over_tokens=True, reduced=red)
+    assert torch.equal(scores, got.transpose(0, 1))
+    assert torch.equal(red[:, :-1], soft[:, :, : t - 1].reshape(B, nh * (t - 1), N))
+    assert torch.equal(red[:, -1], torch.ones(B, N))
+    with pytest.raises(ValueError, match="reduced"):
+        kernels.factored_scores(q, base, pe, alpha, low, P, torch.empty(nh, B, t, N), reduced=red)
     with pytest.raises(ValueError, match="inconsistent shapes"):
         kernels.factored_scores(q, base, pe, alpha, low, P, torch.empty(B, nh, t, N + 1))
     with pytest.raises(ValueError, match="contiguous float32"):

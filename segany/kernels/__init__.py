@@ -109,11 +109,11 @@ def _declare(name: str, lib: ctypes.CDLL) -> None:
         lib.segany_update_row_stats.restype = ctypes.c_int
         lib.segany_softmax_pixels.argtypes = [i64, i64, i64, i64, i64, i64, p, p, p, p]
         lib.segany_softmax_pixels.restype = None
-        lib.segany_softmax_tokens.argtypes = [i64, i64, i64, i64, i64, i64, p, p]
+        lib.segany_softmax_tokens.argtypes = [i64, i64, i64, i64, i64, i64, p, p, ctypes.c_int]
         lib.segany_softmax_tokens.restype = None
         lib.segany_vector_lanes.restype = ctypes.c_int
         lib.segany_layer_norm_rows.restype = ctypes.c_int
-        lib.segany_factored_scores.argtypes = [i64, i64, i64, i64, i64, i64, i64, i64, p, p, p, p, p, p, p, ctypes.c_int, ctypes.c_int]
+        lib.segany_factored_scores.argtypes = [i64, i64, i64, i64, i64, i64, i64, i64, p, p, p, p, p, p, p, ctypes.c_int, ctypes.c_int, p]
         lib.segany_factored_scores.restype = None
     lib.segany_has_openmp.restype = ctypes.c_int
 
@@ -437,17 +437,26 @@ def softmax_pixels(s: torch.Tensor, alpha: torch.Tensor, a_bt: torch.Tensor, w: 
         _run_pieces(lib, call, nh * B * t)
 
 
-def softmax_tokens(s: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+def reduced_rows(nh: int, t: int) -> int:
+    """Rows per prompt of the reduced layout of :func:`softmax_tokens`."""
+    return nh * (t - 1) + 1
+
+
+def softmax_tokens(s: torch.Tensor, out: torch.Tensor, reduced: bool = False) -> torch.Tensor:
     """Image->token attention over the tokens: scores s (nh, B, t, N) -> out (B, nh, t, N), per
     pixel and head the softmax over the t tokens. Contiguous float32 CPU tensors; the exp as in
-    :func:`softmax_pixels`. Returns ``out``."""
+    :func:`softmax_pixels`. Returns ``out``.
+
+    ``reduced``: out (B, nh*(t-1) + 1, N) instead, per head the first t-1 tokens' rows, then a
+    row of ones (a head's weights sum to one: see ``fast_decoder._reduced_update``)."""
     lib = _decoder_lib()
     _check_f32("softmax_tokens", s, out)
     nh, B, t, N = s.shape
-    if tuple(out.shape) != (B, nh, t, N):
-        raise ValueError(f"softmax_tokens: s {tuple(s.shape)}, out {tuple(out.shape)}")
+    want = (B, reduced_rows(nh, t), N) if reduced else (B, nh, t, N)
+    if tuple(out.shape) != want or (reduced and t < 1):
+        raise ValueError(f"softmax_tokens: s {tuple(s.shape)}, out {tuple(out.shape)} (expected {want})")
     if s.numel():
-        args = (nh, B, t, N, s.data_ptr(), out.data_ptr())
+        args = (nh, B, t, N, s.data_ptr(), out.data_ptr(), int(reduced))
 
         def call(p0, p1):
             lib.segany_softmax_tokens(p0, p1, *args)
@@ -463,7 +472,8 @@ def rows_ok(C: int) -> bool:
 
 
 def factored_scores(q: torch.Tensor, base: torch.Tensor, pe: torch.Tensor, alpha: torch.Tensor, low: torch.Tensor,
-                    P: torch.Tensor, out: torch.Tensor, softmax_over_tokens: bool = False) -> torch.Tensor:
+                    P: torch.Tensor, out: torch.Tensor, softmax_over_tokens: bool = False,
+                    reduced: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Attention scores of tokens against factored image tokens (``segany.modeling.fast_decoder``):
 
     ``out[h, b, k, n] = alpha[b, n] (q[h, b*t+k] . base[h, :, n]) + q[h, b*t+k] . pe[h, :, n]
@@ -471,7 +481,9 @@ def factored_scores(q: torch.Tensor, base: torch.Tensor, pe: torch.Tensor, alpha
 
     q (nh, B*t, hd), base and pe (nh, hd, N), alpha (B, N), low (B, nh, t, r), P (B, r, N); out
     (nh, B, t, N), or with ``softmax_over_tokens`` (B, nh, t, N) holding, per pixel and head, the
-    softmax of the scores over the t tokens. Contiguous float32 CPU tensors. Returns ``out``."""
+    softmax of the scores over the t tokens. Contiguous float32 CPU tensors. Returns ``out``, or
+    with ``reduced`` (B, nh*(t-1) + 1, N) (needs ``softmax_over_tokens``) the softmax in
+    :func:`softmax_tokens`'s reduced layout there, out then holding only the scores."""
     lib = _decoder_lib()
     nh, Bt, hd = q.shape
     B, r, N = P.shape
@@ -481,9 +493,14 @@ def factored_scores(q: torch.Tensor, base: torch.Tensor, pe: torch.Tensor, alpha
     if B * t != Bt or tuple(base.shape) != (nh, hd, N) or tuple(pe.shape) != (nh, hd, N) or tuple(alpha.shape) != (B, N) \
             or tuple(low.shape) != (B, nh, t, r) or tuple(out.shape) != want:
         raise ValueError("factored_scores: inconsistent shapes")
+    if reduced is not None:
+        _check_f32("factored_scores", reduced)
+        if not softmax_over_tokens or tuple(reduced.shape) != (B, reduced_rows(nh, t), N):
+            raise ValueError("factored_scores: reduced needs softmax_over_tokens and shape (B, nh*(t-1)+1, N)")
     if B and t and N:
         args = (B, nh, t, hd, r, N, q.data_ptr(), base.data_ptr(), pe.data_ptr(), alpha.data_ptr(), low.data_ptr(),
-                P.data_ptr(), out.data_ptr(), int(softmax_over_tokens), int(softmax_over_tokens))
+                P.data_ptr(), out.data_ptr(), int(softmax_over_tokens), int(softmax_over_tokens),
+                None if reduced is None else reduced.data_ptr())
 
         def call(p0, p1):
             lib.segany_factored_scores(p0, p1, *args)

@@ -390,7 +390,9 @@ int segany_update_row_stats(int64_t p0, int64_t p1, int64_t B, int64_t N, int64_
      low   (B, nh, t, r)   the tokens against the low-rank part's projection
      P     (B, r, N)
      out   layout 0: (nh, B, t, N) scores; layout 1: (B, nh, t, N) scores, or with softmax, per
-           pixel and head the softmax over the t tokens. */
+           pixel and head the softmax over the t tokens
+     red   optional, with softmax: the softmax goes there instead, in segany_softmax_tokens's
+           reduced layout (B, nh*(t-1) + 1, N); out then only holds the scores. */
 
 static inline void store_part(float *p, vf x, int64_t n) {
     if (n >= LANES)
@@ -423,8 +425,10 @@ static inline vf vexp(vf x) {
 }
 
 /* For the nn pixels at n (one vector), the softmax over t rows of stride N, from src into o
-   (which may be src). */
-static inline void softmax_over_rows(const float *src, float *o, int64_t t, int64_t N, int64_t n, int64_t nn) {
+   (which may be src): its first t_out rows (t_out = t - 1: the reduced layout, see
+   segany_softmax_tokens). */
+static inline void softmax_over_rows(const float *src, float *o, int64_t t, int64_t t_out, int64_t N, int64_t n,
+                                     int64_t nn) {
     vf m = load_part(src + n, nn);
     for (int64_t k = 1; k < t; k++) {
         vf x = load_part(src + k * N + n, nn);
@@ -433,11 +437,15 @@ static inline void softmax_over_rows(const float *src, float *o, int64_t t, int6
     vf z = {0};
     for (int64_t k = 0; k < t; k++) {
         vf e = vexp(load_part(src + k * N + n, nn) - m);
-        store_part(o + k * N + n, e, nn);
+        if (k < t_out) store_part(o + k * N + n, e, nn);
         z += e;
     }
     vf inv = 1.0f / z;
-    for (int64_t k = 0; k < t; k++) store_part(o + k * N + n, load_part(o + k * N + n, nn) * inv, nn);
+    for (int64_t k = 0; k < t_out; k++) store_part(o + k * N + n, load_part(o + k * N + n, nn) * inv, nn);
+}
+
+static inline void fill_ones(float *o, int64_t n) {
+    for (int64_t i = 0; i < n; i++) o[i] = 1.0f;
 }
 
 /* The token->image attention's softmax over the N pixels, fused with the two layouts its value
@@ -485,18 +493,23 @@ void segany_softmax_pixels(int64_t p0, int64_t p1, int64_t B, int64_t nh, int64_
 /* The image->token attention's softmax over the t tokens, per pixel and head, from scores s
    (nh, B, t, N) into out (B, nh, t, N), the layout its update reads: one pass, where PyTorch
    made a softmax along a strided axis and a transposing copy (~4x the time). Pieces p0..p1-1 of
-   nh * B * ceil(N / 256). */
+   nh * B * ceil(N / 256).
+
+   reduced: out is (B, nh*(t-1) + 1, N) instead: per head the first t-1 tokens' rows, then one
+   row of ones. A head's t weights sum to one, so its last token's share of the update is
+   implied (fast_decoder._reduced_update): the update's rank drops from nh*t to nh*(t-1) + 1. */
 void segany_softmax_tokens(int64_t p0, int64_t p1, int64_t nh, int64_t B, int64_t t, int64_t N, const float *s,
-                           float *out) {
-    const int64_t nblk = (N + 255) / 256;
+                           float *out, int reduced) {
+    const int64_t nblk = (N + 255) / 256, K = nh * (t - 1) + 1;
 #pragma omp parallel for schedule(static)
     for (int64_t p = p0; p < p1; p++) {
         int64_t hh = p / (B * nblk), b = (p / nblk) % B, n0 = (p % nblk) * 256;
         int64_t n1 = n0 + 256 < N ? n0 + 256 : N;
         const float *src = s + (hh * B + b) * t * N;
-        float *o = out + (b * nh + hh) * t * N;
+        float *o = reduced ? out + (b * K + hh * (t - 1)) * N : out + (b * nh + hh) * t * N;
         for (int64_t n = n0; n < n1; n += LANES)
-            softmax_over_rows(src, o, t, N, n, n1 - n < LANES ? n1 - n : LANES);
+            softmax_over_rows(src, o, t, reduced ? t - 1 : t, N, n, n1 - n < LANES ? n1 - n : LANES);
+        if (reduced && hh == 0) fill_ones(out + (b * K + K - 1) * N + n0, n1 - n0);
     }
 }
 
@@ -563,7 +576,7 @@ static inline void copy_block(float *restrict dst, const float *restrict src, in
 /* Pieces p0..p1-1 of B * ceil(N / SC_BLOCK). */
 void segany_factored_scores(int64_t p0, int64_t p1, int64_t B, int64_t nh, int64_t t, int64_t hd, int64_t r,
                             int64_t N, const float *q, const float *base, const float *pe, const float *alpha,
-                            const float *low, const float *P, float *out, int layout, int softmax) {
+                            const float *low, const float *P, float *out, int layout, int softmax, float *red) {
 #pragma omp parallel for schedule(static)
     for (int64_t p = p0; p < p1; p++) {
         /* prompts inner: a block's image-side rows (base, pe) stay in the cache across prompts */
@@ -616,9 +629,11 @@ void segany_factored_scores(int64_t p0, int64_t p1, int64_t B, int64_t nh, int64
             }
             if (softmax) { /* over the t tokens of this head, LANES pixels at a time (layout 1) */
                 float *o = out + (b * nh + hh) * t * N;
+                float *ro = red ? red + (b * (nh * (t - 1) + 1) + hh * (t - 1)) * N : o;
                 for (int64_t n = n0; n < n1; n += LANES)
-                    softmax_over_rows(o, o, t, N, n, n1 - n < LANES ? n1 - n : LANES);
+                    softmax_over_rows(o, ro, t, red ? t - 1 : t, N, n, n1 - n < LANES ? n1 - n : LANES);
             }
         }
+        if (softmax && red) fill_ones(red + (b * (nh * (t - 1) + 1) + nh * (t - 1)) * N + n0, n1 - n0);
     }
 }
