@@ -506,5 +506,5 @@ def factored_scores(q: torch.Tensor, base: torch.Tensor, pe: torch.Tensor, alpha
             lib.segany_factored_scores(p0, p1, *args)
             return 0
 
-        _run_pieces(lib, call, B * -(-N // 64))
+        _run_pieces(lib, call, -(-N // 64))
     return out

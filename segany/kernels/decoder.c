@@ -573,67 +573,71 @@ static inline void copy_block(float *restrict dst, const float *restrict src, in
         for (int64_t i = 0; i < n; i++) dst[i] = src[i];
 }
 
-/* Pieces p0..p1-1 of B * ceil(N / SC_BLOCK). */
+/* Pieces p0..p1-1 of ceil(N / SC_BLOCK) pixel blocks, each for all B prompts. */
 void segany_factored_scores(int64_t p0, int64_t p1, int64_t B, int64_t nh, int64_t t, int64_t hd, int64_t r,
                             int64_t N, const float *q, const float *base, const float *pe, const float *alpha,
                             const float *low, const float *P, float *out, int layout, int softmax, float *red) {
 #pragma omp parallel for schedule(static)
     for (int64_t p = p0; p < p1; p++) {
-        /* prompts inner: a block's image-side rows (base, pe) stay in the cache across prompts */
-        int64_t b = p % B, n0 = (p / B) * SC_BLOCK;
+        int64_t n0 = p * SC_BLOCK;
         int64_t n1 = n0 + SC_BLOCK < N ? n0 + SC_BLOCK : N;
-        int64_t nfull;
-        const float *al = alpha + b * N, *Pb = P + b * r * N;
         /* The block's rows packed side by side: rows N floats apart (16 KB at SAM's 64x64) fall in
-           one L1 set, so the r rows that every head and token group re-reads missed L1 each time
-           (the kernel ran at a fifth of the FMA rate). Only the whole vector pairs read them. */
+           one L1 set, so the rows that every head and token group re-reads missed L1 each time
+           (the kernel ran at a fifth of the FMA rate). Only the whole vector pairs read them.
+           Every prompt's P rows are packed first, then each head's base and pe rows once for all
+           prompts (packed per prompt, those copies took a third of the kernel's time). */
         const int64_t nw = (n1 - n0) / (2 * LANES) * 2 * LANES;
-        float *pk = nw ? scratch((size_t)((r + 2 * hd) * SC_BLOCK)) : 0;
+        float *pk = nw ? scratch((size_t)((B * r + 2 * hd) * SC_BLOCK)) : 0;
         if (pk)
-            for (int64_t j = 0; j < r; j++) copy_block(pk + j * SC_BLOCK, Pb + j * N + n0, nw);
+            for (int64_t b = 0; b < B; b++)
+                for (int64_t j = 0; j < r; j++) copy_block(pk + (b * r + j) * SC_BLOCK, P + (b * r + j) * N + n0, nw);
+        float *bk = pk ? pk + B * r * SC_BLOCK : 0, *ek = pk ? bk + hd * SC_BLOCK : 0;
+        const int64_t nfull = nw / LANES;
         for (int64_t hh = 0; hh < nh; hh++) {
             const float *bh = base + hh * hd * N, *ph = pe + hh * hd * N;
-            float *bk = pk ? pk + r * SC_BLOCK : 0, *ek = pk ? bk + hd * SC_BLOCK : 0;
             if (pk)
                 for (int64_t d = 0; d < hd; d++) {
                     copy_block(bk + d * SC_BLOCK, bh + d * N + n0, nw);
                     copy_block(ek + d * SC_BLOCK, ph + d * N + n0, nw);
                 }
-            for (int64_t k0 = 0; k0 < t; k0 += SC_TB) {
-                int64_t kb = t - k0 < SC_TB ? t - k0 : SC_TB;
-                const float *qk = q + (hh * B * t + b * t + k0) * hd;
-                const float *lk = low + ((b * nh + hh) * t + k0) * r;
-                float *orow[SC_TB];
-                for (int64_t k = 0; k < SC_TB; k++) {
-                    int64_t kk = k0 + (k < kb ? k : 0);
-                    orow[k] = out + (layout ? (b * nh + hh) * t + kk : (hh * B + b) * t + kk) * N;
+            for (int64_t b = 0; b < B; b++) {
+                const float *al = alpha + b * N, *Pb = P + b * r * N;
+                for (int64_t k0 = 0; k0 < t; k0 += SC_TB) {
+                    int64_t kb = t - k0 < SC_TB ? t - k0 : SC_TB;
+                    const float *qk = q + (hh * B * t + b * t + k0) * hd;
+                    const float *lk = low + ((b * nh + hh) * t + k0) * r;
+                    float *orow[SC_TB];
+                    for (int64_t k = 0; k < SC_TB; k++) {
+                        int64_t kk = k0 + (k < kb ? k : 0);
+                        orow[k] = out + (layout ? (b * nh + hh) * t + kk : (hh * B + b) * t + kk) * N;
+                    }
+                    /* constant token counts keep the accumulators in registers; packed rows are
+                       SC_BLOCK apart and start at the block (n0 = 0 there, outputs and alpha moved) */
+                    float *orel[SC_TB];
+                    for (int64_t k = 0; k < SC_TB; k++) orel[k] = orow[k] + n0;
+                    const float *rb = pk ? bk : bh, *re = pk ? ek : ph, *rp = pk ? pk + b * r * SC_BLOCK : Pb;
+                    const float *ra = pk ? al + n0 : al;
+                    const int64_t rs = pk ? SC_BLOCK : N, rn = pk ? 0 : n0;
+                    float *const *ro = pk ? orel : orow;
+                    for (int64_t v = 0; v < nfull; v += 2) switch (kb) {
+                        case 4: scores_block(rn, v, qk, hd, rb, re, ra, lk, r, rp, rs, 4, ro); break;
+                        case 3: scores_block(rn, v, qk, hd, rb, re, ra, lk, r, rp, rs, 3, ro); break;
+                        case 2: scores_block(rn, v, qk, hd, rb, re, ra, lk, r, rp, rs, 2, ro); break;
+                        default: scores_block(rn, v, qk, hd, rb, re, ra, lk, r, rp, rs, 1, ro); break;
+                    }
+                    for (int64_t n = n0 + nfull * LANES; n < n1; n++)
+                        for (int64_t k = 0; k < kb; k++)
+                            orow[k][n] = scores_scalar(n, k, qk, hd, bh, ph, al, lk, r, Pb, N);
                 }
-                /* constant token counts keep the accumulators in registers; packed rows are
-                   SC_BLOCK apart and start at the block (n0 = 0 there, outputs and alpha moved) */
-                nfull = nw / LANES;
-                float *orel[SC_TB];
-                for (int64_t k = 0; k < SC_TB; k++) orel[k] = orow[k] + n0;
-                const float *rb = pk ? bk : bh, *re = pk ? ek : ph, *rp = pk ? pk : Pb;
-                const float *ra = pk ? al + n0 : al;
-                const int64_t rs = pk ? SC_BLOCK : N, rn = pk ? 0 : n0;
-                float *const *ro = pk ? orel : orow;
-                for (int64_t v = 0; v < nfull; v += 2) switch (kb) {
-                    case 4: scores_block(rn, v, qk, hd, rb, re, ra, lk, r, rp, rs, 4, ro); break;
-                    case 3: scores_block(rn, v, qk, hd, rb, re, ra, lk, r, rp, rs, 3, ro); break;
-                    case 2: scores_block(rn, v, qk, hd, rb, re, ra, lk, r, rp, rs, 2, ro); break;
-                    default: scores_block(rn, v, qk, hd, rb, re, ra, lk, r, rp, rs, 1, ro); break;
+                if (softmax) { /* over the t tokens of this head, LANES pixels at a time (layout 1) */
+                    float *o = out + (b * nh + hh) * t * N;
+                    float *ro = red ? red + (b * (nh * (t - 1) + 1) + hh * (t - 1)) * N : o;
+                    for (int64_t n = n0; n < n1; n += LANES)
+                        softmax_over_rows(o, ro, t, red ? t - 1 : t, N, n, n1 - n < LANES ? n1 - n : LANES);
                 }
-                for (int64_t n = n0 + nfull * LANES; n < n1; n++)
-                    for (int64_t k = 0; k < kb; k++)
-                        orow[k][n] = scores_scalar(n, k, qk, hd, bh, ph, al, lk, r, Pb, N);
-            }
-            if (softmax) { /* over the t tokens of this head, LANES pixels at a time (layout 1) */
-                float *o = out + (b * nh + hh) * t * N;
-                float *ro = red ? red + (b * (nh * (t - 1) + 1) + hh * (t - 1)) * N : o;
-                for (int64_t n = n0; n < n1; n += LANES)
-                    softmax_over_rows(o, ro, t, red ? t - 1 : t, N, n, n1 - n < LANES ? n1 - n : LANES);
             }
         }
-        if (softmax && red) fill_ones(red + (b * (nh * (t - 1) + 1) + nh * (t - 1)) * N + n0, n1 - n0);
+        if (softmax && red)
+            for (int64_t b = 0; b < B; b++) fill_ones(red + (b * (nh * (t - 1) + 1) + nh * (t - 1)) * N + n0, n1 - n0);
     }
 }
