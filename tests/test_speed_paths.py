@@ -103,6 +103,32 @@ def test_iou_filtered_decoding_returns_the_kept_masks_of_the_full_decoding(confi
             torch.testing.assert_close(got_m, want_m[keep], rtol=1e-5, atol=1e-5 * max(1.0, want_m.abs().max().item()))
 
 
+def test_fast_decoder_follows_weights_changed_in_place():
+    """The fast decoder keeps per-parameter layouts between calls: new weights loaded into the
+    same modules (load_state_dict copies in place) must give the new model's outputs."""
+    config = DEC_CONFIGS[1]
+    sam, other = _model(config, seed=0), _model(config, seed=7)
+    pe = sam.prompt_encoder
+    g = torch.Generator().manual_seed(2)
+    h, w = pe.image_embedding_size
+    feats = torch.randn(1, pe.embed_dim, h, w, generator=g)
+    pts = torch.rand(2, 1, 2, generator=g) * config["image_size"]
+    lab = torch.ones(2, 1, dtype=torch.int32)
+
+    def run(model):
+        with torch.no_grad():
+            sparse, _ = model.prompt_encoder(points=(pts, lab), boxes=None, masks=None)
+            cache = build_cache(model.mask_decoder, feats, model.prompt_encoder.get_dense_pe(), model.prompt_encoder.no_mask_embed.weight)
+            return predict_masks_fast(model.mask_decoder, sparse, cache)
+
+    before = run(sam)
+    sam.load_state_dict(other.state_dict())
+    after, want = run(sam), run(other)
+    assert not torch.allclose(before[0], want[0])
+    torch.testing.assert_close(after[0], want[0], rtol=0, atol=0)
+    torch.testing.assert_close(after[1], want[1], rtol=0, atol=0)
+
+
 class _Shifted(torch.nn.Module):
     def __init__(self, head: torch.nn.Module, offset: torch.Tensor) -> None:
         super().__init__()

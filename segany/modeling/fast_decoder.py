@@ -49,6 +49,7 @@ The module structure and parameters are the official ones; this file only reads 
 from __future__ import annotations
 
 import threading
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Optional, Tuple
@@ -332,9 +333,31 @@ def _value_update(attn: Attention, v_tokens: Tensor) -> Tensor:
     B, t, I = v.shape
     hd = I // nh
     C = attn.out_proj.weight.shape[0]
-    wo = attn.out_proj.weight.t().reshape(nh, hd, C)
-    u = torch.matmul(v.reshape(B, t, nh, hd).transpose(1, 2), wo).reshape(B, nh * t, C)
+    # one product per head over all prompts (a matmul broadcasting the weight over the prompts
+    # copied it, transposed, once per prompt: 8 prompts, 1.8 of a call's 76 ms)
+    wo = _derived(attn.out_proj.weight, "heads", lambda w: w.t().reshape(nh, hd, C).contiguous())
+    u = torch.bmm(v.view(B * t, nh, hd).transpose(0, 1), wo)  # (nh, B*t, C)
+    u = u.view(nh, B, t, C).transpose(0, 1).reshape(B, nh * t, C)
     return u + attn.out_proj.bias / nh
+
+
+_derived_cache: dict = {}
+
+
+def _derived(weight: Tensor, key: str, make) -> Tensor:
+    """``make(weight)``: a layout of a parameter that every call would rebuild, kept while the
+    parameter lives and is not changed in place (its version counter); built fresh where
+    autograd records (training)."""
+    if torch.is_grad_enabled():
+        return make(weight)
+    k = (id(weight), key)
+    hit = _derived_cache.get(k)
+    if hit is not None and hit[0]() is weight and hit[1] == weight._version:
+        return hit[2]
+    value = make(weight)
+    ref = weakref.ref(weight, lambda _, k=k: _derived_cache.pop(k, None))
+    _derived_cache[k] = (ref, weight._version, value)
+    return value
 
 
 def _reduced_values(u: Tensor, nh: int) -> Tensor:
@@ -735,8 +758,8 @@ def _upscale_masks_native(decoder: MaskDecoder, keys, hyper_in: Tensor, h: int, 
     c1, c2 = ct1.out_channels, ct2.out_channels
     rows_per_chunk = max(1, min(h, 4096 // (B * w)))
     w1t = _first_conv_channels_last(ct1).t()  # (4*c1, C), rows (a, bb, c)
-    w2 = ct2.weight.permute(2, 0, 3, 1).contiguous()  # (a2, c, b2, o)
-    b2 = ct2.bias.repeat(2).contiguous()
+    w2 = _derived(ct2.weight, "tail", lambda w: w.permute(2, 0, 3, 1).contiguous())  # (a2, c, b2, o)
+    b2 = _derived(ct2.bias, "tail", lambda b: b.repeat(2).contiguous())
     hyp = hyper_in.contiguous()
     if scratch:
         out = _scratch_like("masks", (B, M, 4 * h, 4 * w), hyper_in)
