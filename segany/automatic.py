@@ -174,10 +174,12 @@ class SamAutomaticMaskGenerator:
         self.min_mask_region_area = min_mask_region_area
         self.output_mode = output_mode
         self._upscalers: Dict[tuple, CellUpscaler] = {}
-        # Prompts per decoder call: 4-8 keep each call's image-token tensors (~6 MB per prompt
-        # at 64x64x256) in the last-level cache; 64 prompts at vit_b size took 13.6 ms each at 8,
-        # 14.5 ms at 16 and 17.6 ms one by one (2 threads).
-        self.decode_batch = min(self.points_per_batch, 8)
+        # Prompts per decoder call. A call reads the per-image maps once for all its prompts
+        # (scores, first-layer attention), and holds ~10 MB per prompt at SAM's sizes: 32x32
+        # points at SAM's thresholds took 5.76-6.09 s at 16, 6.35-6.62 s at 8 and 5.20-5.50 s at
+        # 32, peak RSS +318 / +162 / +626 MB (2026-12-05, 2 workers; at 8 before that day's
+        # decoder changes, 16 was no faster).
+        self.decode_batch = min(self.points_per_batch, 16)
 
     # ------------------------------------------------------------------ public
     @torch.no_grad()
