@@ -66,17 +66,19 @@ def test_native_decoder_tail_matches_pytorch(dim, h, w, B, M, ln_gain):
 @needs_decoder_kernel
 @pytest.mark.parametrize("dim,h,w,B,M", [(256, 64, 64, 1, 3), (256, 64, 64, 3, 1), (32, 5, 7, 2, 3)])
 def test_native_decoder_tail_on_factored_image_tokens(dim, h, w, B, M):
-    """Factored image tokens alpha * S + P^T Q (the transformer's output form, with S W1
-    precomputed per image): the native path's masks equal the dense PyTorch path's."""
+    """Factored image tokens alpha * (S + P^T Q) (the transformer's output form, with S W1
+    precomputed per image; P the first rows of a larger buffer): the native path's masks and
+    the PyTorch path's on the same factors equal the dense PyTorch path's."""
     from segany.modeling import fast_decoder
 
     dec = _upscaling_decoder(dim, seed=h * w, ln_gain=1.0)
     g = torch.Generator().manual_seed(dim + B + M)
     r, N = 11, h * w
     S = torch.randn(N, dim, generator=g)
-    fx = fast_decoder._Factored(alpha=torch.rand(B, N, generator=g) + 0.5, P=torch.randn(B, r, N, generator=g) * 0.3,
-                                Q=torch.randn(B, r, dim, generator=g) * 0.3)
-    dense = fx.alpha[..., None] * S + fx.P.transpose(1, 2) @ fx.Q
+    pbuf = torch.full((B, r + 2, N), float("nan"))
+    pbuf[:, :r] = torch.randn(B, r, N, generator=g) * 0.3
+    fx = fast_decoder._Factored(alpha=torch.rand(B, N, generator=g) + 0.5, P=pbuf[:, :r], Q=torch.randn(B, r, dim, generator=g) * 0.3)
+    dense = fx.alpha[..., None] * (S + fx.P.transpose(1, 2) @ fx.Q)
     hyper = torch.randn(B, M, dim // 8, generator=g)
     with torch.no_grad():
         w1 = fast_decoder._first_conv_channels_last(dec.output_upscaling[0])
@@ -85,9 +87,11 @@ def test_native_decoder_tail_on_factored_image_tokens(dim, h, w, B, M):
         got = fast_decoder._upscale_masks_native(dec, (fx, None, base_w1t), hyper, h, w)
         # the base given untransposed (the PyTorch path's layout): same masks
         got2 = fast_decoder._upscale_masks_native(dec, (fx, base_w1t.t().contiguous(), None), hyper, h, w)
+        got3 = fast_decoder._upscale_masks(dec, (fx, None, base_w1t), hyper, h, w, rows_per_chunk=max(1, h // 2))
     scale = want.abs().max().item()
     assert (got - want).abs().max().item() <= 5e-6 * max(1.0, scale)
     assert (got2 - want).abs().max().item() <= 5e-6 * max(1.0, scale)
+    assert (got3 - want).abs().max().item() <= 5e-6 * max(1.0, scale)
 
 
 @needs_decoder_kernel
@@ -133,8 +137,8 @@ def test_decoder_kernels_are_used_where_built_for_avx512_or_when_asked(monkeypat
 @needs_decoder_kernel
 @pytest.mark.parametrize("nh,B,t,N", [(8, 2, 7, 4096), (2, 3, 1, 37), (1, 1, 3, 5)])
 def test_native_softmax_pixels_matches_pytorch(nh, B, t, N):
-    """The token->image softmax over the pixels with its two layouts: torch.softmax's values in
-    (B, nh, t, N), times alpha in (nh, B, t, N), also when written over the scores themselves."""
+    """The token->image softmax over the pixels times alpha, in its two layouts (B, nh, t, N) and
+    (nh, B, t, N): torch.softmax's values, also when written over the scores themselves."""
     g = torch.Generator().manual_seed(N)
     s = torch.randn(nh, B, t, N, generator=g) * 8
     s[0, 0, 0, : min(N, 3)] = -1e4  # far below the row's maximum: exp underflows to 0
@@ -142,7 +146,7 @@ def test_native_softmax_pixels_matches_pytorch(nh, B, t, N):
     a = torch.softmax(s, dim=-1)
     a_bt, w = torch.empty(B, nh, t, N), torch.empty(nh, B, t, N)
     kernels.softmax_pixels(s, alpha, a_bt, w)
-    torch.testing.assert_close(a_bt, a.transpose(0, 1), rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(a_bt, (a * alpha[None, :, None, :]).transpose(0, 1), rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(w, a * alpha[None, :, None, :], rtol=1e-5, atol=1e-7)
     inplace = s.clone()
     kernels.softmax_pixels(inplace, alpha, torch.empty(B, nh, t, N), inplace)
@@ -165,10 +169,13 @@ def test_native_softmax_tokens_matches_pytorch(nh, B, t, N):
     with pytest.raises(ValueError, match="softmax_tokens"):
         kernels.softmax_tokens(s, torch.empty(nh, B, t, N) if nh != B else torch.empty(1))
     # the reduced layout: per head the first t-1 tokens' rows, then one row of ones
-    red = torch.full((B, kernels.reduced_rows(nh, t), N), float("nan"))
+    rows = kernels.reduced_rows(nh, t)
+    buf = torch.full((B, rows + 2, N), float("nan"))  # the first rows of a larger buffer
+    red = buf[:, :rows]
     assert kernels.softmax_tokens(s, red, reduced=True) is red
     assert torch.equal(red[:, :-1], out[:, :, : t - 1].reshape(B, nh * (t - 1), N))
     assert torch.equal(red[:, -1], torch.ones(B, N))
+    assert buf[:, rows:].isnan().all()
     with pytest.raises(ValueError, match="softmax_tokens"):
         kernels.softmax_tokens(s, out if t > 1 else torch.empty(B, nh + 1, N), reduced=True)
 
@@ -189,6 +196,17 @@ def test_native_update_row_stats_match_the_formed_update(B, xb, N, C, k):
     assert m.shape == r.shape == (B, N)
     torch.testing.assert_close(m, mean.squeeze(-1), rtol=1e-5, atol=1e-5)
     assert ((r - rstd.squeeze(-1)).abs() / rstd.squeeze(-1)).max().item() <= 1e-5
+    # aT as the first rows of a larger buffer, its columns scaled per pixel (the factored form's)
+    buf = torch.full((B, k + 3, N), float("nan"))
+    buf[:, :k] = aT
+    scale = torch.rand(B, N, generator=g) + 0.5
+    y2 = x.expand(B, -1, -1) + (aT * scale[:, None]).transpose(1, 2) @ u
+    _, mean2, rstd2 = torch.native_layer_norm(y2, (C,), None, None, 1e-5)
+    m2, r2 = kernels.update_row_stats(x, buf[:, :k], u, 1e-5, scale)
+    torch.testing.assert_close(m2, mean2.squeeze(-1), rtol=1e-5, atol=1e-5)
+    assert ((r2 - rstd2.squeeze(-1)).abs() / rstd2.squeeze(-1)).max().item() <= 1e-5
+    with pytest.raises(ValueError, match="scale"):
+        kernels.update_row_stats(x, aT, u, 1e-5, scale[:, :-1].contiguous())
     with pytest.raises(ValueError, match="multiple of 64"):
         kernels.update_row_stats(torch.zeros(1, N, 48), aT, torch.zeros(B, k, 48), 1e-5)
     with pytest.raises(ValueError, match="update_row_stats"):
@@ -240,19 +258,29 @@ def test_native_factored_scores_match_pytorch(B, nh, t, hd, r, N):
     g = torch.Generator().manual_seed(B * 1000 + N)
     q, base, pe = torch.randn(nh, B * t, hd, generator=g), torch.randn(nh, hd, N, generator=g), torch.randn(nh, hd, N, generator=g)
     alpha, low, P = torch.rand(B, N, generator=g) + 0.5, torch.randn(B, nh, t, r, generator=g), torch.randn(B, r, N, generator=g)
-    want = (torch.bmm(q, base).view(nh, B, t, N) * alpha[None, :, None] + torch.bmm(q, pe).view(nh, B, t, N)
-            + torch.matmul(low, P[:, None]).transpose(0, 1))
+    want = ((torch.bmm(q, base).view(nh, B, t, N) + torch.matmul(low, P[:, None]).transpose(0, 1)) * alpha[None, :, None]
+            + torch.bmm(q, pe).view(nh, B, t, N))
     got = kernels.factored_scores(q, base, pe, alpha, low, P, torch.full((nh, B, t, N), float("nan")))
     assert (got - want).abs().max().item() <= 2e-6 * max(1.0, want.abs().max().item())
     soft = kernels.factored_scores(q, base, pe, alpha, low, P, torch.full((B, nh, t, N), float("nan")), softmax_over_tokens=True)
     assert (soft - torch.softmax(got.transpose(0, 1), dim=2)).abs().max().item() <= 1e-6  # of the same scores
-    # the softmax in the reduced layout (see softmax_tokens), the scores left in out
-    red = torch.full((B, kernels.reduced_rows(nh, t), N), float("nan"))
+    # the softmax in the reduced layout (see softmax_tokens), the scores left in out; P and the
+    # reduced output as rows of larger buffers, the output scaled per pixel
+    rows = kernels.reduced_rows(nh, t)
+    red = torch.full((B, rows + 2, N), float("nan"))
+    pbuf = torch.full((B, r + 3, N), float("nan"))
+    pbuf[:, :r] = P
+    scale = torch.rand(B, N, generator=g) + 0.5
     scores = torch.full((B, nh, t, N), float("nan"))
-    kernels.factored_scores(q, base, pe, alpha, low, P, scores, softmax_over_tokens=True, reduced=red)
+    kernels.factored_scores(q, base, pe, alpha, low, pbuf[:, :r], scores, softmax_over_tokens=True, reduced=red[:, :rows],
+                            reduced_scale=scale)
     assert torch.equal(scores, got.transpose(0, 1))
-    assert torch.equal(red[:, :-1], soft[:, :, : t - 1].reshape(B, nh * (t - 1), N))
-    assert torch.equal(red[:, -1], torch.ones(B, N))
+    torch.testing.assert_close(red[:, : rows - 1], soft[:, :, : t - 1].reshape(B, nh * (t - 1), N) * scale[:, None],
+                               rtol=1e-6, atol=1e-7)
+    assert torch.equal(red[:, rows - 1], scale)
+    assert red[:, rows:].isnan().all()  # nothing past its rows
+    with pytest.raises(ValueError, match="reduced_scale"):
+        kernels.factored_scores(q, base, pe, alpha, low, P, scores, softmax_over_tokens=True, reduced_scale=scale)
     with pytest.raises(ValueError, match="reduced"):
         kernels.factored_scores(q, base, pe, alpha, low, P, torch.empty(nh, B, t, N), reduced=red)
     with pytest.raises(ValueError, match="inconsistent shapes"):

@@ -105,15 +105,15 @@ def _declare(name: str, lib: ctypes.CDLL) -> None:
         lib.segany_decoder_tail.argtypes = [i64, i64, i64, i64, i64, i64, i64, p, p, p, i64, p, i64, p, p, f32, p, p, p, p, i64, i64]
         lib.segany_decoder_tail.restype = ctypes.c_int
         lib.segany_layer_norm_rows.argtypes = [i64, i64, i64, i64, p, p, i64, p, p, f32, ctypes.c_int, p, p]
-        lib.segany_update_row_stats.argtypes = [i64, i64, i64, i64, i64, i64, p, i64, p, p, f32, p, p]
+        lib.segany_update_row_stats.argtypes = [i64, i64, i64, i64, i64, i64, p, i64, p, i64, p, p, f32, p, p]
         lib.segany_update_row_stats.restype = ctypes.c_int
         lib.segany_softmax_pixels.argtypes = [i64, i64, i64, i64, i64, i64, p, p, p, p]
         lib.segany_softmax_pixels.restype = None
-        lib.segany_softmax_tokens.argtypes = [i64, i64, i64, i64, i64, i64, p, p, ctypes.c_int]
+        lib.segany_softmax_tokens.argtypes = [i64, i64, i64, i64, i64, i64, p, p, ctypes.c_int, i64]
         lib.segany_softmax_tokens.restype = None
         lib.segany_vector_lanes.restype = ctypes.c_int
         lib.segany_layer_norm_rows.restype = ctypes.c_int
-        lib.segany_factored_scores.argtypes = [i64, i64, i64, i64, i64, i64, i64, i64, p, p, p, p, p, p, p, ctypes.c_int, ctypes.c_int, p]
+        lib.segany_factored_scores.argtypes = [i64, i64, i64, i64, i64, i64, i64, i64, p, p, p, p, p, p, i64, p, ctypes.c_int, ctypes.c_int, p, i64, p]
         lib.segany_factored_scores.restype = None
     lib.segany_has_openmp.restype = ctypes.c_int
 
@@ -336,6 +336,14 @@ def _check_f32(kernel: str, *ts: torch.Tensor) -> None:
         raise ValueError(f"{kernel} needs contiguous float32 CPU tensors")
 
 
+def _batch_stride(kernel: str, t: torch.Tensor) -> int:
+    """For a (B, rows, N) float32 CPU tensor whose rows are contiguous and N floats apart (any
+    stride between its B matrices, e.g. the first rows of a larger buffer): that stride."""
+    if t.dtype != torch.float32 or t.device.type != "cpu" or t.ndim != 3 or not t[0].is_contiguous():
+        raise ValueError(f"{kernel} needs float32 CPU (B, rows, N) tensors with contiguous matrices")
+    return t.stride(0) if t.shape[0] > 1 else t[0].numel()
+
+
 def decoder_tail(yT: torch.Tensor, w: int, ln_weight: torch.Tensor, ln_bias: torch.Tensor, eps: float,
                  w2: torch.Tensor, bias2: torch.Tensor, hyper_in: torch.Tensor, out: torch.Tensor, row0: int,
                  bias1: torch.Tensor, base: Optional[torch.Tensor] = None, alpha: Optional[torch.Tensor] = None) -> None:
@@ -344,9 +352,9 @@ def decoder_tail(yT: torch.Tensor, w: int, ln_weight: torch.Tensor, ln_bias: tor
     yT (B, 4*c1, R*w): the first convolution's product for R embedding rows of width w, without
     its bias, channels ordered (a, bb, c) for the 2x2 sub-pixel (a, bb); bias1 (c1,) its bias,
     added here; base (4*c1, R*w), optional, any row stride: a per-image part of the first
-    convolution's output, added here times alpha (B, R*w; the factored image tokens' row scales,
-    see ``segany.modeling.fast_decoder``), so that the first convolution's output is
-    ``yT + (bias1 + base * alpha)``; ln_weight/ln_bias (c1,): the LayerNorm2d; w2 (2, c1, 2, c2):
+    convolution's output, added here, the sum times alpha (B, R*w; the factored image tokens'
+    row scales, see ``segany.modeling.fast_decoder``), so that the first convolution's output is
+    ``(yT + base) * alpha + bias1``; ln_weight/ln_bias (c1,): the LayerNorm2d; w2 (2, c1, 2, c2):
     the second convolution's weight as [a2][c][b2][o]; bias2 (2*c2,): its bias repeated per b2;
     hyper_in (B, M, c2); out (B, M, OH, 4w) float32, rows 4*row0 .. 4*(row0+R)-1 are written.
     GELU after both, as in SAM."""
@@ -400,26 +408,33 @@ def layer_norm_rows_(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, 
     return mean, rstd
 
 
-def update_row_stats(x: torch.Tensor, aT: torch.Tensor, u: torch.Tensor, eps: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """LayerNorm statistics mean, rstd (B, N) of the rows of ``x + aT^T u`` without forming it:
-    x (B or 1, N, C), aT (B, k, N), u (B, k, C), contiguous float32 CPU tensors, C a multiple of
-    64 (:func:`rows_ok`). Up to float32 rounding what ``layer_norm_rows_`` returns for the sum."""
+def update_row_stats(x: torch.Tensor, aT: torch.Tensor, u: torch.Tensor, eps: float,
+                     scale: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """LayerNorm statistics mean, rstd (B, N) of the rows of ``x + (aT * scale[:, None])^T u``
+    without forming it: x (B or 1, N, C), aT (B, k, N) (matrices contiguous, any batch stride),
+    scale (B, N) optional, u (B, k, C), float32 CPU tensors, C a multiple of 64
+    (:func:`rows_ok`). Up to float32 rounding what ``layer_norm_rows_`` returns for the sum."""
     lib = _decoder_lib()
-    _check_f32("update_row_stats", x, aT, u)
+    _check_f32("update_row_stats", x, u)
+    a_bstride = _batch_stride("update_row_stats", aT)
     B, k, N = aT.shape
     C = x.shape[-1]
     if x.ndim != 3 or x.shape[0] not in (1, B) or x.shape[1] != N or tuple(u.shape) != (B, k, C) or not rows_ok(C):
         raise ValueError(f"update_row_stats: x {tuple(x.shape)}, aT {tuple(aT.shape)}, u {tuple(u.shape)} (C a multiple of 64)")
+    if scale is not None:
+        _check_f32("update_row_stats", scale)
+        if tuple(scale.shape) != (B, N):
+            raise ValueError(f"update_row_stats: scale {tuple(scale.shape)}, expected {(B, N)}")
     mean, rstd = torch.empty(B, N), torch.empty(B, N)
-    args = (B, N, C, k, x.data_ptr(), 0 if x.shape[0] == 1 else N * C, aT.data_ptr(), u.data_ptr(), float(eps),
-            mean.data_ptr(), rstd.data_ptr())
+    args = (B, N, C, k, x.data_ptr(), 0 if x.shape[0] == 1 else N * C, aT.data_ptr(), a_bstride,
+            None if scale is None else scale.data_ptr(), u.data_ptr(), float(eps), mean.data_ptr(), rstd.data_ptr())
     _run_pieces(lib, lambda p0, p1: lib.segany_update_row_stats(p0, p1, *args), B * -(-N // 256))
     return mean, rstd
 
 
 def softmax_pixels(s: torch.Tensor, alpha: torch.Tensor, a_bt: torch.Tensor, w: torch.Tensor) -> None:
-    """Token->image attention over the pixels: scores s (nh, B, t, N) -> a = softmax(s, -1) into
-    a_bt laid out (B, nh, t, N), and a * alpha[b] (alpha (B, N)) into w (nh, B, t, N), which may
+    """Token->image attention over the pixels: scores s (nh, B, t, N) -> a = softmax(s, -1) times
+    alpha[b] (alpha (B, N)) into a_bt laid out (B, nh, t, N) and into w (nh, B, t, N), which may
     be s itself. Contiguous float32 CPU tensors. The softmax's exp is a polynomial (relative
     error ~1e-7, as in :func:`factored_scores`)."""
     lib = _decoder_lib()
@@ -447,16 +462,22 @@ def softmax_tokens(s: torch.Tensor, out: torch.Tensor, reduced: bool = False) ->
     pixel and head the softmax over the t tokens. Contiguous float32 CPU tensors; the exp as in
     :func:`softmax_pixels`. Returns ``out``.
 
-    ``reduced``: out (B, nh*(t-1) + 1, N) instead, per head the first t-1 tokens' rows, then a
-    row of ones (a head's weights sum to one: see ``fast_decoder._reduced_update``)."""
+    ``reduced``: out (B, nh*(t-1) + 1, N) instead (matrices contiguous, any batch stride), per
+    head the first t-1 tokens' rows, then a row of ones (a head's weights sum to one: see
+    ``fast_decoder._reduced_values``)."""
     lib = _decoder_lib()
-    _check_f32("softmax_tokens", s, out)
+    _check_f32("softmax_tokens", s)
+    if reduced:
+        out_bstride = _batch_stride("softmax_tokens", out)
+    else:
+        _check_f32("softmax_tokens", out)
+        out_bstride = 0
     nh, B, t, N = s.shape
     want = (B, reduced_rows(nh, t), N) if reduced else (B, nh, t, N)
     if tuple(out.shape) != want or (reduced and t < 1):
         raise ValueError(f"softmax_tokens: s {tuple(s.shape)}, out {tuple(out.shape)} (expected {want})")
     if s.numel():
-        args = (nh, B, t, N, s.data_ptr(), out.data_ptr(), int(reduced))
+        args = (nh, B, t, N, s.data_ptr(), out.data_ptr(), int(reduced), out_bstride)
 
         def call(p0, p1):
             lib.segany_softmax_tokens(p0, p1, *args)
@@ -473,34 +494,43 @@ def rows_ok(C: int) -> bool:
 
 def factored_scores(q: torch.Tensor, base: torch.Tensor, pe: torch.Tensor, alpha: torch.Tensor, low: torch.Tensor,
                     P: torch.Tensor, out: torch.Tensor, softmax_over_tokens: bool = False,
-                    reduced: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    reduced: Optional[torch.Tensor] = None, reduced_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Attention scores of tokens against factored image tokens (``segany.modeling.fast_decoder``):
 
-    ``out[h, b, k, n] = alpha[b, n] (q[h, b*t+k] . base[h, :, n]) + q[h, b*t+k] . pe[h, :, n]
-    + low[b, h, k] . P[b, :, n]``
+    ``out[h, b, k, n] = alpha[b, n] (q[h, b*t+k] . base[h, :, n] + low[b, h, k] . P[b, :, n])
+    + q[h, b*t+k] . pe[h, :, n]``
 
-    q (nh, B*t, hd), base and pe (nh, hd, N), alpha (B, N), low (B, nh, t, r), P (B, r, N); out
+    q (nh, B*t, hd), base and pe (nh, hd, N), alpha (B, N), low (B, nh, t, r), P (B, r, N)
+    (matrices contiguous, any batch stride); out
     (nh, B, t, N), or with ``softmax_over_tokens`` (B, nh, t, N) holding, per pixel and head, the
     softmax of the scores over the t tokens. Contiguous float32 CPU tensors. Returns ``out``, or
-    with ``reduced`` (B, nh*(t-1) + 1, N) (needs ``softmax_over_tokens``) the softmax in
-    :func:`softmax_tokens`'s reduced layout there, out then holding only the scores."""
+    with ``reduced`` (B, nh*(t-1) + 1, N) (needs ``softmax_over_tokens``; matrices contiguous,
+    any batch stride) the softmax in :func:`softmax_tokens`'s reduced layout there, times
+    ``reduced_scale`` (B, N) where given (its row of ones too), out then holding only the scores."""
     lib = _decoder_lib()
     nh, Bt, hd = q.shape
     B, r, N = P.shape
     t = Bt // B if B else 0
-    _check_f32("factored_scores", q, base, pe, alpha, low, P, out)
+    _check_f32("factored_scores", q, base, pe, alpha, low, out)
+    p_bstride = _batch_stride("factored_scores", P)
     want = (B, nh, t, N) if softmax_over_tokens else (nh, B, t, N)
     if B * t != Bt or tuple(base.shape) != (nh, hd, N) or tuple(pe.shape) != (nh, hd, N) or tuple(alpha.shape) != (B, N) \
             or tuple(low.shape) != (B, nh, t, r) or tuple(out.shape) != want:
         raise ValueError("factored_scores: inconsistent shapes")
+    red_bstride = 0
     if reduced is not None:
-        _check_f32("factored_scores", reduced)
+        red_bstride = _batch_stride("factored_scores", reduced)
         if not softmax_over_tokens or tuple(reduced.shape) != (B, reduced_rows(nh, t), N):
             raise ValueError("factored_scores: reduced needs softmax_over_tokens and shape (B, nh*(t-1)+1, N)")
+    if reduced_scale is not None:
+        _check_f32("factored_scores", reduced_scale)
+        if reduced is None or tuple(reduced_scale.shape) != (B, N):
+            raise ValueError("factored_scores: reduced_scale (B, N) goes with reduced")
     if B and t and N:
         args = (B, nh, t, hd, r, N, q.data_ptr(), base.data_ptr(), pe.data_ptr(), alpha.data_ptr(), low.data_ptr(),
-                P.data_ptr(), out.data_ptr(), int(softmax_over_tokens), int(softmax_over_tokens),
-                None if reduced is None else reduced.data_ptr())
+                P.data_ptr(), p_bstride, out.data_ptr(), int(softmax_over_tokens), int(softmax_over_tokens),
+                None if reduced is None else reduced.data_ptr(), red_bstride,
+                None if reduced_scale is None else reduced_scale.data_ptr())
 
         def call(p0, p1):
             lib.segany_factored_scores(p0, p1, *args)

@@ -19,8 +19,9 @@
                                (a, bb) of embedding pixel (i, j) -> first-conv pixel (2i+a, 2j+bb)
      bias1 (c1,)               first-conv bias, added here
      base (2, 2, c1, R*w)      optional (row stride base_stride): a per-image part of the first
-                               conv's output, added here times alpha (B, R*w; row stride
-                               alpha_stride), the factored image tokens' row scales
+                               conv's output: with it the output is alpha * (yT + base) + bias1,
+                               alpha (B, R*w; row stride alpha_stride) the factored image
+                               tokens' row scales
      w2   (2, c1, 2, c2)       second conv weight as [a2][c][b2][o]
      b2   (2, c2)              its bias, once per b2
      hyp  (B, M, c2)           hypernetwork outputs of the requested mask tokens
@@ -141,12 +142,13 @@ static inline __attribute__((always_inline)) void tail_row(
             for (int64_t j0 = 0; j0 < w_pad; j0 += LANES) {
                 int64_t n = w - j0;
                 float *dst = vT + bb * w_pad + j0;
-                /* the first conv's output: the GEMM's part plus the bias (and the per-image part) */
+                /* the first conv's output: the GEMM's part (with the per-image part, times the row
+                   scales) plus the bias */
                 vf s = {0};
                 if (bs) {
                     vf al = load_part(alpha + i * w + j0, n);
                     for (int64_t c = 0; c < c1; c++) {
-                        vf x = load_part(src + c * N + j0, n) + (bias1[c] + load_part(bs + c * base_stride + j0, n) * al);
+                        vf x = (load_part(src + c * N + j0, n) + load_part(bs + c * base_stride + j0, n)) * al + bias1[c];
                         __builtin_memcpy(dst + c * n_pad, &x, sizeof x);
                         s += x;
                     }
@@ -318,7 +320,8 @@ int segany_layer_norm_rows(int64_t p0, int64_t p1, int64_t rows, int64_t C, floa
 
 /* Row statistics of Y = X + A^T U without forming Y (the last image-token update of the
    decoder, whose rows are needed only for their LayerNorm statistics): X (B or 1, N, C) with
-   x_bstride = N*C or 0, A (B, k, N), U (B, k, C); mean, rstd (B, N) as normalise_row computes
+   x_bstride = N*C or 0, A (B, k, N) with batch stride a_bstride, its columns times ascale (B, N)
+   where given, U (B, k, C); mean, rstd (B, N) as normalise_row computes
    them from Y's values. Blocks of UR rows x UV vectors of channels stay in registers across the
    k terms (AVX-512: 16 of its 32 registers; AVX2 and narrower: 8 of 16);
    each row's C values go to a small buffer for the two-pass statistics. Pieces p0..p1-1 of
@@ -332,7 +335,8 @@ int segany_layer_norm_rows(int64_t p0, int64_t p1, int64_t rows, int64_t C, floa
 #define UV 2
 #endif
 int segany_update_row_stats(int64_t p0, int64_t p1, int64_t B, int64_t N, int64_t C, int64_t k, const float *X,
-                            int64_t x_bstride, const float *A, const float *U, float eps, float *mean, float *rstd) {
+                            int64_t x_bstride, const float *A, int64_t a_bstride, const float *ascale, const float *U,
+                            float eps, float *mean, float *rstd) {
     if (C % ROW_CB) return 2;
     const int64_t npc = (N + ROW_PIECE - 1) / ROW_PIECE;
     int err = 0;
@@ -345,14 +349,15 @@ int segany_update_row_stats(int64_t p0, int64_t p1, int64_t B, int64_t N, int64_
             err |= 1;
             continue;
         }
-        const float *Xb = X + b * x_bstride, *Ab = A + b * k * N, *Ub = U + b * k * C;
+        const float *Xb = X + b * x_bstride, *Ab = A + b * a_bstride, *Ub = U + b * k * C;
+        const float *sb = ascale ? ascale + b * N : 0;
         for (int64_t n = n_lo; n < n_hi; n += UR) {
             int64_t rb = n_hi - n < UR ? n_hi - n : UR;
             for (int64_t c = 0; c < C; c += UV * LANES) {
                 vf acc[UR][UV];
                 for (int64_t r = 0; r < UR; r++)
                     for (int v = 0; v < UV; v++)
-                        acc[r][v] = r < rb ? vload(Xb + (n + r) * C + c + v * LANES) : (vf){0};
+                        acc[r][v] = r < rb && !sb ? vload(Xb + (n + r) * C + c + v * LANES) : (vf){0};
                 for (int64_t j = 0; j < k; j++) {
                     const float *aj = Ab + j * N + n, *uj = Ub + j * C + c;
                     vf u[UV];
@@ -362,6 +367,9 @@ int segany_update_row_stats(int64_t p0, int64_t p1, int64_t B, int64_t N, int64_
                         for (int v = 0; v < UV; v++) acc[r][v] += a * u[v];
                     }
                 }
+                if (sb) /* the update's rows times their scales, then X */
+                    for (int64_t r = 0; r < rb; r++)
+                        for (int v = 0; v < UV; v++) acc[r][v] = acc[r][v] * sb[n + r] + vload(Xb + (n + r) * C + c + v * LANES);
                 for (int64_t r = 0; r < rb; r++)
                     for (int v = 0; v < UV; v++) vstore(tmp + r * C + c + v * LANES, acc[r][v]);
             }
@@ -377,8 +385,8 @@ int segany_update_row_stats(int64_t p0, int64_t p1, int64_t B, int64_t N, int64_
    with the softmax over the tokens (the image->token attention's).
 
    Per head hh, prompt b, token k, pixel n:
-     s = alpha[b][n] * sum_d q[hh][b*t+k][d] base[hh][d][n] + sum_d q[hh][b*t+k][d] pe[hh][d][n]
-         + sum_j low[b][hh][k][j] P[b][j][n]
+     s = alpha[b][n] * (sum_d q[hh][b*t+k][d] base[hh][d][n] + sum_j low[b][hh][k][j] P[b][j][n])
+         + sum_d q[hh][b*t+k][d] pe[hh][d][n]
    PyTorch ran that as five kernels with K = 16 (heads' width) or r (the factored rank), each a
    pass over multi-MB maps; here pixel blocks go through all heads and tokens while their P rows
    stay in the cache.
@@ -388,11 +396,12 @@ int segany_update_row_stats(int64_t p0, int64_t p1, int64_t B, int64_t N, int64_
      pe    (nh, hd, N)     the positional share (bias included)
      alpha (B, N)          the row scales of the factored tokens
      low   (B, nh, t, r)   the tokens against the low-rank part's projection
-     P     (B, r, N)
+     P     (B, r, N), batch stride P_bstride
      out   layout 0: (nh, B, t, N) scores; layout 1: (B, nh, t, N) scores, or with softmax, per
            pixel and head the softmax over the t tokens
      red   optional, with softmax: the softmax goes there instead, in segany_softmax_tokens's
-           reduced layout (B, nh*(t-1) + 1, N); out then only holds the scores. */
+           reduced layout (B, nh*(t-1) + 1, N; batch stride red_bstride), times red_scale
+           (B, N) where given (the ones row too); out then only holds the scores. */
 
 static inline void store_part(float *p, vf x, int64_t n) {
     if (n >= LANES)
@@ -426,9 +435,9 @@ static inline vf vexp(vf x) {
 
 /* For the nn pixels at n (one vector), the softmax over t rows of stride N, from src into o
    (which may be src): its first t_out rows (t_out = t - 1: the reduced layout, see
-   segany_softmax_tokens). */
+   segany_softmax_tokens), times scale[n] where given. */
 static inline void softmax_over_rows(const float *src, float *o, int64_t t, int64_t t_out, int64_t N, int64_t n,
-                                     int64_t nn) {
+                                     int64_t nn, const float *scale) {
     vf m = load_part(src + n, nn);
     for (int64_t k = 1; k < t; k++) {
         vf x = load_part(src + k * N + n, nn);
@@ -441,16 +450,17 @@ static inline void softmax_over_rows(const float *src, float *o, int64_t t, int6
         z += e;
     }
     vf inv = 1.0f / z;
+    if (scale) inv *= load_part(scale + n, nn);
     for (int64_t k = 0; k < t_out; k++) store_part(o + k * N + n, load_part(o + k * N + n, nn) * inv, nn);
 }
 
-static inline void fill_ones(float *o, int64_t n) {
-    for (int64_t i = 0; i < n; i++) o[i] = 1.0f;
+static inline void fill_ones(float *o, int64_t n, const float *scale) {
+    for (int64_t i = 0; i < n; i++) o[i] = scale ? scale[i] : 1.0f;
 }
 
 /* The token->image attention's softmax over the N pixels, fused with the two layouts its value
    side reads (fast_decoder._t2i_factored): for each row (hh, b, k) of the scores s (nh, B, t, N),
-   a = softmax(s) goes to a_bt (B, nh, t, N) and a * alpha[b] to w (nh, B, t, N), which may be s
+   a = softmax(s) times alpha[b] goes to a_bt (B, nh, t, N) and to w (nh, B, t, N), which may be s
    itself. Three passes over one row (max; exp and sum; scale), where PyTorch made a softmax, a
    transposing copy and a product over the whole map. Pieces p0..p1-1 of nh * B * t rows. */
 void segany_softmax_pixels(int64_t p0, int64_t p1, int64_t B, int64_t nh, int64_t t, int64_t N, const float *s,
@@ -483,9 +493,9 @@ void segany_softmax_pixels(int64_t p0, int64_t p1, int64_t B, int64_t nh, int64_
         float inv = 1.0f / vsum(z);
         for (int64_t n = 0; n < N; n += LANES) {
             int64_t nn = N - n < LANES ? N - n : LANES;
-            vf a = load_part(arow + n, nn) * inv;
+            vf a = load_part(arow + n, nn) * inv * load_part(al + n, nn);
             store_part(arow + n, a, nn);
-            store_part(wrow + n, a * load_part(al + n, nn), nn);
+            store_part(wrow + n, a, nn);
         }
     }
 }
@@ -495,21 +505,22 @@ void segany_softmax_pixels(int64_t p0, int64_t p1, int64_t B, int64_t nh, int64_
    made a softmax along a strided axis and a transposing copy (~4x the time). Pieces p0..p1-1 of
    nh * B * ceil(N / 256).
 
-   reduced: out is (B, nh*(t-1) + 1, N) instead: per head the first t-1 tokens' rows, then one
-   row of ones. A head's t weights sum to one, so its last token's share of the update is
+   reduced: out is (B, nh*(t-1) + 1, N) instead (batch stride out_bstride): per head the first
+   t-1 tokens' rows, then one row of ones. A head's t weights sum to one, so its last token's share of the update is
    implied (fast_decoder._reduced_update): the update's rank drops from nh*t to nh*(t-1) + 1. */
 void segany_softmax_tokens(int64_t p0, int64_t p1, int64_t nh, int64_t B, int64_t t, int64_t N, const float *s,
-                           float *out, int reduced) {
+                           float *out, int reduced, int64_t out_bstride) {
     const int64_t nblk = (N + 255) / 256, K = nh * (t - 1) + 1;
+    (void)K;
 #pragma omp parallel for schedule(static)
     for (int64_t p = p0; p < p1; p++) {
         int64_t hh = p / (B * nblk), b = (p / nblk) % B, n0 = (p % nblk) * 256;
         int64_t n1 = n0 + 256 < N ? n0 + 256 : N;
         const float *src = s + (hh * B + b) * t * N;
-        float *o = reduced ? out + (b * K + hh * (t - 1)) * N : out + (b * nh + hh) * t * N;
+        float *o = reduced ? out + b * out_bstride + hh * (t - 1) * N : out + (b * nh + hh) * t * N;
         for (int64_t n = n0; n < n1; n += LANES)
-            softmax_over_rows(src, o, t, reduced ? t - 1 : t, N, n, n1 - n < LANES ? n1 - n : LANES);
-        if (reduced && hh == 0) fill_ones(out + (b * K + K - 1) * N + n0, n1 - n0);
+            softmax_over_rows(src, o, t, reduced ? t - 1 : t, N, n, n1 - n < LANES ? n1 - n : LANES, 0);
+        if (reduced && hh == 0) fill_ones(out + b * out_bstride + (K - 1) * N + n0, n1 - n0, 0);
     }
 }
 
@@ -540,13 +551,13 @@ static inline __attribute__((always_inline)) void scores_block(
     vf acc[SC_TB][2];
     for (int64_t k = 0; k < SC_TB; k++) acc[k][0] = acc[k][1] = (vf){0};
     accumulate2(acc, bh, hd, N, n, qk, hd, kb);
+    accumulate2(acc, Pb, r, N, n, lk, r, kb);
     vf a0 = vload(al + n), a1 = vload(al + n + LANES);
     for (int64_t k = 0; k < kb; k++) {
         acc[k][0] *= a0;
         acc[k][1] *= a1;
     }
     accumulate2(acc, ph, hd, N, n, qk, hd, kb);
-    accumulate2(acc, Pb, r, N, n, lk, r, kb);
     for (int64_t k = 0; k < kb; k++) {
         vstore(orow[k] + n, acc[k][0]);
         vstore(orow[k] + n + LANES, acc[k][1]);
@@ -560,9 +571,8 @@ static float scores_scalar(int64_t n, int64_t k, const float *q, int64_t hd, con
         s += q[k * hd + d] * bh[d * N + n];
         sp += q[k * hd + d] * ph[d * N + n];
     }
-    s = s * al[n] + sp;
     for (int64_t j = 0; j < r; j++) s += lk[k * r + j] * Pb[j * N + n];
-    return s;
+    return s * al[n] + sp;
 }
 
 /* n floats (at most SC_BLOCK) of one row into a packed block; whole blocks as fixed-size moves */
@@ -576,7 +586,8 @@ static inline void copy_block(float *restrict dst, const float *restrict src, in
 /* Pieces p0..p1-1 of ceil(N / SC_BLOCK) pixel blocks, each for all B prompts. */
 void segany_factored_scores(int64_t p0, int64_t p1, int64_t B, int64_t nh, int64_t t, int64_t hd, int64_t r,
                             int64_t N, const float *q, const float *base, const float *pe, const float *alpha,
-                            const float *low, const float *P, float *out, int layout, int softmax, float *red) {
+                            const float *low, const float *P, int64_t P_bstride, float *out, int layout, int softmax,
+                            float *red, int64_t red_bstride, const float *red_scale) {
 #pragma omp parallel for schedule(static)
     for (int64_t p = p0; p < p1; p++) {
         int64_t n0 = p * SC_BLOCK;
@@ -590,7 +601,7 @@ void segany_factored_scores(int64_t p0, int64_t p1, int64_t B, int64_t nh, int64
         float *pk = nw ? scratch((size_t)((B * r + 2 * hd) * SC_BLOCK)) : 0;
         if (pk)
             for (int64_t b = 0; b < B; b++)
-                for (int64_t j = 0; j < r; j++) copy_block(pk + (b * r + j) * SC_BLOCK, P + (b * r + j) * N + n0, nw);
+                for (int64_t j = 0; j < r; j++) copy_block(pk + (b * r + j) * SC_BLOCK, P + b * P_bstride + j * N + n0, nw);
         float *bk = pk ? pk + B * r * SC_BLOCK : 0, *ek = pk ? bk + hd * SC_BLOCK : 0;
         const int64_t nfull = nw / LANES;
         for (int64_t hh = 0; hh < nh; hh++) {
@@ -601,7 +612,7 @@ void segany_factored_scores(int64_t p0, int64_t p1, int64_t B, int64_t nh, int64
                     copy_block(ek + d * SC_BLOCK, ph + d * N + n0, nw);
                 }
             for (int64_t b = 0; b < B; b++) {
-                const float *al = alpha + b * N, *Pb = P + b * r * N;
+                const float *al = alpha + b * N, *Pb = P + b * P_bstride;
                 for (int64_t k0 = 0; k0 < t; k0 += SC_TB) {
                     int64_t kb = t - k0 < SC_TB ? t - k0 : SC_TB;
                     const float *qk = q + (hh * B * t + b * t + k0) * hd;
@@ -631,13 +642,15 @@ void segany_factored_scores(int64_t p0, int64_t p1, int64_t B, int64_t nh, int64
                 }
                 if (softmax) { /* over the t tokens of this head, LANES pixels at a time (layout 1) */
                     float *o = out + (b * nh + hh) * t * N;
-                    float *ro = red ? red + (b * (nh * (t - 1) + 1) + hh * (t - 1)) * N : o;
+                    float *ro = red ? red + b * red_bstride + hh * (t - 1) * N : o;
+                    const float *sc = red && red_scale ? red_scale + b * N : 0;
                     for (int64_t n = n0; n < n1; n += LANES)
-                        softmax_over_rows(o, ro, t, red ? t - 1 : t, N, n, n1 - n < LANES ? n1 - n : LANES);
+                        softmax_over_rows(o, ro, t, red ? t - 1 : t, N, n, n1 - n < LANES ? n1 - n : LANES, sc);
                 }
             }
         }
         if (softmax && red)
-            for (int64_t b = 0; b < B; b++) fill_ones(red + (b * (nh * (t - 1) + 1) + nh * (t - 1)) * N + n0, n1 - n0);
+            for (int64_t b = 0; b < B; b++)
+                fill_ones(red + b * red_bstride + nh * (t - 1) * N + n0, n1 - n0, red_scale ? red_scale + b * N + n0 : 0);
     }
 }
