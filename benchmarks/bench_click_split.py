@@ -3,7 +3,7 @@
 Times, each on its own (median of ``--clicks`` calls, after warm-up), on one image embedding:
 
 * ``predict``: the whole ``SamPredictor.predict`` (validation, prompt encoder, decoder, masks to
-  the original size, to numpy);
+  the original size, to numpy); ``predict_best``: the same for the best candidate alone;
 * ``prompt encoder``: points -> sparse embeddings;
 * ``decoder``: the mask decoder on the cached per-image state (``predict_masks_fast``), of which
   ``two-way transformer`` (both layers and the final attention), the IoU head and hypernetwork
@@ -93,6 +93,7 @@ def main() -> None:
         low_res, _ = fd.predict_masks_fast(dec, sparse, cache)
         rows = [
             ("predict (3 masks at the original size, as numpy)", lambda: p.predict(point_coords=point, point_labels=label)),
+            ("predict_best (the best mask alone at the original size)", lambda: p.predict_best(point_coords=point, point_labels=label)),
             ("prompt encoder", lambda: pe(points=(coords, labels), boxes=None, masks=None)),
             ("decoder (3 low-res masks + IoU)", lambda: fd.predict_masks_fast(dec, sparse, cache)),
             ("  two-way transformer", lambda: fd._transformer_cached(dec, tokens, cache, used)),
