@@ -66,6 +66,23 @@ def test_fast_decoder_matches_module(config, multimask, batch, npts, with_box, w
     assert (got_iou - want_iou).abs().max().item() <= 1e-5 * max(1.0, want_iou.abs().max().item())
 
 
+def _one_point_prompts(sam, config, n: int, with_mask: bool, seed: int):
+    """n one-point prompts on a random embedding: sparse embeddings, and either the decoder
+    cache (no mask input) or the dense keyword arguments of ``predict_masks_fast`` (random mask
+    inputs)."""
+    pe = sam.prompt_encoder
+    g = torch.Generator().manual_seed(seed)
+    h, w = pe.image_embedding_size
+    feats = torch.randn(1, pe.embed_dim, h, w, generator=g)
+    pts = torch.rand(n, 1, 2, generator=g) * config["image_size"]
+    dense_in = torch.randn(n, 1, 4 * h, 4 * w, generator=g) if with_mask else None
+    with torch.no_grad():
+        sparse, dense = pe(points=(pts, torch.ones(n, 1, dtype=torch.int32)), boxes=None, masks=dense_in)
+        if with_mask:
+            return sparse, None, dict(image_embeddings=feats, image_pe=pe.get_dense_pe(), dense_prompt_embeddings=dense)
+        return sparse, build_cache(sam.mask_decoder, feats, pe.get_dense_pe(), pe.no_mask_embed.weight), {}
+
+
 @pytest.mark.parametrize("config", DEC_CONFIGS)
 @pytest.mark.parametrize("with_mask", [False, True])
 def test_iou_filtered_decoding_returns_the_kept_masks_of_the_full_decoding(config, with_mask):
@@ -74,20 +91,9 @@ def test_iou_filtered_decoding_returns_the_kept_masks_of_the_full_decoding(confi
     be those of the full decoding and the masks exactly the kept ones, in (prompt, mask) order,
     for thresholds that keep none, some and all."""
     sam = _model(config)
-    pe = sam.prompt_encoder
-    g = torch.Generator().manual_seed(3)
-    h, w = pe.image_embedding_size
-    feats = torch.randn(1, pe.embed_dim, h, w, generator=g)
-    pts = torch.rand(6, 1, 2, generator=g) * config["image_size"]
-    dense_in = torch.randn(6, 1, 4 * h, 4 * w, generator=g) if with_mask else None
+    h, w = sam.prompt_encoder.image_embedding_size
+    sparse, cache, kw = _one_point_prompts(sam, config, 6, with_mask, seed=3)
     with torch.no_grad():
-        sparse, dense = pe(points=(pts, torch.ones(6, 1, dtype=torch.int32)), boxes=None, masks=dense_in)
-        if with_mask:
-            kw = dict(image_embeddings=feats, image_pe=pe.get_dense_pe(), dense_prompt_embeddings=dense)
-            cache = None
-        else:
-            kw = {}
-            cache = build_cache(sam.mask_decoder, feats, pe.get_dense_pe(), pe.no_mask_embed.weight)
         want_m, want_iou = predict_masks_fast(sam.mask_decoder, sparse, cache, multimask_output=True, **kw)
         ious = want_iou.flatten().sort().values
         # "some": between two scores of the middle half, at their widest gap (a threshold within
@@ -151,20 +157,9 @@ def test_best_only_decoding_returns_each_prompts_top_candidate(config, with_mask
     offset = torch.zeros(12, sam.mask_decoder.num_mask_tokens)
     offset[torch.arange(12), 1 + torch.arange(12) % 3] = 5.0
     sam.mask_decoder.iou_prediction_head = _Shifted(head, offset)
-    pe = sam.prompt_encoder
-    g = torch.Generator().manual_seed(5)
-    h, w = pe.image_embedding_size
-    feats = torch.randn(1, pe.embed_dim, h, w, generator=g)
-    pts = torch.rand(12, 1, 2, generator=g) * config["image_size"]
-    dense_in = torch.randn(12, 1, 4 * h, 4 * w, generator=g) if with_mask else None
+    h, w = sam.prompt_encoder.image_embedding_size
+    sparse, cache, kw = _one_point_prompts(sam, config, 12, with_mask, seed=5)
     with torch.no_grad():
-        sparse, dense = pe(points=(pts, torch.ones(12, 1, dtype=torch.int32)), boxes=None, masks=dense_in)
-        if with_mask:
-            kw = dict(image_embeddings=feats, image_pe=pe.get_dense_pe(), dense_prompt_embeddings=dense)
-            cache = None
-        else:
-            kw = {}
-            cache = build_cache(sam.mask_decoder, feats, pe.get_dense_pe(), pe.no_mask_embed.weight)
         want_m, want_iou = predict_masks_fast(sam.mask_decoder, sparse, cache, multimask_output=True, **kw)
         got_m, got_iou = predict_masks_fast(sam.mask_decoder, sparse, cache, multimask_output=True, best_only=True, **kw)
         with pytest.raises(ValueError, match="best_only"):
