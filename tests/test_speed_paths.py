@@ -135,6 +135,23 @@ def test_fast_decoder_follows_weights_changed_in_place():
     torch.testing.assert_close(after[1], want[1], rtol=0, atol=0)
 
 
+def test_predictor_on_a_model_built_under_inference_mode():
+    """Parameters made under torch.inference_mode carry no version counter: the fast decoder's
+    per-parameter layouts must not need one (the same masks as a normally built model)."""
+    with torch.inference_mode():
+        frozen = _model(TINY_VIT)
+    normal = _model(TINY_VIT)
+    img = np.random.default_rng(3).integers(0, 255, (70, 90, 3), dtype=np.uint8)
+    out = []
+    for model in (frozen, normal):
+        p = SamPredictor(model)
+        with torch.inference_mode():
+            p.set_image(img)
+            out.append(p.predict(np.array([[30.0, 40.0]]), np.array([1]), return_logits=True))
+    for a, b in zip(*out):
+        np.testing.assert_allclose(a, b, rtol=0, atol=0)
+
+
 class _Shifted(torch.nn.Module):
     def __init__(self, head: torch.nn.Module, offset: torch.Tensor) -> None:
         super().__init__()

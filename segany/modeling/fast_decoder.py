@@ -348,8 +348,8 @@ _derived_cache: dict = {}
 def _derived(weight: Tensor, key: str, make) -> Tensor:
     """``make(weight)``: a layout of a parameter that every call would rebuild, kept while the
     parameter lives and is not changed in place (its version counter); built fresh where
-    autograd records (training)."""
-    if torch.is_grad_enabled():
+    autograd records (training) and for parameters made under ``torch.inference_mode``."""
+    if torch.is_grad_enabled() or weight.is_inference():  # (inference tensors have no version counter)
         return make(weight)
     k = (id(weight), key)
     hit = _derived_cache.get(k)

@@ -53,6 +53,8 @@ class PromptEncoder(nn.Module):
         when that buffer is replaced, moved or written.
         """
         gm = self.pe_layer.positional_encoding_gaussian_matrix
+        if gm.is_inference():  # made under torch.inference_mode: no version counter to key on
+            return self.pe_layer(self.image_embedding_size).unsqueeze(0)
         key = (gm.data_ptr(), gm._version, gm.device, gm.dtype)
         if self._dense_pe_cache is None or self._dense_pe_cache[0] != key:
             self._dense_pe_cache = (key, self.pe_layer(self.image_embedding_size).unsqueeze(0))
