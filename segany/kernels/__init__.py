@@ -339,9 +339,9 @@ def _check_f32(kernel: str, *ts: torch.Tensor) -> None:
 def _batch_stride(kernel: str, t: torch.Tensor) -> int:
     """For a (B, rows, N) float32 CPU tensor whose rows are contiguous and N floats apart (any
     stride between its B matrices, e.g. the first rows of a larger buffer): that stride."""
-    if t.dtype != torch.float32 or t.device.type != "cpu" or t.ndim != 3 or not t[0].is_contiguous():
+    if t.dtype != torch.float32 or t.device.type != "cpu" or t.ndim != 3 or (t.shape[0] and not t[0].is_contiguous()):
         raise ValueError(f"{kernel} needs float32 CPU (B, rows, N) tensors with contiguous matrices")
-    return t.stride(0) if t.shape[0] > 1 else t[0].numel()
+    return t.stride(0) if t.shape[0] > 1 else t.shape[1] * t.shape[2]
 
 
 def decoder_tail(yT: torch.Tensor, w: int, ln_weight: torch.Tensor, ln_bias: torch.Tensor, eps: float,

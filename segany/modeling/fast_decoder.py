@@ -413,8 +413,7 @@ def _normed(fx: Optional[_Factored], P: Tensor, r0: int, k: int, u: Tensor, mean
     B, _, N = P.shape
     C = g.shape[0]
     if fx is None:
-        P[:, r0 + k] = mean
-        P[:, r0 + k].neg_()
+        torch.neg(mean, out=P[:, r0 + k])
         alpha = rstd
     else:
         torch.div(mean, fx.alpha, out=P[:, r0 + k]).neg_()
