@@ -775,7 +775,7 @@ def _upscale_masks_native(decoder: MaskDecoder, keys, hyper_in: Tensor, h: int, 
     B, M = hyper_in.shape[:2]
     c1, c2 = ct1.out_channels, ct2.out_channels
     rows_per_chunk = max(1, min(h, 4096 // (B * w)))
-    w1t = _first_conv_channels_last(ct1).t()  # (4*c1, C), rows (a, bb, c)
+    w1t = _derived(ct1.weight, "channels last", lambda _: _first_conv_channels_last(ct1)).t()  # (4*c1, C), rows (a, bb, c)
     w2 = _derived(ct2.weight, "tail", lambda w: w.permute(2, 0, 3, 1).contiguous())  # (a2, c, b2, o)
     b2 = _derived(ct2.bias, "tail", lambda b: b.repeat(2).contiguous())
     hyp = hyper_in.contiguous()
