@@ -460,7 +460,8 @@ static inline void softmax_over_rows(const float *src, float *o, int64_t t, int6
     for (int64_t k = 0; k < t_out; k++) store_part(o + k * N + n, load_part(o + k * N + n, nn) * inv, nn);
 }
 
-static inline void fill_ones(float *o, int64_t n, const float *scale) {
+/* the reduced layout's last row: ones, or the scales where given */
+static inline void fill_row(float *o, int64_t n, const float *scale) {
     for (int64_t i = 0; i < n; i++) o[i] = scale ? scale[i] : 1.0f;
 }
 
@@ -517,7 +518,6 @@ void segany_softmax_pixels(int64_t p0, int64_t p1, int64_t B, int64_t nh, int64_
 void segany_softmax_tokens(int64_t p0, int64_t p1, int64_t nh, int64_t B, int64_t t, int64_t N, const float *s,
                            float *out, int reduced, int64_t out_bstride) {
     const int64_t nblk = (N + 255) / 256, K = nh * (t - 1) + 1;
-    (void)K;
 #pragma omp parallel for schedule(static)
     for (int64_t p = p0; p < p1; p++) {
         int64_t hh = p / (B * nblk), b = (p / nblk) % B, n0 = (p % nblk) * 256;
@@ -526,7 +526,7 @@ void segany_softmax_tokens(int64_t p0, int64_t p1, int64_t nh, int64_t B, int64_
         float *o = reduced ? out + b * out_bstride + hh * (t - 1) * N : out + (b * nh + hh) * t * N;
         for (int64_t n = n0; n < n1; n += LANES)
             softmax_over_rows(src, o, t, reduced ? t - 1 : t, N, n, n1 - n < LANES ? n1 - n : LANES, 0);
-        if (reduced && hh == 0) fill_ones(out + b * out_bstride + (K - 1) * N + n0, n1 - n0, 0);
+        if (reduced && hh == 0) fill_row(out + b * out_bstride + (K - 1) * N + n0, n1 - n0, 0);
     }
 }
 
@@ -657,6 +657,6 @@ void segany_factored_scores(int64_t p0, int64_t p1, int64_t B, int64_t nh, int64
         }
         if (softmax && red)
             for (int64_t b = 0; b < B; b++)
-                fill_ones(red + b * red_bstride + nh * (t - 1) * N + n0, n1 - n0, red_scale ? red_scale + b * N + n0 : 0);
+                fill_row(red + b * red_bstride + nh * (t - 1) * N + n0, n1 - n0, red_scale ? red_scale + b * N + n0 : 0);
     }
 }
