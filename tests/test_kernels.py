@@ -503,3 +503,83 @@ def test_decoder_cache_built_for_the_kernel_also_serves_the_pytorch_path(monkeyp
         plain, iou_p = fast_decoder.predict_masks_fast(sam.mask_decoder, sparse, cache)
     assert torch.equal(iou_n, iou_p)
     assert (native - plain).abs().max().item() <= 2e-6 * max(1.0, plain.abs().max().item())
+
+
+needs_attention_kernel = pytest.mark.skipif(kernels._get("attention") is None, reason="no C compiler: native kernels unavailable")
+
+
+def _rel_attention_unfused(q, k, v, rel_h, rel_w, scale):
+    B, nh, N, _ = q.shape
+    h, w = rel_h.shape[2:4]
+    s = ((q * scale) @ k.transpose(-1, -2)).view(B, nh, h, w, h, w) + rel_h[..., :, None] + rel_w[..., None, :]
+    return s.view(B, nh, N, N).softmax(-1) @ v
+
+
+@needs_attention_kernel
+@pytest.mark.parametrize(
+    "B,nh,h,w,hd,bias_scale",
+    [
+        (1, 2, 16, 16, 16, 1.0),  # one vector per key row and head
+        (2, 3, 8, 32, 32, 1.0),  # a batch; fewer grid rows than columns
+        (1, 2, 64, 64, 80, 1.0),  # SAM's grid, vit_h's head width (a 4 + 1 vector split)
+        (1, 2, 12, 16, 16, 40.0),  # large biases: the running maximum grows late and often
+    ],
+)
+def test_native_rel_attention_matches_the_unfused_attention(B, nh, h, w, hd, bias_scale):
+    """The encoder's global attention with decomposed relative positions, fused with an online
+    softmax: equal to softmax(q k^T * scale + rel_h + rel_w) v up to float32 rounding, for q, k,
+    v as strided views of one qkv tensor (as the encoder passes them)."""
+    g = torch.Generator().manual_seed(B * 100 + h)
+    qkv = torch.randn(B, h * w, 3, nh, hd, generator=g)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    rel_h = torch.randn(B, nh, h, w, h, generator=g) * bias_scale
+    rel_w = torch.randn(B, nh, h, w, w, generator=g) * bias_scale
+    ref = _rel_attention_unfused(q, k, v, rel_h, rel_w, hd**-0.5)
+    out = kernels.rel_attention(q, k, v, rel_h, rel_w, hd**-0.5)
+    assert out.shape == ref.shape
+    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+
+
+@needs_attention_kernel
+def test_native_rel_attention_checks_its_arguments():
+    q = torch.zeros(1, 2, 64, 16)
+    with pytest.raises(ValueError, match="inconsistent shapes"):
+        kernels.rel_attention(q, q, q, torch.zeros(1, 2, 8, 8, 4), torch.zeros(1, 2, 8, 8, 8), 0.25)
+    with pytest.raises(ValueError, match="float32"):
+        kernels.rel_attention(q.double(), q.double(), q.double(), torch.zeros(1, 2, 8, 8, 8), torch.zeros(1, 2, 8, 8, 8), 0.25)
+    odd = torch.zeros(1, 2, 6 * 6, 16)  # a grid narrower than a vector
+    with pytest.raises(ValueError, match="multiples"):
+        kernels.rel_attention(odd, odd, odd, torch.zeros(1, 2, 6, 6, 6), torch.zeros(1, 2, 6, 6, 6), 0.25)
+    assert not kernels.attention_preferred(6, 16)
+
+
+@needs_attention_kernel
+def test_encoder_global_attention_takes_the_kernel_and_matches_the_unfused_path(monkeypatch):
+    """A ViT block with global attention at inference: the same output with the kernel as
+    without (SEGANY_ATTENTION_KERNEL=0), and the kernel is what runs when asked for."""
+    from segany.modeling import image_encoder as ie
+
+    torch.manual_seed(0)
+    attn = ie.Attention(64, num_heads=4, use_rel_pos=True, input_size=(16, 16)).eval()
+    for prm in (attn.rel_pos_h, attn.rel_pos_w):
+        prm.data.normal_(0, 0.5)
+    x = torch.randn(1, 16, 16, 64)
+    monkeypatch.setattr(ie, "_ATTN_CHUNK_BYTES", 1 << 10)  # a grid this small counts as global
+    calls = []
+    real = kernels.rel_attention
+    monkeypatch.setattr(kernels, "rel_attention", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        monkeypatch.setenv("SEGANY_ATTENTION_KERNEL", "0")
+        unfused = attn(x)
+        assert not calls
+        monkeypatch.setenv("SEGANY_ATTENTION_KERNEL", "1")
+        fused = attn(x)
+    assert calls
+    assert (fused - unfused).abs().max() <= 1e-5 * unfused.abs().max()
+    with torch.no_grad(), torch.autocast("cpu", enabled=False):
+        calls.clear()
+        attn(x.double().float().requires_grad_(False))  # still float32: the kernel again
+        assert calls
+        calls.clear()
+        attn.double()(x.double())  # float64: the PyTorch code
+        assert not calls

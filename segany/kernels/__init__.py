@@ -49,6 +49,7 @@ _HERE = Path(__file__).parent
 _FLAGS = {
     "upscale": ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared"],
     "decoder": ["-O3", "-march=native", "-fno-math-errno", "-fPIC", "-shared"],
+    "attention": ["-O3", "-march=native", "-fno-math-errno", "-fPIC", "-shared"],
 }
 STALE_DAYS = 30
 _lock = threading.Lock()
@@ -101,6 +102,10 @@ def _declare(name: str, lib: ctypes.CDLL) -> None:
         lib.segany_column_blocks_floats.restype = i64
         lib.segany_column_blocks.argtypes = [p, p, i64, i64, p]
         lib.segany_column_blocks.restype = None
+    elif name == "attention":
+        lib.segany_rel_attention.argtypes = [i64, i64, i64, i64, i64, i64, p, p, p, p, p, p]
+        lib.segany_rel_attention.restype = ctypes.c_int
+        lib.segany_vector_lanes.restype = ctypes.c_int
     else:
         lib.segany_decoder_tail.argtypes = [i64, i64, i64, i64, i64, i64, i64, p, p, p, i64, p, i64, p, p, f32, p, p, p, p, i64, i64]
         lib.segany_decoder_tail.restype = ctypes.c_int
@@ -484,6 +489,52 @@ def softmax_tokens(s: torch.Tensor, out: torch.Tensor, reduced: bool = False) ->
             return 0
 
         _run_pieces(lib, call, nh * B * -(-N // 256))
+    return out
+
+
+def attention_preferred(w: int, hd: int) -> bool:
+    """Whether the encoder's global attention should run in :func:`rel_attention` for a grid
+    ``w`` tokens wide and heads ``hd`` channels wide: the kernel built with AVX-512's 16-lane
+    vectors (narrower builds were not measured faster), both multiples of its block sizes.
+    ``SEGANY_ATTENTION_KERNEL=0`` never uses it, ``=1`` wherever built."""
+    force = os.environ.get("SEGANY_ATTENTION_KERNEL")
+    if force == "0":
+        return False
+    lib = _get("attention")
+    if lib is None:
+        return False
+    lanes = int(lib.segany_vector_lanes())
+    if w % lanes or hd % lanes or w % 4:
+        return False
+    return force == "1" or lanes >= 16
+
+
+def rel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor,
+                  scale: float) -> torch.Tensor:
+    """``softmax(q k^T * scale + rel_h + rel_w) v`` over an h x w grid, fused (``attention.c``).
+
+    q, k, v (B, nh, h*w, hd) float32, any strides; rel_h (B, nh, h, w, h) and rel_w
+    (B, nh, h, w, w), SAM's decomposed relative positions of each query against each key row
+    and column. Returns (B, nh, h*w, hd), equal to the unfused computation up to float32
+    rounding."""
+    lib = _get("attention")
+    if lib is None:
+        raise RuntimeError("the native attention kernel is not available")
+    B, nh, N, hd = q.shape
+    h, w = rel_h.shape[2], rel_h.shape[3]
+    if k.shape != q.shape or v.shape != q.shape or h * w != N or tuple(rel_h.shape) != (B, nh, h, w, h) \
+            or tuple(rel_w.shape) != (B, nh, h, w, w):
+        raise ValueError("rel_attention: inconsistent shapes")
+    lanes = int(lib.segany_vector_lanes())
+    if w % lanes or hd % lanes or w % 4:
+        raise ValueError(f"rel_attention: grid width {w} and head width {hd} must be multiples of {lanes} (and the width of 4)")
+    qs = torch.mul(q, scale).contiguous()
+    kt = k.reshape(B, nh, h, w, hd).transpose(-1, -2).contiguous()  # (B, nh, h, hd, w)
+    v, rel_h, rel_w = v.contiguous(), rel_h.contiguous(), rel_w.contiguous()
+    _check_f32("rel_attention", qs, kt, v, rel_h, rel_w)
+    out = torch.empty_like(qs)
+    args = (nh, h, w, hd, qs.data_ptr(), kt.data_ptr(), v.data_ptr(), rel_h.data_ptr(), rel_w.data_ptr(), out.data_ptr())
+    _run_pieces(lib, lambda p0, p1: lib.segany_rel_attention(p0, p1, *args), B * nh * h)
     return out
 
 

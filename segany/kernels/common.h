@@ -18,6 +18,39 @@ typedef float vf __attribute__((vector_size(VBYTES)));
 typedef int32_t vi __attribute__((vector_size(VBYTES)));
 #define LANES (VBYTES / 4)
 
+static inline vf vselect(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
+
+static inline vf vload(const float *p) {
+    vf v;
+    __builtin_memcpy(&v, p, sizeof v);
+    return v;
+}
+
+static inline void vstore(float *p, vf v) { __builtin_memcpy(p, &v, sizeof v); }
+
+/* exp(x) for x <= 0 (softmax arguments): 2^k * exp(f), |f| <= ln2/2, a degree-6 polynomial
+   (Cephes' expf: relative error ~1e-7); below -87 the result is 0. */
+static inline vf vexp(vf x) {
+    vi under = x < -87.0f;
+    x = vselect(x < -87.0f, (vf){0} - 87.0f, x);
+    vf kf = x * 1.44269504088896341f;
+    vf k = (kf + 12582912.0f) - 12582912.0f; /* round to nearest (|kf| < 2^22) */
+    vi ki = __builtin_convertvector(k, vi);
+    vf f = x - k * 0.693359375f;
+    f = f + k * 2.12194440e-4f;
+    vf f2 = f * f;
+    vf y = f * 1.9875691500e-4f + 1.3981999507e-3f;
+    y = y * f + 8.3334519073e-3f;
+    y = y * f + 4.1665795894e-2f;
+    y = y * f + 1.6666665459e-1f;
+    y = y * f + 5.0000001201e-1f;
+    y = y * f2 + f + 1.0f;
+    vi bits = (ki + 127) << 23;
+    vf scale;
+    __builtin_memcpy(&scale, &bits, sizeof scale);
+    return (vf)((vi)(y * scale) & ~under);
+}
+
 /* Per-thread scratch memory, kept between calls: a fresh multi-MB malloc is a fresh mapping
    whose pages fault in on every call. */
 static __thread float *scratch_buf = 0;
@@ -31,6 +64,9 @@ static float *scratch(size_t n_floats) {
     }
     return scratch_buf;
 }
+
+/* This build's vector width in floats (segany.kernels.decoder_preferred). */
+int segany_vector_lanes(void) { return LANES; }
 
 /* Whether this build runs its entry points on OpenMP threads. Built with -fopenmp it links
    libgomp.so.1, which in a PyTorch process is PyTorch's own copy (same soname, loaded first): the

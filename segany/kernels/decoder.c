@@ -33,10 +33,7 @@
 #include <immintrin.h>
 #endif
 
-static inline vf vselect(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((vi)b & ~mask)); }
 
-/* This build's vector width in floats (segany.kernels.decoder_preferred). */
-int segany_vector_lanes(void) { return LANES; }
 
 /* Exact GELU, x * Phi(x) = x * (1 + erf(x / sqrt 2)) / 2, with erf(z) = z P(z^2) / Q(z^2) on
    |z| <= 4 (Eigen's float erf; beyond, erf is +-1 in float32): 18 vector operations, half as
@@ -284,13 +281,6 @@ int segany_decoder_tail(int64_t p0, int64_t p1, int64_t R, int64_t w, int64_t c1
 #define ROW_PIECE 256                     /* rows per piece of work */
 #define ROW_AHEAD 16                       /* rows prefetched ahead */
 
-static inline vf vload(const float *p) {
-    vf v;
-    __builtin_memcpy(&v, p, sizeof v);
-    return v;
-}
-
-static inline void vstore(float *p, vf v) { __builtin_memcpy(p, &v, sizeof v); }
 
 static inline float vsum(vf v) {
     float s = 0.0f;
@@ -444,28 +434,6 @@ static inline void store_part(float *p, vf x, int64_t n) {
         __builtin_memcpy(p, &x, sizeof(float) * (size_t)n);
 }
 
-/* exp(x) for x <= 0 (softmax arguments): 2^k * exp(f), |f| <= ln2/2, a degree-6 polynomial
-   (Cephes' expf: relative error ~1e-7); below -87 the result is 0. */
-static inline vf vexp(vf x) {
-    vi under = x < -87.0f;
-    x = vselect(x < -87.0f, (vf){0} - 87.0f, x);
-    vf kf = x * 1.44269504088896341f;
-    vf k = (kf + 12582912.0f) - 12582912.0f; /* round to nearest (|kf| < 2^22) */
-    vi ki = __builtin_convertvector(k, vi);
-    vf f = x - k * 0.693359375f;
-    f = f + k * 2.12194440e-4f;
-    vf f2 = f * f;
-    vf y = f * 1.9875691500e-4f + 1.3981999507e-3f;
-    y = y * f + 8.3334519073e-3f;
-    y = y * f + 4.1665795894e-2f;
-    y = y * f + 1.6666665459e-1f;
-    y = y * f + 5.0000001201e-1f;
-    y = y * f2 + f + 1.0f;
-    vi bits = (ki + 127) << 23;
-    vf scale;
-    __builtin_memcpy(&scale, &bits, sizeof scale);
-    return (vf)((vi)(y * scale) & ~under);
-}
 
 /* For the nn pixels at n (one vector), the softmax over t rows of stride N, from src into o
    (which may be src): its first t_out rows (t_out = t - 1: the reduced layout, see
