@@ -545,8 +545,9 @@ def test_native_rel_attention_checks_its_arguments():
     q = torch.zeros(1, 2, 64, 16)
     with pytest.raises(ValueError, match="inconsistent shapes"):
         kernels.rel_attention(q, q, q, torch.zeros(1, 2, 8, 8, 4), torch.zeros(1, 2, 8, 8, 8), 0.25)
+    q = torch.zeros(1, 2, 16 * 16, 16, dtype=torch.float64)
     with pytest.raises(ValueError, match="float32"):
-        kernels.rel_attention(q.double(), q.double(), q.double(), torch.zeros(1, 2, 8, 8, 8), torch.zeros(1, 2, 8, 8, 8), 0.25)
+        kernels.rel_attention(q, q, q, torch.zeros(1, 2, 16, 16, 16), torch.zeros(1, 2, 16, 16, 16), 0.25)
     odd = torch.zeros(1, 2, 6 * 6, 16)  # a grid narrower than a vector
     with pytest.raises(ValueError, match="multiples"):
         kernels.rel_attention(odd, odd, odd, torch.zeros(1, 2, 6, 6, 6), torch.zeros(1, 2, 6, 6, 6), 0.25)
