@@ -3,10 +3,12 @@ the PyTorch code they replace (the mask upscaling bit for bit, the decoder tail 
 rounding), and optional (no compiler -> PyTorch code)."""
 from __future__ import annotations
 
+import gc
 import os
 import subprocess
 import sys
 import time
+import weakref
 
 import numpy as np
 import pytest
@@ -568,7 +570,7 @@ def test_encoder_global_attention_takes_the_kernel_and_matches_the_unfused_path(
     monkeypatch.setattr(ie, "_ATTN_CHUNK_BYTES", 1 << 10)  # a grid this small counts as global
     calls = []
     real = kernels.rel_attention
-    monkeypatch.setattr(kernels, "rel_attention", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(kernels, "rel_attention", lambda *a: calls.append(weakref.ref(a[0])) or real(*a))
     with torch.no_grad():
         monkeypatch.setenv("SEGANY_ATTENTION_KERNEL", "0")
         unfused = attn(x)
@@ -576,6 +578,8 @@ def test_encoder_global_attention_takes_the_kernel_and_matches_the_unfused_path(
         monkeypatch.setenv("SEGANY_ATTENTION_KERNEL", "1")
         fused = attn(x)
     assert calls
+    gc.collect()
+    assert calls[0]() is None, "a call's queries outlived it (cached somewhere: memory grows per image)"
     assert (fused - unfused).abs().max() <= 1e-5 * unfused.abs().max()
     with torch.no_grad(), torch.autocast("cpu", enabled=False):
         calls.clear()

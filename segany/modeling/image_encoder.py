@@ -308,7 +308,6 @@ class Attention(nn.Module):
         return out.transpose(1, 2).reshape(B, h, w, -1)
 
 
-@functools.lru_cache(maxsize=16)
 def _native_attention_ok(q: torch.Tensor, hb_global: bool, w: int) -> bool:
     """Whether this attention runs in ``segany.kernels.rel_attention``: global attention (the
     windows' 14x14 score blocks already stay in the cache), float32 CPU inference, not traced or
@@ -322,6 +321,7 @@ def _native_attention_ok(q: torch.Tensor, hb_global: bool, w: int) -> bool:
     )
 
 
+@functools.lru_cache(maxsize=16)
 def _window_indices(H: int, W: int, ws: int, device: str):
     """For ``window_partition`` of an (H, W) grid: the token index read at each windowed position
     (0 at padding), the windowed position of each token, and the padded positions."""
