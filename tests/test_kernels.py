@@ -588,3 +588,52 @@ def test_encoder_global_attention_takes_the_kernel_and_matches_the_unfused_path(
         calls.clear()
         attn.double()(x.double())  # float64: the PyTorch code
         assert not calls
+
+
+@needs_attention_kernel
+@pytest.mark.parametrize(
+    "B,H,W,nh,C,ws,qkv_bias",
+    [
+        (1, 28, 28, 2, 32, 14, True),  # whole windows
+        (2, 10, 13, 2, 32, 4, True),  # padding on both sides: padded tokens hold the qkv bias
+        (1, 9, 7, 1, 16, 5, False),  # no qkv bias: padded tokens are zeros
+        (1, 16, 16, 2, 160, 14, True),  # vit_h's 80-wide heads
+    ],
+)
+def test_native_window_attention_matches_partitioned_attention(monkeypatch, B, H, W, nh, C, ws, qkv_bias):
+    """The encoder's windowed attention read straight from qkv and written to the grid equals
+    the PyTorch path (pad, partition, attention with rel-pos, unpartition, crop)."""
+    from segany.modeling import image_encoder as ie
+
+    torch.manual_seed(B * 1000 + H * 10 + W)
+    attn = ie.Attention(C, num_heads=nh, qkv_bias=qkv_bias, use_rel_pos=True, input_size=(ws, ws)).eval()
+    for prm in (attn.rel_pos_h, attn.rel_pos_w):
+        prm.data.normal_(0, 0.5)
+    if qkv_bias:
+        attn.qkv.bias.data.normal_(0, 0.5)
+    x = torch.randn(B, H, W, C)
+    calls = []
+    real = kernels.window_attention
+    monkeypatch.setattr(kernels, "window_attention", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        monkeypatch.setenv("SEGANY_ATTENTION_KERNEL", "0")
+        unfused = attn(x, ws)
+        assert not calls
+        monkeypatch.setenv("SEGANY_ATTENTION_KERNEL", "1")
+        fused = attn(x, ws)
+    assert calls
+    assert fused.shape == unfused.shape == (B, H, W, C)
+    assert (fused - unfused).abs().max() <= 1e-5 * unfused.abs().max()
+
+
+@needs_attention_kernel
+def test_native_window_attention_checks_its_arguments():
+    qkv = torch.zeros(1, 8, 8, 3 * 32)
+    rel = torch.zeros(4, 4, 16)
+    with pytest.raises(ValueError, match="inconsistent shapes"):
+        kernels.window_attention(qkv, torch.zeros(3 * 32), rel, torch.zeros(4, 4, 8), 2, 4, 0.25)
+    with pytest.raises(ValueError, match="float32"):
+        kernels.window_attention(qkv.double(), torch.zeros(3 * 32), rel, rel, 2, 4, 0.25)
+    if kernels.decoder_lanes() == 16:
+        with pytest.raises(ValueError, match="multiple"):
+            kernels.window_attention(torch.zeros(1, 8, 8, 3 * 24), torch.zeros(3 * 24), torch.zeros(4, 4, 8), torch.zeros(4, 4, 8), 3, 4, 0.25)

@@ -105,6 +105,8 @@ def _declare(name: str, lib: ctypes.CDLL) -> None:
     elif name == "attention":
         lib.segany_rel_attention.argtypes = [i64, i64, i64, i64, i64, i64, p, p, p, p, p, p]
         lib.segany_rel_attention.restype = ctypes.c_int
+        lib.segany_window_attention.argtypes = [i64, i64, i64, i64, i64, i64, i64, p, p, p, p, f32, p]
+        lib.segany_window_attention.restype = ctypes.c_int
         lib.segany_vector_lanes.restype = ctypes.c_int
     else:
         lib.segany_decoder_tail.argtypes = [i64, i64, i64, i64, i64, i64, i64, p, p, p, i64, p, i64, p, p, f32, p, p, p, p, i64, i64]
@@ -492,11 +494,12 @@ def softmax_tokens(s: torch.Tensor, out: torch.Tensor, reduced: bool = False) ->
     return out
 
 
-def attention_preferred(w: int, hd: int) -> bool:
-    """Whether the encoder's global attention should run in :func:`rel_attention` for a grid
-    ``w`` tokens wide and heads ``hd`` channels wide: the kernel built with AVX-512's 16-lane
-    vectors (narrower builds were not measured faster), both multiples of its block sizes.
-    ``SEGANY_ATTENTION_KERNEL=0`` never uses it, ``=1`` wherever built."""
+def attention_preferred(w: Optional[int], hd: int) -> bool:
+    """Whether the encoder's attention should run in this module's kernels: global attention
+    (:func:`rel_attention`) over a grid ``w`` tokens wide, or windows (:func:`window_attention`,
+    w None), heads ``hd`` channels wide. The kernels built with AVX-512's 16-lane vectors
+    (narrower builds were not measured faster), the widths multiples of their blocks.
+    ``SEGANY_ATTENTION_KERNEL=0`` never uses them, ``=1`` wherever built."""
     force = os.environ.get("SEGANY_ATTENTION_KERNEL")
     if force == "0":
         return False
@@ -504,7 +507,7 @@ def attention_preferred(w: int, hd: int) -> bool:
     if lib is None:
         return False
     lanes = int(lib.segany_vector_lanes())
-    if w % lanes or hd % lanes or w % 4:
+    if hd % lanes or (w is not None and (w % lanes or w % 4)):
         return False
     return force == "1" or lanes >= 16
 
@@ -535,6 +538,35 @@ def rel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torc
     out = torch.empty_like(qs)
     args = (nh, h, w, hd, qs.data_ptr(), kt.data_ptr(), v.data_ptr(), rel_h.data_ptr(), rel_w.data_ptr(), out.data_ptr())
     _run_pieces(lib, lambda p0, p1: lib.segany_rel_attention(p0, p1, *args), B * nh * h)
+    return out
+
+
+def window_attention(qkv: torch.Tensor, pad: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor, num_heads: int,
+                     window_size: int, scale: float) -> torch.Tensor:
+    """The encoder's windowed attention with decomposed relative positions (``attention.c``),
+    read straight from the qkv projection and written straight to the token grid: no window
+    partition, padding or unpartition copies.
+
+    qkv (B, H, W, 3C) float32, channels (q|k|v, head, hd); pad (3C,) what a padding token holds
+    (the qkv bias); rel_h, rel_w (ws, ws, hd): ``get_rel_pos(ws, ws, rel_pos_h/w)``. Returns
+    (B, H, W, C), equal to partition + attention + unpartition up to float32 rounding."""
+    lib = _get("attention")
+    if lib is None:
+        raise RuntimeError("the native attention kernel is not available")
+    B, H, W, C3 = qkv.shape
+    ws, nh = int(window_size), int(num_heads)
+    hd = C3 // (3 * nh)
+    if C3 != 3 * nh * hd or tuple(pad.shape) != (C3,) or tuple(rel_h.shape) != (ws, ws, hd) or tuple(rel_w.shape) != (ws, ws, hd):
+        raise ValueError("window_attention: inconsistent shapes")
+    lanes = int(lib.segany_vector_lanes())
+    if hd % lanes:
+        raise ValueError(f"window_attention: head width {hd} must be a multiple of {lanes}")
+    qkv, pad, rel_h, rel_w = qkv.contiguous(), pad.contiguous(), rel_h.contiguous(), rel_w.contiguous()
+    _check_f32("window_attention", qkv, pad, rel_h, rel_w)
+    out = torch.empty(B, H, W, C3 // 3)
+    n_windows = B * (-(-H // ws)) * (-(-W // ws))
+    args = (H, W, nh, hd, ws, qkv.data_ptr(), pad.data_ptr(), rel_h.data_ptr(), rel_w.data_ptr(), float(scale), out.data_ptr())
+    _run_pieces(lib, lambda p0, p1: lib.segany_window_attention(p0, p1, *args), n_windows * nh)
     return out
 
 

@@ -141,3 +141,114 @@ int segany_rel_attention(int64_t p0, int64_t p1, int64_t nh, int64_t h, int64_t 
     }
     return err;
 }
+
+/* ---------------------------------------------------------------------------------------------
+   Windowed attention (the encoder's other blocks): ws x ws windows of the token grid, each token
+   attending to its window's ws*ws tokens, with the same decomposed relative positions. PyTorch
+   gathers the windows (padding the grid to whole windows), runs the two GEMMs, both bias adds
+   and the softmax on (heads, ws*ws, ws*ws) blocks, and scatters the result back; here each
+   (window, head) is one piece read straight from the qkv projection and written straight to
+   the (B, H, W, C) output.
+
+     qkv   (B, H, W, 3C)  the qkv projection, channels (q|k|v, head, hd); C = nh * hd
+     pad   (3C)           what a token of the padding holds: the qkv bias (the reference pads the
+                          normalised tokens with zeros before qkv), zeros without one
+     Rh    (ws, ws, hd)   rel_pos_h picked per (query row, key row) in the window, Rw likewise
+     out   (B, H, W, C)
+   The rel-pos terms use the unscaled queries, the scores the scaled ones, as SAM does. */
+int segany_window_attention(int64_t p0, int64_t p1, int64_t H, int64_t W, int64_t nh, int64_t hd, int64_t ws,
+                            const float *qkv, const float *pad, const float *Rh, const float *Rw, float scale,
+                            float *out) {
+    int err = 0;
+    const int64_t C = nh * hd, n = ws * ws, np_ = (n + LANES - 1) / LANES * LANES;
+    const int64_t nwy = (H + ws - 1) / ws, nwx = (W + ws - 1) / ws;
+    const int64_t nq = (n + QB - 1) / QB * QB; /* queries rounded up to whole register blocks */
+#pragma omp parallel for schedule(static) reduction(| : err)
+    for (int64_t p = p0; p < p1; p++) {
+        /* Q (nq, hd) scaled, KT (hd, np), V (np, hd), rel (nq, 2*ws) for rel_h | rel_w,
+           S (QB, np), O (QB, hd) */
+        float *Qs = scratch((size_t)(nq * hd + hd * np_ + np_ * hd + nq * 2 * ws + QB * np_ + QB * hd));
+        if (!Qs) {
+            err |= 1;
+            continue;
+        }
+        float *KT = Qs + nq * hd, *V = KT + hd * np_, *rel = V + np_ * hd, *S = rel + nq * 2 * ws, *O = S + QB * np_;
+        const int64_t hh = p % nh, win = p / nh, wx = win % nwx, wy = (win / nwx) % nwy, b = win / (nwx * nwy);
+        for (int64_t t = 0; t < nq; t++) {
+            if (t >= n) {
+                for (int64_t d = 0; d < hd; d++) Qs[t * hd + d] = 0.0f;
+                for (int64_t j = 0; j < 2 * ws; j++) rel[t * 2 * ws + j] = 0.0f;
+                continue;
+            }
+            const int64_t y = wy * ws + t / ws, x = wx * ws + t % ws;
+            const float *src = (y < H && x < W) ? qkv + ((b * H + y) * W + x) * 3 * C : pad;
+            const float *qv = src + hh * hd, *kv = src + C + hh * hd, *vv = src + 2 * C + hh * hd;
+            /* rel_h[t][kh] = q . Rh[t / ws][kh], rel_w[t][kw] = q . Rw[t % ws][kw] */
+            for (int64_t j = 0; j < ws; j++) {
+                const float *rh = Rh + ((t / ws) * ws + j) * hd, *rw = Rw + ((t % ws) * ws + j) * hd;
+                vf ah = {0}, aw = {0};
+                for (int64_t d = 0; d < hd; d += LANES) {
+                    vf qd = vload(qv + d);
+                    ah += qd * vload(rh + d);
+                    aw += qd * vload(rw + d);
+                }
+                float sh = 0.0f, sw = 0.0f;
+                for (int l = 0; l < LANES; l++) {
+                    sh += ah[l];
+                    sw += aw[l];
+                }
+                rel[t * 2 * ws + j] = sh;
+                rel[t * 2 * ws + ws + j] = sw;
+            }
+            for (int64_t d = 0; d < hd; d += LANES) {
+                vstore(Qs + t * hd + d, vload(qv + d) * scale);
+                vstore(V + t * hd + d, vload(vv + d));
+            }
+            for (int64_t d = 0; d < hd; d++) KT[d * np_ + t] = kv[d];
+        }
+        for (int64_t t = n; t < np_; t++) { /* padding keys: zero values, scores masked below */
+            for (int64_t d = 0; d < hd; d++) {
+                V[t * hd + d] = 0.0f;
+                KT[d * np_ + t] = 0.0f;
+            }
+        }
+        for (int64_t i = 0; i < nq; i += QB) {
+            rows_gemm(np_, hd, Qs + i * hd, hd, KT, np_, S, np_, 0);
+            float inv[QB];
+            for (int m = 0; m < QB; m++) {
+                float *s = S + m * np_;
+                const float *rh = rel + (i + m) * 2 * ws, *rw = rh + ws;
+                for (int64_t kh = 0; kh < ws; kh++)
+                    for (int64_t kw = 0; kw < ws; kw++) s[kh * ws + kw] += rh[kh] + rw[kw];
+                vf mv = (vf){0} - INFINITY;
+                for (int64_t j = 0; j < np_; j += LANES) {
+                    vf x = vload(s + j);
+                    if (j + LANES > n)
+                        for (int l = 0; l < LANES; l++)
+                            if (j + l >= n) x[l] = -INFINITY;
+                    vstore(s + j, x);
+                    mv = vselect(mv > x, mv, x);
+                }
+                float mx = vmax_all(mv);
+                vf acc = {0};
+                for (int64_t j = 0; j < np_; j += LANES) {
+                    vf e = vexp(vload(s + j) - mx);
+                    vstore(s + j, e);
+                    acc += e;
+                }
+                float tot = 0.0f;
+                for (int l = 0; l < LANES; l++) tot += acc[l];
+                inv[m] = 1.0f / tot;
+            }
+            rows_gemm(hd, np_, S, np_, V, hd, O, hd, 0);
+            for (int m = 0; m < QB && i + m < n; m++) {
+                const int64_t t = i + m, y = wy * ws + t / ws, x = wx * ws + t % ws;
+                if (y >= H || x >= W) continue;
+                float *o = out + ((b * H + y) * W + x) * C + hh * hd;
+                vf s = (vf){0} + inv[m];
+                for (int64_t d = 0; d < hd; d += LANES) vstore(o + d, vload(O + m * hd + d) * s);
+            }
+        }
+    }
+    return err;
+}

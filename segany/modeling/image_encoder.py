@@ -183,6 +183,12 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, window_size: int = 0) -> torch.Tensor:
         B, H, W, C = x.shape
         qkv = apply_linear(self.qkv, x)  # (B, H, W, 3C)
+        if window_size > 0 and self.use_rel_pos and _native_attention_ok(qkv, True, None, C // self.num_heads):
+            # float32 CPU inference: windows read straight from qkv by the native kernel
+            Rh = get_rel_pos(window_size, window_size, self.rel_pos_h)
+            Rw = get_rel_pos(window_size, window_size, self.rel_pos_w)
+            out = kernels.window_attention(qkv, self._qkv_bias(qkv, C), Rh, Rw, self.num_heads, window_size, self.scale)
+            return apply_linear(self.proj, out)
         if window_size > 0 and _eager_inference():
             # Inference: pad + partition as one row gather (and unpartition + crop as another)
             # instead of a padded copy, a permuted copy, and two more copies on the way back.
@@ -241,7 +247,7 @@ class Attention(nn.Module):
         r_q = q.reshape(B, nh, h, w, -1)
         rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, Rh)  # (B, nh, h, w, h)
         rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, Rw)  # (B, nh, h, w, w)
-        if _native_attention_ok(q, hb_global=nh * n * n > 2 * (_ATTN_CHUNK_BYTES // q.element_size()), w=w):
+        if _native_attention_ok(q, nh * n * n > 2 * (_ATTN_CHUNK_BYTES // q.element_size()), w, q.shape[-1]):
             out = kernels.rel_attention(q, k, v, rel_h, rel_w, self.scale)
             return out.transpose(1, 2).reshape(B, h, w, -1)
         qs = q * self.scale
@@ -308,16 +314,17 @@ class Attention(nn.Module):
         return out.transpose(1, 2).reshape(B, h, w, -1)
 
 
-def _native_attention_ok(q: torch.Tensor, hb_global: bool, w: int) -> bool:
-    """Whether this attention runs in ``segany.kernels.rel_attention``: global attention (the
-    windows' 14x14 score blocks already stay in the cache), float32 CPU inference, not traced or
-    exported or watched by a dispatch mode, and the kernel preferred for these sizes. Measured
-    on the 2-core Xeon: 12 heads of a 64x64 grid 386-423 vs 460-509 ms unfused."""
+def _native_attention_ok(x: torch.Tensor, big: bool, w: Optional[int], hd: int) -> bool:
+    """Whether this attention runs in ``segany.kernels`` (``rel_attention`` for a global block,
+    ``window_attention`` for windows, w None): big enough (a global block's score blocks would
+    not stay in the cache), float32 CPU inference, not traced or exported or watched by a
+    dispatch mode, and the kernels preferred for these sizes (``kernels.attention_preferred``).
+    Measured on the 2-core Xeon: 12 heads of a 64x64 grid 310-370 vs 460-510 ms unfused."""
     return (
-        hb_global and q.dtype == torch.float32 and q.device.type == "cpu" and not q.requires_grad
+        big and x.dtype == torch.float32 and x.device.type == "cpu" and not x.requires_grad
         and not torch.is_grad_enabled() and not _dispatch_mode_active()
         and not (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export())
-        and kernels.attention_preferred(w, q.shape[-1])
+        and kernels.attention_preferred(w, hd)
     )
 
 
