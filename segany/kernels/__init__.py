@@ -41,6 +41,7 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 log = logging.getLogger("segany.kernels")
 
@@ -561,12 +562,18 @@ def window_attention(qkv: torch.Tensor, pad: torch.Tensor, rel_h: torch.Tensor, 
     lanes = int(lib.segany_vector_lanes())
     if hd % lanes:
         raise ValueError(f"window_attention: head width {hd} must be a multiple of {lanes}")
+    wsp = -(-ws // lanes) * lanes
+    if wsp > 4 * lanes:
+        raise ValueError(f"window_attention: windows at most {4 * lanes} tokens wide")
+    # (ws, hd, wsp): per query row (column) of the window, its terms against each key row
+    # (column) as vectors, zero-padded to whole ones
+    rel_h, rel_w = (F.pad(r.transpose(1, 2), (0, wsp - ws)) for r in (rel_h, rel_w))
     qkv, pad, rel_h, rel_w = qkv.contiguous(), pad.contiguous(), rel_h.contiguous(), rel_w.contiguous()
     _check_f32("window_attention", qkv, pad, rel_h, rel_w)
     out = torch.empty(B, H, W, C3 // 3)
     n_windows = B * (-(-H // ws)) * (-(-W // ws))
     args = (H, W, nh, hd, ws, qkv.data_ptr(), pad.data_ptr(), rel_h.data_ptr(), rel_w.data_ptr(), float(scale), out.data_ptr())
-    _run_pieces(lib, lambda p0, p1: lib.segany_window_attention(p0, p1, *args), n_windows * nh)
+    _run_pieces(lib, lambda p0, p1: lib.segany_window_attention(p0, p1, *args), n_windows * nh)  # (2 only past the check above)
     return out
 
 

@@ -21,9 +21,6 @@
 #include <math.h>
 
 #include "common.h"
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
 
 #ifndef QB
 #define QB 4 /* queries per register block */
@@ -153,81 +150,152 @@ int segany_rel_attention(int64_t p0, int64_t p1, int64_t nh, int64_t h, int64_t 
      qkv   (B, H, W, 3C)  the qkv projection, channels (q|k|v, head, hd); C = nh * hd
      pad   (3C)           what a token of the padding holds: the qkv bias (the reference pads the
                           normalised tokens with zeros before qkv), zeros without one
-     Rh    (ws, ws, hd)   rel_pos_h picked per (query row, key row) in the window, Rw likewise
+     RhT   (ws, hd, wsp)  rel_pos_h picked per (query row, key row) in the window, transposed, the
+                          key rows padded with zeros to wsp (whole vectors, at most 4); RwT likewise
      out   (B, H, W, C)
    The rel-pos terms use the unscaled queries, the scores the scaled ones, as SAM does. */
+#ifndef WIN_AHEAD
+#define WIN_AHEAD 6 /* tokens prefetched ahead */
+#endif
 int segany_window_attention(int64_t p0, int64_t p1, int64_t H, int64_t W, int64_t nh, int64_t hd, int64_t ws,
-                            const float *qkv, const float *pad, const float *Rh, const float *Rw, float scale,
+                            const float *qkv, const float *pad, const float *RhT, const float *RwT, float scale,
                             float *out) {
     int err = 0;
     const int64_t C = nh * hd, n = ws * ws, np_ = (n + LANES - 1) / LANES * LANES;
     const int64_t nwy = (H + ws - 1) / ws, nwx = (W + ws - 1) / ws;
     const int64_t nq = (n + QB - 1) / QB * QB; /* queries rounded up to whole register blocks */
+    const int64_t wsp = (ws + LANES - 1) / LANES * LANES; /* a window side in whole vectors (at most 4) */
+    const int nvw = (int)(wsp / LANES);
+    if (nvw > 4) return 2;
+#if defined(__AVX512F__)
+    /* per vector of scores: each lane's key row and column in the window (for the permutes) */
+    __m512i kh_idx[(64 * 64 + LANES - 1) / LANES], kw_idx[(64 * 64 + LANES - 1) / LANES];
+    if (np_ > 64 * 64) return 2;
+    for (int64_t j = 0; j < np_; j += LANES) {
+        int32_t a[LANES], c[LANES];
+        for (int l = 0; l < LANES; l++) {
+            a[l] = j + l < n ? (int32_t)((j + l) / ws) : 0;
+            c[l] = j + l < n ? (int32_t)((j + l) % ws) : 0;
+        }
+        kh_idx[j / LANES] = _mm512_loadu_si512(a);
+        kw_idx[j / LANES] = _mm512_loadu_si512(c);
+    }
+    const __mmask16 tail_mask = (__mmask16)((n % LANES) ? (1u << (n % LANES)) - 1 : 0xffffu);
+#endif
 #pragma omp parallel for schedule(static) reduction(| : err)
     for (int64_t p = p0; p < p1; p++) {
-        /* Q (nq, hd) scaled, KT (hd, np), V (np, hd), rel (nq, 2*ws) for rel_h | rel_w,
-           S (QB, np), O (QB, hd) */
-        float *Qs = scratch((size_t)(nq * hd + hd * np_ + np_ * hd + nq * 2 * ws + QB * np_ + QB * hd));
+        /* Q (nq, hd) scaled, KT (hd, np) and its rows Kb (np, hd), V (np, hd), rel (nq, 2*wsp) for
+           rel_h | rel_w, S (QB, np), O (QB, hd) */
+        float *Qs = scratch((size_t)(nq * hd + 2 * hd * np_ + np_ * hd + nq * 2 * wsp + QB * np_ + QB * hd));
         if (!Qs) {
             err |= 1;
             continue;
         }
-        float *KT = Qs + nq * hd, *V = KT + hd * np_, *rel = V + np_ * hd, *S = rel + nq * 2 * ws, *O = S + QB * np_;
+        float *KT = Qs + nq * hd, *Kb = KT + hd * np_, *V = Kb + np_ * hd, *rel = V + np_ * hd, *S = rel + nq * 2 * wsp,
+              *O = S + QB * np_;
         const int64_t hh = p % nh, win = p / nh, wx = win % nwx, wy = (win / nwx) % nwy, b = win / (nwx * nwy);
         for (int64_t t = 0; t < nq; t++) {
             if (t >= n) {
                 for (int64_t d = 0; d < hd; d++) Qs[t * hd + d] = 0.0f;
-                for (int64_t j = 0; j < 2 * ws; j++) rel[t * 2 * ws + j] = 0.0f;
+                for (int64_t j = 0; j < 2 * wsp; j++) rel[t * 2 * wsp + j] = 0.0f;
                 continue;
             }
             const int64_t y = wy * ws + t / ws, x = wx * ws + t % ws;
             const float *src = (y < H && x < W) ? qkv + ((b * H + y) * W + x) * 3 * C : pad;
             const float *qv = src + hh * hd, *kv = src + C + hh * hd, *vv = src + 2 * C + hh * hd;
-            /* rel_h[t][kh] = q . Rh[t / ws][kh], rel_w[t][kw] = q . Rw[t % ws][kw] */
-            for (int64_t j = 0; j < ws; j++) {
-                const float *rh = Rh + ((t / ws) * ws + j) * hd, *rw = Rw + ((t % ws) * ws + j) * hd;
-                vf ah = {0}, aw = {0};
-                for (int64_t d = 0; d < hd; d += LANES) {
-                    vf qd = vload(qv + d);
-                    ah += qd * vload(rh + d);
-                    aw += qd * vload(rw + d);
+            if (t + WIN_AHEAD < n) { /* tokens are 3C floats apart, window rows W*3C: no stream the hardware follows */
+                const int64_t ya = wy * ws + (t + WIN_AHEAD) / ws, xa = wx * ws + (t + WIN_AHEAD) % ws;
+                if (ya < H && xa < W) {
+                    const float *sa = qkv + ((b * H + ya) * W + xa) * 3 * C + hh * hd;
+                    for (int64_t d = 0; d < hd; d += 64 / (int64_t)sizeof(float)) {
+                        __builtin_prefetch(sa + d);
+                        __builtin_prefetch(sa + C + d);
+                        __builtin_prefetch(sa + 2 * C + d);
+                    }
                 }
-                float sh = 0.0f, sw = 0.0f;
-                for (int l = 0; l < LANES; l++) {
-                    sh += ah[l];
-                    sw += aw[l];
+            }
+            /* rel_h[t][kh] = q . Rh[t / ws][kh], rel_w[t][kw] = q . Rw[t % ws][kw]: vectors over kh
+               (kw), the query's channels broadcast */
+            if (nvw == 1) { /* (a window side in one vector: registers, not an array in memory) */
+                /* four chains each: one would wait on its own multiply-add latency */
+                vf ah[4] = {{0}}, aw[4] = {{0}};
+                const float *rh = RhT + (t / ws) * hd * wsp, *rw = RwT + (t % ws) * hd * wsp;
+                for (int64_t d = 0; d < hd; d += 4)
+                    for (int u = 0; u < 4; u++) {
+                        ah[u] += qv[d + u] * vload(rh + (d + u) * wsp);
+                        aw[u] += qv[d + u] * vload(rw + (d + u) * wsp);
+                    }
+                vstore(rel + t * 2 * wsp, (ah[0] + ah[1]) + (ah[2] + ah[3]));
+                vstore(rel + t * 2 * wsp + wsp, (aw[0] + aw[1]) + (aw[2] + aw[3]));
+            } else {
+                vf ah[4], aw[4];
+                for (int v = 0; v < nvw; v++) ah[v] = aw[v] = (vf){0};
+                const float *rh = RhT + (t / ws) * hd * wsp, *rw = RwT + (t % ws) * hd * wsp;
+                for (int64_t d = 0; d < hd; d++) {
+                    const float qd = qv[d];
+                    for (int v = 0; v < nvw; v++) {
+                        ah[v] += qd * vload(rh + d * wsp + v * LANES);
+                        aw[v] += qd * vload(rw + d * wsp + v * LANES);
+                    }
                 }
-                rel[t * 2 * ws + j] = sh;
-                rel[t * 2 * ws + ws + j] = sw;
+                for (int v = 0; v < nvw; v++) {
+                    vstore(rel + t * 2 * wsp + v * LANES, ah[v]);
+                    vstore(rel + t * 2 * wsp + wsp + v * LANES, aw[v]);
+                }
             }
             for (int64_t d = 0; d < hd; d += LANES) {
                 vstore(Qs + t * hd + d, vload(qv + d) * scale);
                 vstore(V + t * hd + d, vload(vv + d));
-            }
-            for (int64_t d = 0; d < hd; d++) KT[d * np_ + t] = kv[d];
-        }
-        for (int64_t t = n; t < np_; t++) { /* padding keys: zero values, scores masked below */
-            for (int64_t d = 0; d < hd; d++) {
-                V[t * hd + d] = 0.0f;
-                KT[d * np_ + t] = 0.0f;
+                vstore(Kb + t * hd + d, vload(kv + d));
             }
         }
+        for (int64_t t = n; t < np_; t++) /* padding keys: zero values, scores masked below */
+            for (int64_t d = 0; d < hd; d++) V[t * hd + d] = Kb[t * hd + d] = 0.0f;
+        /* KT = Kb^T, LANES keys at a time */
+#if defined(__AVX512F__)
+        const __m512i rows = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), _mm512_set1_epi32((int)hd));
+        for (int64_t t0 = 0; t0 < np_; t0 += LANES)
+            for (int64_t d = 0; d < hd; d++) _mm512_storeu_ps(KT + d * np_ + t0, _mm512_i32gather_ps(rows, Kb + t0 * hd + d, 4));
+#else
+        for (int64_t t = 0; t < np_; t++)
+            for (int64_t d = 0; d < hd; d++) KT[d * np_ + t] = Kb[t * hd + d];
+#endif
         for (int64_t i = 0; i < nq; i += QB) {
             rows_gemm(np_, hd, Qs + i * hd, hd, KT, np_, S, np_, 0);
             float inv[QB];
             for (int m = 0; m < QB; m++) {
                 float *s = S + m * np_;
-                const float *rh = rel + (i + m) * 2 * ws, *rw = rh + ws;
-                for (int64_t kh = 0; kh < ws; kh++)
-                    for (int64_t kw = 0; kw < ws; kw++) s[kh * ws + kw] += rh[kh] + rw[kw];
+                const float *rh = rel + (i + m) * 2 * wsp, *rw = rh + wsp;
                 vf mv = (vf){0} - INFINITY;
-                for (int64_t j = 0; j < np_; j += LANES) {
-                    vf x = vload(s + j);
-                    if (j + LANES > n)
-                        for (int l = 0; l < LANES; l++)
-                            if (j + l >= n) x[l] = -INFINITY;
-                    vstore(s + j, x);
-                    mv = vselect(mv > x, mv, x);
+#if defined(__AVX512F__)
+                if (nvw == 1) {
+                    /* score j gets rel_h[j / ws] + rel_w[j % ws]: both picked from one vector by a
+                       lane permutation (the partial-row adds below stall on store forwarding) */
+                    const __m512 rhv = _mm512_loadu_ps(rh), rwv = _mm512_loadu_ps(rw);
+                    for (int64_t j = 0; j < np_; j += LANES) {
+                        vf bias = (vf)_mm512_permutexvar_ps(kh_idx[j / LANES], rhv) + (vf)_mm512_permutexvar_ps(kw_idx[j / LANES], rwv);
+                        vf x = vload(s + j) + bias;
+                        if (j + LANES > n) x = (vf)_mm512_mask_blend_ps(tail_mask, (__m512)((vf){0} - INFINITY), (__m512)x);
+                        vstore(s + j, x);
+                        mv = vselect(mv > x, mv, x);
+                    }
+                } else
+#endif
+                {
+                    for (int64_t kh = 0; kh < ws; kh++) /* in order: each row's partial store precedes the next row */
+                        for (int v = 0; v < nvw; v++) {
+                            float *sk = s + kh * ws + v * LANES;
+                            const int64_t nv_ = ws - v * LANES;
+                            store_part(sk, load_part(sk, nv_) + vload(rw + v * LANES) + rh[kh], nv_);
+                        }
+                    for (int64_t j = 0; j < np_; j += LANES) {
+                        vf x = vload(s + j);
+                        if (j + LANES > n)
+                            for (int l = 0; l < LANES; l++)
+                                if (j + l >= n) x[l] = -INFINITY;
+                        vstore(s + j, x);
+                        mv = vselect(mv > x, mv, x);
+                    }
                 }
                 float mx = vmax_all(mv);
                 vf acc = {0};

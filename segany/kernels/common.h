@@ -15,6 +15,9 @@
 #define VBYTES 16
 #endif
 typedef float vf __attribute__((vector_size(VBYTES)));
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 typedef int32_t vi __attribute__((vector_size(VBYTES)));
 #define LANES (VBYTES / 4)
 
@@ -27,6 +30,32 @@ static inline vf vload(const float *p) {
 }
 
 static inline void vstore(float *p, vf v) { __builtin_memcpy(p, &v, sizeof v); }
+
+/* the first n (< LANES: the rest zero / untouched) or all LANES floats; masked moves with
+   AVX-512 (a memcpy of a variable size is a library call) */
+static inline vf load_part(const float *p, int64_t n) {
+    vf x = {0};
+    if (n >= LANES)
+        __builtin_memcpy(&x, p, sizeof x);
+    else
+#if defined(__AVX512F__)
+        x = (vf)_mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1), p);
+#else
+        __builtin_memcpy(&x, p, sizeof(float) * (size_t)n);
+#endif
+    return x;
+}
+
+static inline void store_part(float *p, vf x, int64_t n) {
+    if (n >= LANES)
+        __builtin_memcpy(p, &x, sizeof x);
+    else
+#if defined(__AVX512F__)
+        _mm512_mask_storeu_ps(p, (__mmask16)((1u << n) - 1), (__m512)x);
+#else
+        __builtin_memcpy(p, &x, sizeof(float) * (size_t)n);
+#endif
+}
 
 /* exp(x) for x <= 0 (softmax arguments): 2^k * exp(f), |f| <= ln2/2, a degree-6 polynomial
    (Cephes' expf: relative error ~1e-7); below -87 the result is 0. */

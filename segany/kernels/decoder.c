@@ -29,9 +29,6 @@
 #include <math.h>
 
 #include "common.h"
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
 
 
 
@@ -127,15 +124,6 @@ static inline __attribute__((always_inline)) void conv2_row(const float *restric
             __builtin_memcpy(zT + o0 * n_pad + X, &acc, sizeof(vf));
         }
     }
-}
-
-static inline vf load_part(const float *p, int64_t n) {
-    vf x = {0};
-    if (n >= LANES)
-        __builtin_memcpy(&x, p, sizeof x);
-    else
-        __builtin_memcpy(&x, p, sizeof(float) * (size_t)n);
-    return x;
 }
 
 /* One embedding row i of one prompt: 4 output rows of 4w pixels for each of the M masks.
@@ -434,13 +422,6 @@ int segany_update_row_stats(int64_t p0, int64_t p1, int64_t B, int64_t N, int64_
      red   optional, with softmax: the softmax goes there instead, in segany_softmax_tokens's
            reduced layout (B, nh*(t-1) + 1, N; batch stride red_bstride), times red_scale
            (B, N) where given (the ones row too); out then only holds the scores. */
-
-static inline void store_part(float *p, vf x, int64_t n) {
-    if (n >= LANES)
-        __builtin_memcpy(p, &x, sizeof x);
-    else
-        __builtin_memcpy(p, &x, sizeof(float) * (size_t)n);
-}
 
 
 /* For the nn pixels at n (one vector), the softmax over t rows of stride N, from src into o
