@@ -554,6 +554,9 @@ def test_native_rel_attention_checks_its_arguments():
     with pytest.raises(ValueError, match="multiples"):
         kernels.rel_attention(odd, odd, odd, torch.zeros(1, 2, 6, 6, 6), torch.zeros(1, 2, 6, 6, 6), 0.25)
     assert not kernels.attention_preferred(6, 16)
+    lanes = int(kernels._get("attention").segany_vector_lanes())
+    # windows wider than the kernel takes (4 vectors) keep the PyTorch code instead of raising
+    assert not kernels.attention_preferred(None, lanes, 4 * lanes + 1)
 
 
 @needs_attention_kernel

@@ -495,10 +495,10 @@ def softmax_tokens(s: torch.Tensor, out: torch.Tensor, reduced: bool = False) ->
     return out
 
 
-def attention_preferred(w: Optional[int], hd: int) -> bool:
+def attention_preferred(w: Optional[int], hd: int, window: int = 0) -> bool:
     """Whether the encoder's attention should run in this module's kernels: global attention
-    (:func:`rel_attention`) over a grid ``w`` tokens wide, or windows (:func:`window_attention`,
-    w None), heads ``hd`` channels wide. The kernels built with AVX-512's 16-lane vectors
+    (:func:`rel_attention`) over a grid ``w`` tokens wide, or windows ``window`` tokens wide
+    (:func:`window_attention`, w None), heads ``hd`` channels wide. The kernels built with AVX-512's 16-lane vectors
     (narrower builds were not measured faster), the widths multiples of their blocks.
     ``SEGANY_ATTENTION_KERNEL=0`` never uses them, ``=1`` wherever built."""
     force = os.environ.get("SEGANY_ATTENTION_KERNEL")
@@ -508,7 +508,7 @@ def attention_preferred(w: Optional[int], hd: int) -> bool:
     if lib is None:
         return False
     lanes = int(lib.segany_vector_lanes())
-    if hd % lanes or (w is not None and (w % lanes or w % 4)):
+    if hd % lanes or (w is not None and (w % lanes or w % 4)) or window > 4 * lanes:
         return False
     return force == "1" or lanes >= 16
 
@@ -573,7 +573,8 @@ def window_attention(qkv: torch.Tensor, pad: torch.Tensor, rel_h: torch.Tensor, 
     out = torch.empty(B, H, W, C3 // 3)
     n_windows = B * (-(-H // ws)) * (-(-W // ws))
     args = (H, W, nh, hd, ws, qkv.data_ptr(), pad.data_ptr(), rel_h.data_ptr(), rel_w.data_ptr(), float(scale), out.data_ptr())
-    _run_pieces(lib, lambda p0, p1: lib.segany_window_attention(p0, p1, *args), n_windows * nh)  # (2 only past the check above)
+    # (the kernel also refuses windows over 4 vectors wide, with code 2: checked above)
+    _run_pieces(lib, lambda p0, p1: lib.segany_window_attention(p0, p1, *args), n_windows * nh)
     return out
 
 

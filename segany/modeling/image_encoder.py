@@ -8,8 +8,10 @@ reorganised for CPU speed and memory without changing results beyond float32 rou
   which is exactly what the reference computes for its zero-padded (post-norm) tokens;
 * attention with the relative-position bias runs in cache-sized pieces of scores (a window's
   heads, or a few grid rows of one head for global blocks) so the (N x N) attention never
-  materialises at once; at float32 CPU inference global blocks run in a fused native kernel
-  (``segany.kernels.rel_attention``: an online softmax, the scores never leave the cache);
+  materialises at once; at float32 CPU inference it runs in fused native kernels instead
+  (``segany.kernels.rel_attention`` for global blocks: an online softmax, the scores never leave
+  the cache; ``segany.kernels.window_attention`` for windows: read straight from the qkv
+  projection, padding tokens as the qkv bias, written straight to the token grid);
 * the output projection runs on the unpadded grid.
 """
 from __future__ import annotations
@@ -183,7 +185,7 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, window_size: int = 0) -> torch.Tensor:
         B, H, W, C = x.shape
         qkv = apply_linear(self.qkv, x)  # (B, H, W, 3C)
-        if window_size > 0 and self.use_rel_pos and _native_attention_ok(qkv, True, None, C // self.num_heads):
+        if window_size > 0 and self.use_rel_pos and _native_attention_ok(qkv, True, None, C // self.num_heads, window_size):
             # float32 CPU inference: windows read straight from qkv by the native kernel
             Rh = get_rel_pos(window_size, window_size, self.rel_pos_h)
             Rw = get_rel_pos(window_size, window_size, self.rel_pos_w)
@@ -314,9 +316,9 @@ class Attention(nn.Module):
         return out.transpose(1, 2).reshape(B, h, w, -1)
 
 
-def _native_attention_ok(x: torch.Tensor, big: bool, w: Optional[int], hd: int) -> bool:
+def _native_attention_ok(x: torch.Tensor, big: bool, w: Optional[int], hd: int, window: int = 0) -> bool:
     """Whether this attention runs in ``segany.kernels`` (``rel_attention`` for a global block,
-    ``window_attention`` for windows, w None): big enough (a global block's score blocks would
+    ``window_attention`` for windows ``window`` tokens wide, w None): big enough (a global block's score blocks would
     not stay in the cache), float32 CPU inference, not traced or exported or watched by a
     dispatch mode, and the kernels preferred for these sizes (``kernels.attention_preferred``).
     Measured on the 2-core Xeon: 12 heads of a 64x64 grid 310-370 vs 460-510 ms unfused."""
@@ -324,7 +326,7 @@ def _native_attention_ok(x: torch.Tensor, big: bool, w: Optional[int], hd: int) 
         big and x.dtype == torch.float32 and x.device.type == "cpu" and not x.requires_grad
         and not torch.is_grad_enabled() and not _dispatch_mode_active()
         and not (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export())
-        and kernels.attention_preferred(w, hd)
+        and kernels.attention_preferred(w, hd, window)
     )
 
 
