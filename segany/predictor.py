@@ -260,7 +260,7 @@ class SamPredictor:
                 raise PromptError(f"point_labels must have shape ({pc.shape[0]},), got {pl.shape}")
             _finite("point_coords", pc)
             _finite("point_labels", pl.astype(np.float64))
-            if not np.all(np.isin(pl, (-1, 0, 1))):
+            if not ((pl == 1) | (pl == 0) | (pl == -1)).all():  # (np.isin: ~70 us of a click's Python time)
                 raise PromptError(f"point_labels must be 1 (foreground), 0 (background) or -1 (ignore), got {np.unique(pl).tolist()}")
             _check_in_image("point", pc, self.original_size)
             pc = self.transform.apply_coords(pc, self.original_size)

@@ -35,14 +35,16 @@ def _onednn_available() -> bool:
     return _onednn
 
 
-def _dispatch_mode_active() -> bool:
-    """A TorchDispatchMode (FLOP counter, fake tensors, ...) is watching: keep to standard ops."""
-    try:
-        from torch.utils._python_dispatch import _get_current_dispatch_mode
+try:
+    from torch.utils._python_dispatch import _get_current_dispatch_mode
+except ImportError:  # (a PyTorch without it has no dispatch modes to watch for)
+    _get_current_dispatch_mode = None
 
-        return _get_current_dispatch_mode() is not None
-    except ImportError:
-        return False
+
+def _dispatch_mode_active() -> bool:
+    """A TorchDispatchMode (FLOP counter, fake tensors, ...) is watching: keep to standard ops.
+    (Asked several times per decoder call: the import is done once, above.)"""
+    return _get_current_dispatch_mode is not None and _get_current_dispatch_mode() is not None
 
 
 def _has_hooks(layer: nn.Module) -> bool:
