@@ -67,11 +67,16 @@ def test_native_decoder_tail_matches_pytorch(dim, h, w, B, M, ln_gain):
 
 @needs_decoder_kernel
 @pytest.mark.parametrize("dim,h,w,B,M", [(256, 64, 64, 1, 3), (256, 64, 64, 3, 1), (32, 5, 7, 2, 3)])
-def test_native_decoder_tail_on_factored_image_tokens(dim, h, w, B, M):
+def test_native_decoder_tail_on_factored_image_tokens(monkeypatch, dim, h, w, B, M):
     """Factored image tokens alpha * (S + P^T Q) (the transformer's output form, with S W1
     precomputed per image; P the first rows of a larger buffer): the native path's masks and
-    the PyTorch path's on the same factors equal the dense PyTorch path's."""
+    the PyTorch path's on the same factors equal the dense PyTorch path's. Rows in whole vectors
+    take the tail with the first convolution's product fused in."""
     from segany.modeling import fast_decoder
+
+    fused_calls = []
+    real_fused = kernels.decoder_tail_fused
+    monkeypatch.setattr(kernels, "decoder_tail_fused", lambda *a: fused_calls.append(1) or real_fused(*a))
 
     dec = _upscaling_decoder(dim, seed=h * w, ln_gain=1.0)
     g = torch.Generator().manual_seed(dim + B + M)
@@ -94,6 +99,25 @@ def test_native_decoder_tail_on_factored_image_tokens(dim, h, w, B, M):
     assert (got - want).abs().max().item() <= 5e-6 * max(1.0, scale)
     assert (got2 - want).abs().max().item() <= 5e-6 * max(1.0, scale)
     assert (got3 - want).abs().max().item() <= 5e-6 * max(1.0, scale)
+    assert bool(fused_calls) == (w % kernels.decoder_lanes() == 0)
+
+
+@needs_decoder_kernel
+def test_native_fused_tail_checks_its_arguments():
+    lanes = kernels.decoder_lanes()
+    c1, c2, w, h, B, M, r = 8, 4, lanes, 2, 1, 1, 3
+    args = dict(ln_weight=torch.ones(c1), ln_bias=torch.zeros(c1), eps=1e-6, w2=torch.zeros(2, c1, 2, c2),
+                bias2=torch.zeros(2 * c2), hyper_in=torch.zeros(B, M, c2), bias1=torch.zeros(c1),
+                base=torch.zeros(4 * c1, h * w), alpha=torch.ones(B, h * w))
+    out = torch.zeros(B, M, 4 * h, 4 * w)
+    kernels.decoder_tail_fused(torch.zeros(B, 4 * c1, r), torch.zeros(B, r, h * w), w, out=out, **args)  # consistent: runs
+    with pytest.raises(ValueError, match="inconsistent shapes"):
+        kernels.decoder_tail_fused(torch.zeros(B, 4 * c1, r), torch.zeros(B, r + 1, h * w), w, out=out, **args)
+    with pytest.raises(ValueError, match="inconsistent shapes"):  # rows not in whole vectors
+        kernels.decoder_tail_fused(torch.zeros(B, 4 * c1, r), torch.zeros(B, r, h * (w + 1)), w + 1,
+                                   out=torch.zeros(B, M, 4 * h, 4 * (w + 1)), **{**args, "base": torch.zeros(4 * c1, h * (w + 1)), "alpha": torch.ones(B, h * (w + 1))})
+    with pytest.raises(ValueError, match="float32"):
+        kernels.decoder_tail_fused(torch.zeros(B, 4 * c1, r, dtype=torch.float64), torch.zeros(B, r, h * w), w, out=out, **args)
 
 
 @needs_decoder_kernel

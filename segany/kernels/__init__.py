@@ -112,6 +112,8 @@ def _declare(name: str, lib: ctypes.CDLL) -> None:
     else:
         lib.segany_decoder_tail.argtypes = [i64, i64, i64, i64, i64, i64, i64, p, p, p, i64, p, i64, p, p, f32, p, p, p, p, i64, i64]
         lib.segany_decoder_tail.restype = ctypes.c_int
+        lib.segany_decoder_tail_fused.argtypes = [i64, i64, i64, i64, i64, i64, i64, i64, p, p, i64, p, p, i64, p, i64, p, p, f32, p, p, p, p, i64]
+        lib.segany_decoder_tail_fused.restype = ctypes.c_int
         lib.segany_layer_norm_rows.argtypes = [i64, i64, i64, i64, p, p, i64, p, p, f32, ctypes.c_int, p, p]
         lib.segany_update_row_stats.argtypes = [i64, i64, i64, i64, i64, i64, p, i64, p, i64, p, p, f32, p, p]
         lib.segany_update_row_stats.restype = ctypes.c_int
@@ -387,6 +389,41 @@ def decoder_tail(yT: torch.Tensor, w: int, ln_weight: torch.Tensor, ln_bias: tor
             ln_weight.data_ptr(), ln_bias.data_ptr(), float(eps), w2.data_ptr(), bias2.data_ptr(), hyper_in.data_ptr(),
             out.data_ptr(), row0, out.shape[2])
     _run_pieces(lib, lambda p0, p1: lib.segany_decoder_tail(p0, p1, *args), B * R)
+
+
+def fused_tail_ok(w: int, c1: int) -> bool:
+    """Whether :func:`decoder_tail_fused` takes embedding rows ``w`` wide and ``c1`` first-conv
+    channels (rows in whole vectors of the build's width)."""
+    lanes = decoder_lanes()
+    return lanes > 0 and w % lanes == 0 and (4 * c1) % 4 == 0
+
+
+def decoder_tail_fused(qw: torch.Tensor, P: torch.Tensor, w: int, ln_weight: torch.Tensor, ln_bias: torch.Tensor,
+                       eps: float, w2: torch.Tensor, bias2: torch.Tensor, hyper_in: torch.Tensor, out: torch.Tensor,
+                       bias1: torch.Tensor, base: torch.Tensor, alpha: torch.Tensor) -> None:
+    """:func:`decoder_tail` over all embedding rows with the first convolution's product formed
+    row by row inside the kernel: ``yT = qw @ P`` (qw (B, 4*c1, r) contiguous, P (B, r, h*w) with
+    contiguous matrices, any batch stride) never goes through memory. base (4*c1, h*w) and alpha
+    (B, h*w) as there (required: this is the factored tokens' path); out (B, M, 4h, 4w)."""
+    lib = _decoder_lib()
+    B, C4, r = qw.shape
+    c1 = C4 // 4
+    N = P.shape[2]
+    h = N // w
+    M, c2 = hyper_in.shape[1:]
+    _check_f32("decoder_tail_fused", qw, ln_weight, ln_bias, w2, bias2, hyper_in, out, bias1)
+    p_bstride = _batch_stride("decoder_tail_fused", P)
+    if not fused_tail_ok(w, c1) or h * w != N or tuple(P.shape[:2]) != (B, r) or tuple(w2.shape) != (2, c1, 2, c2) \
+            or bias2.numel() != 2 * c2 or tuple(out.shape) != (B, M, 4 * h, 4 * w) or hyper_in.shape[0] != B \
+            or bias1.numel() != c1 or tuple(base.shape) != (C4, N) or tuple(alpha.shape) != (B, N) \
+            or base.stride(1) != 1 or alpha.stride(1) != 1:
+        raise ValueError("decoder_tail_fused: inconsistent shapes")
+    if base.dtype != torch.float32 or alpha.dtype != torch.float32 or base.device.type != "cpu" or alpha.device.type != "cpu":
+        raise ValueError("decoder_tail_fused needs float32 CPU tensors")
+    args = (h, w, c1, c2, M, r, qw.data_ptr(), P.data_ptr(), p_bstride, bias1.data_ptr(), base.data_ptr(), base.stride(0),
+            alpha.data_ptr(), alpha.stride(0), ln_weight.data_ptr(), ln_bias.data_ptr(), float(eps), w2.data_ptr(),
+            bias2.data_ptr(), hyper_in.data_ptr(), out.data_ptr(), out.shape[2])
+    _run_pieces(lib, lambda p0, p1: lib.segany_decoder_tail_fused(p0, p1, *args), B * h)
 
 
 def layer_norm_rows_(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,

@@ -22,45 +22,7 @@
 
 #include "common.h"
 
-#ifndef QB
-#define QB 4 /* queries per register block */
-#endif
-#ifndef VB
-#define VB 4 /* vectors per register block (keys for the scores, channels for the output) */
-#endif
-
-/* C[m][j] (QB rows of stride c_rs, nv <= VB vectors) = (accumulate ? C * row_scale[m] : 0)
-   + sum_k A[m*a_rs + k] B[k*b_rs + j] for k < K: QB x nv accumulators in registers across k. */
-static inline __attribute__((always_inline)) void block_gemm(int nv, int64_t K, const float *restrict A, int64_t a_rs,
-                                                             const float *restrict B, int64_t b_rs, float *restrict C,
-                                                             int64_t c_rs, const float *restrict row_scale) {
-    vf acc[QB][VB];
-    for (int m = 0; m < QB; m++)
-        for (int j = 0; j < nv; j++) acc[m][j] = row_scale ? vload(C + m * c_rs + j * LANES) * row_scale[m] : (vf){0};
-    for (int64_t k = 0; k < K; k++) {
-        vf b[VB];
-        for (int j = 0; j < nv; j++) b[j] = vload(B + k * b_rs + j * LANES);
-        for (int m = 0; m < QB; m++) {
-            float a = A[m * a_rs + k];
-            for (int j = 0; j < nv; j++) acc[m][j] += a * b[j];
-        }
-    }
-    for (int m = 0; m < QB; m++)
-        for (int j = 0; j < nv; j++) vstore(C + m * c_rs + j * LANES, acc[m][j]);
-}
-
-/* All n/LANES vectors of QB rows, VB at a time (constant widths: the accumulators stay in registers) */
-static void rows_gemm(int64_t n, int64_t K, const float *A, int64_t a_rs, const float *B, int64_t b_rs, float *C,
-                      int64_t c_rs, const float *row_scale) {
-    int64_t nv = n / LANES, j = 0;
-    for (; j + VB <= nv; j += VB) block_gemm(VB, K, A, a_rs, B + j * LANES, b_rs, C + j * LANES, c_rs, row_scale);
-    switch (nv - j) {
-    case 1: if (VB > 1) block_gemm(1, K, A, a_rs, B + j * LANES, b_rs, C + j * LANES, c_rs, row_scale); break;
-    case 2: if (VB > 2) block_gemm(2, K, A, a_rs, B + j * LANES, b_rs, C + j * LANES, c_rs, row_scale); break;
-    case 3: if (VB > 3) block_gemm(3, K, A, a_rs, B + j * LANES, b_rs, C + j * LANES, c_rs, row_scale); break;
-    default: break;
-    }
-}
+#define QB GEMM_QB
 
 static inline float vmax_all(vf v) {
 #if defined(__AVX512F__)

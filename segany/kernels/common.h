@@ -80,6 +80,44 @@ static inline vf vexp(vf x) {
     return (vf)((vi)(y * scale) & ~under);
 }
 
+/* Small GEMMs in registers (the attention kernels, the decoder tail's first convolution):
+   GEMM_QB rows x up to GEMM_VB vectors of accumulators. */
+#define GEMM_QB 4
+#define GEMM_VB 4
+
+/* C[m][j] (GEMM_QB rows of stride c_rs, nv <= GEMM_VB vectors) = (accumulate ? C * row_scale[m] : 0)
+   + sum_k A[m*a_rs + k] B[k*b_rs + j] for k < K: GEMM_QB x nv accumulators in registers across k. */
+static inline __attribute__((always_inline)) void block_gemm(int nv, int64_t K, const float *restrict A, int64_t a_rs,
+                                                             const float *restrict B, int64_t b_rs, float *restrict C,
+                                                             int64_t c_rs, const float *restrict row_scale) {
+    vf acc[GEMM_QB][GEMM_VB];
+    for (int m = 0; m < GEMM_QB; m++)
+        for (int j = 0; j < nv; j++) acc[m][j] = row_scale ? vload(C + m * c_rs + j * LANES) * row_scale[m] : (vf){0};
+    for (int64_t k = 0; k < K; k++) {
+        vf b[GEMM_VB];
+        for (int j = 0; j < nv; j++) b[j] = vload(B + k * b_rs + j * LANES);
+        for (int m = 0; m < GEMM_QB; m++) {
+            float a = A[m * a_rs + k];
+            for (int j = 0; j < nv; j++) acc[m][j] += a * b[j];
+        }
+    }
+    for (int m = 0; m < GEMM_QB; m++)
+        for (int j = 0; j < nv; j++) vstore(C + m * c_rs + j * LANES, acc[m][j]);
+}
+
+/* All n/LANES vectors of GEMM_QB rows, GEMM_VB at a time (constant widths: the accumulators stay in registers) */
+static inline void rows_gemm(int64_t n, int64_t K, const float *A, int64_t a_rs, const float *B, int64_t b_rs, float *C,
+                      int64_t c_rs, const float *row_scale) {
+    int64_t nv = n / LANES, j = 0;
+    for (; j + GEMM_VB <= nv; j += GEMM_VB) block_gemm(GEMM_VB, K, A, a_rs, B + j * LANES, b_rs, C + j * LANES, c_rs, row_scale);
+    switch (nv - j) {
+    case 1: if (GEMM_VB > 1) block_gemm(1, K, A, a_rs, B + j * LANES, b_rs, C + j * LANES, c_rs, row_scale); break;
+    case 2: if (GEMM_VB > 2) block_gemm(2, K, A, a_rs, B + j * LANES, b_rs, C + j * LANES, c_rs, row_scale); break;
+    case 3: if (GEMM_VB > 3) block_gemm(3, K, A, a_rs, B + j * LANES, b_rs, C + j * LANES, c_rs, row_scale); break;
+    default: break;
+    }
+}
+
 /* Per-thread scratch memory, kept between calls: a fresh multi-MB malloc is a fresh mapping
    whose pages fault in on every call. */
 static __thread float *scratch_buf = 0;

@@ -131,7 +131,7 @@ static inline __attribute__((always_inline)) void conv2_row(const float *restric
    each run of w padded to w_pad (whole vectors); the stores put column 4j+2bb+b2 in place.
    work: n_pad * (c1 + 2*c2 + 2) floats, n_pad = 2*w_pad. */
 static inline __attribute__((always_inline)) void tail_row(
-    const float *restrict yT, int64_t N, int64_t i, int64_t w, int64_t c1, int64_t c2, int64_t M,
+    const float *restrict yT, int64_t N, int64_t i, int64_t yi, int64_t w, int64_t c1, int64_t c2, int64_t M,
     const float *restrict bias1, const float *restrict base, int64_t base_stride, const float *restrict alpha,
     const float *restrict ln_w, const float *restrict ln_b, float eps, const float *restrict w2,
     const float *restrict bias2, const float *restrict hyp, float *restrict out, int64_t out_plane,
@@ -145,7 +145,7 @@ static inline __attribute__((always_inline)) void tail_row(
     for (int64_t a = 0; a < 2; a++) {
         /* LayerNorm2d over channels, LANES pixels at a time */
         for (int64_t bb = 0; bb < 2; bb++) {
-            const float *src = yT + (a * 2 + bb) * c1 * N + i * w;
+            const float *src = yT + (a * 2 + bb) * c1 * N + yi * w;
             const float *bs = base ? base + (a * 2 + bb) * c1 * base_stride + i * w : 0;
             float *dst = vT + bb * w_pad;
             /* the first conv's output: the GEMM's part (with the per-image part, times the row
@@ -253,11 +253,47 @@ int segany_decoder_tail(int64_t p0, int64_t p1, int64_t R, int64_t w, int64_t c1
         int64_t plane = OH * 4 * w;
         /* constant channel counts let the compiler unroll the channel loops */
         if (c1 == 64 && c2 == 32)
-            tail_row(yb, N, i, w, 64, 32, M, bias1, base, base_stride, ab, ln_w, ln_b, eps, w2, b2, hp, op, plane, work);
+            tail_row(yb, N, i, i, w, 64, 32, M, bias1, base, base_stride, ab, ln_w, ln_b, eps, w2, b2, hp, op, plane, work);
         else if (c1 == 32 && c2 == 16)
-            tail_row(yb, N, i, w, 32, 16, M, bias1, base, base_stride, ab, ln_w, ln_b, eps, w2, b2, hp, op, plane, work);
+            tail_row(yb, N, i, i, w, 32, 16, M, bias1, base, base_stride, ab, ln_w, ln_b, eps, w2, b2, hp, op, plane, work);
         else
-            tail_row(yb, N, i, w, c1, c2, M, bias1, base, base_stride, ab, ln_w, ln_b, eps, w2, b2, hp, op, plane, work);
+            tail_row(yb, N, i, i, w, c1, c2, M, bias1, base, base_stride, ab, ln_w, ln_b, eps, w2, b2, hp, op, plane, work);
+    }
+    return err;
+}
+
+/* The same with the first convolution's GEMM fused in: piece (prompt b, embedding row i) forms
+   its row's (4*c1, w) block Y = A_b P_b[:, i*w : (i+1)*w] in the work buffer (A (B, 4*c1, r)
+   contiguous, P (B, r, R*w) rows R*w floats apart, batch stride p_bstride) and runs the tail on
+   it: the product never goes through a multi-MB buffer read back across 4*c1 channel streams.
+   w must be a multiple of LANES, 4*c1 of GEMM_QB (else 2 is returned and nothing written). */
+int segany_decoder_tail_fused(int64_t p0, int64_t p1, int64_t R, int64_t w, int64_t c1, int64_t c2, int64_t M,
+                              int64_t r, const float *A, const float *P, int64_t p_bstride, const float *bias1,
+                              const float *base, int64_t base_stride, const float *alpha, int64_t alpha_stride,
+                              const float *ln_w, const float *ln_b, float eps, const float *w2, const float *b2,
+                              const float *hyp, float *out, int64_t OH) {
+    if (w % LANES || (4 * c1) % GEMM_QB) return 2;
+    int err = 0;
+    const int64_t N = R * w, n_pad = 2 * ((w + LANES - 1) / LANES * LANES), tail_work = n_pad * (c1 + 2 * c2 + 2);
+#pragma omp parallel for schedule(static) reduction(| : err)
+    for (int64_t p = p0; p < p1; p++) {
+        float *work = scratch((size_t)(tail_work + 4 * c1 * w));
+        if (!work) {
+            err |= 1;
+            continue;
+        }
+        int64_t b = p / R, i = p % R;
+        float *Y = work + tail_work;
+        const float *Ab = A + b * 4 * c1 * r, *Pb = P + b * p_bstride + i * w;
+        for (int64_t c0 = 0; c0 < 4 * c1; c0 += GEMM_QB) rows_gemm(w, r, Ab + c0 * r, r, Pb, N, Y + c0 * w, w, 0);
+        float *op = out + b * M * OH * 4 * w + i * 4 * 4 * w;
+        const float *hp = hyp + b * M * c2;
+        const float *ab = base ? alpha + b * alpha_stride : 0;
+        int64_t plane = OH * 4 * w;
+        if (c1 == 64 && c2 == 32)
+            tail_row(Y, w, i, 0, w, 64, 32, M, bias1, base, base_stride, ab, ln_w, ln_b, eps, w2, b2, hp, op, plane, work);
+        else
+            tail_row(Y, w, i, 0, w, c1, c2, M, bias1, base, base_stride, ab, ln_w, ln_b, eps, w2, b2, hp, op, plane, work);
     }
     return err;
 }
