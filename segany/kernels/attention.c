@@ -1,5 +1,6 @@
-/* Global attention of SAM's ViT image encoder with its decomposed relative positions, fused
-   (see segany/kernels/__init__.py and segany/modeling/image_encoder.py).
+/* The attention of SAM's ViT image encoder with its decomposed relative positions, fused (see
+   segany/kernels/__init__.py and segany/modeling/image_encoder.py): global blocks first,
+   windowed blocks further down.
 
    softmax(q k^T * scale + rel_h + rel_w) v over a 64x64 grid is 4096 x 4096 scores per head.
    PyTorch runs it as a GEMM writing the scores, two in-place bias adds, an in-place softmax and
