@@ -333,6 +333,13 @@ def _decoder_lib() -> ctypes.CDLL:
     return lib
 
 
+def _attention_lib() -> ctypes.CDLL:
+    lib = _get("attention")
+    if lib is None:
+        raise RuntimeError("the native attention kernel is not available")
+    return lib
+
+
 def _check(L: torch.Tensor) -> torch.Tensor:
     if L.ndim != 3 or L.shape[1] != L.shape[2]:
         raise ValueError(f"expected (B, n, n) low-res logits, got {tuple(L.shape)}")
@@ -377,25 +384,28 @@ def decoder_tail(yT: torch.Tensor, w: int, ln_weight: torch.Tensor, ln_bias: tor
     if R * w != N or tuple(w2.shape) != (2, c1, 2, c2) or bias2.numel() != 2 * c2 or out.shape[:2] != (B, M) \
             or out.shape[3] != 4 * w or out.shape[2] < 4 * (row0 + R) or hyper_in.shape[0] != B or bias1.numel() != c1:
         raise ValueError("decoder_tail: inconsistent shapes")
-    base_ptr, base_stride, alpha_ptr, alpha_stride = None, 0, None, 0
-    if base is not None:
-        if alpha is None or tuple(base.shape) != (C4, N) or tuple(alpha.shape) != (B, N) \
-                or base.stride(1) != 1 or alpha.stride(1) != 1:
-            raise ValueError("decoder_tail: base (4*c1, R*w) and alpha (B, R*w) with unit column strides")
-        if base.dtype != torch.float32 or alpha.dtype != torch.float32 or base.device.type != "cpu" or alpha.device.type != "cpu":
-            raise ValueError("decoder_tail needs float32 CPU tensors")
-        base_ptr, base_stride, alpha_ptr, alpha_stride = base.data_ptr(), base.stride(0), alpha.data_ptr(), alpha.stride(0)
-    args = (R, w, c1, c2, M, yT.data_ptr(), bias1.data_ptr(), base_ptr, base_stride, alpha_ptr, alpha_stride,
+    base_args = (None, 0, None, 0) if base is None else _base_alpha_args("decoder_tail", base, alpha, C4, B, N)
+    args = (R, w, c1, c2, M, yT.data_ptr(), bias1.data_ptr(), *base_args,
             ln_weight.data_ptr(), ln_bias.data_ptr(), float(eps), w2.data_ptr(), bias2.data_ptr(), hyper_in.data_ptr(),
             out.data_ptr(), row0, out.shape[2])
     _run_pieces(lib, lambda p0, p1: lib.segany_decoder_tail(p0, p1, *args), B * R)
 
 
+def _base_alpha_args(kernel: str, base: torch.Tensor, alpha: Optional[torch.Tensor], C4: int, B: int, N: int):
+    """The decoder tails' per-image part and row scales, checked: (base address, its row stride,
+    alpha address, its row stride)."""
+    if alpha is None or tuple(base.shape) != (C4, N) or tuple(alpha.shape) != (B, N) or base.stride(1) != 1 or alpha.stride(1) != 1:
+        raise ValueError(f"{kernel}: base (4*c1, R*w) and alpha (B, R*w) with unit column strides")
+    if base.dtype != torch.float32 or alpha.dtype != torch.float32 or base.device.type != "cpu" or alpha.device.type != "cpu":
+        raise ValueError(f"{kernel} needs float32 CPU tensors")
+    return base.data_ptr(), base.stride(0), alpha.data_ptr(), alpha.stride(0)
+
+
 def fused_tail_ok(w: int, c1: int) -> bool:
-    """Whether :func:`decoder_tail_fused` takes embedding rows ``w`` wide and ``c1`` first-conv
-    channels (rows in whole vectors of the build's width)."""
+    """Whether :func:`decoder_tail_fused` takes embedding rows ``w`` wide (whole vectors of the
+    build's width; ``c1`` any: its 4*c1 rows fill the GEMM's 4-row blocks)."""
     lanes = decoder_lanes()
-    return lanes > 0 and w % lanes == 0 and (4 * c1) % 4 == 0
+    return lanes > 0 and w % lanes == 0
 
 
 def decoder_tail_fused(qw: torch.Tensor, P: torch.Tensor, w: int, ln_weight: torch.Tensor, ln_bias: torch.Tensor,
@@ -415,13 +425,11 @@ def decoder_tail_fused(qw: torch.Tensor, P: torch.Tensor, w: int, ln_weight: tor
     p_bstride = _batch_stride("decoder_tail_fused", P)
     if not fused_tail_ok(w, c1) or h * w != N or tuple(P.shape[:2]) != (B, r) or tuple(w2.shape) != (2, c1, 2, c2) \
             or bias2.numel() != 2 * c2 or tuple(out.shape) != (B, M, 4 * h, 4 * w) or hyper_in.shape[0] != B \
-            or bias1.numel() != c1 or tuple(base.shape) != (C4, N) or tuple(alpha.shape) != (B, N) \
-            or base.stride(1) != 1 or alpha.stride(1) != 1:
+            or bias1.numel() != c1:
         raise ValueError("decoder_tail_fused: inconsistent shapes")
-    if base.dtype != torch.float32 or alpha.dtype != torch.float32 or base.device.type != "cpu" or alpha.device.type != "cpu":
-        raise ValueError("decoder_tail_fused needs float32 CPU tensors")
-    args = (h, w, c1, c2, M, r, qw.data_ptr(), P.data_ptr(), p_bstride, bias1.data_ptr(), base.data_ptr(), base.stride(0),
-            alpha.data_ptr(), alpha.stride(0), ln_weight.data_ptr(), ln_bias.data_ptr(), float(eps), w2.data_ptr(),
+    base_args = _base_alpha_args("decoder_tail_fused", base, alpha, C4, B, N)
+    args = (h, w, c1, c2, M, r, qw.data_ptr(), P.data_ptr(), p_bstride, bias1.data_ptr(), *base_args,
+            ln_weight.data_ptr(), ln_bias.data_ptr(), float(eps), w2.data_ptr(),
             bias2.data_ptr(), hyper_in.data_ptr(), out.data_ptr(), out.shape[2])
     _run_pieces(lib, lambda p0, p1: lib.segany_decoder_tail_fused(p0, p1, *args), B * h)
 
@@ -558,9 +566,7 @@ def rel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torc
     (B, nh, h, w, w), SAM's decomposed relative positions of each query against each key row
     and column. Returns (B, nh, h*w, hd), equal to the unfused computation up to float32
     rounding."""
-    lib = _get("attention")
-    if lib is None:
-        raise RuntimeError("the native attention kernel is not available")
+    lib = _attention_lib()
     B, nh, N, hd = q.shape
     h, w = rel_h.shape[2], rel_h.shape[3]
     if k.shape != q.shape or v.shape != q.shape or h * w != N or tuple(rel_h.shape) != (B, nh, h, w, h) \
@@ -588,9 +594,7 @@ def window_attention(qkv: torch.Tensor, pad: torch.Tensor, rel_h: torch.Tensor, 
     qkv (B, H, W, 3C) float32, channels (q|k|v, head, hd); pad (3C,) what a padding token holds
     (the qkv bias); rel_h, rel_w (ws, ws, hd): ``get_rel_pos(ws, ws, rel_pos_h/w)``. Returns
     (B, H, W, C), equal to partition + attention + unpartition up to float32 rounding."""
-    lib = _get("attention")
-    if lib is None:
-        raise RuntimeError("the native attention kernel is not available")
+    lib = _attention_lib()
     B, H, W, C3 = qkv.shape
     ws, nh = int(window_size), int(num_heads)
     hd = C3 // (3 * nh)
