@@ -567,6 +567,38 @@ def test_native_rel_attention_matches_the_unfused_attention(B, nh, h, w, hd, bia
 
 
 @needs_attention_kernel
+@needs_decoder_kernel
+def test_kernels_flush_denormals_while_they_run_and_leave_the_callers_float_environment():
+    """The attention and decoder kernels run with denormal floats flushed to zero (on Intel cores
+    each operation on one takes a microcode assist: a softmax's far tails times small values make
+    them): results stay the unfused ones, and the calling thread's floating-point environment is
+    as it was (a denormal double still arises from Python arithmetic after the calls)."""
+    tiny = 5e-324
+    assert tiny * 3 != 0.0  # this thread keeps denormals to begin with
+    g = torch.Generator().manual_seed(7)
+    B, nh, h, w, hd = 1, 2, 16, 16, 16
+    qkv = torch.randn(B, h * w, 3, nh, hd, generator=g)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    v = v * 1e-3
+    # biases ~80 apart: the far keys' softmax weights ~1e-35, times values ~1e-3: denormal products
+    rel_h = torch.randn(B, nh, h, w, h, generator=g).sign() * 40
+    rel_w = torch.zeros(B, nh, h, w, w)
+    ref = _rel_attention_unfused(q.double(), k.double(), v.double(), rel_h.double(), rel_w.double(), hd**-0.5)
+    out = kernels.rel_attention(q, k, v, rel_h, rel_w, hd**-0.5)
+    assert (out.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert tiny * 3 != 0.0
+    win = kernels.window_attention(torch.randn(1, 8, 8, 3 * 32, generator=g), torch.zeros(3 * 32),
+                                   torch.randn(4, 4, 16, generator=g), torch.randn(4, 4, 16, generator=g), 2, 4, 0.25)
+    assert torch.isfinite(win).all()
+    assert tiny * 3 != 0.0
+    s = torch.randn(8, 1, 7, 4096, generator=g) * 30
+    a_bt, wt = torch.empty(1, 8, 7, 4096), torch.empty(8, 1, 7, 4096)
+    kernels.softmax_pixels(s, torch.ones(1, 4096), a_bt, wt)
+    torch.testing.assert_close(wt, torch.softmax(s, -1), rtol=1e-5, atol=1e-7)
+    assert tiny * 3 != 0.0
+
+
+@needs_attention_kernel
 def test_native_rel_attention_checks_its_arguments():
     q = torch.zeros(1, 2, 64, 16)
     with pytest.raises(ValueError, match="inconsistent shapes"):

@@ -50,6 +50,7 @@ int segany_rel_attention(int64_t p0, int64_t p1, int64_t nh, int64_t h, int64_t 
             err |= 1;
             continue;
         }
+        const unsigned int csr = ftz_begin();
         float *mx = S + w * w, *corr = mx + w, *sum = corr + w;
         const int64_t bh = p / h, qh = p % h;
         const float *Q = q + (bh * N + qh * w) * hd;
@@ -98,6 +99,7 @@ int segany_rel_attention(int64_t p0, int64_t p1, int64_t nh, int64_t h, int64_t 
             vf inv = (vf){0} + 1.0f / t;
             for (int64_t c = 0; c < hd; c += LANES) vstore(O + i * hd + c, vload(O + i * hd + c) * inv);
         }
+        ftz_end(csr);
     }
     return err;
 }
@@ -154,6 +156,7 @@ int segany_window_attention(int64_t p0, int64_t p1, int64_t H, int64_t W, int64_
             err |= 1;
             continue;
         }
+        const unsigned int csr = ftz_begin();
         float *KT = Qs + nq * hd, *Kb = KT + hd * np_, *V = Kb + np_ * hd, *rel = V + np_ * hd, *S = rel + nq * 2 * wsp,
               *O = S + QB * np_;
         const int64_t hh = p % nh, win = p / nh, wx = win % nwx, wy = (win / nwx) % nwy, b = win / (nwx * nwy);
@@ -280,6 +283,7 @@ int segany_window_attention(int64_t p0, int64_t p1, int64_t H, int64_t W, int64_
                 for (int64_t d = 0; d < hd; d += LANES) vstore(o + d, vload(O + m * hd + d) * s);
             }
         }
+        ftz_end(csr);
     }
     return err;
 }

@@ -245,6 +245,7 @@ int segany_decoder_tail(int64_t p0, int64_t p1, int64_t R, int64_t w, int64_t c1
             err |= 1;
             continue;
         }
+        const unsigned int csr = ftz_begin();
         int64_t b = p / R, i = p % R;
         const float *yb = yT + b * 4 * c1 * N;
         float *op = out + b * M * OH * 4 * w + (row0 + i) * 4 * 4 * w;
@@ -258,6 +259,7 @@ int segany_decoder_tail(int64_t p0, int64_t p1, int64_t R, int64_t w, int64_t c1
             tail_row(yb, N, i, i, w, 32, 16, M, bias1, base, base_stride, ab, ln_w, ln_b, eps, w2, b2, hp, op, plane, work);
         else
             tail_row(yb, N, i, i, w, c1, c2, M, bias1, base, base_stride, ab, ln_w, ln_b, eps, w2, b2, hp, op, plane, work);
+        ftz_end(csr);
     }
     return err;
 }
@@ -282,6 +284,7 @@ int segany_decoder_tail_fused(int64_t p0, int64_t p1, int64_t R, int64_t w, int6
             err |= 1;
             continue;
         }
+        const unsigned int csr = ftz_begin();
         int64_t b = p / R, i = p % R;
         float *Y = work + tail_work;
         const float *Ab = A + b * 4 * c1 * r, *Pb = P + b * p_bstride + i * w;
@@ -294,6 +297,7 @@ int segany_decoder_tail_fused(int64_t p0, int64_t p1, int64_t R, int64_t w, int6
             tail_row(Y, w, i, 0, w, 64, 32, M, bias1, base, base_stride, ab, ln_w, ln_b, eps, w2, b2, hp, op, plane, work);
         else
             tail_row(Y, w, i, 0, w, c1, c2, M, bias1, base, base_stride, ab, ln_w, ln_b, eps, w2, b2, hp, op, plane, work);
+        ftz_end(csr);
     }
     return err;
 }
@@ -356,6 +360,7 @@ int segany_layer_norm_rows(int64_t p0, int64_t p1, int64_t rows, int64_t C, floa
     if (C % ROW_CB) return 2;
 #pragma omp parallel for schedule(static)
     for (int64_t p = p0; p < p1; p++) {
+        const unsigned int csr = ftz_begin();
         int64_t n_hi = (p + 1) * ROW_PIECE < rows ? (p + 1) * ROW_PIECE : rows;
         for (int64_t n = p * ROW_PIECE; n < n_hi; n++) {
             float *yn = y + n * C;
@@ -370,6 +375,7 @@ int segany_layer_norm_rows(int64_t p0, int64_t p1, int64_t rows, int64_t C, floa
             }
             normalise_row(yn, C, eps, g, bb, normalise ? yn : 0, mean + n, rstd + n);
         }
+        ftz_end(csr);
     }
     return 0;
 }
@@ -405,6 +411,7 @@ int segany_update_row_stats(int64_t p0, int64_t p1, int64_t B, int64_t N, int64_
             err |= 1;
             continue;
         }
+        const unsigned int csr = ftz_begin();
         const float *Xb = X + b * x_bstride, *Ab = A + b * a_bstride, *Ub = U + b * k * C;
         const float *sb = ascale ? ascale + b * N : 0;
         for (int64_t n = n_lo; n < n_hi; n += UR) {
@@ -432,6 +439,7 @@ int segany_update_row_stats(int64_t p0, int64_t p1, int64_t B, int64_t N, int64_
             for (int64_t r = 0; r < rb; r++)
                 normalise_row(tmp + r * C, C, eps, 0, 0, 0, mean + b * N + n + r, rstd + b * N + n + r);
         }
+        ftz_end(csr);
     }
     return err ? -1 : 0;
 }
@@ -495,6 +503,7 @@ void segany_softmax_pixels(int64_t p0, int64_t p1, int64_t B, int64_t nh, int64_
                            const float *alpha, float *a_bt, float *w) {
 #pragma omp parallel for schedule(static)
     for (int64_t p = p0; p < p1; p++) {
+        const unsigned int csr = ftz_begin();
         int64_t hh = p / (B * t), b = (p / t) % B, k = p % t;
         const float *row = s + p * N;
         float *arow = a_bt + ((b * nh + hh) * t + k) * N, *wrow = w + p * N;
@@ -525,6 +534,7 @@ void segany_softmax_pixels(int64_t p0, int64_t p1, int64_t B, int64_t nh, int64_
             store_part(arow + n, a, nn);
             store_part(wrow + n, a, nn);
         }
+        ftz_end(csr);
     }
 }
 
@@ -541,6 +551,7 @@ void segany_softmax_tokens(int64_t p0, int64_t p1, int64_t nh, int64_t B, int64_
     const int64_t nblk = (N + 255) / 256, K = nh * (t - 1) + 1;
 #pragma omp parallel for schedule(static)
     for (int64_t p = p0; p < p1; p++) {
+        const unsigned int csr = ftz_begin();
         int64_t hh = p / (B * nblk), b = (p / nblk) % B, n0 = (p % nblk) * 256;
         int64_t n1 = n0 + 256 < N ? n0 + 256 : N;
         const float *src = s + (hh * B + b) * t * N;
@@ -548,6 +559,7 @@ void segany_softmax_tokens(int64_t p0, int64_t p1, int64_t nh, int64_t B, int64_
         for (int64_t n = n0; n < n1; n += LANES)
             softmax_over_rows(src, o, t, reduced ? t - 1 : t, N, n, n1 - n < LANES ? n1 - n : LANES, 0);
         if (reduced && hh == 0) fill_row(out + b * out_bstride + (K - 1) * N + n0, n1 - n0, 0);
+        ftz_end(csr);
     }
 }
 
@@ -617,6 +629,7 @@ void segany_factored_scores(int64_t p0, int64_t p1, int64_t B, int64_t nh, int64
                             float *red, int64_t red_bstride, const float *red_scale) {
 #pragma omp parallel for schedule(static)
     for (int64_t p = p0; p < p1; p++) {
+        const unsigned int csr = ftz_begin();
         int64_t n0 = p * SC_BLOCK;
         int64_t n1 = n0 + SC_BLOCK < N ? n0 + SC_BLOCK : N;
         /* The block's rows packed side by side: rows N floats apart (16 KB at SAM's 64x64) fall in
@@ -679,5 +692,6 @@ void segany_factored_scores(int64_t p0, int64_t p1, int64_t B, int64_t nh, int64
         if (softmax && red)
             for (int64_t b = 0; b < B; b++)
                 fill_row(red + b * red_bstride + nh * (t - 1) * N + n0, n1 - n0, red_scale ? red_scale + b * N + n0 : 0);
+        ftz_end(csr);
     }
 }
