@@ -549,6 +549,7 @@ def _rel_attention_unfused(q, k, v, rel_h, rel_w, scale):
         (2, 3, 8, 32, 32, 1.0),  # a batch; fewer grid rows than columns
         (1, 2, 64, 64, 80, 1.0),  # SAM's grid, vit_h's head width (a 4 + 1 vector split)
         (1, 2, 12, 16, 16, 40.0),  # large biases: the running maximum grows late and often
+        (1, 2, 7, 16, 16, 1.0),  # an odd number of grid rows: the last piece (two rows each) has one
     ],
 )
 def test_native_rel_attention_matches_the_unfused_attention(B, nh, h, w, hd, bias_scale):
