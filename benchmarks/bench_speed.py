@@ -19,7 +19,8 @@ do not (hence the click_bundled row).
 Rows: gemm (machine float32 GEMM rate), encoder (fp32), encoder_int8 (PyTorch dynamic int8),
 encoder_ort / encoder_ort_int8 (onnxruntime; needs an export, slow the first time), click (one
 click -> the best mask at the original size incl. prompt encoding and postprocessing: segany's
-predict_best, and beside it segany's predict + argmax, the reference's calls), click_bundled
+predict_best, and beside it segany's predict + argmax, the reference's calls), click_refine (a
+second click: two points and the previous logits as mask_input, one mask), click_bundled
 (the same with the bundled trained model on 5 photos of ../shared/data), rss (peak RSS of
 set_image + one click, separate processes), everything (segany.automatic vs the reference's
 SamAutomaticMaskGenerator.generate on a fixed embedding, if segany/automatic.py exists).
@@ -213,6 +214,49 @@ def w_click(a):
     return res
 
 
+def _time_refinements(p1, p2, img, n_clicks, repeats, seed=0):
+    """Alternating refinement clicks, as an interactive tool sends the second and later ones and
+    the official notebook shows them: two points and the previous click's best low-res logits
+    as ``mask_input``, ``multimask_output=False``, one mask at the original size. The previous
+    logits are the reference's for both. Returns seconds per click {"ours": [...], "ref": [...]},
+    the smallest mask IoU and the largest score difference over the first 5 clicks."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    H, W = img.shape[:2]
+    prompts = []
+    for _ in range(n_clicks):
+        pts = rng.uniform((0, 0), (W, H), size=(2, 2))
+        m, s, low = p2.predict(point_coords=pts[:1], point_labels=np.array([1]))
+        prompts.append(dict(point_coords=pts, point_labels=np.array([1, 0]), mask_input=low[int(np.argmax(s))][None],
+                            multimask_output=False))
+    its = {k: iter(prompts * (repeats + 1)) for k in ("ours", "ref")}
+    ts = _alternate({"ours": lambda: p1.predict(**next(its["ours"])), "ref": lambda: p2.predict(**next(its["ref"]))},
+                    repeats, warmup=1)
+    ious, sdiff = [], 0.0
+    for kw in prompts[:5]:
+        m1, s1, _ = p1.predict(**kw)
+        m2, s2, _ = p2.predict(**kw)
+        x, y = m1[0], m2[0]
+        ious.append(1.0 if (x | y).sum() == 0 else (x & y).sum() / (x | y).sum())
+        sdiff = max(sdiff, float(np.abs(s1 - s2).max()))
+    return ts, float(min(ious)), sdiff
+
+
+def w_click_refine(a):
+    from segany.predictor import SamPredictor
+
+    sa, ours, ref = _models(a.model)
+    img = _image()
+    p1, p2 = SamPredictor(ours), sa.SamPredictor(ref)
+    p1.set_image(img)
+    _share_embedding(p1, p2)
+    ts, iou, sdiff = _time_refinements(p1, p2, img, a.repeats * 4, a.repeats * 3)
+    res = {k: statistics.median(v) for k, v in ts.items()}
+    res.update({"min_mask_iou": iou, "max_score_diff": sdiff, "size": list(img.shape[:2])})
+    return res
+
+
 def w_click_bundled(a):
     """The click row with the bundled trained model on real photos (resized to ``--size``): its
     masks are smooth where random weights give ragged ones, which changes what the postprocess
@@ -355,7 +399,7 @@ def w_agreement(a):
     return {"model": name, "photos": len(pick), **{k: float(np.mean(v)) for k, v in ious.items()}}
 
 
-WORKERS = {"gemm": w_gemm, "encoder": w_encoder, "click": w_click, "click_bundled": w_click_bundled, "rss": w_rss, "everything": w_everything, "agreement": w_agreement}
+WORKERS = {"gemm": w_gemm, "encoder": w_encoder, "click": w_click, "click_refine": w_click_refine, "click_bundled": w_click_bundled, "rss": w_rss, "everything": w_everything, "agreement": w_agreement}
 
 
 def _run(a, worker, **extra):
@@ -372,7 +416,7 @@ def _run(a, worker, **extra):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="vit_b")
-    ap.add_argument("--rows", default="gemm,encoder,encoder_int8,encoder_ort,encoder_ort_int8,click,rss,everything")
+    ap.add_argument("--rows", default="gemm,encoder,encoder_int8,encoder_ort,encoder_ort_int8,click,click_refine,rss,everything")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rss-model", default="vit_b")
     ap.add_argument("--side", type=int, default=16, help="points per side for the everything row")
@@ -420,6 +464,12 @@ def main():
                 f"{r['ours'] * 1e3:.1f} ms | {r['ours'] / r['ref']:.2f}× | `predict_best`; `predict` + argmax (3 masks at the original "
                 f"size, as the reference): {r['ours_all'] * 1e3:.1f} ms, {r['ours_all'] / r['ref']:.2f}×; "
                 f"min mask IoU {r['min_mask_iou']:.4f}, max score diff {r['max_score_diff']:.1e} |")
+    r = _run(a, "click_refine") if "click_refine" in rows else None
+    if r:
+        lines.append(
+            f"| refinement click → one mask at {r['size'][0]}x{r['size'][1]} (2 points + the previous logits as mask_input, "
+            f"multimask_output=False) | {r['ref'] * 1e3:.1f} ms | {r['ours'] * 1e3:.1f} ms | {r['ours'] / r['ref']:.2f}× | "
+            f"`predict` on both sides; min mask IoU {r['min_mask_iou']:.4f}, max score diff {r['max_score_diff']:.1e} |")
     if "rss" in rows:
         ref = _run(a, "rss", model=a.rss_model, variant="ref")
         ours = _run(a, "rss", model=a.rss_model, variant="ours")

@@ -288,6 +288,10 @@ def test_native_factored_scores_match_pytorch(B, nh, t, hd, r, N):
             + torch.bmm(q, pe).view(nh, B, t, N))
     got = kernels.factored_scores(q, base, pe, alpha, low, P, torch.full((nh, B, t, N), float("nan")))
     assert (got - want).abs().max().item() <= 2e-6 * max(1.0, want.abs().max().item())
+    # no positional share (the first layer's maps hold it, with mask prompts)
+    want_nope = (torch.bmm(q, base).view(nh, B, t, N) + torch.matmul(low, P[:, None]).transpose(0, 1)) * alpha[None, :, None]
+    nope = kernels.factored_scores(q, base, None, alpha, low, P, torch.full((nh, B, t, N), float("nan")))
+    assert (nope - want_nope).abs().max().item() <= 2e-6 * max(1.0, want_nope.abs().max().item())
     soft = kernels.factored_scores(q, base, pe, alpha, low, P, torch.full((B, nh, t, N), float("nan")), softmax_over_tokens=True)
     assert (soft - torch.softmax(got.transpose(0, 1), dim=2)).abs().max().item() <= 1e-6  # of the same scores
     # the softmax in the reduced layout (see softmax_tokens), the scores left in out; P and the

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from core_helpers import TINY_VIT
 from segany.modeling.build import build_sam, randomize_
-from segany.modeling.fast_decoder import build_cache, predict_masks_fast
+from segany.modeling.fast_decoder import build_cache, mask_prompt_factor, mask_prompt_tokens, predict_masks_fast
 from segany.predictor import SamPredictor, _SeparableResize
 from segany.upscale import CellUpscaler
 
@@ -52,24 +52,68 @@ def test_fast_decoder_matches_module(config, multimask, batch, npts, with_box, w
     with torch.no_grad():
         sparse, dense = pe(points=(pts, labels), boxes=boxes, masks=masks)
         want_m, want_iou = sam.mask_decoder(feats, pe.get_dense_pe(), sparse, dense, multimask)
-        if with_mask:
-            got_m, got_iou = predict_masks_fast(
+        cache = build_cache(sam.mask_decoder, feats, pe.get_dense_pe(), pe.no_mask_embed.weight)
+        if with_mask:  # any dense prompt, and a mask prompt on the cached image (twice: kept buffers)
+            runs = [predict_masks_fast(
                 sam.mask_decoder, sparse, None, image_embeddings=feats, image_pe=pe.get_dense_pe(),
                 dense_prompt_embeddings=dense, multimask_output=multimask,
-            )
+            )]
+            runs += [predict_masks_fast(sam.mask_decoder, sparse, cache, multimask_output=multimask,
+                                        masked_src=mask_prompt_tokens(pe, masks, cache)) for _ in range(2)]
+            runs.append(predict_masks_fast(sam.mask_decoder, sparse, cache, multimask_output=multimask,
+                                           mask_factor=mask_prompt_factor(pe, masks)))
         else:
-            cache = build_cache(sam.mask_decoder, feats, pe.get_dense_pe(), pe.no_mask_embed.weight)
-            got_m, got_iou = predict_masks_fast(sam.mask_decoder, sparse, cache, multimask_output=multimask)
-    assert got_m.shape == want_m.shape and got_iou.shape == want_iou.shape
-    scale = want_m.abs().max().item()
-    assert (got_m - want_m).abs().max().item() <= 1e-5 * max(1.0, scale)
-    assert (got_iou - want_iou).abs().max().item() <= 1e-5 * max(1.0, want_iou.abs().max().item())
+            runs = [predict_masks_fast(sam.mask_decoder, sparse, cache, multimask_output=multimask)]
+    for got_m, got_iou in runs:
+        assert got_m.shape == want_m.shape and got_iou.shape == want_iou.shape
+        scale = want_m.abs().max().item()
+        assert (got_m - want_m).abs().max().item() <= 1e-5 * max(1.0, scale)
+        assert (got_iou - want_iou).abs().max().item() <= 1e-5 * max(1.0, want_iou.abs().max().item())
+    # the cache (shared by the image's clicks) is read, never written
+    fresh = build_cache(sam.mask_decoder, feats, pe.get_dense_pe(), pe.no_mask_embed.weight)
+    assert torch.equal(cache.src, fresh.src) and torch.equal(cache.src_pe, fresh.src_pe)
 
 
-def _one_point_prompts(sam, config, n: int, with_mask: bool, seed: int):
+def test_mask_prompt_tokens_without_the_gemm_shortcut_and_mask_only_prompts():
+    """The mask prompt's tokens through the prompt encoder's own module where the 1x1-convolution
+    shortcut does not apply (a forward hook on it), and a mask prompt without points or box
+    through the predictor: both as the official decoder computes them."""
+    sam = _model(TINY_VIT)
+    pe = sam.prompt_encoder
+    g = torch.Generator().manual_seed(2)
+    h, w = pe.image_embedding_size
+    feats = torch.randn(1, pe.embed_dim, h, w, generator=g)
+    masks = torch.randn(3, 1, 4 * h, 4 * w, generator=g) * 3
+    cache = build_cache(sam.mask_decoder, feats, pe.get_dense_pe(), pe.no_mask_embed.weight)
+    with torch.no_grad():
+        want = feats.flatten(2).transpose(1, 2) + pe(points=None, boxes=None, masks=masks)[1].flatten(2).transpose(1, 2)
+        fast = mask_prompt_tokens(pe, masks, cache).clone()
+        calls = []
+        hook = pe.mask_downscaling.register_forward_hook(lambda m, a, o: calls.append(1))
+        try:
+            slow = mask_prompt_tokens(pe, masks, cache).clone()
+        finally:
+            hook.remove()
+    assert calls == [1]  # the module itself ran, hook and all
+    for got in (fast, slow):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+    p = SamPredictor(sam)
+    p.set_embedding(feats, (60, 80), (96, 128))
+    with torch.no_grad():
+        got_m, got_iou = p.decode(None, None, mask_input=masks, multimask_output=False)
+        sparse, dense = pe(points=None, boxes=None, masks=masks)
+        want_m, want_iou = sam.mask_decoder(feats, pe.get_dense_pe(), sparse, dense, False)
+    torch.testing.assert_close(got_iou, want_iou, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_m, want_m, rtol=1e-5, atol=1e-5 * max(1.0, want_m.abs().max().item()))
+    with pytest.raises(ValueError, match="mask prompts"):
+        p.decode(torch.zeros(2, 1, 2), torch.ones(2, 1, dtype=torch.int), mask_input=masks)
+
+
+def _one_point_prompts(sam, config, n: int, with_mask, seed: int):
     """n one-point prompts on a random embedding: sparse embeddings, and either the decoder
-    cache (no mask input) or the dense keyword arguments of ``predict_masks_fast`` (random mask
-    inputs)."""
+    cache (no mask input; with ``with_mask == "factored"`` random mask inputs as a factor of it)
+    or the dense keyword arguments of ``predict_masks_fast`` (random mask inputs)."""
     pe = sam.prompt_encoder
     g = torch.Generator().manual_seed(seed)
     h, w = pe.image_embedding_size
@@ -78,13 +122,16 @@ def _one_point_prompts(sam, config, n: int, with_mask: bool, seed: int):
     dense_in = torch.randn(n, 1, 4 * h, 4 * w, generator=g) if with_mask else None
     with torch.no_grad():
         sparse, dense = pe(points=(pts, torch.ones(n, 1, dtype=torch.int32)), boxes=None, masks=dense_in)
+        cache = build_cache(sam.mask_decoder, feats, pe.get_dense_pe(), pe.no_mask_embed.weight)
+        if with_mask == "factored":
+            return sparse, cache, dict(mask_factor=mask_prompt_factor(pe, dense_in))
         if with_mask:
             return sparse, None, dict(image_embeddings=feats, image_pe=pe.get_dense_pe(), dense_prompt_embeddings=dense)
-        return sparse, build_cache(sam.mask_decoder, feats, pe.get_dense_pe(), pe.no_mask_embed.weight), {}
+        return sparse, cache, {}
 
 
 @pytest.mark.parametrize("config", DEC_CONFIGS)
-@pytest.mark.parametrize("with_mask", [False, True])
+@pytest.mark.parametrize("with_mask", [False, True, "factored"])
 def test_iou_filtered_decoding_returns_the_kept_masks_of_the_full_decoding(config, with_mask):
     """Segment everything decodes with ``iou_thresh``: the IoU head runs first and only kept
     masks are computed (without a mask input, the mask tokens' final attention too). Scores must
@@ -162,7 +209,7 @@ class _Shifted(torch.nn.Module):
 
 
 @pytest.mark.parametrize("config", DEC_CONFIGS)
-@pytest.mark.parametrize("with_mask", [False, True])
+@pytest.mark.parametrize("with_mask", [False, True, "factored"])
 def test_best_only_decoding_returns_each_prompts_top_candidate(config, with_mask):
     """``best_only`` (an interactive click's path) upscales only the candidate with the highest
     predicted IoU: per prompt, the mask and score that argmax over the full decoding picks, also

@@ -624,13 +624,13 @@ def rows_ok(C: int) -> bool:
     return C % 64 == 0
 
 
-def factored_scores(q: torch.Tensor, base: torch.Tensor, pe: torch.Tensor, alpha: torch.Tensor, low: torch.Tensor,
+def factored_scores(q: torch.Tensor, base: torch.Tensor, pe: Optional[torch.Tensor], alpha: torch.Tensor, low: torch.Tensor,
                     P: torch.Tensor, out: torch.Tensor, softmax_over_tokens: bool = False,
                     reduced: Optional[torch.Tensor] = None, reduced_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Attention scores of tokens against factored image tokens (``segany.modeling.fast_decoder``):
 
     ``out[h, b, k, n] = alpha[b, n] (q[h, b*t+k] . base[h, :, n] + low[b, h, k] . P[b, :, n])
-    + q[h, b*t+k] . pe[h, :, n]``
+    + q[h, b*t+k] . pe[h, :, n]`` (no such term where ``pe`` is None)
 
     q (nh, B*t, hd), base and pe (nh, hd, N), alpha (B, N), low (B, nh, t, r), P (B, r, N)
     (matrices contiguous, any batch stride); out
@@ -643,10 +643,11 @@ def factored_scores(q: torch.Tensor, base: torch.Tensor, pe: torch.Tensor, alpha
     nh, Bt, hd = q.shape
     B, r, N = P.shape
     t = Bt // B if B else 0
-    _check_f32("factored_scores", q, base, pe, alpha, low, out)
+    _check_f32("factored_scores", q, base, alpha, low, out, *(() if pe is None else (pe,)))
     p_bstride = _batch_stride("factored_scores", P)
     want = (B, nh, t, N) if softmax_over_tokens else (nh, B, t, N)
-    if B * t != Bt or tuple(base.shape) != (nh, hd, N) or tuple(pe.shape) != (nh, hd, N) or tuple(alpha.shape) != (B, N) \
+    if B * t != Bt or tuple(base.shape) != (nh, hd, N) or (pe is not None and tuple(pe.shape) != (nh, hd, N)) \
+            or tuple(alpha.shape) != (B, N) \
             or tuple(low.shape) != (B, nh, t, r) or tuple(out.shape) != want:
         raise ValueError("factored_scores: inconsistent shapes")
     red_bstride = 0
@@ -659,7 +660,7 @@ def factored_scores(q: torch.Tensor, base: torch.Tensor, pe: torch.Tensor, alpha
         if reduced is None or tuple(reduced_scale.shape) != (B, N):
             raise ValueError("factored_scores: reduced_scale (B, N) goes with reduced")
     if B and t and N:
-        args = (B, nh, t, hd, r, N, q.data_ptr(), base.data_ptr(), pe.data_ptr(), alpha.data_ptr(), low.data_ptr(),
+        args = (B, nh, t, hd, r, N, q.data_ptr(), base.data_ptr(), None if pe is None else pe.data_ptr(), alpha.data_ptr(), low.data_ptr(),
                 P.data_ptr(), p_bstride, out.data_ptr(), int(softmax_over_tokens), int(softmax_over_tokens),
                 None if reduced is None else reduced.data_ptr(), red_bstride,
                 None if reduced_scale is None else reduced_scale.data_ptr())

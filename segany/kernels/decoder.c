@@ -457,7 +457,8 @@ int segany_update_row_stats(int64_t p0, int64_t p1, int64_t B, int64_t N, int64_
 
      q     (nh, B*t, hd)   token queries (scaled)
      base  (nh, hd, N)     per-image projection of the image tokens' base, per head
-     pe    (nh, hd, N)     the positional share (bias included)
+     pe    (nh, hd, N)     the positional share (bias included); NULL: none (base holds it, and
+                           alpha is one)
      alpha (B, N)          the row scales of the factored tokens
      low   (B, nh, t, r)   the tokens against the low-rank part's projection
      P     (B, r, N), batch stride P_bstride
@@ -596,7 +597,7 @@ static inline __attribute__((always_inline)) void scores_block(
         acc[k][0] *= a0;
         acc[k][1] *= a1;
     }
-    accumulate2(acc, ph, hd, N, n, qk, hd, kb);
+    if (ph) accumulate2(acc, ph, hd, N, n, qk, hd, kb);
     for (int64_t k = 0; k < kb; k++) {
         vstore(orow[k] + n, acc[k][0]);
         vstore(orow[k] + n + LANES, acc[k][1]);
@@ -608,7 +609,7 @@ static float scores_scalar(int64_t n, int64_t k, const float *q, int64_t hd, con
     float s = 0.0f, sp = 0.0f;
     for (int64_t d = 0; d < hd; d++) {
         s += q[k * hd + d] * bh[d * N + n];
-        sp += q[k * hd + d] * ph[d * N + n];
+        if (ph) sp += q[k * hd + d] * ph[d * N + n];
     }
     for (int64_t j = 0; j < r; j++) s += lk[k * r + j] * Pb[j * N + n];
     return s * al[n] + sp;
@@ -645,11 +646,11 @@ void segany_factored_scores(int64_t p0, int64_t p1, int64_t B, int64_t nh, int64
         float *bk = pk ? pk + B * r * SC_BLOCK : 0, *ek = pk ? bk + hd * SC_BLOCK : 0;
         const int64_t nfull = nw / LANES;
         for (int64_t hh = 0; hh < nh; hh++) {
-            const float *bh = base + hh * hd * N, *ph = pe + hh * hd * N;
+            const float *bh = base + hh * hd * N, *ph = pe ? pe + hh * hd * N : 0;
             if (pk)
                 for (int64_t d = 0; d < hd; d++) {
                     copy_block(bk + d * SC_BLOCK, bh + d * N + n0, nw);
-                    copy_block(ek + d * SC_BLOCK, ph + d * N + n0, nw);
+                    if (ph) copy_block(ek + d * SC_BLOCK, ph + d * N + n0, nw);
                 }
             for (int64_t b = 0; b < B; b++) {
                 const float *al = alpha + b * N, *Pb = P + b * P_bstride;
@@ -666,7 +667,7 @@ void segany_factored_scores(int64_t p0, int64_t p1, int64_t B, int64_t nh, int64
                        SC_BLOCK apart and start at the block (n0 = 0 there, outputs and alpha moved) */
                     float *orel[SC_TB];
                     for (int64_t k = 0; k < SC_TB; k++) orel[k] = orow[k] + n0;
-                    const float *rb = pk ? bk : bh, *re = pk ? ek : ph, *rp = pk ? pk + b * r * SC_BLOCK : Pb;
+                    const float *rb = pk ? bk : bh, *re = pk && ph ? ek : ph, *rp = pk ? pk + b * r * SC_BLOCK : Pb;
                     const float *ra = pk ? al + n0 : al;
                     const int64_t rs = pk ? SC_BLOCK : N, rn = pk ? 0 : n0;
                     float *const *ro = pk ? orel : orow;

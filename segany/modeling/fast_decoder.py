@@ -31,6 +31,13 @@ image-side work either done once per image or folded onto the few prompt tokens:
   K = 16 or r in PyTorch, each a pass over a multi-MB map) are one pass in the native kernel
   (``kernels.factored_scores``, with the image->token softmax over the tokens fused in): a
   click 3-6% faster for vit_b on the AMD development VM (in-process A/B, 2026-12-03).
+* Mask prompts (a click that feeds back the previous logits): SAM's mask embedding ends in a
+  1x1 convolution from 16 channels, so the image tokens are the cached ones plus a rank-17
+  product (:func:`mask_prompt_factor`) and the factored form starts at the first layer, whose
+  cached maps then hold the positional share and biases (alpha is one there). A refinement
+  click costs about a first click plus the mask embedding (vit_b: 19 vs 17 ms in one process),
+  where forming the tokens densely took ~1.7x a first click. Mask embeddings of another shape
+  go densely through the stream's two kept buffers (:func:`mask_prompt_tokens`).
 * The output upscaling: only the requested mask tokens go through their hypernetwork MLP. The
   first 2x2 stride-2 transposed convolution is one GEMM (on the factored tokens, a per-image map
   plus a rank-r product). Everything after it (LayerNorm2d, GELU, the second convolution, GELU,
@@ -61,7 +68,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import kernels
-from .common import LayerNorm2d, _act_name, _dispatch_mode_active, linear
+from .common import LayerNorm2d, _act_name, _dispatch_mode_active, _has_hooks, linear
 from .mask_decoder import MaskDecoder
 from .transformer import Attention
 
@@ -73,8 +80,8 @@ class DecoderCache:
     src: Tensor  # (1, N, C) image embedding + no_mask_embed, channel-last
     pe: Tensor  # (1, N, C) positional encoding, channel-last
     src_pe: Tensor  # (1, N, C) src + pe
-    k0: Tensor  # (1, heads, N, hd) layer-0 token->image keys
-    v0: Tensor  # (1, heads, N, hd) layer-0 token->image values
+    k0: Tensor  # (heads, hd, N) layer-0 token->image keys (bias included)
+    v0: Tensor  # (heads, N, hd) layer-0 token->image values (bias included)
     q0: Tensor  # (heads, hd, N) layer-0 image->token queries (bias included)
     hw: Tuple[int, int]
     # Per layer past the first, projections of the per-image base S_l = src * (norm4 gains of
@@ -88,10 +95,13 @@ class DecoderCache:
 
 @dataclass
 class _LayerProjections:
-    """``S W^T`` per head, transposed for bmm: (heads, hd, N) for scores, (heads, N, hd) for values."""
+    """``S W^T`` per head, transposed for bmm: (heads, hd, N) for scores, (heads, N, hd) for values.
+
+    Without the positional shares (None): the first layer's cached maps, of the base plus the
+    positional encoding with the biases (there the row scales are one)."""
 
     t2i_k: Tensor  # (heads, hd, N)   S @ W_k^T
-    t2i_kpe: Tensor  # (heads, hd, N) pe @ W_k^T + b_k
+    t2i_kpe: Optional[Tensor]  # (heads, hd, N) pe @ W_k^T + b_k
     t2i_v: Tensor  # (heads, N, hd)   S @ W_v^T
     i2t_q: Optional[Tensor] = None  # (heads, hd, N) S @ W_q^T
     i2t_qpe: Optional[Tensor] = None  # (heads, hd, N) pe @ W_q^T + b_q
@@ -158,11 +168,6 @@ def _scratch_like(name: str, shape: Tuple[int, ...], like: Tensor, numpy: bool =
     return _scratch(name, tuple(shape), like.dtype, like.device, numpy)
 
 
-def _heads(x: Tensor, nh: int) -> Tensor:
-    b, n, c = x.shape
-    return x.reshape(b, n, nh, c // nh).transpose(1, 2)
-
-
 def _head_cols(x: Tensor, nh: int) -> Tensor:
     """(N, I) -> (heads, hd, N) contiguous: the right-hand side of per-head score GEMMs."""
     n, i = x.shape
@@ -205,8 +210,8 @@ def build_cache(decoder: MaskDecoder, image_embeddings: Tensor, image_pe: Tensor
     t2i: Attention = layer0.cross_attn_token_to_image
     i2t: Attention = layer0.cross_attn_image_to_token
     nh = t2i.num_heads
-    k0 = _heads(t2i.k_proj(src_pe), nh).contiguous()
-    v0 = _heads(t2i.v_proj(src), nh).contiguous()
+    k0 = _head_cols(t2i.k_proj(src_pe)[0], nh)
+    v0 = _head_rows(t2i.v_proj(src)[0], nh)
     q0 = _head_cols(i2t.q_proj(src_pe)[0], i2t.num_heads)
     # The per-image bases S_l of the factored image tokens and their projections.
     base = src[0]
@@ -231,16 +236,17 @@ def _self_attn(attn: Attention, q: Tensor, v: Tensor) -> Tensor:
     return attn(q=q, k=q, v=v)
 
 
-def _t2i_cached(attn: Attention, q_tokens: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Token->image attention with precomputed image keys/values (1, heads, N, hd)."""
+def _t2i_cached(attn: Attention, q_tokens: Tensor, k_cols: Tensor, v_rows: Tensor) -> Tensor:
+    """Token->image attention with precomputed image keys (heads, hd, N) and values (heads, N, hd)."""
     nh = attn.num_heads
     b, t, _ = q_tokens.shape
-    # all prompts' queries in one attention per head: the shared keys and values are read once,
+    # all prompts' queries in one product per head: the shared keys and values are read once,
     # not once per prompt (8 prompts: 3.6 vs 5.7 ms on one thread)
-    q = attn.q_proj(q_tokens).view(b * t, nh, -1).transpose(0, 1)[None]  # (1, nh, b*t, hd)
-    hd = q.shape[-1]
-    out = F.scaled_dot_product_attention(q, k, v, scale=hd**-0.5)  # (1, nh, b*t, hd)
-    return attn.out_proj(out[0].transpose(0, 1).reshape(b, t, nh * hd))
+    h = _split_heads_scaled(attn.q_proj(q_tokens), nh)  # (nh, b*t, hd)
+    s = torch.bmm(h, k_cols, out=_scratch_like("scores", (nh, b * t, k_cols.shape[-1]), h))
+    a = torch.softmax(s, dim=-1, out=_scratch_like("softmax", s.shape, s))
+    out = torch.bmm(a, v_rows)  # (nh, b*t, hd)
+    return attn.out_proj(out.transpose(0, 1).reshape(b, t, -1))
 
 
 def _t2i_folded(attn: Attention, q_tokens: Tensor, x_pe: Tensor, x: Tensor) -> Tensor:
@@ -273,9 +279,9 @@ def _block_diag_keys(k: Tensor, nh: int) -> Tensor:
     return bd.reshape(B, I, nh * t)
 
 
-def _i2t(attn: Attention, x_pe: Tensor, k_tokens: Tensor, v_tokens: Tensor, residual: Tensor, inplace: bool = False) -> Tensor:
-    """``residual`` + image->token attention output after out_proj, (B, N, C), queries folded
-    from the image tokens ``x_pe`` (B|1, N, C).
+def _i2t(attn: Attention, x_pe: Tensor, k_tokens: Tensor, v_tokens: Tensor, residual: Tensor, out: Tensor) -> Tensor:
+    """``residual`` (B|1, N, C) + image->token attention output after out_proj into ``out`` (B, N,
+    C; may be ``residual``), queries folded from the image tokens ``x_pe`` (B|1, N, C).
 
     Scores are laid out (B, heads, tokens, N) so that the softmax over the few tokens runs along a
     strided axis with contiguous N-long rows (a softmax over a 7-long last axis is ~20x slower).
@@ -293,9 +299,9 @@ def _i2t(attn: Attention, x_pe: Tensor, k_tokens: Tensor, v_tokens: Tensor, resi
     N = sT.shape[-1]
     aT = torch.softmax(sT.view(B, nh, t, N), dim=2).view(B, nh * t, N)
     u = _value_update(attn, v_tokens)  # (B, nh*t, C)
-    if inplace and residual.shape[0] == B:
-        return residual.baddbmm_(aT.transpose(1, 2), u)
-    return torch.baddbmm(residual.expand(B, -1, -1), aT.transpose(1, 2), u)
+    if out is residual:
+        return out.baddbmm_(aT.transpose(1, 2), u)
+    return torch.baddbmm(residual.expand(B, -1, -1), aT.transpose(1, 2), u, out=out)
 
 
 def _i2t_cached(attn: Attention, q_cols: Tensor, k_tokens: Tensor, v_tokens: Tensor, out: Tensor) -> Tensor:
@@ -460,7 +466,8 @@ def _unfused_scores(h: Tensor, weight: Tensor, fx: _Factored, base_cols: Tensor,
     low = torch.matmul(h.view(nh, B, t, hd).transpose(0, 1), qw)  # (B, nh, t, r)
     low = torch.bmm(low.reshape(B, nh * t, r), fx.P, out=_scratch_like("low", (B, nh * t, N), h))
     s.add_(low.view(B, nh, t, N).transpose(0, 1)).mul_(fx.alpha[None, :, None, :])
-    s.view(nh, Bt, N).baddbmm_(h, pe_cols)
+    if pe_cols is not None:
+        s.view(nh, Bt, N).baddbmm_(h, pe_cols)
     return s
 
 
@@ -493,7 +500,9 @@ def _t2i_factored(attn: Attention, q_tokens: Tensor, fx: _Factored, proj: _Layer
     aP = torch.bmm(a_bt.view(B, nh * t, N), fx.P.transpose(1, 2))  # (B, nh*t, r)
     qv = F.linear(fx.Q, attn.v_proj.weight).view(B, r, nh, hd).transpose(1, 2)  # (B, nh, r, hd)
     o2 = torch.matmul(aP.view(B, nh, t, r), qv)  # (B, nh, t, hd)
-    o = o.view(nh, B, t, hd).permute(1, 2, 0, 3) + o2.transpose(1, 2) + attn.v_proj.bias.view(nh, hd)
+    o = o.view(nh, B, t, hd).permute(1, 2, 0, 3) + o2.transpose(1, 2)
+    if proj.t2i_kpe is not None:  # (else the values hold the bias)
+        o = o + attn.v_proj.bias.view(nh, hd)
     return attn.out_proj(o.reshape(B, t, nh * hd))
 
 
@@ -524,11 +533,15 @@ def predict_masks_fast(
     iou_thresh: Optional[float] = None,
     scratch_masks: bool = False,
     best_only: bool = False,
+    masked_src: Optional[Tensor] = None,
+    mask_factor: Optional[Tuple[Tensor, Tensor]] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Same outputs as ``decoder(image_embeddings, image_pe, sparse, dense, multimask_output)``.
 
-    Give either ``cache`` (no mask input) or ``image_embeddings``/``image_pe``/
-    ``dense_prompt_embeddings`` (any dense input, e.g. a mask prompt).
+    Give either ``cache`` (no mask input, or with ``mask_factor`` mask prompts on the cached image:
+    :func:`mask_prompt_factor`), or ``cache`` and ``masked_src`` (mask prompts whose embedding
+    does not factor: :func:`mask_prompt_tokens`' result, updated in place), or
+    ``image_embeddings``/``image_pe``/``dense_prompt_embeddings`` (any dense input).
 
     With ``iou_thresh`` only the masks whose predicted IoU is above it are upscaled (the IoU head
     runs before the output upscaling, which is half the decoder's work, and, without a mask
@@ -548,7 +561,17 @@ def predict_masks_fast(
     tokens0 = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
     B = sparse_prompt_embeddings.shape[0]
     tokens = torch.cat((tokens0.unsqueeze(0).expand(B, -1, -1), sparse_prompt_embeddings), dim=1)
-    if cache is not None:
+    own = masked_src is not None
+    if mask_factor is not None and (cache is None or own):
+        raise ValueError("mask_factor goes with a cache and without masked_src")
+    if own:
+        if cache is None or masked_src.shape != (B, cache.src.shape[1], cache.src.shape[2]):
+            raise ValueError("masked_src goes with the cache it was made from, one row per prompt")
+        h, w = cache.hw
+        src, pe = masked_src, cache.pe
+        src_pe = torch.add(src, pe, out=_kept_buffer("keys_pe", tuple(src.shape), src))
+        cache = None  # (its per-image projections hold no mask prompt)
+    elif cache is not None:
         h, w = cache.hw
         src, pe, src_pe = cache.src, cache.pe, cache.src_pe
     else:
@@ -567,7 +590,7 @@ def predict_masks_fast(
         # The IoU head reads only the IoU token, and the final attention treats each query token
         # on its own: the IoU token goes through it first, the mask tokens only for the prompts
         # with a mask above the threshold (segment everything at SAM's thresholds: few).
-        queries, fx = _layers_cached(decoder, tokens, cache)
+        queries, fx = _layers_cached(decoder, tokens, cache, mask_factor)
         iou_pred = decoder.iou_prediction_head(_final_cached(decoder, queries[:, :1], tokens[:, :1], fx, cache)[:, 0])[:, sl]
         keep = iou_pred > iou_thresh  # (B, M)
         rows = keep.any(1).nonzero().flatten()
@@ -584,9 +607,9 @@ def predict_masks_fast(
     # attention, which treats each query token on its own: the others skip it.
     used = torch.tensor([0] + [1 + j for j in idx], device=tokens.device)
     if cache is not None:
-        queries, upscale_in = _transformer_cached(decoder, tokens, cache, used)
+        queries, upscale_in = _transformer_cached(decoder, tokens, cache, used, mask_factor)
     else:
-        queries, upscale_in = _transformer_dense(decoder, tokens, src, pe, src_pe, used)
+        queries, upscale_in = _transformer_dense(decoder, tokens, src, pe, src_pe, used, own=own)
 
     iou_pred = decoder.iou_prediction_head(queries[:, 0, :])[:, sl]
     if best_only:
@@ -632,41 +655,100 @@ def _token_steps(layer, queries: Tensor, tokens: Tensor, t2i) -> Tensor:
     return _layer_norm(layer.norm3, queries + layer.mlp(queries))
 
 
-def _transformer_dense(decoder: MaskDecoder, tokens: Tensor, src: Tensor, pe: Tensor, src_pe: Tensor, used: Tensor):
+def _transformer_dense(decoder: MaskDecoder, tokens: Tensor, src: Tensor, pe: Tensor, src_pe: Tensor, used: Tensor,
+                       own: bool = False):
     """Any dense prompt (mask input): image tokens formed densely, projections folded. Returns
-    the ``used`` tokens and the final image tokens."""
+    the ``used`` tokens and the final image tokens.
+
+    The stream lives in two kept buffers (:func:`_kept_buffer`), updated in place: ``own`` says
+    ``src`` and ``src_pe`` already are them (B rows each)."""
     tf = decoder.transformer
     queries = tokens
+    B = tokens.shape[0]
+    N, C = src.shape[-2:]
     keys, keys_pe = src, src_pe
+    native = _native_rows_ok(src)
     for i, layer in enumerate(tf.layers):
         queries = _token_steps(layer, queries, tokens, lambda q: _t2i_folded(layer.cross_attn_token_to_image, q, keys_pe, keys))
-        # keys is a fresh per-prompt tensor past the first layer; src is not.
-        keys = _i2t(layer.cross_attn_image_to_token, keys_pe, queries + tokens, queries, keys, inplace=i > 0)
-        keys = _layer_norm(layer.norm4, keys)
-        keys_pe = keys + pe
+        out = keys if own or i > 0 else _kept_buffer("keys", (B, N, C), src)
+        keys = _i2t(layer.cross_attn_image_to_token, keys_pe, queries + tokens, queries, keys, out=out)
+        ln = layer.norm4
+        if native:
+            kernels.layer_norm_rows_(keys, ln.weight, ln.bias, ln.eps)
+        else:
+            keys.copy_(_layer_norm(ln, keys))
+        if i == 0 and not own:
+            keys_pe = _kept_buffer("keys_pe", (B, N, C), src)
+        torch.add(keys, pe, out=keys_pe)
     queries, tokens = queries[:, used], tokens[:, used]
     queries = queries + _t2i_folded(tf.final_attn_token_to_image, queries + tokens, keys_pe, keys)
     return _layer_norm(tf.norm_final_attn, queries), keys
 
 
-def _stream_buffer(n: int) -> Tensor:
-    """A float32 buffer of ``n`` elements for the image-token stream of one decoder call (~32 MB
-    for 8 prompts at SAM's sizes): the workspace's when one is active, else one kept per thread
-    between calls (a fresh tensor that size is a fresh mapping whose pages fault in on every call,
-    in PyTorch's allocator and glibc's alike, above its 32 MB mmap threshold). Valid until the
-    thread's next decoder call."""
+def _kept_buffer(name: str, shape: Tuple[int, ...], like: Tensor) -> Tensor:
+    """An uninitialised buffer for a large temporary of one decoder call (the image-token stream,
+    ~4 MB a prompt at SAM's sizes): the workspace's when one is active, else, for float32 CPU
+    tensors, one kept per thread and name between calls (a fresh tensor that size is fresh memory
+    whose pages fault in on every call: under segany's huge-page allocator a fresh 4 MB sum took
+    1.2 ms against 0.27 ms into a kept buffer). Valid until the thread's next decoder call."""
     if getattr(_per_thread, "workspace", None) is not None:
-        return _scratch("stream", (n,), torch.float32, torch.device("cpu"))
-    buf = getattr(_per_thread, "stream", None)
+        return _scratch_like(name, shape, like)
+    if like.device.type != "cpu" or like.dtype != torch.float32:
+        return like.new_empty(shape)
+    kept = getattr(_per_thread, "kept", None)
+    if kept is None:
+        kept = _per_thread.kept = {}
+    n = 1
+    for d in shape:
+        n *= int(d)
+    buf = kept.get(name)
     if buf is None or buf.numel() < n:
-        buf = _per_thread.stream = torch.empty(n)
-    return buf[:n]
+        buf = kept[name] = torch.empty(n)
+    return buf[:n].view(shape)
 
 
-def _transformer_cached(decoder: MaskDecoder, tokens: Tensor, cache: DecoderCache, used: Tensor):
-    """No mask input: the first layer from the cache, the rest on factored image tokens. Returns
-    the ``used`` tokens and (factored final image tokens, the cache's upscaling base)."""
-    queries, fx = _layers_cached(decoder, tokens, cache)
+@torch.no_grad()
+def mask_prompt_tokens(prompt_encoder, masks: Tensor, cache: DecoderCache) -> Tensor:
+    """The first layer's image tokens for mask prompts (B, 1, 4h, 4w) on the cached image: the
+    embedding plus each mask's dense embedding, (B, h*w, C) channel-last, in this thread's kept
+    buffer (:func:`_kept_buffer`; for ``predict_masks_fast(masked_src=...)``).
+
+    SAM's mask embedding ends in a 1x1 convolution: here one GEMM on the channel-last 16-channel
+    map added onto the cached tokens (the prompt encoder's channel-first output, added across
+    layouts, took ~2.5 ms more a click at vit_b sizes). The cache's tokens hold ``no_mask_embed``
+    already: it is subtracted from the bias (a difference of float32 rounding)."""
+    md = prompt_encoder.mask_downscaling
+    no_mask = prompt_encoder.no_mask_embed.weight.reshape(-1)
+    _, N, C = cache.src.shape
+    B = masks.shape[0]
+    out = _kept_buffer("keys", (B, N, C), cache.src)
+    last = md[-1] if isinstance(md, torch.nn.Sequential) and len(md) > 1 else None
+    if (type(last) is torch.nn.Conv2d and last.kernel_size == (1, 1) and last.stride == (1, 1) and last.padding == (0, 0)
+            and last.groups == 1 and last.bias is not None and not _has_hooks(md) and not _has_hooks(last)):
+        x = md[:-1](masks)  # (B, c, h, w)
+        if x.shape[-2] * x.shape[-1] == N:
+            xcl = x.flatten(2).transpose(1, 2)  # (B, N, c)
+            wt = last.weight.reshape(C, -1).t()  # (c, C)
+            torch.baddbmm(cache.src.expand(B, N, C), xcl, wt.expand(B, -1, -1), out=out)
+            return out.add_(last.bias - no_mask)
+    dense = prompt_encoder._embed_masks(masks)  # (B, C, h, w)
+    return torch.add(cache.src, dense.flatten(2).transpose(1, 2), out=out).sub_(no_mask)
+
+
+def _stream_buffer(n: int) -> Tensor:
+    """A float32 buffer of ``n`` elements for the image-token stream of one cached decoder call
+    (~32 MB for 8 prompts at SAM's sizes), see :func:`_kept_buffer`."""
+    return _kept_buffer("stream", (n,), _FLOAT_CPU)
+
+
+_FLOAT_CPU = torch.empty(0)
+
+
+def _transformer_cached(decoder: MaskDecoder, tokens: Tensor, cache: DecoderCache, used: Tensor, mask_factor=None):
+    """No mask input (or a factored one): the first layer from the cache, the rest on factored
+    image tokens. Returns the ``used`` tokens and (factored final image tokens, the cache's
+    upscaling base)."""
+    queries, fx = _layers_cached(decoder, tokens, cache, mask_factor)
     return _final_cached(decoder, queries[:, used], tokens[:, used], fx, cache), (fx, cache.upscale, cache.upscale_t)
 
 
@@ -678,9 +760,10 @@ def _final_cached(decoder: MaskDecoder, queries: Tensor, tokens: Tensor, fx: "_F
     return _layer_norm(tf.norm_final_attn, queries)
 
 
-def _layers_cached(decoder: MaskDecoder, tokens: Tensor, cache: DecoderCache):
+def _layers_cached(decoder: MaskDecoder, tokens: Tensor, cache: DecoderCache, mask_factor=None):
     """The two-way blocks of :func:`_transformer_cached`: all tokens and the factored image tokens
-    before the final attention."""
+    before the final attention. ``mask_factor`` (P0 (B, m, N), Q0 (B, m, C)): mask prompts, whose
+    image tokens are the cached ones plus P0^T Q0 (:func:`mask_prompt_factor`)."""
     tf = decoder.transformer
     queries = tokens
     keys = cache.src  # the dense residual stream, needed for LayerNorm statistics
@@ -690,20 +773,30 @@ def _layers_cached(decoder: MaskDecoder, tokens: Tensor, cache: DecoderCache):
     B, t, _ = tokens.shape
     N = keys.shape[1]
     # each layer's P rows: its reduced attention (written there by the softmax) and two rows of
-    # statistics; later layers append to the same buffer (see _Factored)
+    # statistics; later layers append to the same buffer (see _Factored), after a mask prompt's
+    m = 0 if mask_factor is None else mask_factor[0].shape[1]
     ks = [kernels.reduced_rows(layer.cross_attn_image_to_token.num_heads, t) for layer in tf.layers]
-    P = _scratch_like("P", (B, sum(k + 2 for k in ks), N), tokens)
-    r0 = 0
+    P = _scratch_like("P", (B, m + sum(k + 2 for k in ks), N), tokens)
+    if mask_factor is not None:
+        P[:, :m].copy_(mask_factor[0])
+        fx = _Factored(tokens.new_ones(B, N), P[:, :m], mask_factor[1])
+    r0 = m
     for i, layer in enumerate(tf.layers):
         k = ks[i]
         aT = P[:, r0 : r0 + k]  # the reduced attention divided by the row scales of the layer's input
-        if i == 0:
+        if fx is None:
             queries = _token_steps(layer, queries, tokens, lambda q: _t2i_cached(layer.cross_attn_token_to_image, q, cache.k0, cache.v0))
             u = _i2t_cached(layer.cross_attn_image_to_token, cache.q0, queries + tokens, queries, aT)
         else:
-            proj = cache.layers[i - 1]
+            proj = cache.layers[i - 1] if i > 0 else _first_layer_projections(cache)
             queries = _token_steps(layer, queries, tokens, lambda q: _t2i_factored(layer.cross_attn_token_to_image, q, fx, proj))
             u = _i2t_factored(layer.cross_attn_image_to_token, fx, proj, queries + tokens, queries, aT)
+        if i == 0 and m:
+            # the mask prompt's part joins the first update: the stream is the cached tokens plus
+            # [P0; aT]^T [Q0; u] (the row scales are still one)
+            aT, u, fx_stats = P[:, : m + k], torch.cat((mask_factor[1], u), 1), None
+        else:
+            fx_stats = fx
         ln = layer.norm4
         # The statistics are what the factored form needs; the normalised stream itself only as
         # the next layer's residual (so not after the last layer).
@@ -711,9 +804,9 @@ def _layers_cached(decoder: MaskDecoder, tokens: Tensor, cache: DecoderCache):
             # only the statistics of the last update are read: from the update's rows as they
             # are formed, never stored (8 prompts on one thread: 11.5 vs 13.9 ms; for one
             # prompt as fast as the dense update and its statistics, and it takes aT as P holds it)
-            mean, rstd = kernels.update_row_stats(keys, aT, u.contiguous(), ln.eps, None if fx is None else fx.alpha)
+            mean, rstd = kernels.update_row_stats(keys, aT, u.contiguous(), ln.eps, None if fx_stats is None else fx_stats.alpha)
         else:
-            a = aT if fx is None else torch.mul(aT, fx.alpha[:, None, :], out=_scratch_like("aT", aT.shape, aT))
+            a = aT if fx_stats is None else torch.mul(aT, fx_stats.alpha[:, None, :], out=_scratch_like("aT", aT.shape, aT))
             residual = None
             if i > 0:  # keys is this call's own stream by now
                 y = keys.baddbmm_(a.transpose(1, 2), u)
@@ -730,9 +823,42 @@ def _layers_cached(decoder: MaskDecoder, tokens: Tensor, cache: DecoderCache):
             else:  # (native_layer_norm is ~10x faster than var_mean here)
                 keys, mean, rstd = torch.native_layer_norm(y, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
                 mean, rstd = mean.squeeze(-1), rstd.squeeze(-1)
+        if i == 0 and m:
+            u = u[:, m:]
         fx = _normed(fx, P, r0, k, u, mean, rstd, ln)
         r0 += k + 2
     return queries, fx
+
+
+def _first_layer_projections(cache: DecoderCache) -> _LayerProjections:
+    """The first layer's cached maps as factored attention reads them (mask prompts)."""
+    return _LayerProjections(t2i_k=cache.k0, t2i_kpe=None, t2i_v=cache.v0, i2t_q=cache.q0, i2t_qpe=None)
+
+
+@torch.no_grad()
+def mask_prompt_factor(prompt_encoder, masks: Tensor) -> Optional[Tuple[Tensor, Tensor]]:
+    """Mask prompts (B, 1, 4h, 4w) as a low-rank change of the cached image tokens: (P0 (B, c+1,
+    h*w), Q0 (B, c+1, C)) with tokens = cache.src + P0^T Q0, for ``predict_masks_fast(cache,
+    mask_factor=...)``; None where the prompt encoder's mask embedding is not SAM's (ending in a
+    1x1 convolution from c channels, no hooks), see :func:`mask_prompt_tokens` for those.
+
+    The dense prompt embedding of a mask is a 1x1 convolution of a c = 16 channel map: a rank-17
+    change (16 channels and the bias, less ``no_mask_embed``, which the cached tokens hold) of the
+    tokens every cached projection was made from. So a click that feeds back its previous logits
+    (an interactive tool's second and later clicks) takes the cached path too, with the factored
+    image tokens starting at rank 17 instead of 0."""
+    md = prompt_encoder.mask_downscaling
+    last = md[-1] if isinstance(md, torch.nn.Sequential) and len(md) > 1 else None
+    if not (type(last) is torch.nn.Conv2d and last.kernel_size == (1, 1) and last.stride == (1, 1) and last.padding == (0, 0)
+            and last.groups == 1 and last.bias is not None and not _has_hooks(md) and not _has_hooks(last)):
+        return None
+    x = md[:-1](masks)  # (B, c, h, w)
+    B, c = x.shape[:2]
+    C = last.out_channels
+    P0 = torch.cat((x.flatten(2), x.new_ones(B, 1, x.shape[2] * x.shape[3])), 1)
+    no_mask = prompt_encoder.no_mask_embed.weight.reshape(1, -1)
+    Q0 = torch.cat((last.weight.reshape(C, c).t(), last.bias.reshape(1, -1) - no_mask), 0)
+    return P0, Q0.unsqueeze(0).expand(B, -1, -1)
 
 
 def _first_conv_channels_last(ct1: torch.nn.ConvTranspose2d) -> Tensor:
