@@ -46,19 +46,41 @@ def read_image(path: str) -> np.ndarray:
 
 
 def _decode_segmentation(seg, h: int, w: int) -> np.ndarray:
-    """COCO segmentation (polygons, uncompressed RLE or compressed RLE) -> bool (h, w)."""
+    """COCO segmentation (polygons, uncompressed RLE or compressed RLE) -> bool mask, (h, w) for
+    polygons and the RLE's own ``size`` otherwise. Raises ``ValueError`` for a malformed one.
+
+    RLE counts are checked (``segany.masks.validate_rle_counts``) before pycocotools' C decoder
+    sees them: it trusts its input, and counts summing past height*width overrun its buffer."""
     from pycocotools import mask as mask_utils
 
+    from .masks import validate_rle_counts
+
     if isinstance(seg, list):  # polygons
-        rles = mask_utils.frPyObjects(seg, h, w)
-        rle = mask_utils.merge(rles)
-    elif isinstance(seg.get("counts"), list):  # uncompressed RLE
-        rle = mask_utils.frPyObjects(seg, *seg["size"])
-    else:
-        rle = dict(seg)
-        if isinstance(rle["counts"], str):
-            rle["counts"] = rle["counts"].encode("ascii")
+        try:
+            polys = [[float(v) for v in poly] for poly in seg]
+        except (TypeError, ValueError):
+            raise ValueError("polygon segmentation must be lists of numbers") from None
+        if not polys or any(len(poly) < 6 or len(poly) % 2 for poly in polys):
+            raise ValueError("polygon segmentation must be lists of x, y pairs, at least 3 points each")
+        return mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects(polys, h, w))).astype(bool)
+    if not isinstance(seg, dict) or "size" not in seg or "counts" not in seg:
+        raise ValueError("segmentation must be polygons or an RLE {\"size\": [h, w], \"counts\": ...}")
+    size = seg["size"]
+    if not (isinstance(size, (list, tuple)) and len(size) == 2 and all(isinstance(v, int) and v >= 0 for v in size)):
+        raise ValueError(f"RLE size must be [height, width], got {size!r}")
+    counts = seg["counts"]
+    if not isinstance(counts, (str, bytes)) and not (isinstance(counts, list) and all(isinstance(v, int) for v in counts)):
+        raise ValueError("RLE counts must be a compressed string or a list of integers")
+    values = validate_rle_counts(counts, *size)
+    rle = mask_utils.frPyObjects({"size": list(size), "counts": values}, *size)
     return mask_utils.decode(rle).astype(bool)
+
+
+def _annotation_mask(a, h: int, w: int, where: str) -> np.ndarray:
+    try:
+        return _decode_segmentation(a["segmentation"], h, w)
+    except (KeyError, ValueError) as e:
+        raise ValueError(f"{where}: annotation {a.get('id', '?')}: {e}") from None
 
 
 class CocoDataset:
@@ -90,7 +112,10 @@ class CocoDataset:
         h, w = image.shape[:2]
         masks, ignore = [], None
         for a in self.anns[i]:
-            m = _decode_segmentation(a["segmentation"], h, w)
+            m = _annotation_mask(a, h, w, info["file_name"])
+            if m.shape != (h, w):
+                raise ValueError(f"{info['file_name']}: annotation {a.get('id', '?')}: mask size {list(m.shape)} "
+                                 f"is not the image's {[h, w]}")
             if a.get("iscrowd", 0):
                 ignore = m if ignore is None else (ignore | m)
             elif m.any():
@@ -122,7 +147,7 @@ class SA1BDataset:
             data = json.load(f)
         masks = []
         for a in data.get("annotations", []):
-            m = _decode_segmentation(a["segmentation"], h, w)
+            m = _annotation_mask(a, h, w, json_name)
             if m.shape != (h, w):  # SA-1B masks are at the image's stored size; resize if not
                 m = cv2.resize(m.astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
             if m.any():

@@ -63,6 +63,33 @@ def test_coco_rle_polygon_and_crowd(tmp_path):
     assert np.array_equal(ignore, crowd)
 
 
+@pytest.mark.parametrize("seg, message", [
+    ({"size": [48, 64], "counts": [100, 5000]}, "sum to 5100"),  # past the mask: pycocotools would overrun
+    ({"size": [48, 64], "counts": [3000, -5, 77]}, "negative"),
+    ({"size": [48, 64], "counts": "0N\\"}, "RLE"),  # a compressed string that ends mid-number
+    ({"size": [24, 32], "counts": [768]}, "not the image's"),
+    ({"size": "48x64", "counts": [3072]}, "size must be"),
+    ({"counts": [3072]}, "polygons or an RLE"),
+    ([[1.0, 2.0, "x", 4.0, 5.0, 6.0]], "numbers"),
+    ([[1.0, 2.0, 3.0, 4.0, 5.0]], "x, y pairs"),
+    ([], "x, y pairs"),
+])
+def test_coco_malformed_segmentation_names_the_annotation(tmp_path, seg, message):
+    """A malformed segmentation in a training set is a ValueError naming the image and the
+    annotation, before pycocotools' C decoder (which trusts its input) sees it."""
+    img, _, _ = _scene()
+    os.makedirs(tmp_path / "images")
+    cv2.imwrite(str(tmp_path / "images" / "x.png"), img[..., ::-1])
+    data = {"images": [{"id": 1, "file_name": "x.png", "height": 48, "width": 64}],
+            "annotations": [{"id": 7, "image_id": 1, "segmentation": seg, "iscrowd": 0, "category_id": 1}],
+            "categories": [{"id": 1, "name": "thing"}]}
+    (tmp_path / "annotations.json").write_text(json.dumps(data))
+    ds = open_dataset(str(tmp_path))
+    with pytest.raises(ValueError, match=message) as e:
+        ds[0]
+    assert "x.png" in str(e.value) and "annotation 7" in str(e.value)
+
+
 def test_sa1b_folder(tmp_path):
     img, a, b = _scene()
     cv2.imwrite(str(tmp_path / "sa_1.jpg"), img[..., ::-1])
