@@ -72,7 +72,10 @@ def _decode_segmentation(seg, h: int, w: int) -> np.ndarray:
     if not isinstance(counts, (str, bytes)) and not (isinstance(counts, list) and all(isinstance(v, int) for v in counts)):
         raise ValueError("RLE counts must be a compressed string or a list of integers")
     values = validate_rle_counts(counts, *size)
-    rle = mask_utils.frPyObjects({"size": list(size), "counts": values}, *size)
+    if isinstance(counts, (str, bytes)):  # checked: decoded as it is
+        rle = {"size": list(size), "counts": counts.encode("ascii") if isinstance(counts, str) else counts}
+    else:
+        rle = mask_utils.frPyObjects({"size": list(size), "counts": values}, *size)
     return mask_utils.decode(rle).astype(bool)
 
 
