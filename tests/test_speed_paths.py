@@ -21,6 +21,16 @@ DEC_CONFIGS = [
 ]
 
 
+@pytest.fixture(params=["factored", "dense"])
+def decoder_form(request, monkeypatch):
+    """Cached decoder calls with the image tokens factored, or formed densely from the cache (the
+    rank fraction past which predict_masks_fast switches: always or never)."""
+    from segany.modeling import fast_decoder
+
+    monkeypatch.setattr(fast_decoder, "DENSE_ABOVE_RANK", (float("inf"),) * 2 if request.param == "factored" else (0.0, 0.0))
+    return request.param
+
+
 def _model(config, seed=0):
     return randomize_(build_sam(config), seed=seed, std=0.2).eval()
 
@@ -29,7 +39,7 @@ def _model(config, seed=0):
 @pytest.mark.parametrize("multimask", [True, False])
 @pytest.mark.parametrize("batch,npts,with_box,with_mask", [(1, 1, False, False), (3, 2, True, False), (2, 3, False, True)])
 @pytest.mark.parametrize("native", [True, False], ids=["native", "pytorch"])
-def test_fast_decoder_matches_module(config, multimask, batch, npts, with_box, with_mask, native, monkeypatch):
+def test_fast_decoder_matches_module(config, multimask, batch, npts, with_box, with_mask, native, decoder_form, monkeypatch):
     from segany import kernels
     from segany.modeling import fast_decoder
 
@@ -132,7 +142,7 @@ def _one_point_prompts(sam, config, n: int, with_mask, seed: int):
 
 @pytest.mark.parametrize("config", DEC_CONFIGS)
 @pytest.mark.parametrize("with_mask", [False, True, "factored"])
-def test_iou_filtered_decoding_returns_the_kept_masks_of_the_full_decoding(config, with_mask):
+def test_iou_filtered_decoding_returns_the_kept_masks_of_the_full_decoding(config, with_mask, decoder_form):
     """Segment everything decodes with ``iou_thresh``: the IoU head runs first and only kept
     masks are computed (without a mask input, the mask tokens' final attention too). Scores must
     be those of the full decoding and the masks exactly the kept ones, in (prompt, mask) order,
@@ -210,7 +220,7 @@ class _Shifted(torch.nn.Module):
 
 @pytest.mark.parametrize("config", DEC_CONFIGS)
 @pytest.mark.parametrize("with_mask", [False, True, "factored"])
-def test_best_only_decoding_returns_each_prompts_top_candidate(config, with_mask):
+def test_best_only_decoding_returns_each_prompts_top_candidate(config, with_mask, decoder_form):
     """``best_only`` (an interactive click's path) upscales only the candidate with the highest
     predicted IoU: per prompt, the mask and score that argmax over the full decoding picks, also
     when a batch's prompts pick different candidates."""
