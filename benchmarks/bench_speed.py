@@ -200,7 +200,8 @@ def _time_clicks(p1, p2, img, n_clicks, repeats, seed=0):
     return ts, float(min(ious)), sdiff
 
 
-def w_click(a):
+def _click_row(a, timer):
+    """A click row on random weights: ``timer(p1, p2, img, n_clicks, repeats)`` as _time_clicks."""
     from segany.predictor import SamPredictor
 
     sa, ours, ref = _models(a.model)
@@ -208,10 +209,14 @@ def w_click(a):
     p1, p2 = SamPredictor(ours), sa.SamPredictor(ref)
     p1.set_image(img)
     _share_embedding(p1, p2)
-    ts, iou, sdiff = _time_clicks(p1, p2, img, a.repeats * 4, a.repeats * 3)
+    ts, iou, sdiff = timer(p1, p2, img, a.repeats * 4, a.repeats * 3)
     res = {k: statistics.median(v) for k, v in ts.items()}
     res.update({"min_mask_iou": iou, "max_score_diff": sdiff, "size": list(img.shape[:2])})
     return res
+
+
+def w_click(a):
+    return _click_row(a, _time_clicks)
 
 
 def _time_refinements(p1, p2, img, n_clicks, repeats, seed=0):
@@ -244,17 +249,7 @@ def _time_refinements(p1, p2, img, n_clicks, repeats, seed=0):
 
 
 def w_click_refine(a):
-    from segany.predictor import SamPredictor
-
-    sa, ours, ref = _models(a.model)
-    img = _image()
-    p1, p2 = SamPredictor(ours), sa.SamPredictor(ref)
-    p1.set_image(img)
-    _share_embedding(p1, p2)
-    ts, iou, sdiff = _time_refinements(p1, p2, img, a.repeats * 4, a.repeats * 3)
-    res = {k: statistics.median(v) for k, v in ts.items()}
-    res.update({"min_mask_iou": iou, "max_score_diff": sdiff, "size": list(img.shape[:2])})
-    return res
+    return _click_row(a, _time_refinements)
 
 
 def w_click_bundled(a):
