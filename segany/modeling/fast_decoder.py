@@ -80,8 +80,8 @@ class DecoderCache:
     src: Tensor  # (1, N, C) image embedding + no_mask_embed, channel-last
     pe: Tensor  # (1, N, C) positional encoding, channel-last
     src_pe: Tensor  # (1, N, C) src + pe
-    k0: Tensor  # (heads, hd, N) layer-0 token->image keys (bias included)
-    v0: Tensor  # (heads, N, hd) layer-0 token->image values (bias included)
+    k0: Tensor  # (1, heads, N, hd) layer-0 token->image keys (bias included)
+    v0: Tensor  # (1, heads, N, hd) layer-0 token->image values (bias included)
     q0: Tensor  # (heads, hd, N) layer-0 image->token queries (bias included)
     hw: Tuple[int, int]
     # Per layer past the first, projections of the per-image base S_l = src * (norm4 gains of
@@ -91,6 +91,7 @@ class DecoderCache:
     final: Optional["_LayerProjections"] = None  # final token->image attention (keys/values)
     upscale: Optional[Tensor] = None  # (N, 4*c1) S_depth @ first upscaling conv, channel-last
     upscale_t: Optional[Tensor] = None  # (4*c1, N) the same, transposed, for the native tail
+    k0_cols: Optional[Tensor] = None  # (heads, hd, N) k0 for the factored first layer (mask prompts), made on first use
 
 
 @dataclass
@@ -210,8 +211,8 @@ def build_cache(decoder: MaskDecoder, image_embeddings: Tensor, image_pe: Tensor
     t2i: Attention = layer0.cross_attn_token_to_image
     i2t: Attention = layer0.cross_attn_image_to_token
     nh = t2i.num_heads
-    k0 = _head_cols(t2i.k_proj(src_pe)[0], nh)
-    v0 = _head_rows(t2i.v_proj(src)[0], nh)
+    k0 = _head_rows(t2i.k_proj(src_pe)[0], nh)[None]
+    v0 = _head_rows(t2i.v_proj(src)[0], nh)[None]
     q0 = _head_cols(i2t.q_proj(src_pe)[0], i2t.num_heads)
     # The per-image bases S_l of the factored image tokens and their projections.
     base = src[0]
@@ -236,17 +237,18 @@ def _self_attn(attn: Attention, q: Tensor, v: Tensor) -> Tensor:
     return attn(q=q, k=q, v=v)
 
 
-def _t2i_cached(attn: Attention, q_tokens: Tensor, k_cols: Tensor, v_rows: Tensor) -> Tensor:
-    """Token->image attention with precomputed image keys (heads, hd, N) and values (heads, N, hd)."""
+def _t2i_cached(attn: Attention, q_tokens: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Token->image attention with precomputed image keys/values (1, heads, N, hd)."""
     nh = attn.num_heads
     b, t, _ = q_tokens.shape
-    # all prompts' queries in one product per head: the shared keys and values are read once,
-    # not once per prompt (8 prompts: 3.6 vs 5.7 ms on one thread)
-    h = _split_heads_scaled(attn.q_proj(q_tokens), nh)  # (nh, b*t, hd)
-    s = torch.bmm(h, k_cols, out=_scratch_like("scores", (nh, b * t, k_cols.shape[-1]), h))
-    a = torch.softmax(s, dim=-1, out=_scratch_like("softmax", s.shape, s))
-    out = torch.bmm(a, v_rows)  # (nh, b*t, hd)
-    return attn.out_proj(out.transpose(0, 1).reshape(b, t, -1))
+    # all prompts' queries in one attention per head: the shared keys and values are read once,
+    # not once per prompt (8 prompts: 3.6 vs 5.7 ms on one thread). Two GEMMs and a softmax were
+    # as fast for one prompt, but their score maps (15 MB each for 16 prompts) cost segment
+    # everything 8% (2026-12-05, fifth session).
+    q = attn.q_proj(q_tokens).view(b * t, nh, -1).transpose(0, 1)[None]  # (1, nh, b*t, hd)
+    hd = q.shape[-1]
+    out = F.scaled_dot_product_attention(q, k, v, scale=hd**-0.5)  # (1, nh, b*t, hd)
+    return attn.out_proj(out[0].transpose(0, 1).reshape(b, t, nh * hd))
 
 
 def _t2i_folded(attn: Attention, q_tokens: Tensor, x_pe: Tensor, x: Tensor) -> Tensor:
@@ -868,7 +870,9 @@ def _layers_cached(decoder: MaskDecoder, tokens: Tensor, cache: DecoderCache, ma
 
 def _first_layer_projections(cache: DecoderCache) -> _LayerProjections:
     """The first layer's cached maps as factored attention reads them (mask prompts)."""
-    return _LayerProjections(t2i_k=cache.k0, t2i_kpe=None, t2i_v=cache.v0, i2t_q=cache.q0, i2t_qpe=None)
+    if cache.k0_cols is None:
+        cache.k0_cols = cache.k0[0].transpose(1, 2).contiguous()
+    return _LayerProjections(t2i_k=cache.k0_cols, t2i_kpe=None, t2i_v=cache.v0[0], i2t_q=cache.q0, i2t_qpe=None)
 
 
 @torch.no_grad()
