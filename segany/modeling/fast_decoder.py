@@ -38,6 +38,9 @@ image-side work either done once per image or folded onto the few prompt tokens:
   click costs about a first click plus the mask embedding (vit_b: 19 vs 17 ms in one process),
   where forming the tokens densely took ~1.7x a first click. Mask embeddings of another shape
   go densely through the stream's two kept buffers (:func:`mask_prompt_tokens`).
+* The factored rank grows with the prompt's tokens; with many points (an interactive session's
+  accumulated clicks) it passes the channels, and a cached call forms the tokens densely from
+  the cached ones instead (:func:`_dense_is_cheaper`).
 * The output upscaling: only the requested mask tokens go through their hypernetwork MLP. The
   first 2x2 stride-2 transposed convolution is one GEMM (on the factored tokens, a per-image map
   plus a rank-r product). Everything after it (LayerNorm2d, GELU, the second convolution, GELU,
