@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from . import kernels
 from .modeling import Sam
 from .modeling.fast_decoder import build_cache as build_decoder_cache
-from .modeling.fast_decoder import mask_prompt_factor, mask_prompt_tokens, predict_masks_fast
+from .modeling.fast_decoder import mask_prompt_factor, predict_masks_fast
 from .transforms import ResizeLongestSide
 from .upscale import CellUpscaler
 
@@ -330,22 +330,33 @@ class SamPredictor:
         pe = self.model.prompt_encoder
         with torch.no_grad():
             # Prompt-independent decoder work is done once per image (see fast_decoder); a mask
-            # prompt's image tokens start from the cached ones.
-            sparse, _ = pe(points=points, boxes=boxes, masks=None)
-            cache = self._get_decoder_cache()
-            masked = factor = None
-            if mask_input is not None:
-                if sparse.shape[1] == 0:  # a mask alone: one empty set of sparse tokens per mask
-                    sparse = sparse.expand(mask_input.shape[0], -1, -1)
-                elif sparse.shape[0] != mask_input.shape[0]:
-                    raise ValueError(f"{sparse.shape[0]} point/box prompts but {mask_input.shape[0]} mask prompts")
-                factor = mask_prompt_factor(pe, mask_input)
-                if factor is None:  # (not SAM's mask embedding: formed densely)
-                    masked = mask_prompt_tokens(pe, mask_input, cache)
+            # prompt's image tokens are the cached ones plus a low-rank product.
+            factor = None if mask_input is None else mask_prompt_factor(pe, mask_input)
+            if mask_input is None or factor is not None:
+                sparse, _ = pe(points=points, boxes=boxes, masks=None)
+                if factor is not None and sparse.shape[0] != mask_input.shape[0]:
+                    n, m = sparse.shape[0], mask_input.shape[0]
+                    if sparse.shape[1] == 0:  # masks alone: no sparse tokens
+                        sparse = sparse.expand(m, -1, -1)
+                    elif m == 1:  # one mask for every prompt, as the official decoder broadcasts it
+                        factor = tuple(f.expand(n, -1, -1) for f in factor)
+                    else:
+                        raise ValueError(f"{n} point/box prompts but {m} mask prompts")
+                return predict_masks_fast(
+                    self.model.mask_decoder, sparse, self._get_decoder_cache(), multimask_output=multimask_output,
+                    iou_thresh=iou_thresh, scratch_masks=scratch_masks, best_only=best_only, mask_factor=factor,
+                )
+            sparse, dense = pe(points=points, boxes=boxes, masks=mask_input)
             return predict_masks_fast(
-                self.model.mask_decoder, sparse, cache, multimask_output=multimask_output,
-                iou_thresh=iou_thresh, scratch_masks=scratch_masks, best_only=best_only, masked_src=masked,
-                mask_factor=factor,
+                self.model.mask_decoder,
+                sparse,
+                image_embeddings=self.features,
+                image_pe=pe.get_dense_pe(),
+                dense_prompt_embeddings=dense,
+                multimask_output=multimask_output,
+                iou_thresh=iou_thresh,
+                scratch_masks=scratch_masks,
+                best_only=best_only,
             )
 
     def _get_decoder_cache(self):

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from core_helpers import TINY_VIT
 from segany.modeling.build import build_sam, randomize_
-from segany.modeling.fast_decoder import build_cache, mask_prompt_factor, mask_prompt_tokens, predict_masks_fast
+from segany.modeling.fast_decoder import build_cache, mask_prompt_factor, predict_masks_fast
 from segany.predictor import SamPredictor, _SeparableResize
 from segany.upscale import CellUpscaler
 
@@ -69,9 +69,7 @@ def test_fast_decoder_matches_module(config, multimask, batch, npts, with_box, w
                 dense_prompt_embeddings=dense, multimask_output=multimask,
             )]
             runs += [predict_masks_fast(sam.mask_decoder, sparse, cache, multimask_output=multimask,
-                                        masked_src=mask_prompt_tokens(pe, masks, cache)) for _ in range(2)]
-            runs.append(predict_masks_fast(sam.mask_decoder, sparse, cache, multimask_output=multimask,
-                                           mask_factor=mask_prompt_factor(pe, masks)))
+                                        mask_factor=mask_prompt_factor(pe, masks)) for _ in range(2)]
         else:
             runs = [predict_masks_fast(sam.mask_decoder, sparse, cache, multimask_output=multimask)]
     for got_m, got_iou in runs:
@@ -84,40 +82,44 @@ def test_fast_decoder_matches_module(config, multimask, batch, npts, with_box, w
     assert torch.equal(cache.src, fresh.src) and torch.equal(cache.src_pe, fresh.src_pe)
 
 
-def test_mask_prompt_tokens_without_the_gemm_shortcut_and_mask_only_prompts():
-    """The mask prompt's tokens through the prompt encoder's own module where the 1x1-convolution
-    shortcut does not apply (a forward hook on it), and a mask prompt without points or box
-    through the predictor: both as the official decoder computes them."""
+def test_predictor_mask_prompts_factored_hooked_alone_and_broadcast():
+    """Mask prompts through the predictor as the official decoder computes them: factored; through
+    the module itself where a hook watches the mask embedding (no factor then, the hook runs); a
+    mask without points or box; one mask for several point prompts (broadcast, as the official
+    decoder does); mismatched counts refused."""
     sam = _model(TINY_VIT)
     pe = sam.prompt_encoder
     g = torch.Generator().manual_seed(2)
     h, w = pe.image_embedding_size
     feats = torch.randn(1, pe.embed_dim, h, w, generator=g)
     masks = torch.randn(3, 1, 4 * h, 4 * w, generator=g) * 3
-    cache = build_cache(sam.mask_decoder, feats, pe.get_dense_pe(), pe.no_mask_embed.weight)
-    with torch.no_grad():
-        want = feats.flatten(2).transpose(1, 2) + pe(points=None, boxes=None, masks=masks)[1].flatten(2).transpose(1, 2)
-        fast = mask_prompt_tokens(pe, masks, cache).clone()
-        calls = []
-        hook = pe.mask_downscaling.register_forward_hook(lambda m, a, o: calls.append(1))
-        try:
-            slow = mask_prompt_tokens(pe, masks, cache).clone()
-        finally:
-            hook.remove()
-    assert calls == [1]  # the module itself ran, hook and all
-    for got in (fast, slow):
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-
+    pts = torch.rand(3, 2, 2, generator=g) * 128
+    labels = torch.tensor([[1, 0], [1, 1], [0, 1]], dtype=torch.int)
     p = SamPredictor(sam)
     p.set_embedding(feats, (60, 80), (96, 128))
-    with torch.no_grad():
-        got_m, got_iou = p.decode(None, None, mask_input=masks, multimask_output=False)
-        sparse, dense = pe(points=None, boxes=None, masks=masks)
-        want_m, want_iou = sam.mask_decoder(feats, pe.get_dense_pe(), sparse, dense, False)
-    torch.testing.assert_close(got_iou, want_iou, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(got_m, want_m, rtol=1e-5, atol=1e-5 * max(1.0, want_m.abs().max().item()))
+
+    def check(points, m, multimask):
+        got_m, got_iou = p.decode(*(points or (None, None)), mask_input=m, multimask_output=multimask)
+        with torch.no_grad():
+            sparse, dense = pe(points=points, boxes=None, masks=m)
+            want_m, want_iou = sam.mask_decoder(feats, pe.get_dense_pe(), sparse, dense, multimask)
+        torch.testing.assert_close(got_iou, want_iou, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got_m, want_m, rtol=1e-5, atol=1e-5 * max(1.0, want_m.abs().max().item()))
+
+    assert mask_prompt_factor(pe, masks) is not None
+    check((pts, labels), masks, True)
+    check(None, masks, False)  # masks alone
+    check((pts, labels), masks[:1], True)  # one mask for the three prompts
+    calls = []
+    hook = pe.mask_downscaling.register_forward_hook(lambda mod, a, o: calls.append(1))
+    try:
+        assert mask_prompt_factor(pe, masks) is None
+        check((pts, labels), masks, False)
+    finally:
+        hook.remove()
+    assert calls  # the module itself ran, hook and all
     with pytest.raises(ValueError, match="mask prompts"):
-        p.decode(torch.zeros(2, 1, 2), torch.ones(2, 1, dtype=torch.int), mask_input=masks)
+        p.decode(pts[:2], labels[:2], mask_input=masks)
 
 
 def _one_point_prompts(sam, config, n: int, with_mask, seed: int):

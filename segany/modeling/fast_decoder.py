@@ -37,7 +37,7 @@ image-side work either done once per image or folded onto the few prompt tokens:
   cached maps then hold the positional share and biases (alpha is one there). A refinement
   click costs about a first click plus the mask embedding (vit_b: 19 vs 17 ms in one process),
   where forming the tokens densely took ~1.7x a first click. Mask embeddings of another shape
-  go densely through the stream's two kept buffers (:func:`mask_prompt_tokens`).
+  (or with hooks) take the dense path, whose stream lives in two kept per-thread buffers.
 * The factored rank grows with the prompt's tokens; with many points (an interactive session's
   accumulated clicks) it passes the channels, and a cached call forms the tokens densely from
   the cached ones instead (:func:`_dense_is_cheaper`).
@@ -538,15 +538,13 @@ def predict_masks_fast(
     iou_thresh: Optional[float] = None,
     scratch_masks: bool = False,
     best_only: bool = False,
-    masked_src: Optional[Tensor] = None,
     mask_factor: Optional[Tuple[Tensor, Tensor]] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Same outputs as ``decoder(image_embeddings, image_pe, sparse, dense, multimask_output)``.
 
     Give either ``cache`` (no mask input, or with ``mask_factor`` mask prompts on the cached image:
-    :func:`mask_prompt_factor`), or ``cache`` and ``masked_src`` (mask prompts whose embedding
-    does not factor: :func:`mask_prompt_tokens`' result, updated in place), or
-    ``image_embeddings``/``image_pe``/``dense_prompt_embeddings`` (any dense input).
+    :func:`mask_prompt_factor`) or ``image_embeddings``/``image_pe``/``dense_prompt_embeddings``
+    (any dense input).
 
     With ``iou_thresh`` only the masks whose predicted IoU is above it are upscaled (the IoU head
     runs before the output upscaling, which is half the decoder's work, and, without a mask
@@ -566,29 +564,19 @@ def predict_masks_fast(
     tokens0 = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
     B = sparse_prompt_embeddings.shape[0]
     tokens = torch.cat((tokens0.unsqueeze(0).expand(B, -1, -1), sparse_prompt_embeddings), dim=1)
-    own = masked_src is not None
-    if mask_factor is not None and (cache is None or own):
-        raise ValueError("mask_factor goes with a cache and without masked_src")
-    dense_cached = False
-    if cache is not None and not own and _dense_is_cheaper(decoder, tokens.shape[1], mask_factor, cache.src.shape[-1]):
-        if mask_factor is None:
-            dense_cached = True
-        else:  # the cached tokens plus the mask prompt's product, formed in the kept stream
-            P0, Q0 = mask_factor
-            masked_src = torch.baddbmm(cache.src.expand(B, -1, -1), P0.transpose(1, 2), Q0,
-                                       out=_kept_buffer("keys", (B, *cache.src.shape[1:]), cache.src))
-            own, mask_factor = True, None
-    if dense_cached:  # the cached tokens, read as they are
+    if mask_factor is not None and cache is None:
+        raise ValueError("mask_factor goes with a cache")
+    own = False  # whether src and src_pe are this call's kept buffers (then updated in place)
+    if cache is not None and _dense_is_cheaper(decoder, tokens.shape[1], mask_factor, cache.src.shape[-1]):
+        # the image tokens formed densely, from the cached ones (plus a mask prompt's product)
         h, w = cache.hw
         src, pe, src_pe = cache.src, cache.pe, cache.src_pe
-        cache = None
-    elif own:
-        if cache is None or masked_src.shape != (B, cache.src.shape[1], cache.src.shape[2]):
-            raise ValueError("masked_src goes with the cache it was made from, one row per prompt")
-        h, w = cache.hw
-        src, pe = masked_src, cache.pe
-        src_pe = torch.add(src, pe, out=_kept_buffer("keys_pe", tuple(src.shape), src))
-        cache = None  # (its per-image projections hold no mask prompt)
+        if mask_factor is not None:
+            P0, Q0 = mask_factor
+            src = torch.baddbmm(src.expand(B, -1, -1), P0.transpose(1, 2), Q0, out=_kept_buffer("keys", (B, *src.shape[1:]), src))
+            src_pe = torch.add(src, pe, out=_kept_buffer("keys_pe", tuple(src.shape), src))
+            own = True
+        cache = mask_factor = None
     elif cache is not None:
         h, w = cache.hw
         src, pe, src_pe = cache.src, cache.pe, cache.src_pe
@@ -748,34 +736,6 @@ def _kept_buffer(name: str, shape: Tuple[int, ...], like: Tensor) -> Tensor:
     return buf[:n].view(shape)
 
 
-@torch.no_grad()
-def mask_prompt_tokens(prompt_encoder, masks: Tensor, cache: DecoderCache) -> Tensor:
-    """The first layer's image tokens for mask prompts (B, 1, 4h, 4w) on the cached image: the
-    embedding plus each mask's dense embedding, (B, h*w, C) channel-last, in this thread's kept
-    buffer (:func:`_kept_buffer`; for ``predict_masks_fast(masked_src=...)``).
-
-    SAM's mask embedding ends in a 1x1 convolution: here one GEMM on the channel-last 16-channel
-    map added onto the cached tokens (the prompt encoder's channel-first output, added across
-    layouts, took ~2.5 ms more a click at vit_b sizes). The cache's tokens hold ``no_mask_embed``
-    already: it is subtracted from the bias (a difference of float32 rounding)."""
-    md = prompt_encoder.mask_downscaling
-    no_mask = prompt_encoder.no_mask_embed.weight.reshape(-1)
-    _, N, C = cache.src.shape
-    B = masks.shape[0]
-    out = _kept_buffer("keys", (B, N, C), cache.src)
-    last = md[-1] if isinstance(md, torch.nn.Sequential) and len(md) > 1 else None
-    if (type(last) is torch.nn.Conv2d and last.kernel_size == (1, 1) and last.stride == (1, 1) and last.padding == (0, 0)
-            and last.groups == 1 and last.bias is not None and not _has_hooks(md) and not _has_hooks(last)):
-        x = md[:-1](masks)  # (B, c, h, w)
-        if x.shape[-2] * x.shape[-1] == N:
-            xcl = x.flatten(2).transpose(1, 2)  # (B, N, c)
-            wt = last.weight.reshape(C, -1).t()  # (c, C)
-            torch.baddbmm(cache.src.expand(B, N, C), xcl, wt.expand(B, -1, -1), out=out)
-            return out.add_(last.bias - no_mask)
-    dense = prompt_encoder._embed_masks(masks)  # (B, C, h, w)
-    return torch.add(cache.src, dense.flatten(2).transpose(1, 2), out=out).sub_(no_mask)
-
-
 def _stream_buffer(n: int) -> Tensor:
     """A float32 buffer of ``n`` elements for the image-token stream of one cached decoder call
     (~32 MB for 8 prompts at SAM's sizes), see :func:`_kept_buffer`."""
@@ -883,7 +843,7 @@ def mask_prompt_factor(prompt_encoder, masks: Tensor) -> Optional[Tuple[Tensor, 
     """Mask prompts (B, 1, 4h, 4w) as a low-rank change of the cached image tokens: (P0 (B, c+1,
     h*w), Q0 (B, c+1, C)) with tokens = cache.src + P0^T Q0, for ``predict_masks_fast(cache,
     mask_factor=...)``; None where the prompt encoder's mask embedding is not SAM's (ending in a
-    1x1 convolution from c channels, no hooks), see :func:`mask_prompt_tokens` for those.
+    1x1 convolution from c channels, no hooks): those go through the dense path.
 
     The dense prompt embedding of a mask is a 1x1 convolution of a c = 16 channel map: a rank-17
     change (16 channels and the bias, less ``no_mask_embed``, which the cached tokens hold) of the
