@@ -331,6 +331,10 @@ class SamPredictor:
         with torch.no_grad():
             # Prompt-independent decoder work is done once per image (see fast_decoder); a mask
             # prompt's image tokens are the cached ones plus a low-rank product.
+            if mask_input is not None and (mask_input.ndim != 4 or mask_input.shape[1] != 1
+                                           or tuple(mask_input.shape[-2:]) != tuple(pe.mask_input_size)):
+                raise PromptError(f"mask_input must have shape (B, 1, {pe.mask_input_size[0]}, {pe.mask_input_size[1]}) "
+                                  f"(low-res logits of a previous prediction), got {tuple(mask_input.shape)}")
             factor = None if mask_input is None else mask_prompt_factor(pe, mask_input)
             if mask_input is None or factor is not None:
                 sparse, _ = pe(points=points, boxes=boxes, masks=None)

@@ -120,6 +120,8 @@ def test_predictor_mask_prompts_factored_hooked_alone_and_broadcast():
     assert calls  # the module itself ran, hook and all
     with pytest.raises(ValueError, match="mask prompts"):
         p.decode(pts[:2], labels[:2], mask_input=masks)
+    with pytest.raises(ValueError, match="mask_input must have shape"):  # (PromptError)
+        p.predict_torch(pts, labels, mask_input=masks[:, :, :16, :16])
 
 
 def _one_point_prompts(sam, config, n: int, with_mask, seed: int):
