@@ -736,15 +736,6 @@ def _kept_buffer(name: str, shape: Tuple[int, ...], like: Tensor) -> Tensor:
     return buf[:n].view(shape)
 
 
-def _stream_buffer(n: int) -> Tensor:
-    """A float32 buffer of ``n`` elements for the image-token stream of one cached decoder call
-    (~32 MB for 8 prompts at SAM's sizes), see :func:`_kept_buffer`."""
-    return _kept_buffer("stream", (n,), _FLOAT_CPU)
-
-
-_FLOAT_CPU = torch.empty(0)
-
-
 def _transformer_cached(decoder: MaskDecoder, tokens: Tensor, cache: DecoderCache, used: Tensor, mask_factor=None):
     """No mask input (or a factored one): the first layer from the cache, the rest on factored
     image tokens. Returns the ``used`` tokens and (factored final image tokens, the cache's
@@ -792,12 +783,12 @@ def _layers_cached(decoder: MaskDecoder, tokens: Tensor, cache: DecoderCache, ma
             proj = cache.layers[i - 1] if i > 0 else _first_layer_projections(cache)
             queries = _token_steps(layer, queries, tokens, lambda q: _t2i_factored(layer.cross_attn_token_to_image, q, fx, proj))
             u = _i2t_factored(layer.cross_attn_image_to_token, fx, proj, queries + tokens, queries, aT)
+        # the stream's update aU^T uU, row-scaled by `scale`: a mask prompt's part joins the first
+        # one, the stream then being the cached tokens plus [P0; aT]^T [Q0; u] (scales still one)
         if i == 0 and m:
-            # the mask prompt's part joins the first update: the stream is the cached tokens plus
-            # [P0; aT]^T [Q0; u] (the row scales are still one)
-            aT, u, fx_stats = P[:, : m + k], torch.cat((mask_factor[1], u), 1), None
+            aU, uU, scale = P[:, : m + k], torch.cat((mask_factor[1], u), 1), None
         else:
-            fx_stats = fx
+            aU, uU, scale = aT, u, None if fx is None else fx.alpha
         ln = layer.norm4
         # The statistics are what the factored form needs; the normalised stream itself only as
         # the next layer's residual (so not after the last layer).
@@ -805,27 +796,25 @@ def _layers_cached(decoder: MaskDecoder, tokens: Tensor, cache: DecoderCache, ma
             # only the statistics of the last update are read: from the update's rows as they
             # are formed, never stored (8 prompts on one thread: 11.5 vs 13.9 ms; for one
             # prompt as fast as the dense update and its statistics, and it takes aT as P holds it)
-            mean, rstd = kernels.update_row_stats(keys, aT, u.contiguous(), ln.eps, None if fx_stats is None else fx_stats.alpha)
+            mean, rstd = kernels.update_row_stats(keys, aU, uU.contiguous(), ln.eps, scale)
         else:
-            a = aT if fx_stats is None else torch.mul(aT, fx_stats.alpha[:, None, :], out=_scratch_like("aT", aT.shape, aT))
+            a = aU if scale is None else torch.mul(aU, scale[:, None, :], out=_scratch_like("aT", aU.shape, aU))
             residual = None
             if i > 0:  # keys is this call's own stream by now
-                y = keys.baddbmm_(a.transpose(1, 2), u)
+                y = keys.baddbmm_(a.transpose(1, 2), uU)
             elif native:
                 # the product first; the base is added by the LayerNorm kernel as it reads each row
                 # (baddbmm with a broadcast base copies it twice, a separate add is a pass more)
-                y = torch.bmm(a.transpose(1, 2), u, out=_stream_buffer(B * N * keys.shape[2]).view(B, N, -1))
+                y = torch.bmm(a.transpose(1, 2), uU, out=_kept_buffer("stream", (B, N, keys.shape[2]), keys))
                 residual = keys
             else:
-                y = torch.bmm(a.transpose(1, 2), u).add_(keys)
+                y = torch.bmm(a.transpose(1, 2), uU).add_(keys)
             if native:
                 mean, rstd = kernels.layer_norm_rows_(y, ln.weight, ln.bias, ln.eps, normalise=i < last, add=residual)
                 keys = y
             else:  # (native_layer_norm is ~10x faster than var_mean here)
                 keys, mean, rstd = torch.native_layer_norm(y, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
                 mean, rstd = mean.squeeze(-1), rstd.squeeze(-1)
-        if i == 0 and m:
-            u = u[:, m:]
         fx = _normed(fx, P, r0, k, u, mean, rstd, ln)
         r0 += k + 2
     return queries, fx
