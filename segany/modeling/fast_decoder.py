@@ -522,7 +522,7 @@ def _i2t_factored(attn: Attention, fx: _Factored, proj: _LayerProjections, k_tok
 
 
 def _layer_norm(ln: torch.nn.LayerNorm, x: Tensor) -> Tensor:
-    return F.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
+    return torch.layer_norm(x, ln.normalized_shape, ln.weight, ln.bias, ln.eps)
 
 
 @torch.no_grad()
@@ -561,9 +561,32 @@ def predict_masks_fast(
     the other candidates' hypernetwork MLPs and mask products are skipped."""
     if best_only and iou_thresh is not None:
         raise ValueError("best_only and iou_thresh do not combine")
-    tokens0 = torch.cat([decoder.iou_token.weight, decoder.mask_tokens.weight], dim=0)
+    # The native kernels' eligibility is asked once per call, not by each of the ~10 helpers
+    # that choose between them and PyTorch (~7 us a question; see _native_ok).
+    _per_thread.native = _native_ok_now(sparse_prompt_embeddings)
+    try:
+        return _predict_masks_fast(decoder, sparse_prompt_embeddings, cache, image_embeddings, image_pe, dense_prompt_embeddings,
+                                   multimask_output, iou_thresh, scratch_masks, best_only, mask_factor)
+    finally:
+        _per_thread.native = None
+
+
+_token_indices: dict = {}  # (indices, device) -> that index tensor (a fresh one per call costs ~7 us)
+
+
+def _index_tensor(indices: Tuple[int, ...], device: torch.device) -> Tensor:
+    key = (indices, device)
+    t = _token_indices.get(key)
+    if t is None:
+        t = _token_indices[key] = torch.tensor(indices, device=device)
+    return t
+
+
+def _predict_masks_fast(decoder, sparse_prompt_embeddings, cache, image_embeddings, image_pe, dense_prompt_embeddings,
+                        multimask_output, iou_thresh, scratch_masks, best_only, mask_factor):
     B = sparse_prompt_embeddings.shape[0]
-    tokens = torch.cat((tokens0.unsqueeze(0).expand(B, -1, -1), sparse_prompt_embeddings), dim=1)
+    tokens = torch.cat((decoder.iou_token.weight.expand(B, -1, -1), decoder.mask_tokens.weight.expand(B, -1, -1),
+                        sparse_prompt_embeddings), dim=1)
     if mask_factor is not None and cache is None:
         raise ValueError("mask_factor goes with a cache")
     own = False  # whether src and src_pe are this call's kept buffers (then updated in place)
@@ -602,7 +625,7 @@ def predict_masks_fast(
         rows = keep.any(1).nonzero().flatten()
         if len(rows) == 0:
             return queries.new_zeros(0, 4 * h, 4 * w), iou_pred
-        mask_tokens = torch.tensor([1 + j for j in idx], device=tokens.device)
+        mask_tokens = _index_tensor(tuple(1 + j for j in idx), tokens.device)
         if len(rows) < B:  # (all kept: nothing to gather)
             fx, queries, tokens = fx.select(rows), queries[rows], tokens[rows]
         hyper_in = hypernetworks(_final_cached(decoder, queries[:, mask_tokens], tokens[:, mask_tokens], fx, cache))
@@ -611,13 +634,17 @@ def predict_masks_fast(
 
     # Only the IoU token and the requested mask tokens are read after the final token->image
     # attention, which treats each query token on its own: the others skip it.
-    used = torch.tensor([0] + [1 + j for j in idx], device=tokens.device)
+    used = _index_tensor((0,) + tuple(1 + j for j in idx), tokens.device)
     if cache is not None:
         queries, upscale_in = _transformer_cached(decoder, tokens, cache, used, mask_factor)
     else:
         queries, upscale_in = _transformer_dense(decoder, tokens, src, pe, src_pe, used, own=own)
 
     iou_pred = decoder.iou_prediction_head(queries[:, 0, :])[:, sl]
+    if best_only and B == 1:  # (a click: a dozen fewer small operations than the batched form below)
+        i = int(iou_pred.argmax())
+        hyper_in = decoder.output_hypernetworks_mlps[idx[i]](queries[:, 1 + i])[:, None]
+        return _upscale_masks(decoder, upscale_in, hyper_in, h, w, scratch=scratch_masks), iou_pred[:, i : i + 1]
     if best_only:
         best = iou_pred.argmax(1)  # (B,)
         hyper_in = queries.new_empty(B, 1, decoder.output_hypernetworks_mlps[0].layers[-1].out_features)
@@ -861,7 +888,15 @@ def _first_conv_channels_last(ct1: torch.nn.ConvTranspose2d) -> Tensor:
 def _native_ok(x: Tensor) -> bool:
     """Whether ``x`` may go to segany's native kernels: float32 on the CPU, no autograd, not
     traced/exported or watched by a dispatch mode, and the decoder kernels built and preferred
-    on this CPU (``kernels.decoder_preferred``)."""
+    on this CPU (``kernels.decoder_preferred``). Inside a decoder call the part that does not
+    depend on ``x`` is the call's, asked once at its start."""
+    call = getattr(_per_thread, "native", None)
+    if call is not None:
+        return call and x.device.type == "cpu" and x.dtype == torch.float32
+    return _native_ok_now(x)
+
+
+def _native_ok_now(x: Tensor) -> bool:
     return (
         x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
         and not (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export())
