@@ -239,6 +239,62 @@ def test_native_update_row_stats_match_the_formed_update(B, xb, N, C, k):
         kernels.update_row_stats(x, aT, u[:, :, :-64] if C > 64 else u[:1 if B > 1 else 0], 1e-5)
 
 
+def _value_group(S, v, W, bias, nh):
+    """An image->token update's reduced value rows (fast_decoder._reduced_values) for values v
+    (B, t, I) through out_proj (W (C, I), bias (C,)), and their group for
+    kernels.factored_stats: the per-head maps and the bias against S (N, C)."""
+    from segany.modeling.fast_decoder import _head_cols
+
+    B, t, I = v.shape
+    hd = I // nh
+    wo = W.t().reshape(nh, hd, -1)
+    u = torch.einsum("bkhd,hdc->bhkc", v.view(B, t, nh, hd), wo) + bias / nh  # (B, nh, t, C)
+    rows = torch.cat(((u[:, :, : t - 1] - u[:, :, t - 1 :]).flatten(1, 2), u[:, :, t - 1].sum(1, keepdim=True)), 1)
+    return rows, ("values", _head_cols(S @ W, nh), S @ bias, v)
+
+
+@needs_decoder_kernel
+@pytest.mark.parametrize("B,N,C,nh,hd,t,m,scaled", [(1, 4096, 256, 8, 16, 7, 17, True), (3, 301, 64, 2, 8, 3, 0, False),
+                                                      (2, 37, 32, 4, 4, 1, 2, True)])
+def test_native_factored_stats_match_the_formed_rows(B, N, C, nh, hd, t, m, scaled):
+    """LayerNorm statistics of alpha (S + P^T Q) from the factored parts alone (rows of the
+    image->token updates' values as per-head maps, fixed rows, the Gram matrix): those of the
+    formed rows in float64, up to float32 rounding; P the first rows of a larger buffer, row
+    counts that fill no block of four, pixel counts that fill no vector; the groups as the
+    decoder's second layer has them (fixed rows, values, fixed rows, values)."""
+    g = torch.Generator().manual_seed(N + t)
+    S = torch.randn(N, C, generator=g) * 2 + 0.5
+    I = nh * hd
+    fixed = torch.randn(m, C, generator=g)
+    rows1, grp1 = _value_group(S, torch.randn(B, t, I, generator=g), torch.randn(C, I, generator=g) * 0.3, torch.randn(C, generator=g), nh)
+    two = torch.randn(2, C, generator=g)
+    rows2, grp2 = _value_group(S, torch.randn(B, t, I, generator=g), torch.randn(C, I, generator=g) * 0.3, torch.randn(C, generator=g), nh)
+    Q = torch.cat((fixed.expand(B, -1, -1), rows1, two.expand(B, -1, -1), rows2), 1)
+    groups = ([("rows", (fixed @ S.t()).contiguous())] if m else []) + [grp1, ("rows", (two @ S.t()).contiguous()), grp2]
+    r = Q.shape[1]
+    buf = torch.full((B, r + 5, N), float("nan"))
+    buf[:, :r] = torch.randn(B, r, N, generator=g)
+    P = buf[:, :r]
+    alpha = torch.rand(B, N, generator=g) + 0.5 if scaled else None
+    y = (S.double() + P.double().transpose(1, 2) @ Q.double()) * (1.0 if alpha is None else alpha.double()[..., None])
+    want_mean, want_rstd = y.mean(-1), (y.var(-1, unbiased=False) + 1e-5).rsqrt()
+    qbar = Q.mean(-1)
+    Qc = Q - qbar[..., None]
+    Sd = S.double()
+    sbar = Sd.mean(1)
+    mean, rstd = kernels.factored_stats(P, groups, Qc @ Qc.transpose(1, 2), qbar, sbar.float(), (Sd - sbar[:, None]).square().sum(1).float(),
+                                        alpha, 1e-5, C)
+    assert mean.shape == rstd.shape == (B, N)
+    scale = y.abs().max().item()
+    assert (mean.double() - want_mean).abs().max().item() <= 1e-5 * scale
+    assert ((rstd.double() - want_rstd).abs() / want_rstd).max().item() <= 1e-5
+    with pytest.raises(ValueError, match="rows in the groups"):
+        kernels.factored_stats(P, groups[1:], Qc @ Qc.transpose(1, 2), qbar, sbar.float(), sbar.float(), alpha, 1e-5, C)
+    wide = ("values", torch.zeros(1, 65, N), torch.zeros(N), torch.zeros(B, 2, 65))
+    with pytest.raises(ValueError, match="factored_stats"):
+        kernels.factored_stats(P[:, :2], [wide], torch.zeros(B, 2, 2), qbar[:, :2], sbar.float(), sbar.float(), alpha, 1e-5, C)
+
+
 @needs_decoder_kernel
 @pytest.mark.parametrize("shape", [(8, 4096, 256), (3, 1024, 128), (2, 37, 64), (5, 64)])
 def test_native_layer_norm_rows_matches_pytorch(shape):

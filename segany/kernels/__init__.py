@@ -117,6 +117,8 @@ def _declare(name: str, lib: ctypes.CDLL) -> None:
         lib.segany_layer_norm_rows.argtypes = [i64, i64, i64, i64, p, p, i64, p, p, f32, ctypes.c_int, p, p]
         lib.segany_update_row_stats.argtypes = [i64, i64, i64, i64, i64, i64, p, i64, p, i64, p, p, f32, p, p]
         lib.segany_update_row_stats.restype = ctypes.c_int
+        lib.segany_factored_stats.argtypes = [i64, i64, i64, i64, i64, i64, p, i64, i64, p, p, p, p, p, p, f32, p, p]
+        lib.segany_factored_stats.restype = ctypes.c_int
         lib.segany_softmax_pixels.argtypes = [i64, i64, i64, i64, i64, i64, p, p, p, p]
         lib.segany_softmax_pixels.restype = None
         lib.segany_softmax_tokens.argtypes = [i64, i64, i64, i64, i64, i64, p, p, ctypes.c_int, i64]
@@ -482,6 +484,51 @@ def update_row_stats(x: torch.Tensor, aT: torch.Tensor, u: torch.Tensor, eps: fl
     args = (B, N, C, k, x.data_ptr(), 0 if x.shape[0] == 1 else N * C, aT.data_ptr(), a_bstride,
             None if scale is None else scale.data_ptr(), u.data_ptr(), float(eps), mean.data_ptr(), rstd.data_ptr())
     _run_pieces(lib, lambda p0, p1: lib.segany_update_row_stats(p0, p1, *args), B * -(-N // 256))
+    return mean, rstd
+
+
+def factored_stats(P: torch.Tensor, groups: list, G: torch.Tensor, qbar: torch.Tensor, sbar: torch.Tensor,
+                   sq: torch.Tensor, alpha: Optional[torch.Tensor], eps: float, C: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """LayerNorm statistics mean, rstd (B, N) of the rows ``alpha (S + P^T Q)`` (C channels)
+    without forming them (``fast_decoder._factored_stats``): P (B, r, N) (matrices contiguous, any
+    batch stride), G (B, r, r) the Gram matrix of Q's rows less their means qbar (B, r), sbar and
+    sq (N,) the rows of S's channel means and squared norms less them, alpha (B, N) or None (one).
+
+    ``groups``: the dot products R = Q S^T in P's row order, as ``("rows", X)`` with X (k, N)
+    the same for every prompt, or ``("values", maps, bias, v)`` for an image->token update's
+    reduced value rows: maps (nh, hd, N) out_proj's per-head slices against S, bias (N,) its bias
+    against S, v (B, t, nh*hd) the layer's values (nh*(t-1)+1 rows). Float32 CPU tensors."""
+    lib = _decoder_lib()
+    p_bstride = _batch_stride("factored_stats", P)
+    B, r, N = P.shape
+    _check_f32("factored_stats", G, qbar, sbar, sq, *(() if alpha is None else (alpha,)))
+    desc, rows = [], 0
+    for grp in groups:
+        if grp[0] == "rows":
+            X = grp[1]
+            _check_f32("factored_stats", X)
+            if X.ndim != 2 or X.shape[1] != N:
+                raise ValueError(f"factored_stats: rows {tuple(X.shape)}, expected (k, {N})")
+            desc += [0, X.shape[0], X.data_ptr(), 0, 0, 0]
+            rows += X.shape[0]
+        else:
+            _, maps, bias, v = grp
+            _check_f32("factored_stats", maps, bias, v)
+            nh, hd, n_ = maps.shape
+            t = v.shape[1]
+            if n_ != N or tuple(bias.shape) != (N,) or tuple(v.shape) != (B, t, nh * hd) or not (0 < hd <= 64 and 0 < t < 65536):
+                raise ValueError(f"factored_stats: maps {tuple(maps.shape)}, bias {tuple(bias.shape)}, values {tuple(v.shape)}")
+            desc += [1, nh, maps.data_ptr(), bias.data_ptr(), v.data_ptr(), (t << 16) | hd]
+            rows += nh * (t - 1) + 1
+    if rows != r or tuple(G.shape) != (B, r, r) or tuple(qbar.shape) != (B, r) or tuple(sbar.shape) != (N,) \
+            or tuple(sq.shape) != (N,) or (alpha is not None and tuple(alpha.shape) != (B, N)):
+        raise ValueError(f"factored_stats: P {tuple(P.shape)}, {rows} rows in the groups, G {tuple(G.shape)}, "
+                         f"qbar {tuple(qbar.shape)}, sbar {tuple(sbar.shape)}, sq {tuple(sq.shape)}")
+    d = torch.tensor(desc, dtype=torch.int64)
+    mean, rstd = torch.empty(B, N), torch.empty(B, N)
+    args = (B, r, N, int(C), P.data_ptr(), p_bstride, len(groups), d.data_ptr(), G.data_ptr(), qbar.data_ptr(),
+            sbar.data_ptr(), sq.data_ptr(), None if alpha is None else alpha.data_ptr(), float(eps), mean.data_ptr(), rstd.data_ptr())
+    _run_pieces(lib, lambda p0, p1: lib.segany_factored_stats(p0, p1, *args), B * -(-N // (2 * decoder_lanes())))
     return mean, rstd
 
 

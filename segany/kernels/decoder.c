@@ -445,6 +445,187 @@ int segany_update_row_stats(int64_t p0, int64_t p1, int64_t B, int64_t N, int64_
 }
 
 /* ---------------------------------------------------------------------------------------------
+   LayerNorm statistics of factored image tokens without forming them (fast_decoder._factored_stats).
+
+   Per prompt b and pixel n the row z = S_n + sum_j P[b][j][n] Q[b][j] (C channels) is never
+   formed; with qbar the row means of Q, Q' = Q - qbar, G = Q' Q'^T (symmetric) and R = Q S^T:
+     mean_n  = sbar[n] + sum_j P[j][n] qbar[j]
+     C var_n = sq[n] + 2 sum_j P[j][n] (T[j][n] + sum_{k<j} G[j][k] P[k][n] + G[j][j] P[j][n] / 2)
+   with T[j][n] = R[j][n] - C qbar[j] sbar[n]; then mean * alpha, var * alpha^2 (alpha NULL: one),
+   rstd = 1 / sqrt(var + eps). O(r^2) per pixel where forming the row is O(r C).
+
+   R's rows come in groups, in P's row order, each described by 6 int64s in desc:
+     kind 0 (fixed rows): {0, rows, ptr (rows, N) shared by the prompts, 0, 0, 0}
+     kind 1 (an image->token update's reduced value rows, fast_decoder._reduced_values):
+       {1, nh, maps (nh, hd, N): out_proj's per-head slices against S, bias (N,): its bias
+        against S, v (B, t, nh*hd): the layer's values, t * 65536 + hd}
+       rows (h, k < t-1): (v[k,h] - v[t-1,h]) . maps[h][:, n]; then one row
+       sum_h v[t-1,h] . maps[h][:, n] + bias[n]   (nh*(t-1) + 1 rows)
+
+     P (B, r, N), batch stride p_bstride (rows contiguous, N floats apart); G (B, r, r);
+     qbar (B, r); sbar, sq (N,); alpha (B, N) or NULL; mean, rstd (B, N)
+   Pieces: B * ceil(N / FS_BLOCK). A piece copies its block of P and forms its block of T in
+   contiguous memory (rows N floats apart fall in few L1 sets, see factored_scores), then takes
+   rows four at a time against all earlier ones (16 accumulators: each P load feeds four
+   multiply-adds). Returns -1 when that memory cannot be had. */
+#define FS_V 2
+#define FS_BLOCK (FS_V * LANES)
+#define FS_ROWS 4
+#define FS_MAXHD 64 /* the widest head of a value group */
+#define FS_MAXT 64  /* the most tokens of a value group */
+
+static inline vf load_upto(const float *p, int64_t n) { return n <= 0 ? (vf){0} : load_part(p, n); }
+
+int segany_factored_stats(int64_t p0, int64_t p1, int64_t B, int64_t r, int64_t N, int64_t C, const float *P,
+                          int64_t p_bstride, int64_t n_groups, const int64_t *desc, const float *G, const float *qbar,
+                          const float *sbar, const float *sq, const float *alpha, float eps, float *mean, float *rstd) {
+    const int64_t npc = (N + FS_BLOCK - 1) / FS_BLOCK;
+    const int64_t r4 = (r + FS_ROWS - 1) / FS_ROWS * FS_ROWS;
+    int err = 0;
+    (void)B;
+#pragma omp parallel for schedule(static) reduction(| : err)
+    for (int64_t p = p0; p < p1; p++) {
+        const int64_t b = p / npc, n0 = (p % npc) * FS_BLOCK;
+        const int64_t nn = N - n0 < FS_BLOCK ? N - n0 : FS_BLOCK;
+        /* pk, tk: (r4, FS_BLOCK); zero: a row of r zeros for G's rows past r */
+        float *pk = scratch((size_t)(2 * r4 * FS_BLOCK + r));
+        if (!pk) {
+            err |= 1;
+            continue;
+        }
+        float *tk = pk + r4 * FS_BLOCK, *zero = tk + r4 * FS_BLOCK;
+        float mk[FS_MAXHD * FS_BLOCK];
+        const unsigned int csr = ftz_begin();
+        const float *Pb = P + b * p_bstride + n0, *Gb = G + b * r * r, *qb = qbar + b * r;
+        const float cf = (float)C;
+        vf sb[FS_V], quad[FS_V], mn[FS_V];
+        for (int v = 0; v < FS_V; v++) {
+            sb[v] = load_upto(sbar + n0 + v * LANES, nn - v * LANES);
+            quad[v] = (vf){0};
+            mn[v] = (vf){0};
+        }
+        for (int64_t j = 0; j < r; j++)
+            for (int v = 0; v < FS_V; v++) vstore(pk + j * FS_BLOCK + v * LANES, load_upto(Pb + j * N + v * LANES, nn - v * LANES));
+        for (int64_t j = r; j < r4; j++)
+            for (int v = 0; v < FS_V; v++) vstore(pk + j * FS_BLOCK + v * LANES, (vf){0}), vstore(tk + j * FS_BLOCK + v * LANES, (vf){0});
+        for (int64_t j = 0; j < r; j++) zero[j] = 0.0f;
+        /* T's block, group by group */
+        int64_t j = 0;
+        for (int64_t g = 0; g < n_groups; g++) {
+            const int64_t *d = desc + 6 * g;
+            if (d[0] == 0) {
+                const float *rows = (const float *)(intptr_t)d[2] + n0;
+                for (int64_t i = 0; i < d[1]; i++, j++)
+                    for (int v = 0; v < FS_V; v++)
+                        vstore(tk + j * FS_BLOCK + v * LANES, load_upto(rows + i * N + v * LANES, nn - v * LANES));
+                continue;
+            }
+            const int64_t nh = d[1], t = d[5] >> 16, hd = d[5] & 0xffff, I = nh * hd;
+            const float *maps = (const float *)(intptr_t)d[2] + n0, *bias = (const float *)(intptr_t)d[3] + n0;
+            const float *vb = (const float *)(intptr_t)d[4] + b * t * I, *vlast = vb + (t - 1) * I;
+            if (hd > FS_MAXHD) {
+                err |= 2;
+                break;
+            }
+            if (t > FS_MAXT) {
+                err |= 2;
+                break;
+            }
+            /* per token row its coefficients: the difference to the last token's values, and for
+               the last row the last token's values themselves (summed over the heads below) */
+            float coef[FS_MAXT * FS_MAXHD];
+            vf last[FS_V];
+            for (int v = 0; v < FS_V; v++) last[v] = load_upto(bias + v * LANES, nn - v * LANES);
+            for (int64_t h = 0; h < nh; h++) {
+                const float *mh = maps + h * hd * N, *vl = vlast + h * hd;
+                for (int64_t k = 0; k < t; k++)
+                    for (int64_t e = 0; e < hd; e++) coef[k * hd + e] = k + 1 < t ? vb[k * I + h * hd + e] - vl[e] : vl[e];
+                /* the head's block of the map, once, to contiguous memory */
+                for (int64_t e = 0; e < hd; e++)
+                    for (int v = 0; v < FS_V; v++) vstore(mk + e * FS_BLOCK + v * LANES, load_upto(mh + e * N + v * LANES, nn - v * LANES));
+                for (int64_t k0 = 0; k0 < t; k0 += 4) {
+                    const int64_t kn = t - k0 < 4 ? t - k0 : 4;
+                    vf acc[4][FS_V];
+                    for (int i = 0; i < 4; i++)
+                        for (int v = 0; v < FS_V; v++) acc[i][v] = (vf){0};
+                    for (int64_t e = 0; e < hd; e++) {
+                        vf m[FS_V];
+                        for (int v = 0; v < FS_V; v++) m[v] = vload(mk + e * FS_BLOCK + v * LANES);
+                        for (int i = 0; i < 4; i++) {
+                            const float x = i < kn ? coef[(k0 + i) * hd + e] : 0.0f;
+                            for (int v = 0; v < FS_V; v++) acc[i][v] += x * m[v];
+                        }
+                    }
+                    for (int i = 0; i < kn; i++) {
+                        const int64_t k = k0 + i;
+                        if (k + 1 < t)
+                            for (int v = 0; v < FS_V; v++) vstore(tk + (j + h * (t - 1) + k) * FS_BLOCK + v * LANES, acc[i][v]);
+                        else
+                            for (int v = 0; v < FS_V; v++) last[v] += acc[i][v];
+                    }
+                }
+            }
+            for (int v = 0; v < FS_V; v++) vstore(tk + (j + nh * (t - 1)) * FS_BLOCK + v * LANES, last[v]);
+            j += nh * (t - 1) + 1;
+        }
+        if (j != r) { /* the groups must describe exactly P's rows */
+            err |= 2;
+            ftz_end(csr);
+            continue;
+        }
+        for (int64_t i = 0; i < r; i++)
+            for (int v = 0; v < FS_V; v++) {
+                float *tv = tk + i * FS_BLOCK + v * LANES;
+                vstore(tv, vload(tv) - (cf * qb[i]) * sb[v]);
+            }
+        /* the quadratic form, rows four at a time */
+        for (int64_t j0 = 0; j0 < r; j0 += FS_ROWS) {
+            const float *g[FS_ROWS];
+            for (int i = 0; i < FS_ROWS; i++) g[i] = j0 + i < r ? Gb + (j0 + i) * r : zero;
+            vf acc[FS_ROWS][FS_V];
+            for (int i = 0; i < FS_ROWS; i++)
+                for (int v = 0; v < FS_V; v++) acc[i][v] = (vf){0};
+            for (int64_t k = 0; k < j0; k++) {
+                const float *pkv = pk + k * FS_BLOCK;
+                vf q[FS_V];
+                for (int v = 0; v < FS_V; v++) q[v] = vload(pkv + v * LANES);
+                for (int i = 0; i < FS_ROWS; i++) {
+                    const float x = g[i][k];
+                    for (int v = 0; v < FS_V; v++) acc[i][v] += x * q[v];
+                }
+            }
+            /* within the four: earlier rows, and half the diagonal */
+            for (int i = 0; i < FS_ROWS && j0 + i < r; i++) {
+                for (int i2 = 0; i2 <= i; i2++) {
+                    const float x = i2 == i ? 0.5f * g[i][j0 + i] : g[i][j0 + i2];
+                    for (int v = 0; v < FS_V; v++) acc[i][v] += x * vload(pk + (j0 + i2) * FS_BLOCK + v * LANES);
+                }
+                for (int v = 0; v < FS_V; v++) {
+                    const vf q = vload(pk + (j0 + i) * FS_BLOCK + v * LANES);
+                    quad[v] += q * (vload(tk + (j0 + i) * FS_BLOCK + v * LANES) + acc[i][v]);
+                    mn[v] += qb[j0 + i] * q;
+                }
+            }
+        }
+        for (int v = 0; v < FS_V && v * LANES < nn; v++) {
+            const int64_t m = nn - v * LANES, n = n0 + v * LANES;
+            float mv[LANES], vv[LANES];
+            vstore(mv, sb[v] + mn[v]);
+            vstore(vv, (load_upto(sq + n, m) + 2.0f * quad[v]) * (1.0f / cf));
+            for (int64_t i = 0; i < (m < LANES ? m : LANES); i++) {
+                const float a = alpha ? alpha[b * N + n + i] : 1.0f;
+                float var = vv[i] * a * a;
+                if (!(var > 0.0f)) var = 0.0f;
+                mean[b * N + n + i] = mv[i] * a;
+                rstd[b * N + n + i] = 1.0f / sqrtf(var + eps);
+            }
+        }
+        ftz_end(csr);
+    }
+    return err & 1 ? -1 : err ? -2 : 0;
+}
+
+/* ---------------------------------------------------------------------------------------------
    Attention scores against factored image tokens (fast_decoder._factored_scores), optionally
    with the softmax over the tokens (the image->token attention's).
 
