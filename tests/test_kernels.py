@@ -239,6 +239,34 @@ def test_native_update_row_stats_match_the_formed_update(B, xb, N, C, k):
         kernels.update_row_stats(x, aT, u[:, :, :-64] if C > 64 else u[:1 if B > 1 else 0], 1e-5)
 
 
+@needs_decoder_kernel
+@pytest.mark.parametrize("B,H,W,c", [(1, 256, 256, 16), (2, 36, 20, 16), (3, 8, 72, 8)])
+def test_native_mask_downscale_matches_the_mask_embedding(B, H, W, c):
+    """SAM's mask embedding before its 1x1 convolution (as a refinement click feeds back logits)
+    in one kernel pass: the module's values up to float32 rounding, a row of ones after them,
+    into a buffer with a batch stride; pixel counts that fill no vector."""
+    from segany.modeling.prompt_encoder import PromptEncoder
+    from segany.modeling.build import randomize_
+
+    pe = randomize_(PromptEncoder(embed_dim=32, image_embedding_size=(H // 4, W // 4), input_image_size=(4 * H, 4 * W),
+                                  mask_in_chans=c), seed=B, std=0.5)
+    g = torch.Generator().manual_seed(H)
+    masks = torch.randn(B, 1, H, W, generator=g) * 8
+    md = pe.mask_downscaling
+    conv1, ln1, _, conv2, ln2 = md[:5]
+    with torch.no_grad():
+        want = md[:-1](masks).flatten(2)
+    buf = torch.full((B, c + 3, H * W // 16), float("nan"))
+    got = kernels.mask_downscale(masks, conv1.weight, conv1.bias, ln1.weight, ln1.bias, ln1.eps, conv2.weight, conv2.bias,
+                                 ln2.weight, ln2.bias, ln2.eps, out=buf[:, : c + 1])
+    assert got.data_ptr() == buf.data_ptr()
+    torch.testing.assert_close(got[:, :c], want, rtol=1e-5, atol=1e-5 * want.abs().max().item())
+    assert torch.equal(got[:, c], torch.ones(B, H * W // 16))
+    with pytest.raises(ValueError, match="mask_downscale"):
+        kernels.mask_downscale(masks[:, :, :-2], conv1.weight, conv1.bias, ln1.weight, ln1.bias, ln1.eps, conv2.weight, conv2.bias,
+                               ln2.weight, ln2.bias, ln2.eps)
+
+
 def _value_group(S, v, W, bias, nh):
     """An image->token update's reduced value rows (fast_decoder._reduced_values) for values v
     (B, t, I) through out_proj (W (C, I), bias (C,)), and their group for

@@ -119,6 +119,8 @@ def _declare(name: str, lib: ctypes.CDLL) -> None:
         lib.segany_update_row_stats.restype = ctypes.c_int
         lib.segany_factored_stats.argtypes = [i64, i64, i64, i64, i64, i64, p, i64, i64, p, p, p, p, p, p, f32, p, p]
         lib.segany_factored_stats.restype = ctypes.c_int
+        lib.segany_mask_downscale.argtypes = [i64, i64, i64, i64, i64, i64, p, p, p, p, p, f32, p, p, p, p, f32, p, i64]
+        lib.segany_mask_downscale.restype = ctypes.c_int
         lib.segany_softmax_pixels.argtypes = [i64, i64, i64, i64, i64, i64, p, p, p, p]
         lib.segany_softmax_pixels.restype = None
         lib.segany_softmax_tokens.argtypes = [i64, i64, i64, i64, i64, i64, p, p, ctypes.c_int, i64]
@@ -485,6 +487,34 @@ def update_row_stats(x: torch.Tensor, aT: torch.Tensor, u: torch.Tensor, eps: fl
             None if scale is None else scale.data_ptr(), u.data_ptr(), float(eps), mean.data_ptr(), rstd.data_ptr())
     _run_pieces(lib, lambda p0, p1: lib.segany_update_row_stats(p0, p1, *args), B * -(-N // 256))
     return mean, rstd
+
+
+def mask_downscale(masks: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, g1: torch.Tensor, e1: torch.Tensor, eps1: float,
+                   w2: torch.Tensor, b2: torch.Tensor, g2: torch.Tensor, e2: torch.Tensor, eps2: float,
+                   out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """SAM's mask embedding before its last 1x1 convolution: conv 2x2/2 (w1 (c1, 1, 2, 2), b1),
+    LayerNorm2d (g1, e1, eps1), GELU, conv 2x2/2 (w2 (c2, c1, 2, 2), b2), LayerNorm2d (g2, e2,
+    eps2), GELU, for masks (B, 1, 4h, 4w) -> (B, c2 + 1, h*w): the c2 channels and a row of ones
+    (``fast_decoder.mask_prompt_factor``'s P0), into ``out`` where given (matrices contiguous, any
+    batch stride). Float32 CPU tensors; c1 <= 16, c2 <= 64."""
+    lib = _decoder_lib()
+    _check_f32("mask_downscale", masks, w1, b1, g1, e1, w2, b2, g2, e2)
+    B, one, H, W = masks.shape
+    c1, c2 = w1.shape[0], w2.shape[0]
+    h, w = H // 4, W // 4
+    if one != 1 or H % 4 or W % 4 or tuple(w1.shape) != (c1, 1, 2, 2) or tuple(w2.shape) != (c2, c1, 2, 2) \
+            or any(t.numel() != c1 for t in (b1, g1, e1)) or any(t.numel() != c2 for t in (b2, g2, e2)) or c1 > 16 or c2 > 64:
+        raise ValueError(f"mask_downscale: masks {tuple(masks.shape)}, w1 {tuple(w1.shape)}, w2 {tuple(w2.shape)}")
+    if out is None:
+        out = torch.empty(B, c2 + 1, h * w)
+    elif tuple(out.shape) != (B, c2 + 1, h * w):
+        raise ValueError(f"mask_downscale: out {tuple(out.shape)}, expected {(B, c2 + 1, h * w)}")
+    bstride = _batch_stride("mask_downscale", out)
+    if B * h * w:
+        args = (h, w, c1, c2, masks.data_ptr(), w1.data_ptr(), b1.data_ptr(), g1.data_ptr(), e1.data_ptr(), float(eps1),
+                w2.data_ptr(), b2.data_ptr(), g2.data_ptr(), e2.data_ptr(), float(eps2), out.data_ptr(), bstride)
+        _run_pieces(lib, lambda p0, p1: lib.segany_mask_downscale(p0, p1, *args), B * h)
+    return out
 
 
 def factored_stats(P: torch.Tensor, groups: list, G: torch.Tensor, qbar: torch.Tensor, sbar: torch.Tensor,

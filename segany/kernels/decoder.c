@@ -445,6 +445,90 @@ int segany_update_row_stats(int64_t p0, int64_t p1, int64_t B, int64_t N, int64_
 }
 
 /* ---------------------------------------------------------------------------------------------
+   SAM's mask embedding up to its last 1x1 convolution (fast_decoder.mask_prompt_factor):
+   conv 2x2 stride 2 (1 -> c1 channels), LayerNorm2d, GELU, conv 2x2 stride 2 (c1 -> c2),
+   LayerNorm2d, GELU, for a (B, 1, 4h, 4w) mask into out (B, c2 + 1, h*w) (batch stride
+   out_bstride): the c2 channels, then a row of ones. PyTorch ran that as ~15 operations on
+   (B, c, 2h, 2w) temporaries (a refinement click's ~1.5 ms for ~0.5 M multiply-adds); here each
+   output pixel's 4x4 input patch goes through all of it in registers, 16 pixels a vector.
+
+     w1 (c1, 2, 2), b1 (c1,), g1, e1 (c1,) LayerNorm2d weight and bias, eps1
+     w2 (c2, c1, 2, 2), b2 (c2,), g2, e2 (c2,), eps2
+   Pieces: B * h (one output row each). c1 <= MD_C1, c2 <= MD_C2. */
+#define MD_C1 16
+#define MD_C2 64
+
+static inline void layer_norm_vec(vf *x, int64_t c, const float *g, const float *e, float eps) {
+    vf m = (vf){0};
+    for (int64_t i = 0; i < c; i++) m += x[i];
+    m = m * (1.0f / (float)c);
+    vf v = (vf){0};
+    for (int64_t i = 0; i < c; i++) {
+        const vf d = x[i] - m;
+        v += d * d;
+    }
+    v = v * (1.0f / (float)c) + eps;
+    float vs[LANES];
+    vstore(vs, v);
+    for (int l = 0; l < LANES; l++) vs[l] = 1.0f / sqrtf(vs[l]);
+    const vf rs = vload(vs);
+    for (int64_t i = 0; i < c; i++) x[i] = (x[i] - m) * rs * g[i] + e[i];
+}
+
+int segany_mask_downscale(int64_t p0, int64_t p1, int64_t h, int64_t w, int64_t c1, int64_t c2, const float *mask,
+                          const float *w1, const float *b1, const float *g1, const float *e1, float eps1,
+                          const float *w2, const float *b2, const float *g2, const float *e2, float eps2,
+                          float *out, int64_t out_bstride) {
+    if (c1 > MD_C1 || c2 > MD_C2) return 2;
+    const int64_t W = 4 * w, N = h * w;
+#pragma omp parallel for schedule(static)
+    for (int64_t p = p0; p < p1; p++) {
+        const int64_t b = p / h, i = p % h;
+        const unsigned int csr = ftz_begin();
+        const float *rows = mask + (b * 4 * h + 4 * i) * W; /* the output row's four input rows */
+        float *ob = out + b * out_bstride + i * w;
+        for (int64_t j0 = 0; j0 < w; j0 += LANES) {
+            const int64_t nj = w - j0 < LANES ? w - j0 : LANES;
+            /* the 16 phases (a, bb) of the 4x4 patches, one vector of pixels each */
+            vf x[4][4];
+            for (int a = 0; a < 4; a++)
+                for (int bb = 0; bb < 4; bb++) {
+                    float t[LANES] = {0};
+                    for (int64_t l = 0; l < nj; l++) t[l] = rows[a * W + 4 * (j0 + l) + bb];
+                    x[a][bb] = vload(t);
+                }
+            /* first conv at the 2x2 positions of the patch, LayerNorm2d, GELU */
+            vf y[2][2][MD_C1];
+            for (int pa = 0; pa < 2; pa++)
+                for (int pb = 0; pb < 2; pb++) {
+                    for (int64_t c = 0; c < c1; c++) {
+                        const float *k = w1 + c * 4;
+                        y[pa][pb][c] = b1[c] + k[0] * x[2 * pa][2 * pb] + k[1] * x[2 * pa][2 * pb + 1] + k[2] * x[2 * pa + 1][2 * pb]
+                                       + k[3] * x[2 * pa + 1][2 * pb + 1];
+                    }
+                    layer_norm_vec(y[pa][pb], c1, g1, e1, eps1);
+                    for (int64_t c = 0; c < c1; c++) y[pa][pb][c] = vgelu(y[pa][pb][c]);
+                }
+            /* second conv, LayerNorm2d, GELU */
+            vf z[MD_C2];
+            for (int64_t o = 0; o < c2; o++) {
+                vf acc = (vf){0} + b2[o];
+                for (int64_t c = 0; c < c1; c++) {
+                    const float *k = w2 + (o * c1 + c) * 4;
+                    acc += k[0] * y[0][0][c] + k[1] * y[0][1][c] + k[2] * y[1][0][c] + k[3] * y[1][1][c];
+                }
+                z[o] = acc;
+            }
+            layer_norm_vec(z, c2, g2, e2, eps2);
+            for (int64_t o = 0; o < c2; o++) store_part(ob + o * N + j0, vgelu(z[o]), nj);
+            store_part(ob + c2 * N + j0, (vf){0} + 1.0f, nj);
+        }
+        ftz_end(csr);
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------------------------------------------
    LayerNorm statistics of factored image tokens without forming them (fast_decoder._factored_stats).
 
    Per prompt b and pixel n the row z = S_n + sum_j P[b][j][n] Q[b][j] (C channels) is never

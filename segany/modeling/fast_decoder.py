@@ -1013,13 +1013,35 @@ def mask_prompt_factor(prompt_encoder, masks: Tensor) -> Optional[Tuple[Tensor, 
     if not (type(last) is torch.nn.Conv2d and last.kernel_size == (1, 1) and last.stride == (1, 1) and last.padding == (0, 0)
             and last.groups == 1 and last.bias is not None and not _has_hooks(md) and not _has_hooks(last)):
         return None
-    x = md[:-1](masks)  # (B, c, h, w)
-    B, c = x.shape[:2]
     C = last.out_channels
-    P0 = torch.cat((x.flatten(2), x.new_ones(B, 1, x.shape[2] * x.shape[3])), 1)
+    if _native_mask_embedding_ok(md, masks):
+        # one pass (~0.1 ms) where PyTorch's ~15 small operations took ~1.5 ms of a refinement click
+        conv1, ln1, _, conv2, ln2 = md[:5]
+        P0 = kernels.mask_downscale(masks.contiguous(), conv1.weight, conv1.bias, ln1.weight, ln1.bias, ln1.eps,
+                                    conv2.weight, conv2.bias, ln2.weight, ln2.bias, ln2.eps)
+        B, c = P0.shape[0], P0.shape[1] - 1
+    else:
+        x = md[:-1](masks)  # (B, c, h, w)
+        B, c = x.shape[:2]
+        P0 = torch.cat((x.flatten(2), x.new_ones(B, 1, x.shape[2] * x.shape[3])), 1)
     no_mask = prompt_encoder.no_mask_embed.weight.reshape(1, -1)
     Q0 = torch.cat((last.weight.reshape(C, c).t(), last.bias.reshape(1, -1) - no_mask), 0)
     return P0, Q0.unsqueeze(0).expand(B, -1, -1)
+
+
+def _native_mask_embedding_ok(md: torch.nn.Sequential, masks: Tensor) -> bool:
+    """Whether SAM's mask embedding (conv 2x2/2, LayerNorm2d, exact GELU, conv 2x2/2,
+    LayerNorm2d, exact GELU, then the 1x1 convolution) can run in ``kernels.mask_downscale``."""
+    if len(md) != 7 or not _native_ok(masks) or masks.ndim != 4 or masks.shape[1] != 1:
+        return False
+    conv1, ln1, act1, conv2, ln2, act2 = md[:6]
+    return (
+        all(type(c) is torch.nn.Conv2d and c.kernel_size == (2, 2) and c.stride == (2, 2) and c.padding == (0, 0)
+            and c.dilation == (1, 1) and c.groups == 1 and c.bias is not None and c.weight.dtype == torch.float32 for c in (conv1, conv2))
+        and conv1.in_channels == 1 and conv1.out_channels <= 16 and conv2.in_channels == conv1.out_channels and conv2.out_channels <= 64
+        and type(ln1) is LayerNorm2d and type(ln2) is LayerNorm2d and _act_name(act1) == "gelu" and _act_name(act2) == "gelu"
+        and masks.shape[2] % 4 == 0 and masks.shape[3] % 4 == 0
+    )
 
 
 def _first_conv_channels_last(ct1: torch.nn.ConvTranspose2d) -> Tensor:
