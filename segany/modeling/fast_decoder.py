@@ -25,15 +25,18 @@ image-side work either done once per image or folded onto the few prompt tokens:
   ``X W^T = diag(alpha) (S W^T + P^T (Q W^T))``, reads a
   per-image ``S W^T`` (built once, in ``DecoderCache``) plus a rank-r product; this covers the
   later token->image keys/values, image->token queries and the first output-upscaling
-  convolution. Only the residual stream that LayerNorm statistics need is formed densely, in
-  one reused buffer; with the native kernels it is normalised in place, and after the last
-  layer only its statistics are taken. The scores against factored tokens (five GEMMs with
+  convolution. The LayerNorm statistics come from the factored form itself (two-layer decoders,
+  SAM's: :func:`_factored_stats`, from per-image moments and maps and a Gram matrix of Q's
+  rows, O(r^2) per pixel); other depths form the residual stream densely for them, in one reused
+  buffer (with the native kernels normalised in place, after the last layer only its
+  statistics taken). The scores against factored tokens (five GEMMs with
   K = 16 or r in PyTorch, each a pass over a multi-MB map) are one pass in the native kernel
   (``kernels.factored_scores``, with the image->token softmax over the tokens fused in): a
   click 3-6% faster for vit_b on the AMD development VM (in-process A/B, 2026-12-03).
 * Mask prompts (a click that feeds back the previous logits): SAM's mask embedding ends in a
   1x1 convolution from 16 channels, so the image tokens are the cached ones plus a rank-17
-  product (:func:`mask_prompt_factor`) and the factored form starts at the first layer, whose
+  product (:func:`mask_prompt_factor`; the embedding before that convolution in one native pass,
+  ``kernels.mask_downscale``) and the factored form starts at the first layer, whose
   cached maps then hold the positional share and biases (alpha is one there). A refinement
   click costs about a first click plus the mask embedding (vit_b: 19 vs 17 ms in one process),
   where forming the tokens densely took ~1.7x a first click. Mask embeddings of another shape
