@@ -316,6 +316,12 @@ def test_native_factored_stats_match_the_formed_rows(B, N, C, nh, hd, t, m, scal
     scale = y.abs().max().item()
     assert (mean.double() - want_mean).abs().max().item() <= 1e-5 * scale
     assert ((rstd.double() - want_rstd).abs() / want_rstd).max().item() <= 1e-5
+    # a NaN stays where it is (as the formed rows would give), it is not clamped to a variance of 0
+    P[0, 0, N // 2] = float("nan")
+    mean, rstd = kernels.factored_stats(P, groups, Qc @ Qc.transpose(1, 2), qbar, sbar.float(), (Sd - sbar[:, None]).square().sum(1).float(),
+                                        alpha, 1e-5, C)
+    assert mean[0, N // 2].isnan() and rstd[0, N // 2].isnan()
+    assert mean[:, : N // 2].isfinite().all() and rstd[:, : N // 2].isfinite().all()
     with pytest.raises(ValueError, match="rows in the groups"):
         kernels.factored_stats(P, groups[1:], Qc @ Qc.transpose(1, 2), qbar, sbar.float(), sbar.float(), alpha, 1e-5, C)
     wide = ("values", torch.zeros(1, 65, N), torch.zeros(N), torch.zeros(B, 2, 65))

@@ -699,7 +699,7 @@ int segany_factored_stats(int64_t p0, int64_t p1, int64_t B, int64_t r, int64_t 
             for (int64_t i = 0; i < (m < LANES ? m : LANES); i++) {
                 const float a = alpha ? alpha[b * N + n + i] : 1.0f;
                 float var = vv[i] * a * a;
-                if (!(var > 0.0f)) var = 0.0f;
+                if (var < 0.0f) var = 0.0f; /* (rounding; a NaN stays NaN, as the formed rows would give) */
                 mean[b * N + n + i] = mv[i] * a;
                 rstd[b * N + n + i] = 1.0f / sqrtf(var + eps);
             }
