@@ -1018,7 +1018,7 @@ def mask_prompt_factor(prompt_encoder, masks: Tensor) -> Optional[Tuple[Tensor, 
         return None
     C = last.out_channels
     if _native_mask_embedding_ok(md, masks):
-        # one pass (~0.1 ms) where PyTorch's ~15 small operations took ~1.5 ms of a refinement click
+        # one pass where PyTorch ran ~15 small operations (vit_b, 2 threads: 0.18 vs 0.74 ms)
         conv1, ln1, _, conv2, ln2 = md[:5]
         P0 = kernels.mask_downscale(masks.contiguous(), conv1.weight, conv1.bias, ln1.weight, ln1.bias, ln1.eps,
                                     conv2.weight, conv2.bias, ln2.weight, ln2.bias, ln2.eps)

@@ -69,7 +69,7 @@ class PromptEncoder(nn.Module):
         The label's embedding is picked from a table (rows -1, 0, 1, other) and added once, where
         the official code adds three masked products: the same values (adding an exact zero
         changes none) in a third of the operations, each ~6 us on a CPU at a click's sizes
-        (labels below -1 are invalid and read as -1 here)."""
+        (labels below -1, invalid, get ``not_a_point_embed`` added to their encoding here)."""
         pe = self.pe_layer.forward_with_coords(points + 0.5, self.input_image_size)
         pe = torch.where(labels[..., None] == -1, 0.0, pe)
         nap = self.not_a_point_embed.weight
