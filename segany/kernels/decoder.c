@@ -279,16 +279,20 @@ int segany_decoder_tail_fused(int64_t p0, int64_t p1, int64_t R, int64_t w, int6
     const int64_t N = R * w, n_pad = 2 * ((w + LANES - 1) / LANES * LANES), tail_work = n_pad * (c1 + 2 * c2 + 2);
 #pragma omp parallel for schedule(static) reduction(| : err)
     for (int64_t p = p0; p < p1; p++) {
-        float *work = scratch((size_t)(tail_work + 4 * c1 * w));
+        float *work = scratch((size_t)(tail_work + 4 * c1 * w + r * w));
         if (!work) {
             err |= 1;
             continue;
         }
         const unsigned int csr = ftz_begin();
         int64_t b = p / R, i = p % R;
-        float *Y = work + tail_work;
+        float *Y = work + tail_work, *Pk = Y + 4 * c1 * w;
         const float *Ab = A + b * 4 * c1 * r, *Pb = P + b * p_bstride + i * w;
-        for (int64_t c0 = 0; c0 < 4 * c1; c0 += GEMM_QB) rows_gemm(w, r, Ab + c0 * r, r, Pb, N, Y + c0 * w, w, 0);
+        /* the row's block of P, side by side: read 4*c1/GEMM_QB times, and its rows N floats
+           apart fall in a few L1 sets (see factored_scores) */
+        for (int64_t k = 0; k < r; k++)
+            for (int64_t j = 0; j < w; j += LANES) vstore(Pk + k * w + j, vload(Pb + k * N + j));
+        for (int64_t c0 = 0; c0 < 4 * c1; c0 += GEMM_QB) rows_gemm(w, r, Ab + c0 * r, r, Pk, w, Y + c0 * w, w, 0);
         float *op = out + b * M * OH * 4 * w + i * 4 * 4 * w;
         const float *hp = hyp + b * M * c2;
         const float *ab = base ? alpha + b * alpha_stride : 0;
