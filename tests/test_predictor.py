@@ -65,14 +65,14 @@ def test_batched_point_sets_match_reference(predictors):
 
 
 def test_prompt_encoder_matches_reference_exactly(models):
-    """The sparse embeddings of points (labels 1, 0, -1 and a box-corner label 2 that adds
-    nothing), boxes, both, and batches: the reference's values to the bit, and gradients reach
+    """The sparse embeddings of points (labels 1, 0, -1, a box-corner label 2 and an invalid
+    -3, which add nothing), boxes, both, and batches: the reference's values to the bit, and gradients reach
     every embedding a label picks (training goes through the same code)."""
     ours, ref = models
     pe_o, pe_r = ours.prompt_encoder, ref.prompt_encoder
     g = torch.Generator().manual_seed(3)
     pts = torch.rand(3, 4, 2, generator=g) * 128
-    labels = torch.tensor([[1, 0, -1, 1], [0, 0, 1, 2], [-1, 1, 1, 0]])
+    labels = torch.tensor([[1, 0, -1, 1], [0, 0, 1, 2], [-1, 1, -3, 0]])
     boxes = torch.rand(3, 4, generator=g).sort(-1).values * 128
     with torch.no_grad():
         for kw in (dict(points=(pts, labels), boxes=None), dict(points=None, boxes=boxes), dict(points=(pts, labels), boxes=boxes),

@@ -68,13 +68,15 @@ class PromptEncoder(nn.Module):
 
         The label's embedding is picked from a table (rows -1, 0, 1, other) and added once, where
         the official code adds three masked products: the same values (adding an exact zero
-        changes none) in a third of the operations, each ~6 us on a CPU at a click's sizes
-        (labels below -1, invalid, get ``not_a_point_embed`` added to their encoding here)."""
+        changes none) in a third of the operations, each ~6 us on a CPU at a click's sizes.
+        Labels below -1 (invalid for the predictor, possible through this module) also pick the
+        zero row, as the official code adds nothing to them."""
         pe = self.pe_layer.forward_with_coords(points + 0.5, self.input_image_size)
         pe = torch.where(labels[..., None] == -1, 0.0, pe)
         nap = self.not_a_point_embed.weight
         table = torch.cat([nap, self.point_embeddings[0].weight, self.point_embeddings[1].weight, nap.new_zeros(1, nap.shape[1])])
-        pe = pe + F.embedding((labels + 1).clamp(0, 3), table)
+        # rows: -1 -> 0, 0 -> 1, 1 -> 2, anything else -> 3 (-2 and below through the remainder)
+        pe = pe + F.embedding((labels + 1).clamp(-1, 3).remainder(4), table)
         if pad:
             pe = torch.cat([pe, nap.expand(pe.shape[0], 1, -1)], dim=1)
         return pe
