@@ -71,7 +71,7 @@ int segany_rel_attention(int64_t p0, int64_t p1, int64_t nh, int64_t h, int64_t 
                 for (int64_t j = 0; j < w; j += LANES) {
                     vf x = vload(s + j) + vload(bw + j) + bh_;
                     vstore(s + j, x);
-                    m = vselect(x > m, x, m);
+                    m = vmax(x, m);
                 }
                 float m_new = vmax_all(m);
                 /* the maximum rarely grows after the first key rows: no exp, no rescale then */
@@ -243,7 +243,7 @@ int segany_window_attention(int64_t p0, int64_t p1, int64_t H, int64_t W, int64_
                         vf x = vload(s + j) + bias;
                         if (j + LANES > n) x = (vf)_mm512_mask_blend_ps(tail_mask, (__m512)((vf){0} - INFINITY), (__m512)x);
                         vstore(s + j, x);
-                        mv = vselect(mv > x, mv, x);
+                        mv = vmax(mv, x);
                     }
                 } else
 #endif
@@ -260,7 +260,7 @@ int segany_window_attention(int64_t p0, int64_t p1, int64_t H, int64_t W, int64_
                             for (int l = 0; l < LANES; l++)
                                 if (j + l >= n) x[l] = -INFINITY;
                         vstore(s + j, x);
-                        mv = vselect(mv > x, mv, x);
+                        mv = vmax(mv, x);
                     }
                 }
                 float mx = vmax_all(mv);

@@ -51,8 +51,7 @@ static inline vf vrecip(vf q) {
    thread). In the far left tail 1 + erf cancels: absolute error ~1e-6, like PyTorch's. */
 static inline vf vgelu(vf x) {
     vf z = x * 0.70710678118654752f;
-    z = vselect(z > 4.0f, (vf){0} + 4.0f, z);
-    z = vselect(z < -4.0f, (vf){0} - 4.0f, z);
+    z = vmin((vf){0} + 4.0f, vmax((vf){0} - 4.0f, z)); /* (NaN stays NaN) */
     vf z2 = z * z;
     vf p = z2 * -2.72614225801306e-10f + 2.77068142495902e-08f;
     p = p * z2 - 2.10102402082508e-06f;
@@ -746,7 +745,7 @@ static inline void softmax_over_rows(const float *src, float *o, int64_t t, int6
     vf m = load_part(src + n, nn);
     for (int64_t k = 1; k < t; k++) {
         vf x = load_part(src + k * N + n, nn);
-        m = vselect(x > m, x, m);
+        m = vmax(x, m);
     }
     vf z = {0};
     for (int64_t k = 0; k < t; k++) {
@@ -784,7 +783,7 @@ void segany_softmax_pixels(int64_t p0, int64_t p1, int64_t B, int64_t nh, int64_
             vf x = nn == LANES ? vload(row + n) : load_part(row + n, nn);
             if (nn < LANES)
                 for (int64_t l = nn; l < LANES; l++) x[l] = -INFINITY;
-            m = vselect(x > m, x, m);
+            m = vmax(x, m);
         }
         float M = m[0];
         for (int l = 1; l < LANES; l++) M = m[l] > M ? m[l] : M;
