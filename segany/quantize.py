@@ -6,8 +6,10 @@ Two backends:
   layers (weights int8 per tensor, activations quantised per call; on x86 oneDNN's kernels where
   the CPU has AMX int8 tiles, else fbgemm: see :func:`int8_engine`). On CPUs with
   native bfloat16 matrix kernels (oneDNN's check: AVX-512 or AMX), the global-attention blocks'
-  attention (scores, softmax, weighted sum: a third of the int8 encoder's time, and no Linear
-  layer) runs in bfloat16: 0.46 -> 0.30 s a block for vit_b on the 2-core development machine.
+  attention (scores, softmax, weighted sum: about half of the int8 encoder's time, and no Linear
+  layer) runs in bfloat16: 0.46 -> 0.30 s a block for vit_b on the 2-core development machine
+  when float32 attention was PyTorch's; against the native float32 kernel it came later, about
+  even per block (368 vs 373 ms) and the whole int8 encoder 0.91-0.98x (2026-12-05).
   Windowed attention stays float32 (its small GEMMs were slower in bfloat16). The mask decoder
   stays float32: it is already cheap after the per-image cache of ``fast_decoder``, and the fast
   path folds its float weights.
