@@ -694,6 +694,34 @@ def test_kernels_flush_denormals_while_they_run_and_leave_the_callers_float_envi
 
 
 @needs_attention_kernel
+@pytest.mark.parametrize("R,h,w,scale", [(37, 8, 16, 3.0), (64, 64, 64, 3.0), (20, 4, 16, 60.0)])
+def test_bf16_rel_softmax_is_the_float32_softmax_rounded(R, h, w, scale):
+    """The int8 mode's bfloat16 global attention: softmax(s + rel_h[key row] + rel_w[key column])
+    over bfloat16 scores, in place, summed and normalised in float32 (PyTorch's three bfloat16
+    passes round after each add: ~10x the error), rounded to bfloat16 once; NaN stays NaN; a
+    piece count that leaves a short last piece (R = 37, 20); large scores (the exp far below the
+    maximum)."""
+    g = torch.Generator().manual_seed(R)
+    s = (torch.randn(R, h * w, generator=g) * scale).bfloat16()
+    rh = (torch.randn(R, h, generator=g) * 2).bfloat16()
+    rw = (torch.randn(R, w, generator=g) * 2).bfloat16()
+    x = s.double().view(R, h, w) + rh.double()[:, :, None] + rw.double()[:, None, :]
+    ref = torch.softmax(x.view(R, -1), -1)
+    out = kernels.rel_softmax_bf16_(s.clone(), rh, rw)
+    assert out.dtype == torch.bfloat16 and out.shape == s.shape
+    # one rounding to bfloat16 (8 bits): within a bfloat16 unit of the float64 softmax
+    assert ((out.double() - ref).abs() <= ref * (2.0**-8 + 1e-5) + 1e-30).all()
+    if R == 37:
+        s[3, 5] = float("nan")
+        out = kernels.rel_softmax_bf16_(s, rh, rw)
+        assert out[3].isnan().all() and not out[:3].isnan().any() and not out[4:].isnan().any()
+    with pytest.raises(ValueError, match="bfloat16"):
+        kernels.rel_softmax_bf16_(s.float(), rh, rw)
+    with pytest.raises(ValueError, match="inconsistent shapes"):
+        kernels.rel_softmax_bf16_(s, rh[:, :-1], rw)
+
+
+@needs_attention_kernel
 def test_native_rel_attention_checks_its_arguments():
     q = torch.zeros(1, 2, 64, 16)
     with pytest.raises(ValueError, match="inconsistent shapes"):

@@ -108,6 +108,8 @@ def _declare(name: str, lib: ctypes.CDLL) -> None:
         lib.segany_rel_attention.restype = ctypes.c_int
         lib.segany_window_attention.argtypes = [i64, i64, i64, i64, i64, i64, i64, p, p, p, p, f32, p]
         lib.segany_window_attention.restype = ctypes.c_int
+        lib.segany_rel_softmax_bf16.argtypes = [i64, i64, i64, i64, i64, p, p, p]
+        lib.segany_rel_softmax_bf16.restype = ctypes.c_int
         lib.segany_vector_lanes.restype = ctypes.c_int
     else:
         lib.segany_decoder_tail.argtypes = [i64, i64, i64, i64, i64, i64, i64, p, p, p, i64, p, i64, p, p, f32, p, p, p, p, i64, i64]
@@ -660,6 +662,26 @@ def rel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torc
     args = (nh, h, w, hd, qs.data_ptr(), kt.data_ptr(), v.data_ptr(), rel_h.data_ptr(), rel_w.data_ptr(), out.data_ptr())
     _run_pieces(lib, lambda p0, p1: lib.segany_rel_attention(p0, p1, *args), B * nh * h)
     return out
+
+
+def rel_softmax_bf16_(s: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor) -> torch.Tensor:
+    """In place: ``s = softmax(s + rel_h[..., key row] + rel_w[..., key column])`` over the keys of
+    an h x w grid, for bfloat16 scores ``s`` (R, h*w) of R queries, rel_h (R, h), rel_w (R, w)
+    bfloat16 (the int8 mode's bfloat16 global attention). Sums and the softmax in float32, the
+    result rounded to bfloat16 (to nearest even). Contiguous CPU tensors; w a multiple of the
+    attention build's vector width (16 floats with AVX-512)."""
+    lib = _attention_lib()
+    R, n = s.shape
+    h, w = rel_h.shape[-1], rel_w.shape[-1]
+    if h * w != n or tuple(rel_h.shape) != (R, h) or tuple(rel_w.shape) != (R, w):
+        raise ValueError("rel_softmax_bf16_: inconsistent shapes")
+    if any(t.dtype != torch.bfloat16 or t.device.type != "cpu" or not t.is_contiguous() for t in (s, rel_h, rel_w)):
+        raise ValueError("rel_softmax_bf16_ needs contiguous bfloat16 CPU tensors")
+    if w % int(lib.segany_vector_lanes()):
+        raise ValueError(f"rel_softmax_bf16_: grid width {w} must be a multiple of {int(lib.segany_vector_lanes())}")
+    args = (R, h, w, s.data_ptr(), rel_h.data_ptr(), rel_w.data_ptr())
+    _run_pieces(lib, lambda p0, p1: lib.segany_rel_softmax_bf16(p0, p1, *args), -(-R // 16))  # (RS_ROWS rows a piece)
+    return s
 
 
 def window_attention(qkv: torch.Tensor, pad: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor, num_heads: int,

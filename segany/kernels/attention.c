@@ -287,3 +287,89 @@ int segany_window_attention(int64_t p0, int64_t p1, int64_t H, int64_t W, int64_
     }
     return err;
 }
+
+/* ---------------------------------------------------------------------------------------------
+   The int8 mode's bfloat16 global attention (segany/quantize.py): its scores come from oneDNN's
+   bfloat16 matmul in pieces of query rows, and PyTorch added the two relative-position terms
+   and took the softmax as three more passes over each 4 MB piece (with a rounding to bfloat16
+   after each add): ~45% of the int8 encoder's time. Here one pass per query: the bfloat16
+   scores plus rel_h[key row] + rel_w[key column] in float32, the softmax in float32 (the
+   polynomial exp above), probabilities rounded to bfloat16 (to nearest even, as PyTorch's
+   conversion) in place.
+
+   s (R, h*w) bfloat16 bits, R queries, keys in (row, column) order; rh (R, h) and rw (R, w)
+   bfloat16 bits. Pieces p0..p1-1 of ceil(R / RS_ROWS). w a multiple of LANES. */
+#define RS_ROWS 16
+
+typedef uint16_t vh __attribute__((vector_size(VBYTES / 2)));
+typedef uint32_t vu __attribute__((vector_size(VBYTES)));
+
+static inline vf bf16_load(const uint16_t *p) {
+    vh x;
+    __builtin_memcpy(&x, p, sizeof x);
+    vu u = __builtin_convertvector(x, vu) << 16;
+    vf f;
+    __builtin_memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline void bf16_store(uint16_t *p, vf f) {
+    vu u;
+    __builtin_memcpy(&u, &f, sizeof u);
+    vu nan = (vu)((u & 0x7fffffffu) > 0x7f800000u); /* all ones where NaN: keep it a (quiet) NaN */
+    vu r = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+    r = (r & ~nan) | (((u >> 16) | 0x40u) & nan);
+    vh x = __builtin_convertvector(r, vh);
+    __builtin_memcpy(p, &x, sizeof x);
+}
+
+static inline float bf16_scalar(uint16_t b) {
+    uint32_t u = (uint32_t)b << 16;
+    float f;
+    __builtin_memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+int segany_rel_softmax_bf16(int64_t p0, int64_t p1, int64_t R, int64_t h, int64_t w, uint16_t *s, const uint16_t *rh,
+                            const uint16_t *rw) {
+    if (w % LANES) return 2;
+    int err = 0;
+    const int64_t n = h * w;
+#pragma omp parallel for schedule(static) reduction(| : err)
+    for (int64_t p = p0; p < p1; p++) {
+        float *row = scratch((size_t)(n + w));
+        if (!row) {
+            err |= 1;
+            continue;
+        }
+        const unsigned int csr = ftz_begin();
+        float *rwf = row + n;
+        int64_t r1 = (p + 1) * RS_ROWS < R ? (p + 1) * RS_ROWS : R;
+        for (int64_t r = p * RS_ROWS; r < r1; r++) {
+            uint16_t *sr = s + r * n;
+            for (int64_t x = 0; x < w; x += LANES) vstore(rwf + x, bf16_load(rw + r * w + x));
+            vf mv = (vf){0} - INFINITY;
+            for (int64_t kh = 0; kh < h; kh++) {
+                const float b = bf16_scalar(rh[r * h + kh]);
+                for (int64_t x = 0; x < w; x += LANES) {
+                    vf v = bf16_load(sr + kh * w + x) + (vload(rwf + x) + b);
+                    vstore(row + kh * w + x, v);
+                    mv = vmax(mv, v);
+                }
+            }
+            const float mx = vmax_all(mv);
+            vf acc = {0};
+            for (int64_t j = 0; j < n; j += LANES) {
+                vf e = vexp(vload(row + j) - mx);
+                vstore(row + j, e);
+                acc += e;
+            }
+            float tot = 0.0f;
+            for (int l = 0; l < LANES; l++) tot += acc[l];
+            const vf inv = (vf){0} + 1.0f / tot;
+            for (int64_t j = 0; j < n; j += LANES) bf16_store(sr + j, vload(row + j) * inv);
+        }
+        ftz_end(csr);
+    }
+    return err;
+}

@@ -268,6 +268,11 @@ class Attention(nn.Module):
         # One head at a time (global attention), both GEMMs can run as oneDNN matmuls against
         # that head's contiguous k and v^T: 12-16% faster than MKL's for these shapes here.
         onednn = hb == 1 and q.dtype in (torch.float32, torch.bfloat16) and _onednn_available() and not _dispatch_mode_active()
+        # bfloat16 (the int8 mode): both relative-position adds and the softmax as one native pass
+        # per piece, in float32 (2.4x faster than the three bfloat16 passes, and closer)
+        bf16_native = q.dtype == torch.bfloat16 and not _dispatch_mode_active() and kernels.attention_preferred(w, q.shape[-1])
+        if bf16_native:
+            rel_h, rel_w = rel_h.contiguous(), rel_w.contiguous()
         s = None
         for b in range(B):
             for h0 in range(0, nh, hb):
@@ -284,10 +289,13 @@ class Attention(nn.Module):
                         if s is not None and s.shape != (h1 - h0, (i1 - i0) * w, n):
                             s = None  # last, shorter piece: a fresh buffer (matmul warns on resizing)
                         s = torch.matmul(qp, kt[b, h0:h1], out=s)
-                    sv = s.view(h1 - h0, i1 - i0, w, h, w)
-                    sv.add_(rel_h[b, h0:h1, i0:i1, :, :, None])
-                    sv.add_(rel_w[b, h0:h1, i0:i1, :, None, :])
-                    torch.ops.aten._softmax.out(s, -1, False, out=s)
+                    if bf16_native:
+                        kernels.rel_softmax_bf16_(s.view(-1, n), rel_h[b, h0:h1, i0:i1].reshape(-1, h), rel_w[b, h0:h1, i0:i1].reshape(-1, w))
+                    else:
+                        sv = s.view(h1 - h0, i1 - i0, w, h, w)
+                        sv.add_(rel_h[b, h0:h1, i0:i1, :, :, None])
+                        sv.add_(rel_w[b, h0:h1, i0:i1, :, None, :])
+                        torch.ops.aten._softmax.out(s, -1, False, out=s)
                     if onednn:
                         out[b, h0, i0 * w : i1 * w] = torch.ops.mkldnn._linear_pointwise(s[0], vt, None, "none", [], "")
                     else:
