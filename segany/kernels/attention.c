@@ -35,6 +35,19 @@ static inline float vmax_all(vf v) {
 #endif
 }
 
+/* x[j] = exp(x[j] - mx) in place over n floats (a multiple of LANES); returns their sum. */
+static inline float exp_sum_(float *x, int64_t n, float mx) {
+    vf acc = {0};
+    for (int64_t j = 0; j < n; j += LANES) {
+        vf e = vexp(vload(x + j) - mx);
+        vstore(x + j, e);
+        acc += e;
+    }
+    float tot = 0.0f;
+    for (int l = 0; l < LANES; l++) tot += acc[l];
+    return tot;
+}
+
 /* Pieces p0..p1-1 of B*nh*h: (batch and head, query row of the grid). Returns 0, or 1 when the
    per-thread buffer could not be allocated. */
 int segany_rel_attention(int64_t p0, int64_t p1, int64_t nh, int64_t h, int64_t w, int64_t hd, const float *q,
@@ -263,16 +276,7 @@ int segany_window_attention(int64_t p0, int64_t p1, int64_t H, int64_t W, int64_
                         mv = vmax(mv, x);
                     }
                 }
-                float mx = vmax_all(mv);
-                vf acc = {0};
-                for (int64_t j = 0; j < np_; j += LANES) {
-                    vf e = vexp(vload(s + j) - mx);
-                    vstore(s + j, e);
-                    acc += e;
-                }
-                float tot = 0.0f;
-                for (int l = 0; l < LANES; l++) tot += acc[l];
-                inv[m] = 1.0f / tot;
+                inv[m] = 1.0f / exp_sum_(s, np_, vmax_all(mv));
             }
             rows_gemm(hd, np_, S, np_, V, hd, O, hd, 0);
             for (int m = 0; m < QB && i + m < n; m++) {
@@ -357,16 +361,7 @@ int segany_rel_softmax_bf16(int64_t p0, int64_t p1, int64_t R, int64_t h, int64_
                     mv = vmax(mv, v);
                 }
             }
-            const float mx = vmax_all(mv);
-            vf acc = {0};
-            for (int64_t j = 0; j < n; j += LANES) {
-                vf e = vexp(vload(row + j) - mx);
-                vstore(row + j, e);
-                acc += e;
-            }
-            float tot = 0.0f;
-            for (int l = 0; l < LANES; l++) tot += acc[l];
-            const vf inv = (vf){0} + 1.0f / tot;
+            const vf inv = (vf){0} + 1.0f / exp_sum_(row, n, vmax_all(mv));
             for (int64_t j = 0; j < n; j += LANES) bf16_store(sr + j, vload(row + j) * inv);
         }
         ftz_end(csr);
