@@ -628,9 +628,13 @@ def test_decoder_cache_built_for_the_kernel_also_serves_the_pytorch_path(monkeyp
 needs_attention_kernel = pytest.mark.skipif(kernels._get("attention") is None, reason="no C compiler: native kernels unavailable")
 
 
-def _rel_attention_unfused(q, k, v, rel_h, rel_w, scale):
-    B, nh, N, _ = q.shape
-    h, w = rel_h.shape[2:4]
+def _rel_attention_unfused(q, k, v, Rh, Rw, scale):
+    """SAM's attention with decomposed relative positions, as the official code computes it."""
+    B, nh, N, hd = q.shape
+    h, w = Rh.shape[0], Rw.shape[0]
+    r_q = q.reshape(B, nh, h, w, hd)
+    rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, Rh)
+    rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, Rw)
     s = ((q * scale) @ k.transpose(-1, -2)).view(B, nh, h, w, h, w) + rel_h[..., :, None] + rel_w[..., None, :]
     return s.view(B, nh, N, N).softmax(-1) @ v
 
@@ -653,12 +657,12 @@ def test_native_rel_attention_matches_the_unfused_attention(B, nh, h, w, hd, bia
     g = torch.Generator().manual_seed(B * 100 + h)
     qkv = torch.randn(B, h * w, 3, nh, hd, generator=g)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-    rel_h = torch.randn(B, nh, h, w, h, generator=g) * bias_scale
-    rel_w = torch.randn(B, nh, h, w, w, generator=g) * bias_scale
-    ref = _rel_attention_unfused(q, k, v, rel_h, rel_w, hd**-0.5)
-    out = kernels.rel_attention(q, k, v, rel_h, rel_w, hd**-0.5)
+    Rh = torch.randn(h, h, hd, generator=g) * bias_scale / hd**0.5
+    Rw = torch.randn(w, w, hd, generator=g) * bias_scale / hd**0.5
+    ref = _rel_attention_unfused(q.double(), k.double(), v.double(), Rh.double(), Rw.double(), hd**-0.5)
+    out = kernels.rel_attention(q, k, v, Rh, Rw, hd**-0.5)
     assert out.shape == ref.shape
-    assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+    assert (out.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
 
 
 @needs_attention_kernel
@@ -675,11 +679,12 @@ def test_kernels_flush_denormals_while_they_run_and_leave_the_callers_float_envi
     qkv = torch.randn(B, h * w, 3, nh, hd, generator=g)
     q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
     v = v * 1e-3
-    # biases ~80 apart: the far keys' softmax weights ~1e-35, times values ~1e-3: denormal products
-    rel_h = torch.randn(B, nh, h, w, h, generator=g).sign() * 40
-    rel_w = torch.zeros(B, nh, h, w, w)
-    ref = _rel_attention_unfused(q.double(), k.double(), v.double(), rel_h.double(), rel_w.double(), hd**-0.5)
-    out = kernels.rel_attention(q, k, v, rel_h, rel_w, hd**-0.5)
+    # rel-pos terms ~N(0, 40^2): keys ~80 apart, the far keys' softmax weights ~1e-35, times
+    # values ~1e-3: denormal products
+    Rh = torch.randn(h, h, hd, generator=g) * 40 / hd**0.5
+    Rw = torch.zeros(w, w, hd)
+    ref = _rel_attention_unfused(q.double(), k.double(), v.double(), Rh.double(), Rw.double(), hd**-0.5)
+    out = kernels.rel_attention(q, k, v, Rh, Rw, hd**-0.5)
     assert (out.double() - ref).abs().max() <= 1e-5 * ref.abs().max()
     assert tiny * 3 != 0.0
     win = kernels.window_attention(torch.randn(1, 8, 8, 3 * 32, generator=g), torch.zeros(3 * 32),
@@ -725,13 +730,13 @@ def test_bf16_rel_softmax_is_the_float32_softmax_rounded(R, h, w, scale):
 def test_native_rel_attention_checks_its_arguments():
     q = torch.zeros(1, 2, 64, 16)
     with pytest.raises(ValueError, match="inconsistent shapes"):
-        kernels.rel_attention(q, q, q, torch.zeros(1, 2, 8, 8, 4), torch.zeros(1, 2, 8, 8, 8), 0.25)
+        kernels.rel_attention(q, q, q, torch.zeros(8, 8, 8), torch.zeros(8, 8, 8), 0.25)
     q = torch.zeros(1, 2, 16 * 16, 16, dtype=torch.float64)
     with pytest.raises(ValueError, match="float32"):
-        kernels.rel_attention(q, q, q, torch.zeros(1, 2, 16, 16, 16), torch.zeros(1, 2, 16, 16, 16), 0.25)
+        kernels.rel_attention(q, q, q, torch.zeros(16, 16, 16), torch.zeros(16, 16, 16), 0.25)
     odd = torch.zeros(1, 2, 6 * 6, 16)  # a grid narrower than a vector
     with pytest.raises(ValueError, match="multiples"):
-        kernels.rel_attention(odd, odd, odd, torch.zeros(1, 2, 6, 6, 6), torch.zeros(1, 2, 6, 6, 6), 0.25)
+        kernels.rel_attention(odd, odd, odd, torch.zeros(6, 6, 16), torch.zeros(6, 6, 16), 0.25)
     assert not kernels.attention_preferred(6, 16)
     lanes = int(kernels._get("attention").segany_vector_lanes())
     # windows wider than the kernel takes (4 vectors) keep the PyTorch code instead of raising

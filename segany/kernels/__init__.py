@@ -104,7 +104,7 @@ def _declare(name: str, lib: ctypes.CDLL) -> None:
         lib.segany_column_blocks.argtypes = [p, p, i64, i64, p]
         lib.segany_column_blocks.restype = None
     elif name == "attention":
-        lib.segany_rel_attention.argtypes = [i64, i64, i64, i64, i64, i64, p, p, p, p, p, p]
+        lib.segany_rel_attention.argtypes = [i64, i64, i64, i64, i64, i64, p, i64, i64, i64, p, p, i64, i64, i64, p, i64, p, f32, p]
         lib.segany_rel_attention.restype = ctypes.c_int
         lib.segany_window_attention.argtypes = [i64, i64, i64, i64, i64, i64, i64, p, p, p, p, f32, p]
         lib.segany_window_attention.restype = ctypes.c_int
@@ -637,29 +637,38 @@ def attention_preferred(w: Optional[int], hd: int, window: int = 0) -> bool:
     return force == "1" or lanes >= 16
 
 
-def rel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor,
+def rel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, Rh: torch.Tensor, Rw: torch.Tensor,
                   scale: float) -> torch.Tensor:
-    """``softmax(q k^T * scale + rel_h + rel_w) v`` over an h x w grid, fused (``attention.c``).
+    """``softmax(q k^T * scale + rel_h + rel_w) v`` over an h x w grid, fused (``attention.c``),
+    with SAM's decomposed relative positions ``rel_h = einsum("bnhwc,hkc->bnhwk", q, Rh)`` and
+    ``rel_w = einsum("bnhwc,wkc->bnhwk", q, Rw)`` of the unscaled queries, formed inside.
 
-    q, k, v (B, nh, h*w, hd) float32, any strides; rel_h (B, nh, h, w, h) and rel_w
-    (B, nh, h, w, w), SAM's decomposed relative positions of each query against each key row
-    and column. Returns (B, nh, h*w, hd), equal to the unfused computation up to float32
-    rounding."""
+    q, k, v (B, nh, h*w, hd) float32 (q and v any strides with contiguous channels, e.g. views
+    of the qkv projection); Rh (h, h, hd) and Rw (w, w, hd): ``get_rel_pos`` of the block's
+    tables. Returns (B, nh, h*w, hd), equal to the unfused computation up to float32 rounding."""
     lib = _attention_lib()
     B, nh, N, hd = q.shape
-    h, w = rel_h.shape[2], rel_h.shape[3]
-    if k.shape != q.shape or v.shape != q.shape or h * w != N or tuple(rel_h.shape) != (B, nh, h, w, h) \
-            or tuple(rel_w.shape) != (B, nh, h, w, w):
+    h, w = Rh.shape[0], Rw.shape[0]
+    if k.shape != q.shape or v.shape != q.shape or h * w != N or tuple(Rh.shape) != (h, h, hd) \
+            or tuple(Rw.shape) != (w, w, hd):
         raise ValueError("rel_attention: inconsistent shapes")
     lanes = int(lib.segany_vector_lanes())
     if w % lanes or hd % lanes or w % 4:
         raise ValueError(f"rel_attention: grid width {w} and head width {hd} must be multiples of {lanes} (and the width of 4)")
-    qs = torch.mul(q, scale).contiguous()
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in (q, k, v, Rh, Rw)):
+        raise ValueError("rel_attention needs float32 CPU tensors")
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if v.stride(-1) != 1:
+        v = v.contiguous()
     kt = k.reshape(B, nh, h, w, hd).transpose(-1, -2).contiguous()  # (B, nh, h, hd, w)
-    v, rel_h, rel_w = v.contiguous(), rel_h.contiguous(), rel_w.contiguous()
-    _check_f32("rel_attention", qs, kt, v, rel_h, rel_w)
-    out = torch.empty_like(qs)
-    args = (nh, h, w, hd, qs.data_ptr(), kt.data_ptr(), v.data_ptr(), rel_h.data_ptr(), rel_w.data_ptr(), out.data_ptr())
+    hp = -(-h // lanes) * lanes
+    rht = Rh.new_zeros(h, hd, hp)
+    rht[:, :, :h] = Rh.transpose(1, 2)
+    rwt = Rw.transpose(1, 2).contiguous()  # (w, hd, w)
+    out = q.new_empty(B, nh, N, hd)
+    args = (nh, h, w, hd, q.data_ptr(), q.stride(0), q.stride(1), q.stride(2), kt.data_ptr(), v.data_ptr(),
+            v.stride(0), v.stride(1), v.stride(2), rht.data_ptr(), hp, rwt.data_ptr(), float(scale), out.data_ptr())
     _run_pieces(lib, lambda p0, p1: lib.segany_rel_attention(p0, p1, *args), B * nh * h)
     return out
 

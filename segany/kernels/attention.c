@@ -11,13 +11,15 @@
    FlashAttention). Not bit-identical to PyTorch: sums run in another order, fused
    multiply-adds, a polynomial exp (relative error ~1e-7); differences are float32 rounding.
 
-   Layouts (row-major, contiguous), for one grid of h x w tokens, nh heads of hd channels:
-     q   (B, nh, h*w, hd)   queries, already times the scale
-     kt  (B, nh, h, hd, w)  keys, transposed per key row of the grid
-     v   (B, nh, h*w, hd)
-     rh  (B, nh, h, w, h)   rel_h: query (row, column) -> key row
-     rw  (B, nh, h, w, w)   rel_w: query (row, column) -> key column
-     out (B, nh, h*w, hd)
+   Layouts, for one grid of h x w tokens, nh heads of hd channels:
+     q   (B, nh, h*w, hd)   queries (unscaled), any strides but contiguous channels
+     kt  (B, nh, h, hd, w)  keys, transposed per key row of the grid (contiguous)
+     v   (B, nh, h*w, hd)   like q
+     rht (h, hd, hp)        SAM's rel_pos_h picked per (query row, key row) (get_rel_pos), the
+                            last two axes swapped, key rows zero-padded to hp (whole vectors):
+                            rel_h[query (r, c)][key row k] = q . rht[r][:, k]
+     rwt (w, hd, w)         the same for columns
+     out (B, nh, h*w, hd)   contiguous
    w and hd must be multiples of LANES, w a multiple of QB. */
 #include <math.h>
 
@@ -49,37 +51,61 @@ static inline float exp_sum_(float *x, int64_t n, float mx) {
 }
 
 /* Pieces p0..p1-1 of B*nh*h: (batch and head, query row of the grid). Returns 0, or 1 when the
-   per-thread buffer could not be allocated. */
+   per-thread buffer could not be allocated. q and v are read with strides (batch qb/vb, head
+   qhs/vhs, token qn/vn floats; channels contiguous), so that the caller passes views of the qkv
+   projection; each piece copies its w query rows and takes their relative-position terms from
+   RhT/RwT itself (a (w x hd) @ (hd x h) product and w (1 x hd) @ (hd x w) ones, 1/32 of the
+   piece's multiply-adds), where the caller used to form rel_h and rel_w (12.6 MB each a block
+   for vit_b) with two einsums. */
 int segany_rel_attention(int64_t p0, int64_t p1, int64_t nh, int64_t h, int64_t w, int64_t hd, const float *q,
-                         const float *kt, const float *v, const float *rh, const float *rw, float *out) {
+                         int64_t qb, int64_t qhs, int64_t qn, const float *kt, const float *v, int64_t vb, int64_t vhs,
+                         int64_t vn, const float *rht, int64_t hp, const float *rwt, float scale, float *out) {
     int err = 0;
     const int64_t N = h * w;
 #pragma omp parallel for schedule(static) reduction(| : err)
     for (int64_t p = p0; p < p1; p++) {
         /* scores (w, w); per query the running maximum, the rescale of this key row, and the
-           running sum in vector lanes (reduced once at the end) */
-        float *S = scratch((size_t)(w * w + 2 * w + w * LANES));
+           running sum in vector lanes (reduced once at the end); the queries unscaled and
+           scaled (w, hd); their rel_h (w, hp) and rel_w (w, w) */
+        float *S = scratch((size_t)(w * w + 2 * w + w * LANES + 2 * w * hd + w * hp + w * w));
         if (!S) {
             err |= 1;
             continue;
         }
         const unsigned int csr = ftz_begin();
-        float *mx = S + w * w, *corr = mx + w, *sum = corr + w;
-        const int64_t bh = p / h, qh = p % h;
-        const float *Q = q + (bh * N + qh * w) * hd;
+        float *mx = S + w * w, *corr = mx + w, *sum = corr + w, *Qu = sum + w * LANES, *Q = Qu + w * hd;
+        float *RH = Q + w * hd, *RW = RH + w * hp;
+        const int64_t bh = p / h, qh = p % h, b = bh / nh, hh = bh % nh;
+        const float *qp = q + b * qb + hh * qhs + qh * w * qn, *vp = v + b * vb + hh * vhs;
         float *O = out + (bh * N + qh * w) * hd;
-        const float *RH = rh + (bh * h + qh) * w * h, *RW = rw + (bh * h + qh) * w * w;
+        const vf sc = (vf){0} + scale;
+        for (int64_t i = 0; i < w; i++)
+            for (int64_t c = 0; c < hd; c += LANES) {
+                vf x = vload(qp + i * qn + c);
+                vstore(Qu + i * hd + c, x);
+                vstore(Q + i * hd + c, x * sc);
+            }
+        /* the relative positions take the unscaled queries, as SAM's do */
+        for (int64_t i = 0; i < w; i += QB) rows_gemm(hp, hd, Qu + i * hd, hd, rht + qh * hd * hp, hp, RH + i * hp, hp, 0);
+        for (int64_t i = 0; i < w; i++) {
+            const float *R = rwt + i * hd * w, *qi = Qu + i * hd;
+            for (int64_t j = 0; j < w; j += LANES) {
+                vf acc = {0};
+                for (int64_t c = 0; c < hd; c++) acc += qi[c] * vload(R + c * w + j);
+                vstore(RW + i * w + j, acc);
+            }
+        }
         for (int64_t i = 0; i < w; i++) {
             mx[i] = -INFINITY;
             vstore(sum + i * LANES, (vf){0});
         }
         for (int64_t kh = 0; kh < h; kh++) {
-            const float *KT = kt + (bh * h + kh) * hd * w, *V = v + (bh * N + kh * w) * hd;
+            const float *KT = kt + (bh * h + kh) * hd * w, *V = vp + kh * w * vn;
             for (int64_t i = 0; i < w; i += QB) rows_gemm(w, hd, Q + i * hd, hd, KT, w, S + i * w, w, 0);
             for (int64_t i = 0; i < w; i++) {
                 float *s = S + i * w;
                 const float *bw = RW + i * w;
-                const float bh_ = RH[i * h + kh];
+                const float bh_ = RH[i * hp + kh];
                 vf m = (vf){0} - INFINITY;
                 for (int64_t j = 0; j < w; j += LANES) {
                     vf x = vload(s + j) + vload(bw + j) + bh_;
@@ -103,7 +129,7 @@ int segany_rel_attention(int64_t p0, int64_t p1, int64_t nh, int64_t h, int64_t 
                 }
                 vstore(sum + i * LANES, acc);
             }
-            for (int64_t i = 0; i < w; i += QB) rows_gemm(hd, w, S + i * w, w, V, hd, O + i * hd, hd, kh ? corr + i : 0);
+            for (int64_t i = 0; i < w; i += QB) rows_gemm(hd, w, S + i * w, w, V, vn, O + i * hd, hd, kh ? corr + i : 0);
         }
         for (int64_t i = 0; i < w; i++) {
             vf acc = vload(sum + i * LANES);

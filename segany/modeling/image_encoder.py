@@ -246,12 +246,13 @@ class Attention(nn.Module):
             return self._attend_sdpa(q, k, v, h, w)
         Rh = get_rel_pos(h, h, self.rel_pos_h).to(q.dtype)  # (h, h, hd)
         Rw = get_rel_pos(w, w, self.rel_pos_w).to(q.dtype)  # (w, w, hd)
+        if _native_attention_ok(q, nh * n * n > 2 * (_ATTN_CHUNK_BYTES // q.element_size()), w, q.shape[-1]):
+            # q, k, v straight from the qkv projection; the rel-pos terms formed inside
+            out = kernels.rel_attention(q, k, v, Rh, Rw, self.scale)
+            return out.transpose(1, 2).reshape(B, h, w, -1)
         r_q = q.reshape(B, nh, h, w, -1)
         rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, Rh)  # (B, nh, h, w, h)
         rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, Rw)  # (B, nh, h, w, w)
-        if _native_attention_ok(q, nh * n * n > 2 * (_ATTN_CHUNK_BYTES // q.element_size()), w, q.shape[-1]):
-            out = kernels.rel_attention(q, k, v, rel_h, rel_w, self.scale)
-            return out.transpose(1, 2).reshape(B, h, w, -1)
         qs = q * self.scale
         kt = k.transpose(-2, -1)
         out = q.new_empty(B, nh, n, q.shape[-1])
