@@ -117,7 +117,7 @@ def _declare(name: str, lib: ctypes.CDLL) -> None:
         lib.segany_decoder_tail_fused.argtypes = [i64, i64, i64, i64, i64, i64, i64, i64, p, p, i64, p, p, i64, p, i64, p, p, f32, p, p, p, p, i64]
         lib.segany_decoder_tail_fused.restype = ctypes.c_int
         lib.segany_layer_norm_rows.argtypes = [i64, i64, i64, i64, p, p, i64, p, p, f32, ctypes.c_int, p, p]
-        lib.segany_update_row_stats.argtypes = [i64, i64, i64, i64, i64, i64, p, i64, p, i64, p, p, f32, p, p]
+        lib.segany_update_row_stats.argtypes = [i64, i64, i64, i64, i64, p, i64, p, i64, p, p, f32, p, p]
         lib.segany_update_row_stats.restype = ctypes.c_int
         lib.segany_factored_stats.argtypes = [i64, i64, i64, i64, i64, i64, p, i64, i64, p, p, p, p, p, p, f32, p, p]
         lib.segany_factored_stats.restype = ctypes.c_int
@@ -485,7 +485,7 @@ def update_row_stats(x: torch.Tensor, aT: torch.Tensor, u: torch.Tensor, eps: fl
         if tuple(scale.shape) != (B, N):
             raise ValueError(f"update_row_stats: scale {tuple(scale.shape)}, expected {(B, N)}")
     mean, rstd = torch.empty(B, N), torch.empty(B, N)
-    args = (B, N, C, k, x.data_ptr(), 0 if x.shape[0] == 1 else N * C, aT.data_ptr(), a_bstride,
+    args = (N, C, k, x.data_ptr(), 0 if x.shape[0] == 1 else N * C, aT.data_ptr(), a_bstride,
             None if scale is None else scale.data_ptr(), u.data_ptr(), float(eps), mean.data_ptr(), rstd.data_ptr())
     _run_pieces(lib, lambda p0, p1: lib.segany_update_row_stats(p0, p1, *args), B * -(-N // 256))
     return mean, rstd

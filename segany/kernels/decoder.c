@@ -399,7 +399,7 @@ int segany_layer_norm_rows(int64_t p0, int64_t p1, int64_t rows, int64_t C, floa
 #define UR 4
 #define UV 2
 #endif
-int segany_update_row_stats(int64_t p0, int64_t p1, int64_t B, int64_t N, int64_t C, int64_t k, const float *X,
+int segany_update_row_stats(int64_t p0, int64_t p1, int64_t N, int64_t C, int64_t k, const float *X,
                             int64_t x_bstride, const float *A, int64_t a_bstride, const float *ascale, const float *U,
                             float eps, float *mean, float *rstd) {
     if (C % ROW_CB) return 2;
