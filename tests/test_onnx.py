@@ -187,3 +187,53 @@ def test_cli_backend_onnxruntime_gives_torch_masks(tmp_path):
     assert main(["segment", str(tmp_path / "img.png"), "--checkpoint", other, "--point", "60,40",
                  "-o", str(tmp_path / "x.png"), "--backend", "onnxruntime", "--onnx-dir", str(d)]) == 2
     assert main([*common, "-o", str(tmp_path / "x.png"), "--onnx-dir", str(d)]) == 2  # torch backend: no --onnx-dir
+
+
+def test_onnx_int8_keeps_the_fourier_products_float(exported):
+    """The products with the prompt encoder's random Fourier matrix feed sin/cos: int8 there
+    shifts phases by whole fractions of a period (the bundled model's int8 best-mask IoU against
+    float32: 0.962 with them quantised, 0.985 without, on 60 photos). The rest stays int8."""
+    import onnx
+
+    from segany.quantize import quantize_onnx
+
+    for part in ("encoder", "decoder"):
+        (exported / f"{part}.int8.onnx").unlink(missing_ok=True)
+    m = onnx.load(str(quantize_onnx(exported)["decoder"]))
+    fourier = [n for n in m.graph.node if any(x.endswith("positional_encoding_gaussian_matrix") for x in n.input)]
+    assert len(fourier) == 2 and all(n.op_type == "MatMul" for n in fourier)  # the points' and the grid's
+    matrix = next(i for i in m.graph.initializer if i.name.endswith("positional_encoding_gaussian_matrix"))
+    assert matrix.data_type == onnx.TensorProto.FLOAT
+    assert sum(n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul") for n in m.graph.node) >= 20
+
+
+def test_quantize_onnx_redoes_older_recipes_and_never_half_writes(exported, tmp_path, monkeypatch):
+    import json
+    import os
+    import shutil
+
+    import onnx
+    import onnxruntime.quantization
+
+    from segany.quantize import ONNX_INT8_RECIPE, quantize_onnx
+
+    shutil.copy(exported / "decoder.onnx", tmp_path / "decoder.onnx")
+    old = tmp_path / "decoder.int8.onnx"
+    old.write_bytes(b"int8 file of an older segany")  # newer than its source, but no recipe stamp
+    assert quantize_onnx(tmp_path) == {"decoder": old}
+    onnx.checker.check_model(str(old))
+    assert json.loads((tmp_path / "int8.json").read_text()) == {"decoder": ONNX_INT8_RECIPE}
+    stamp = old.stat().st_mtime_ns
+    quantize_onnx(tmp_path)  # current recipe, newer than the source: reused
+    assert old.stat().st_mtime_ns == stamp
+
+    def interrupted(src, dst, **kw):
+        with open(dst, "wb") as f:
+            f.write(b"half a model")
+        raise KeyboardInterrupt
+
+    old.unlink()
+    monkeypatch.setattr(onnxruntime.quantization, "quantize_dynamic", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        quantize_onnx(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["decoder.onnx", "int8.json"]  # no int8 file, no temporary
