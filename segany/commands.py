@@ -159,7 +159,7 @@ def load_segmenter(args):
         sam.image_encoder.to(getattr(torch, args.dtype))
     try:
         return Segmenter(sam, backend=backend, onnx_dir=onnx_dir)
-    except (ValueError, FileNotFoundError) as e:  # an --onnx-dir export of another model, or none
+    except (ValueError, OSError) as e:  # an --onnx-dir export of another model, none, or a read-only one
         raise UsageError(str(e)) from None
 
 

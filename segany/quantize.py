@@ -147,12 +147,19 @@ def quantize_onnx(onnx_dir, parts=("encoder", "decoder")) -> dict:
                     quantize_dynamic(str(src), str(tmp), weight_type=QuantType.QInt8,
                                      op_types_to_quantize=["MatMul", "Gemm"], nodes_to_exclude=keep_float)
                 os.replace(tmp, dst)
+            except OSError as e:  # (a read-only export folder, a full disk)
+                raise OSError(f"{d}: cannot write {dst.name} beside the export ({e}); "
+                              "copy the export to a writable folder") from e
             finally:
                 tmp.unlink(missing_ok=True)
             made[part] = ONNX_INT8_RECIPE
         out[part] = dst
     if made != recipes:
         tmp = stamp.with_name(f".{stamp.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(made, indent=1) + "\n")
-        os.replace(tmp, stamp)
+        try:
+            tmp.write_text(json.dumps(made, indent=1) + "\n")
+            os.replace(tmp, stamp)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise OSError(f"{d}: cannot write {stamp.name} beside the export ({e})") from e
     return out

@@ -237,3 +237,31 @@ def test_quantize_onnx_redoes_older_recipes_and_never_half_writes(exported, tmp_
     with pytest.raises(KeyboardInterrupt):
         quantize_onnx(tmp_path)
     assert sorted(os.listdir(tmp_path)) == ["decoder.onnx", "int8.json"]  # no int8 file, no temporary
+
+    def read_only(src, dst, **kw):
+        raise PermissionError(13, "Permission denied", str(dst))
+
+    monkeypatch.setattr(onnxruntime.quantization, "quantize_dynamic", read_only)
+    with pytest.raises(OSError, match=r"cannot write decoder\.int8\.onnx beside the export.*writable folder"):
+        quantize_onnx(tmp_path)
+    assert sorted(os.listdir(tmp_path)) == ["decoder.onnx", "int8.json"]
+
+
+def test_cli_int8_backend_on_an_unwritable_export_is_a_usage_error(tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    import onnxruntime.quantization
+
+    from core_helpers import config_safetensors
+    from segany.cli import main
+
+    def read_only(src, dst, **kw):
+        raise PermissionError(13, "Permission denied", str(dst))
+
+    ckpt = str(config_safetensors(TINY_VIT, tmp_path / "m.safetensors", seed=3))
+    Image.fromarray(test_image(90, 120, seed=5)).save(tmp_path / "img.png")
+    monkeypatch.setattr(onnxruntime.quantization, "quantize_dynamic", read_only)
+    assert main(["segment", str(tmp_path / "img.png"), "--checkpoint", ckpt, "--point", "60,40", "-o", str(tmp_path / "m.png"),
+                 "--backend", "onnxruntime-int8", "--onnx-dir", str(tmp_path / "onnx")]) == 2
+    assert "cannot write encoder.int8.onnx beside the export" in capsys.readouterr().err
+    assert not (tmp_path / "m.png").exists()
