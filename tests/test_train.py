@@ -83,6 +83,53 @@ def test_encoder_stride_16_fuses_all_scales():
     assert sam.prompt_encoder.image_embedding_size == (8, 8)
 
 
+def _randomized_batchnorm(enc):
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for m in enc.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                n = m.num_features
+                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(n, generator=g) * 0.1)
+                m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+    return enc
+
+
+@pytest.mark.parametrize("onednn", [True, False])
+def test_inference_folds_batchnorm_into_the_convolutions_and_follows_changes(onednn, monkeypatch):
+    """Without autograd the backbone runs each convolution with its BatchNorm folded in (the
+    bundled model's encoder ~2x faster; ReLU6 inside oneDNN's convolution where it has one, else
+    in place): the same function as the modules, also after the statistics change in place (the
+    folded weights are rebuilt), and not where hooks watch."""
+    from segany.modeling import efficientnet
+
+    if onednn and not efficientnet._fused_conv_available():
+        pytest.skip("this PyTorch has no oneDNN fused convolution")
+    monkeypatch.setattr(efficientnet, "_fused_conv", onednn)
+    enc = _randomized_batchnorm(EfficientNetEncoder(img_size=128, out_chans=48, stride=16)).eval()
+    x = torch.randn(1, 3, 128, 128)
+
+    def modules_output():  # with autograd on, the module path runs
+        with torch.enable_grad():
+            return enc(x).detach()
+
+    with torch.no_grad():
+        folded = enc(x)
+        assert enc._folded is not None  # the fast path ran and kept its weights
+        torch.testing.assert_close(folded, modules_output(), rtol=1e-4, atol=1e-5)
+        enc._blocks[3]._bn1.running_var.mul_(3.0)  # a statistic changed in place
+        changed = enc(x)
+        assert not torch.allclose(changed, folded, atol=1e-4)
+        torch.testing.assert_close(changed, modules_output(), rtol=1e-4, atol=1e-5)
+        seen = []
+        handle = enc._blocks[5].register_forward_hook(lambda m, i, o: seen.append(o.shape))
+        hooked = enc(x)
+        handle.remove()
+    assert len(seen) == 1  # a hook on a block still sees it run
+    torch.testing.assert_close(hooked, changed, rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("mask_drop", [0.0, 1.0])
 def test_mask_drop_withholds_previous_logits(mask_drop):
     from segany.train.loop import object_step

@@ -11,17 +11,25 @@ conv), refined by a 3x3 conv and normalised with LayerNorm2d, giving a (B, out_c
 S/stride) image embedding (32x32 for the bundled model's 512 input at stride 16).
 
 BatchNorm layers of the backbone always run with their stored statistics (eval mode), also in
-training: SAM-style batches hold one or two images, too few for batch statistics.
+training: SAM-style batches hold one or two images, too few for batch statistics. So at
+inference (no autograd, float32, not traced or exported, no hooks) each convolution and its
+BatchNorm are one convolution with folded weights, with ReLU6 inside oneDNN's convolution (or
+applied in place), and residual adds in place: the bundled model's encoder 0.61x the module
+path's time on the 2-core development machine (99 vs 163 ms at 768 px, interleaved runs), and
+0.89x that again with the fused ReLU6; the same function up to float32 rounding (max abs diff
+~2e-6). The folded weights are kept and rebuilt when any backbone parameter or statistic
+changes.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Tuple
+import os
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import LayerNorm2d
+from .common import LayerNorm2d, _dispatch_mode_active
 
 # (repeats, kernel, stride, expand ratio, out channels) per stage of EfficientNet-Lite0.
 LITE0_STAGES: Tuple[Tuple[int, int, int, int, int], ...] = (
@@ -34,6 +42,25 @@ LITE0_STAGES: Tuple[Tuple[int, int, int, int, int], ...] = (
     (1, 3, 1, 6, 320),
 )
 BN_EPS = 1e-3  # as the TF original / efficientnet-pytorch
+
+
+_fused_conv: Optional[bool] = None
+
+
+def _fused_conv_available() -> bool:
+    """oneDNN's convolution with a fused activation (``SEGANY_ONEDNN=0`` turns it off)."""
+    global _fused_conv
+    if _fused_conv is None:
+        _fused_conv = False
+        if os.environ.get("SEGANY_ONEDNN", "1") != "0" and torch.backends.mkldnn.is_available():
+            try:
+                x = torch.full((1, 1, 2, 2), 4.0)
+                y = torch.ops.mkldnn._convolution_pointwise(x, torch.full((1, 1, 1, 1), 2.0), torch.zeros(1), [0, 0], [1, 1],
+                                                            [1, 1], 1, "hardtanh", [0.0, 6.0], "")
+                _fused_conv = bool(torch.equal(y, torch.full((1, 1, 2, 2), 6.0)))
+            except (AttributeError, RuntimeError):
+                _fused_conv = False
+    return _fused_conv
 
 
 class MBConv(nn.Module):
@@ -119,12 +146,84 @@ class EfficientNetEncoder(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu6(self._bn0(self._conv_stem(x.contiguous(memory_format=torch.channels_last))))
+        x = x.contiguous(memory_format=torch.channels_last)
+        if self._folded_ok(x):
+            feats = self._backbone_folded(x)
+        else:
+            x = F.relu6(self._bn0(self._conv_stem(x)))
+            feats = []
+            for i, block in enumerate(self._blocks):
+                x = block(x)
+                if i in self.taps:
+                    feats.append(x)
+        return self._fuse(feats)
+
+    def _folded_ok(self, x: torch.Tensor) -> bool:
+        return (
+            x.dtype == torch.float32
+            and not torch.is_grad_enabled()
+            and not (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export())
+            and not _dispatch_mode_active()
+            and not any(m._forward_hooks or m._forward_pre_hooks for m in self.modules())
+            and not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
+        )
+
+    def _conv_bn_pairs(self) -> List[Tuple[nn.Conv2d, nn.BatchNorm2d, bool]]:
+        """(convolution, its BatchNorm, ReLU6 after) in the order the backbone runs them."""
+        pairs = [(self._conv_stem, self._bn0, True)]
+        for b in self._blocks:
+            if b.has_expand:
+                pairs.append((b._expand_conv, b._bn0, True))
+            pairs += [(b._depthwise_conv, b._bn1, True), (b._project_conv, b._bn2, False)]
+        return pairs
+
+    def _folded_weights(self, pairs) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        tensors = [t for conv, bn, _ in pairs for t in (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)]
+        try:  # (storage and version: a device or dtype move replaces the one, in-place updates bump the other)
+            key = tuple((t.data_ptr(), t._version) for t in tensors)
+        except RuntimeError:  # tensors made under inference_mode have no version counter: no reuse
+            key = None
+        kept = getattr(self, "_folded", None)
+        if key is not None and kept is not None and kept[0] == key:
+            return kept[1]
+        folded = []
+        for conv, bn, _ in pairs:
+            scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+            w = conv.weight * scale.reshape(-1, 1, 1, 1)
+            b = bn.bias - bn.running_mean * scale
+            if conv.bias is not None:
+                b = b + conv.bias * scale
+            folded.append((w.contiguous(memory_format=torch.channels_last), b))
+        if key is not None:
+            self._folded = (key, folded)
+        return folded
+
+    def _backbone_folded(self, x: torch.Tensor) -> List[torch.Tensor]:
+        pairs = self._conv_bn_pairs()
+        weights = iter(zip(pairs, self._folded_weights(pairs)))
+
+        fused = x.device.type == "cpu" and _fused_conv_available()
+
+        def conv_bn(y: torch.Tensor) -> torch.Tensor:
+            (conv, _, relu6), (w, b) = next(weights)
+            if fused:  # ReLU6 inside oneDNN's convolution: a pass less per activation (0.89x)
+                return torch.ops.mkldnn._convolution_pointwise(
+                    y, w, b, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups,
+                    "hardtanh" if relu6 else "none", [0.0, 6.0] if relu6 else [], "")
+            y = F.conv2d(y, w, b, conv.stride, conv.padding, conv.dilation, conv.groups)
+            return y.clamp_(0.0, 6.0) if relu6 else y
+
+        x = conv_bn(x)
         feats = []
         for i, block in enumerate(self._blocks):
-            x = block(x)
+            y = conv_bn(x) if block.has_expand else x
+            y = conv_bn(conv_bn(y))  # depthwise, then the projection
+            x = y.add_(x) if block.residual else y
             if i in self.taps:
                 feats.append(x)
+        return feats
+
+    def _fuse(self, feats: List[torch.Tensor]) -> torch.Tensor:
         # Top-down fusion: stride 32 -> 16 (-> 8).
         y = self.lateral[-1](feats[-1])
         for lat, f in zip(reversed(self.lateral[:-1]), reversed(feats[:-1])):
