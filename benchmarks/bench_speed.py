@@ -64,7 +64,9 @@ def _models(name, seed=1):
     from reference import load_reference
     from segany.modeling.build import randomize_
 
-    sa, _ = load_reference()
+    sa, mobile_sam = load_reference()
+    if name == "vit_t":  # MobileSAM's TinyViT: the reference is the mobile_sam package
+        sa = mobile_sam
     ours = randomize_(segany.sam_model_registry[name](), seed=seed).eval()
     ref = sa.sam_model_registry[name]()
     ref.load_state_dict(ours.state_dict())

@@ -576,3 +576,54 @@ def test_import_segany_puts_large_tensors_on_huge_pages():
     run = lambda extra: int(subprocess.run([sys.executable, "-c", code], env={**env, **extra}, capture_output=True, text=True, check=True).stdout)
     assert run({}) >= 128 << 10  # most of the 256 MB tensor, in kB
     assert run({"SEGANY_ALLOCATOR": "default"}) == 0
+
+
+@pytest.mark.parametrize("onednn", [True, False])
+def test_tiny_vit_inference_path_is_its_modules_function(onednn, monkeypatch):
+    """MobileSAM's TinyViT at float32 CPU inference (folded BatchNorms, fused GELU, channels-last
+    convolutions, gathered windows, the official attention arithmetic, in-place adds) computes
+    what its modules compute with autograd on: at 256 px every attention stage pads its windows.
+    The input is left alone, the folded weights follow in-place changes, and hooks still fire."""
+    from segany.modeling import common
+    from segany.modeling.tiny_vit import Conv2d_BN, TinyViT
+
+    if onednn and not common.fused_conv_available():
+        pytest.skip("this PyTorch has no oneDNN fused convolution")
+    monkeypatch.setattr(common, "_fused_conv", onednn)
+    torch.manual_seed(0)
+    enc = TinyViT(img_size=256).eval()
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in enc.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                n = m.num_features
+                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(n, generator=g) * 0.1)
+                m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+        for name, p in enc.named_parameters():
+            if name.endswith("attention_biases"):
+                p.copy_(torch.randn(p.shape, generator=g))
+    x = torch.randn(1, 3, 256, 256, generator=g)
+    x0 = x.clone()
+
+    def modules_output():
+        with torch.enable_grad():
+            return enc(x).detach()
+
+    with torch.no_grad():
+        fast = enc(x)
+        assert torch.equal(x, x0)
+        torch.testing.assert_close(fast, modules_output(), rtol=1e-4, atol=2e-5)
+        conv = enc.layers[1].blocks[0].local_conv
+        assert isinstance(conv, Conv2d_BN) and conv._folded._value is not None
+        conv.bn.running_mean.add_(0.5)
+        enc.layers[2].blocks[1].attn.attention_biases.mul_(2.0)
+        changed = enc(x)
+        assert not torch.allclose(changed, fast, atol=1e-4)
+        torch.testing.assert_close(changed, modules_output(), rtol=1e-4, atol=2e-5)
+        seen = []
+        handle = enc.layers[0].blocks[1].conv2.c.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+        enc(x)
+        handle.remove()
+    assert seen == [(1, 256, 64, 64)]

@@ -102,11 +102,11 @@ def test_inference_folds_batchnorm_into_the_convolutions_and_follows_changes(one
     bundled model's encoder ~2x faster; ReLU6 inside oneDNN's convolution where it has one, else
     in place): the same function as the modules, also after the statistics change in place (the
     folded weights are rebuilt), and not where hooks watch."""
-    from segany.modeling import efficientnet
+    from segany.modeling import common
 
-    if onednn and not efficientnet._fused_conv_available():
+    if onednn and not common.fused_conv_available():
         pytest.skip("this PyTorch has no oneDNN fused convolution")
-    monkeypatch.setattr(efficientnet, "_fused_conv", onednn)
+    monkeypatch.setattr(common, "_fused_conv", onednn)
     enc = _randomized_batchnorm(EfficientNetEncoder(img_size=128, out_chans=48, stride=16)).eval()
     x = torch.randn(1, 3, 128, 128)
 
@@ -116,7 +116,7 @@ def test_inference_folds_batchnorm_into_the_convolutions_and_follows_changes(one
 
     with torch.no_grad():
         folded = enc(x)
-        assert enc._folded is not None  # the fast path ran and kept its weights
+        assert enc._folded._value is not None  # the fast path ran and kept its weights
         torch.testing.assert_close(folded, modules_output(), rtol=1e-4, atol=1e-5)
         enc._blocks[3]._bn1.running_var.mul_(3.0)  # a statistic changed in place
         changed = enc(x)

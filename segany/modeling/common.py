@@ -5,7 +5,7 @@ Parameter names match the official SAM checkpoints (``lin1``/``lin2``, ``weight`
 from __future__ import annotations
 
 import os
-from typing import Optional, Type
+from typing import Optional, Tuple, Type
 
 import torch
 import torch.nn.functional as F
@@ -85,6 +85,82 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     if act == "relu":
         return F.relu(y)
     return y
+
+
+def inference_fast_path(x: torch.Tensor) -> bool:
+    """Float32 CPU inference where the fused and folded paths may replace modules as written: no
+    autograd, not traced, scripted or exported, no dispatch mode watching."""
+    return (
+        x.dtype == torch.float32
+        and x.device.type == "cpu"
+        and not torch.is_grad_enabled()
+        and not (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export())
+        and not _dispatch_mode_active()
+    )
+
+
+_fused_conv: Optional[bool] = None
+
+
+def fused_conv_available() -> bool:
+    """oneDNN's convolution with a fused activation (``SEGANY_ONEDNN=0`` turns it off)."""
+    global _fused_conv
+    if _fused_conv is None:
+        _fused_conv = False
+        if os.environ.get("SEGANY_ONEDNN", "1") != "0" and torch.backends.mkldnn.is_available():
+            try:
+                x = torch.full((1, 1, 2, 2), 4.0)
+                y = torch.ops.mkldnn._convolution_pointwise(x, torch.full((1, 1, 1, 1), 2.0), torch.zeros(1), [0, 0], [1, 1],
+                                                            [1, 1], 1, "hardtanh", [0.0, 6.0], "")
+                _fused_conv = bool(torch.equal(y, torch.full((1, 1, 2, 2), 6.0)))
+            except (AttributeError, RuntimeError):
+                _fused_conv = False
+    return _fused_conv
+
+
+def fold_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Weight and bias of the one convolution equal to ``bn(conv(x))`` with ``bn`` in eval mode."""
+    scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
+    w = conv.weight * scale.reshape(-1, 1, 1, 1)
+    b = bn.bias - bn.running_mean * scale
+    if conv.bias is not None:
+        b = b + conv.bias * scale
+    return w.contiguous(memory_format=torch.channels_last), b
+
+
+def conv_act(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, conv: nn.Conv2d, act: str = "none") -> torch.Tensor:
+    """``act(F.conv2d(x, w, b))`` with ``conv``'s stride, padding, dilation and groups; ``act`` one of
+    ``none``, ``relu6``, ``gelu`` (exact). Inside oneDNN's convolution where it has one (a pass less
+    per activation), else the activation in place."""
+    if x.device.type == "cpu" and fused_conv_available():
+        attr, scalars, algorithm = {"none": ("none", [], ""), "relu6": ("hardtanh", [0.0, 6.0], ""),
+                                    "gelu": ("gelu", [], "none")}[act]
+        return torch.ops.mkldnn._convolution_pointwise(x, w, b, list(conv.padding), list(conv.stride), list(conv.dilation),
+                                                       conv.groups, attr, scalars, algorithm)
+    y = F.conv2d(x, w, b, conv.stride, conv.padding, conv.dilation, conv.groups)
+    if act == "relu6":
+        return y.clamp_(0.0, 6.0)
+    return F.gelu(y) if act == "gelu" else y
+
+
+class FoldedWeights:
+    """Derived tensors of some parameters and buffers (folded convolutions), kept while none of
+    those changes: the key is each tensor's storage and version counter (a device or dtype move
+    replaces the one, in-place updates bump the other). Tensors made under ``inference_mode`` have
+    no version counter: then nothing is kept."""
+
+    def __init__(self) -> None:
+        self._key = None
+        self._value = None
+
+    def get(self, tensors, make):
+        try:
+            key = tuple((t.data_ptr(), t._version) for t in tensors)
+        except RuntimeError:
+            return make()
+        if self._value is None or self._key != key:
+            self._value, self._key = make(), key
+        return self._value
 
 
 def apply_linear(layer: nn.Module, x: torch.Tensor, act: Optional[nn.Module] = None) -> torch.Tensor:

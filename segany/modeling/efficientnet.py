@@ -22,14 +22,13 @@ changes.
 """
 from __future__ import annotations
 
-import os
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import LayerNorm2d, _dispatch_mode_active
+from .common import FoldedWeights, LayerNorm2d, conv_act, fold_conv_bn, inference_fast_path
 
 # (repeats, kernel, stride, expand ratio, out channels) per stage of EfficientNet-Lite0.
 LITE0_STAGES: Tuple[Tuple[int, int, int, int, int], ...] = (
@@ -42,25 +41,6 @@ LITE0_STAGES: Tuple[Tuple[int, int, int, int, int], ...] = (
     (1, 3, 1, 6, 320),
 )
 BN_EPS = 1e-3  # as the TF original / efficientnet-pytorch
-
-
-_fused_conv: Optional[bool] = None
-
-
-def _fused_conv_available() -> bool:
-    """oneDNN's convolution with a fused activation (``SEGANY_ONEDNN=0`` turns it off)."""
-    global _fused_conv
-    if _fused_conv is None:
-        _fused_conv = False
-        if os.environ.get("SEGANY_ONEDNN", "1") != "0" and torch.backends.mkldnn.is_available():
-            try:
-                x = torch.full((1, 1, 2, 2), 4.0)
-                y = torch.ops.mkldnn._convolution_pointwise(x, torch.full((1, 1, 1, 1), 2.0), torch.zeros(1), [0, 0], [1, 1],
-                                                            [1, 1], 1, "hardtanh", [0.0, 6.0], "")
-                _fused_conv = bool(torch.equal(y, torch.full((1, 1, 2, 2), 6.0)))
-            except (AttributeError, RuntimeError):
-                _fused_conv = False
-    return _fused_conv
 
 
 class MBConv(nn.Module):
@@ -160,10 +140,7 @@ class EfficientNetEncoder(nn.Module):
 
     def _folded_ok(self, x: torch.Tensor) -> bool:
         return (
-            x.dtype == torch.float32
-            and not torch.is_grad_enabled()
-            and not (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export())
-            and not _dispatch_mode_active()
+            inference_fast_path(x)
             and not any(m._forward_hooks or m._forward_pre_hooks for m in self.modules())
             and not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
         )
@@ -178,40 +155,18 @@ class EfficientNetEncoder(nn.Module):
         return pairs
 
     def _folded_weights(self, pairs) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+        if getattr(self, "_folded", None) is None:
+            self._folded = FoldedWeights()
         tensors = [t for conv, bn, _ in pairs for t in (conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)]
-        try:  # (storage and version: a device or dtype move replaces the one, in-place updates bump the other)
-            key = tuple((t.data_ptr(), t._version) for t in tensors)
-        except RuntimeError:  # tensors made under inference_mode have no version counter: no reuse
-            key = None
-        kept = getattr(self, "_folded", None)
-        if key is not None and kept is not None and kept[0] == key:
-            return kept[1]
-        folded = []
-        for conv, bn, _ in pairs:
-            scale = bn.weight * torch.rsqrt(bn.running_var + bn.eps)
-            w = conv.weight * scale.reshape(-1, 1, 1, 1)
-            b = bn.bias - bn.running_mean * scale
-            if conv.bias is not None:
-                b = b + conv.bias * scale
-            folded.append((w.contiguous(memory_format=torch.channels_last), b))
-        if key is not None:
-            self._folded = (key, folded)
-        return folded
+        return self._folded.get(tensors, lambda: [fold_conv_bn(conv, bn) for conv, bn, _ in pairs])
 
     def _backbone_folded(self, x: torch.Tensor) -> List[torch.Tensor]:
         pairs = self._conv_bn_pairs()
         weights = iter(zip(pairs, self._folded_weights(pairs)))
 
-        fused = x.device.type == "cpu" and _fused_conv_available()
-
         def conv_bn(y: torch.Tensor) -> torch.Tensor:
             (conv, _, relu6), (w, b) = next(weights)
-            if fused:  # ReLU6 inside oneDNN's convolution: a pass less per activation (0.89x)
-                return torch.ops.mkldnn._convolution_pointwise(
-                    y, w, b, list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups,
-                    "hardtanh" if relu6 else "none", [0.0, 6.0] if relu6 else [], "")
-            y = F.conv2d(y, w, b, conv.stride, conv.padding, conv.dilation, conv.groups)
-            return y.clamp_(0.0, 6.0) if relu6 else y
+            return conv_act(y, w, b, conv, "relu6" if relu6 else "none")
 
         x = conv_bn(x)
         feats = []

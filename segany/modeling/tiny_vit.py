@@ -1,15 +1,25 @@
 """MobileSAM's TinyViT image encoder (``vit_t``), with the official module and parameter names so
-that ``mobile_sam.pt`` loads strictly (its unused classification head included)."""
+that ``mobile_sam.pt`` loads strictly (its unused classification head included).
+
+At float32 CPU inference (no autograd, not traced or exported; ``common.inference_fast_path``)
+each ``Conv2d_BN`` runs as one convolution with the BatchNorm folded in (kept, rebuilt when a
+parameter or statistic changes), the GELU after it inside oneDNN's convolution, the convolution
+stage channels-last, and the windowed attention as the official code writes it (two products and
+a softmax, the bias table gathered once) instead of PyTorch's masked SDPA, whose checks for
+fully-masked rows cost more than the softmax. The same function up to float32 rounding.
+"""
 from __future__ import annotations
 
 import itertools
-from typing import Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import LayerNorm2d
+from .common import (FoldedWeights, LayerNorm2d, _act_name, _has_hooks, apply_linear, conv_act, fold_conv_bn,
+                     inference_fast_path)
+from .image_encoder import _window_indices
 
 
 class Conv2d_BN(nn.Sequential):
@@ -23,6 +33,18 @@ class Conv2d_BN(nn.Sequential):
         nn.init.constant_(bn.bias, 0)
         self.add_module("bn", bn)
 
+    def forward(self, x: torch.Tensor, act: Optional[nn.Module] = None) -> torch.Tensor:
+        """``act(bn(c(x)))`` (``act`` None: none)."""
+        name = _act_name(act)
+        if name is not None and inference_fast_path(x) and not (_has_hooks(self) or _has_hooks(self.c) or _has_hooks(self.bn)):
+            if getattr(self, "_folded", None) is None:
+                self._folded = FoldedWeights()
+            c, bn = self.c, self.bn
+            w, b = self._folded.get((c.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var), lambda: fold_conv_bn(c, bn))
+            return conv_act(x, w, b, c, name)
+        y = self.bn(self.c(x))
+        return y if act is None else act(y)
+
 
 class PatchEmbed(nn.Module):
     def __init__(self, in_chans: int, embed_dim: int, resolution: int, activation) -> None:
@@ -32,7 +54,10 @@ class PatchEmbed(nn.Module):
         self.seq = nn.Sequential(Conv2d_BN(in_chans, n // 2, 3, 2, 1), activation(), Conv2d_BN(n // 2, n, 3, 2, 1))
 
     def forward(self, x):
-        return self.seq(x)
+        if not inference_fast_path(x):
+            return self.seq(x)
+        x = x.contiguous(memory_format=torch.channels_last)  # channels-last through the convolution stage
+        return self.seq[2](self.seq[0](x, self.seq[1]))
 
 
 class MBConv(nn.Module):
@@ -48,8 +73,8 @@ class MBConv(nn.Module):
 
     def forward(self, x):
         shortcut = x
-        x = self.act1(self.conv1(x))
-        x = self.act2(self.conv2(x))
+        x = self.conv1(x, self.act1)
+        x = self.conv2(x, self.act2)
         x = self.conv3(x)
         return self.act3(x + shortcut)
 
@@ -70,8 +95,8 @@ class PatchMerging(nn.Module):
         if x.ndim == 3:
             H, W = self.input_resolution
             x = x.view(len(x), H, W, -1).permute(0, 3, 1, 2)
-        x = self.act(self.conv1(x))
-        x = self.act(self.conv2(x))
+        x = self.conv1(x, self.act)
+        x = self.conv2(x, self.act)
         x = self.conv3(x)
         return x.flatten(2).transpose(1, 2)
 
@@ -97,7 +122,8 @@ class Mlp(nn.Module):
         self.act = act_layer()
 
     def forward(self, x):
-        return self.fc2(self.act(self.fc1(self.norm(x))))
+        # (apply_linear: large products through oneDNN with the GELU fused, as in SAM's ViT MLP)
+        return apply_linear(self.fc2, apply_linear(self.fc1, self.norm(x), self.act))
 
 
 class Attention(nn.Module):
@@ -129,8 +155,15 @@ class Attention(nn.Module):
         x = self.norm(x)
         q, k, v = self.qkv(x).view(B, N, self.num_heads, -1).split([self.key_dim, self.key_dim, self.d], dim=3)
         q, k, v = (t.permute(0, 2, 1, 3) for t in (q, k, v))
-        bias = self.attention_biases[:, self.attention_bias_idxs].to(q.dtype)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
+        if inference_fast_path(x):
+            if getattr(self, "_bias", None) is None:
+                self._bias = FoldedWeights()
+            bias = self._bias.get((self.attention_biases,), lambda: self.attention_biases[:, self.attention_bias_idxs])
+            attn = torch.matmul(q, k.transpose(-2, -1)).mul_(self.scale).add_(bias).softmax(-1)
+            x = torch.matmul(attn, v)
+        else:
+            bias = self.attention_biases[:, self.attention_bias_idxs].to(q.dtype)
+            x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
         return self.proj(x.transpose(1, 2).reshape(B, N, self.dh))
 
 
@@ -149,8 +182,17 @@ class TinyViTBlock(nn.Module):
         B, L, C = x.shape
         ws = self.window_size
         res_x = x
+        fresh = inference_fast_path(x)  # then x is this block's own tensor after the attention: adds in place
         if H == ws and W == ws:
             x = self.attn(x)
+        elif fresh:
+            # pad + partition as one row gather, unpartition + crop as another (the official
+            # code's four copies are two)
+            gather, scatter, pad_rows = _window_indices(H, W, ws, str(x.device))
+            windows = x.index_select(1, gather.to(x.device))
+            if pad_rows.numel():
+                windows[:, pad_rows.to(x.device)] = 0.0  # the official zero padding (before the attention's LayerNorm)
+            x = self.attn(windows.view(-1, ws * ws, C)).view(B, -1, C).index_select(1, scatter.to(x.device))
         else:
             x = x.view(B, H, W, C)
             pad_b = (ws - H % ws) % ws
@@ -165,11 +207,11 @@ class TinyViTBlock(nn.Module):
             if pad_b or pad_r:
                 x = x[:, :H, :W].contiguous()
             x = x.view(B, L, C)
-        x = res_x + x
+        x = x.add_(res_x) if fresh else res_x + x
         x = x.transpose(1, 2).reshape(B, C, H, W)
         x = self.local_conv(x)
         x = x.view(B, C, L).transpose(1, 2)
-        return x + self.mlp(x)
+        return self.mlp(x).add_(x) if fresh else x + self.mlp(x)
 
 
 class BasicLayer(nn.Module):
