@@ -102,3 +102,18 @@ def test_image(h: int, w: int, seed: int = 0) -> np.ndarray:
 
 
 test_image.__test__ = False  # not a pytest test despite the name
+
+
+def randomize_batchnorm_(model: torch.nn.Module, seed: int = 7) -> torch.nn.Module:
+    """Random affine parameters and running statistics for every BatchNorm2d of ``model`` (fresh
+    ones are identities, under which folding them into convolutions would go unchecked)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                n = m.num_features
+                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
+                m.bias.copy_(torch.randn(n, generator=g) * 0.1)
+                m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+    return model

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from core_helpers import TINY_VIT
+from core_helpers import TINY_VIT, randomize_batchnorm_
 from segany.modeling.build import build_sam, randomize_
 from segany.modeling.fast_decoder import build_cache, mask_prompt_factor, predict_masks_fast
 from segany.predictor import SamPredictor, _SeparableResize
@@ -591,16 +591,9 @@ def test_tiny_vit_inference_path_is_its_modules_function(onednn, monkeypatch):
         pytest.skip("this PyTorch has no oneDNN fused convolution")
     monkeypatch.setattr(common, "_fused_conv", onednn)
     torch.manual_seed(0)
-    enc = TinyViT(img_size=256).eval()
+    enc = randomize_batchnorm_(TinyViT(img_size=256), seed=1).eval()
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for m in enc.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                n = m.num_features
-                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(n, generator=g) * 0.1)
-                m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
         for name, p in enc.named_parameters():
             if name.endswith("attention_biases"):
                 p.copy_(torch.randn(p.shape, generator=g))

@@ -83,19 +83,6 @@ def test_encoder_stride_16_fuses_all_scales():
     assert sam.prompt_encoder.image_embedding_size == (8, 8)
 
 
-def _randomized_batchnorm(enc):
-    g = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        for m in enc.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                n = m.num_features
-                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(n, generator=g) * 0.1)
-                m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-    return enc
-
-
 @pytest.mark.parametrize("onednn", [True, False])
 def test_inference_folds_batchnorm_into_the_convolutions_and_follows_changes(onednn, monkeypatch):
     """Without autograd the backbone runs each convolution with its BatchNorm folded in (the
@@ -107,7 +94,9 @@ def test_inference_folds_batchnorm_into_the_convolutions_and_follows_changes(one
     if onednn and not common.fused_conv_available():
         pytest.skip("this PyTorch has no oneDNN fused convolution")
     monkeypatch.setattr(common, "_fused_conv", onednn)
-    enc = _randomized_batchnorm(EfficientNetEncoder(img_size=128, out_chans=48, stride=16)).eval()
+    from core_helpers import randomize_batchnorm_
+
+    enc = randomize_batchnorm_(EfficientNetEncoder(img_size=128, out_chans=48, stride=16)).eval()
     x = torch.randn(1, 3, 128, 128)
 
     def modules_output():  # with autograd on, the module path runs
