@@ -153,7 +153,7 @@ class Attention(nn.Module):
     def forward(self, x):  # (B, N, C)
         B, N, _ = x.shape
         x = self.norm(x)
-        q, k, v = self.qkv(x).view(B, N, self.num_heads, -1).split([self.key_dim, self.key_dim, self.d], dim=3)
+        q, k, v = apply_linear(self.qkv, x).view(B, N, self.num_heads, -1).split([self.key_dim, self.key_dim, self.d], dim=3)
         q, k, v = (t.permute(0, 2, 1, 3) for t in (q, k, v))
         if inference_fast_path(x):
             if getattr(self, "_bias", None) is None:
@@ -164,7 +164,7 @@ class Attention(nn.Module):
         else:
             bias = self.attention_biases[:, self.attention_bias_idxs].to(q.dtype)
             x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=self.scale)
-        return self.proj(x.transpose(1, 2).reshape(B, N, self.dh))
+        return apply_linear(self.proj, x.transpose(1, 2).reshape(B, N, self.dh))
 
 
 class TinyViTBlock(nn.Module):
