@@ -616,7 +616,9 @@ def test_tiny_vit_inference_path_is_its_modules_function(onednn, monkeypatch):
         assert not torch.allclose(changed, fast, atol=1e-4)
         torch.testing.assert_close(changed, modules_output(), rtol=1e-4, atol=2e-5)
         seen = []
-        handle = enc.layers[0].blocks[1].conv2.c.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+        hooks = [enc.layers[0].blocks[1].conv2.c.register_forward_hook(lambda m, i, o: seen.append(o.shape)),
+                 enc.layers[0].blocks[0].act1.register_forward_hook(lambda m, i, o: seen.append(o.shape))]
         enc(x)
-        handle.remove()
-    assert seen == [(1, 256, 64, 64)]
+        for h in hooks:
+            h.remove()
+    assert sorted(seen) == [(1, 256, 64, 64)] * 2

@@ -35,7 +35,7 @@ class Conv2d_BN(nn.Sequential):
 
     def forward(self, x: torch.Tensor, act: Optional[nn.Module] = None) -> torch.Tensor:
         """``act(bn(c(x)))`` (``act`` None: none)."""
-        name = _act_name(act)
+        name = None if act is not None and _has_hooks(act) else _act_name(act)  # (a hooked activation runs as a module)
         if name is not None and inference_fast_path(x) and not (_has_hooks(self) or _has_hooks(self.c) or _has_hooks(self.bn)):
             if getattr(self, "_folded", None) is None:
                 self._folded = FoldedWeights()
@@ -54,7 +54,7 @@ class PatchEmbed(nn.Module):
         self.seq = nn.Sequential(Conv2d_BN(in_chans, n // 2, 3, 2, 1), activation(), Conv2d_BN(n // 2, n, 3, 2, 1))
 
     def forward(self, x):
-        if not inference_fast_path(x):
+        if not inference_fast_path(x) or _has_hooks(self.seq):
             return self.seq(x)
         x = x.contiguous(memory_format=torch.channels_last)  # channels-last through the convolution stage
         return self.seq[2](self.seq[0](x, self.seq[1]))
