@@ -21,17 +21,23 @@ _ONEDNN_MIN_MACS = 1 << 26  # rows x in x out
 _onednn: Optional[bool] = None
 
 
+def _onednn_works(probe) -> bool:
+    """oneDNN is on (``SEGANY_ONEDNN=0`` turns it off) and ``probe()``, a tiny call of one of its
+    private ops checked against PyTorch, is true (a build without the op raises)."""
+    if os.environ.get("SEGANY_ONEDNN", "1") == "0" or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        return bool(probe())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def _onednn_available() -> bool:
     global _onednn
     if _onednn is None:
-        _onednn = False
-        if os.environ.get("SEGANY_ONEDNN", "1") != "0" and torch.backends.mkldnn.is_available():
-            try:
-                x = torch.ones(2, 3)
-                y = torch.ops.mkldnn._linear_pointwise(x, torch.ones(4, 3), torch.zeros(4), "gelu", [], "none")
-                _onednn = bool(torch.allclose(y, F.gelu(torch.full((2, 4), 3.0))))
-            except (AttributeError, RuntimeError):
-                _onednn = False
+        _onednn = _onednn_works(lambda: torch.allclose(
+            torch.ops.mkldnn._linear_pointwise(torch.ones(2, 3), torch.ones(4, 3), torch.zeros(4), "gelu", [], "none"),
+            F.gelu(torch.full((2, 4), 3.0))))
     return _onednn
 
 
@@ -106,15 +112,10 @@ def fused_conv_available() -> bool:
     """oneDNN's convolution with a fused activation (``SEGANY_ONEDNN=0`` turns it off)."""
     global _fused_conv
     if _fused_conv is None:
-        _fused_conv = False
-        if os.environ.get("SEGANY_ONEDNN", "1") != "0" and torch.backends.mkldnn.is_available():
-            try:
-                x = torch.full((1, 1, 2, 2), 4.0)
-                y = torch.ops.mkldnn._convolution_pointwise(x, torch.full((1, 1, 1, 1), 2.0), torch.zeros(1), [0, 0], [1, 1],
-                                                            [1, 1], 1, "hardtanh", [0.0, 6.0], "")
-                _fused_conv = bool(torch.equal(y, torch.full((1, 1, 2, 2), 6.0)))
-            except (AttributeError, RuntimeError):
-                _fused_conv = False
+        _fused_conv = _onednn_works(lambda: torch.equal(
+            torch.ops.mkldnn._convolution_pointwise(torch.full((1, 1, 2, 2), 4.0), torch.full((1, 1, 1, 1), 2.0), torch.zeros(1),
+                                                    [0, 0], [1, 1], [1, 1], 1, "hardtanh", [0.0, 6.0], ""),
+            torch.full((1, 1, 2, 2), 6.0)))
     return _fused_conv
 
 

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import FoldedWeights, LayerNorm2d, conv_act, fold_conv_bn, inference_fast_path
+from .common import FoldedWeights, LayerNorm2d, _has_hooks, conv_act, fold_conv_bn, inference_fast_path
 
 # (repeats, kernel, stride, expand ratio, out channels) per stage of EfficientNet-Lite0.
 LITE0_STAGES: Tuple[Tuple[int, int, int, int, int], ...] = (
@@ -139,11 +139,7 @@ class EfficientNetEncoder(nn.Module):
         return self._fuse(feats)
 
     def _folded_ok(self, x: torch.Tensor) -> bool:
-        return (
-            inference_fast_path(x)
-            and not any(m._forward_hooks or m._forward_pre_hooks for m in self.modules())
-            and not (nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
-        )
+        return inference_fast_path(x) and not any(_has_hooks(m) for m in self.modules())
 
     def _conv_bn_pairs(self) -> List[Tuple[nn.Conv2d, nn.BatchNorm2d, bool]]:
         """(convolution, its BatchNorm, ReLU6 after) in the order the backbone runs them."""
