@@ -14,7 +14,7 @@
    Layouts, for one grid of h x w tokens, nh heads of hd channels:
      q   (B, nh, h*w, hd)   queries (unscaled), any strides but contiguous channels
      kt  (B, nh, h, hd, w)  keys, transposed per key row of the grid (contiguous)
-     v   (B, nh, h*w, hd)   like q
+     v   (B, nh, h*w, hd)   like q (rel_attention passes it contiguous: see there)
      rht (h, hd, hp)        SAM's rel_pos_h picked per (query row, key row) (get_rel_pos), the
                             last two axes swapped, key rows zero-padded to hp (whole vectors):
                             rel_h[query (r, c)][key row k] = q . rht[r][:, k]
