@@ -29,6 +29,14 @@ class PromptError(ValueError):
     """A prompt has the wrong shape, a non-finite value, or lies outside the image."""
 
 
+def _numbers(name: str, x, dtype=np.float64) -> np.ndarray:
+    """``x`` as a numpy array of ``dtype``; anything that is not numbers is a PromptError naming it."""
+    try:
+        return np.asarray(x, dtype=dtype)
+    except (TypeError, ValueError) as e:
+        raise PromptError(f"{name} must be numbers: {e}") from None
+
+
 def _finite(name: str, a: np.ndarray) -> None:
     if not np.all(np.isfinite(a)):
         raise PromptError(f"{name} contains NaN or infinite values")
@@ -252,14 +260,14 @@ class SamPredictor:
         if point_coords is not None:
             if point_labels is None:
                 raise PromptError("point_labels must be supplied if point_coords is supplied.")
-            pc = np.asarray(point_coords, dtype=np.float64)
+            pc = _numbers("point_coords", point_coords)
             pl = np.asarray(point_labels)
             if pc.ndim != 2 or pc.shape[1] != 2:
                 raise PromptError(f"point_coords must have shape (N, 2), got {pc.shape}")
             if pl.shape != (pc.shape[0],):
                 raise PromptError(f"point_labels must have shape ({pc.shape[0]},), got {pl.shape}")
             _finite("point_coords", pc)
-            _finite("point_labels", pl.astype(np.float64))
+            _finite("point_labels", _numbers("point_labels", pl))
             if not ((pl == 1) | (pl == 0) | (pl == -1)).all():  # (np.isin: ~70 us of a click's Python time)
                 raise PromptError(f"point_labels must be 1 (foreground), 0 (background) or -1 (ignore), got {np.unique(pl).tolist()}")
             _check_in_image("point", pc, self.original_size)
@@ -269,7 +277,7 @@ class SamPredictor:
         elif point_labels is not None:
             raise PromptError("point_labels given without point_coords")
         if box is not None:
-            b = np.asarray(box, dtype=np.float64)
+            b = _numbers("box", box)
             if b.size != 4:
                 raise PromptError(f"box must have 4 values (x0, y0, x1, y1), got shape {b.shape}")
             b = b.reshape(4)
@@ -280,7 +288,7 @@ class SamPredictor:
             b = self.transform.apply_boxes(b, self.original_size)
             box_t = torch.as_tensor(b, dtype=torch.float, device=self.device)
         if mask_input is not None:
-            m = np.asarray(mask_input, dtype=np.float32)
+            m = _numbers("mask_input", mask_input, np.float32)
             exp = (1, *self.model.prompt_encoder.mask_input_size)
             if m.shape != exp:
                 raise PromptError(f"mask_input must have shape {exp} (low-res logits of a previous prediction), got {m.shape}")

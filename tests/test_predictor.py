@@ -152,6 +152,10 @@ def test_predict_before_image_is_set(models):
         (dict(box=np.array([0.0, np.nan, 10.0, 10.0])), "box contains NaN"),
         (dict(box=np.array([0.0, 0.0, 10.0, 10.0]), mask_input=np.zeros((1, 16, 16))), "mask_input must have shape"),
         (dict(box=np.array([0.0, 0.0, 10.0, 10.0]), mask_input=np.full((1, 32, 32), np.nan)), "mask_input contains NaN"),
+        (dict(point_coords=np.array([[1.0, 2.0]]), point_labels=np.array(["fg"])), "point_labels must be numbers"),
+        (dict(point_coords=[["a", 2.0]], point_labels=[1]), "point_coords must be numbers"),
+        (dict(box=["left", 0.0, 10.0, 10.0]), "box must be numbers"),
+        (dict(box=np.array([0.0, 0.0, 10.0, 10.0]), mask_input=[[["x"]]]), "mask_input must be numbers"),
     ],
 )
 def test_bad_prompts_raise_prompt_error(predictors, kw, message):
