@@ -660,7 +660,7 @@ def rel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, Rh: torch.T
     if q.stride(-1) != 1:
         q = q.contiguous()
     if v.stride(-1) != 1 or v.stride(-2) != hd:
-        # Each (query row, key row) step reads a key row's 64 values 16 times. As a view of the
+        # Each (query row, key row) step reads that key row's w value rows 16 times. As a view of the
         # qkv projection their rows lie 3C floats apart (9 KB for vit_b), which maps them to a
         # quarter of the L1 cache's sets: every read came from L2. Copied once per block (12.6 MB
         # for vit_b, a few ms): a global block's attention 318 -> 266 ms (2-core Xeon, medians of 15).
