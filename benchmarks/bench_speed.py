@@ -2,7 +2,12 @@
 weights, one markdown table.
 
 Every row runs in its own subprocess; rows that compare timings run segany and the reference
-alternately in that same process (machine noise hits both) and report medians and their ratio.
+alternately, call by call (machine noise hits both), and report medians and their ratio. The
+reference runs in a process of its own beside the row's, driven over a pipe and timed there
+(:class:`_Reference`), with the environment its users have: without the huge-page allocator
+that ``import segany`` turns on for its process (``--reference-huge-pages`` gives it that too;
+``--reference-in-process``, the way this script ran before 2026-12-05, shares segany's process
+and so its allocator). Click rows pause 30 ms before each timed call (:data:`SETTLE`).
 Weights are random (no official checkpoint offline), except in click_bundled. Timings depend on
 weight values in two ways: denormal floats slow Intel cores many-fold (see bench_everything.py;
 these std-0.05 weights give none that matter: the click with flush-to-zero 32.2 vs 36.7 ms,
@@ -15,6 +20,7 @@ do not (hence the click_bundled row).
     python benchmarks/bench_speed.py --rows rss --rss-model vit_h
     python benchmarks/bench_speed.py --agreement 20        # int8 vs float32 mask IoU on photos
     python benchmarks/bench_speed.py --rows click,click_bundled --size 1500x2000
+    python benchmarks/bench_speed.py --rows encoder --reference-huge-pages   # the reference with segany's allocator
 
 Rows: gemm (machine float32 GEMM rate), encoder (fp32), encoder_int8 (PyTorch dynamic int8),
 encoder_ort / encoder_ort_int8 (onnxruntime; needs an export, slow the first time), click (one
@@ -31,6 +37,7 @@ import argparse
 import glob
 import json
 import os
+import pickle
 import resource
 import statistics
 import subprocess
@@ -41,6 +48,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
+ARGS = None  # the parsed command line (set in main)
 ENCODER_TFLOP = {"vit_b": 0.0, "vit_l": 0.0, "vit_h": 0.0}  # filled by _encoder_flops
 
 
@@ -50,7 +58,7 @@ def _image(h=None, w=None):
     if h is None:
         h, w = (int(v) for v in os.environ.get("SEGANY_BENCH_SIZE", "600x900").split("x"))
 
-    photos = sorted(glob.glob("/work/shared/data/*/images/*.jpg"))
+    photos = sorted(glob.glob(str(ROOT.parent / "shared" / "data" / "*" / "images" / "*.jpg")))
     if photos:
         from PIL import Image
 
@@ -60,6 +68,8 @@ def _image(h=None, w=None):
 
 
 def _models(name, seed=1):
+    """(reference module, segany model, reference model) with the same random weights; the
+    reference model in a process of its own (a :class:`_Reference`) unless ``--reference-in-process``."""
     import segany
     from reference import load_reference
     from segany.modeling.build import randomize_
@@ -68,15 +78,160 @@ def _models(name, seed=1):
     if name == "vit_t":  # MobileSAM's TinyViT: the reference is the mobile_sam package
         sa = mobile_sam
     ours = randomize_(segany.sam_model_registry[name](), seed=seed).eval()
-    ref = sa.sam_model_registry[name]()
-    ref.load_state_dict(ours.state_dict())
-    return sa, ours, ref.eval()
+    if ARGS.reference_in_process:
+        ref = sa.sam_model_registry[name]()
+        ref.load_state_dict(ours.state_dict())
+        return sa, ours, ref.eval()
+    return sa, ours, _Reference({"build": "registry", "model": name}, ours.state_dict())
 
 
-def _alternate(fns, repeats, warmup=1):
+# Whether the user set PyTorch's huge-page switch before this script ran (``import segany`` sets
+# it for its own process, and child processes would inherit it).
+_THP_PRESET = os.environ.get("THP_MEM_ALLOC_ENABLE")
+
+
+class _Measured(float):
+    """Seconds a call took, measured where it ran (in a :class:`_Reference`'s process)."""
+
+
+def _took(obj):
+    """What an alternated call returns: the time its own process measured where ``obj`` is a
+    :class:`_Reference` (else None: :func:`_alternate` measures it)."""
+    return obj.seconds if isinstance(obj, _Reference) else None
+
+
+class _Reference:
+    """The reference model in a process of its own, with the environment its users have.
+
+    ``import segany`` turns on PyTorch's huge-page allocator (``THP_MEM_ALLOC_ENABLE``, see
+    ``segany.allocator``) for its whole process. A reference sharing segany's process ran faster
+    with it than anyone running the official package does (vit_b encoder, 2026-12-05: 8.6-9.7 s
+    with it, 9.5-12.2 s without, separate processes alternating), which made segany's ratios look
+    worse than what a user switching gets. Here the variable is taken out of the child's
+    environment unless it was set before this script started (``--reference-huge-pages`` keeps it).
+
+    Calls go over a pipe and return their result; ``seconds`` is the last call's time measured in
+    the child around the call alone (no pickling), so rows still alternate call by call."""
+
+    def __init__(self, build: dict, state_dict=None):
+        import multiprocessing as mp
+        import tempfile
+
+        import torch
+
+        self.seconds = None
+        weights = None
+        if state_dict is not None:
+            fd, weights = tempfile.mkstemp(suffix=".pt")
+            os.close(fd)
+            torch.save(state_dict, weights)
+        ctx = mp.get_context("spawn")
+        self._conn, child = ctx.Pipe()
+        saved = dict(os.environ)
+        if not ARGS.reference_huge_pages and _THP_PRESET is None:
+            os.environ.pop("THP_MEM_ALLOC_ENABLE", None)
+            os.environ["SEGANY_ALLOCATOR"] = "default"  # (where the child imports segany to build a model)
+        try:
+            self._proc = ctx.Process(target=_reference_main, args=(child, build, weights, torch.get_num_threads()), daemon=True)
+            self._proc.start()
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+        try:
+            self._reply()  # built
+        finally:
+            if weights:
+                os.unlink(weights)
+
+    def _reply(self):
+        ok, value, seconds = pickle.loads(self._conn.recv_bytes())
+        if not ok:
+            raise RuntimeError(f"reference process: {value}")
+        self.seconds = _Measured(seconds)
+        return value
+
+    def call(self, method: str, *args, **kw):
+        # Plain pickle, not the connection's own: ``import torch`` registers reducers with it that
+        # move a tensor's storage into shared memory to send it, which freed the memory under
+        # any numpy view of the tensor (the onnxruntime rows' input: a crash in onnxruntime)
+        self._conn.send_bytes(pickle.dumps((method, args, kw)))
+        return self._reply()
+
+    # the reference API the rows use
+    def image_encoder(self, x):
+        return self.call("encode", x)
+
+    def predict(self, **kw):
+        return self.call("predict", **kw)
+
+
+def _reference_main(conn, build, weights, threads):
+    """The child of :class:`_Reference`: builds the reference model, then serves calls."""
+    import torch
+
+    torch.set_num_threads(threads)
+    torch.set_grad_enabled(False)
+    sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+    from reference import load_reference
+
+    sa, mobile_sam = load_reference()
+    try:
+        if build["build"] == "registry":
+            mod = mobile_sam if build["model"] == "vit_t" else sa
+            model = mod.sam_model_registry[build["model"]]()
+        elif build["build"] == "config":
+            from core_helpers import reference_model
+
+            model = reference_model(build["config"])
+        else:  # "bundled": the reference's prompt encoder and decoder with the bundled model's weights
+            import segany
+            from reference import reference_decoder_model
+            from segany.checkpoints import safetensors_config
+
+            model = reference_decoder_model(sa, segany.load_model("tiny"), safetensors_config(ROOT / "segany" / "weights" / "tiny.safetensors"))
+        if weights:
+            model.load_state_dict(torch.load(weights, weights_only=True))
+        model.eval()
+        state = {"predictor": sa.SamPredictor(model), "generator": None}
+    except Exception as e:  # noqa: BLE001 - reported to the parent, which raises it
+        conn.send_bytes(pickle.dumps((False, repr(e), 0.0)))
+        return
+    conn.send_bytes(pickle.dumps((True, None, 0.0)))
+
+    def set_embedding(features, original_size, input_size):
+        p = state["predictor"]
+        p.reset_image()
+        p.original_size, p.input_size = tuple(original_size), tuple(input_size)
+        p.features = features
+        p.is_image_set = True
+
+    def generate(img, **kw):
+        if state["generator"] is None:
+            state["generator"] = sa.SamAutomaticMaskGenerator(model, **kw)
+        return state["generator"].generate(img)
+
+    methods = {"encode": lambda x: model.image_encoder(x), "predict": lambda **kw: state["predictor"].predict(**kw),
+               "set_embedding": set_embedding, "generate": generate}
+    while True:
+        try:
+            method, args, kw = pickle.loads(conn.recv_bytes())
+        except EOFError:
+            return
+        try:
+            t = time.perf_counter()
+            out = methods[method](*args, **kw)
+            reply = (True, out, time.perf_counter() - t)
+        except Exception as e:  # noqa: BLE001
+            reply = (False, repr(e), 0.0)
+        conn.send_bytes(pickle.dumps(reply))
+
+
+def _alternate(fns, repeats, warmup=1, settle=0.0):
     """fns: {label: callable}; alternates them; returns {label: [seconds]}. The order rotates
     every repeat: a call right after another of the same code finds its weights and maps still
-    in the cache, one right after the reference's finds them evicted."""
+    in the cache, one right after the reference's finds them evicted. A callable may return the
+    seconds its own process measured (:class:`_Measured`); ``settle`` seconds pass before each
+    timed call (see :data:`SETTLE`)."""
     for _ in range(warmup):
         for f in fns.values():
             f()
@@ -84,10 +239,20 @@ def _alternate(fns, repeats, warmup=1):
     items = list(fns.items())
     for i in range(repeats):
         for k, f in items[i % len(items):] + items[: i % len(items)]:
+            if settle:
+                time.sleep(settle)
             t = time.perf_counter()
-            f()
-            out[k].append(time.perf_counter() - t)
+            r = f()
+            out[k].append(r if isinstance(r, _Measured) else time.perf_counter() - t)
     return out
+
+
+# With the reference in a process of its own, the process that just ran a call keeps its OpenMP
+# threads spinning ~8 ms after it (libgomp's default wait policy, measured on this VM), on the
+# same two cores the other process's call then runs on: a click (~15 ms) lost a good part of
+# its first half to them. So timed calls start after this pause, as an interactive click does
+# (where a user's pause is far longer); the encoder's seconds-long calls do not need it.
+SETTLE = 0.03
 
 
 def _encoder_flops(model) -> float:
@@ -141,6 +306,7 @@ def w_encoder(a):
     def timed(key, f):
         def run():
             outs[key] = f(x)
+            return _took(ref) if key == "ref" else None
         return run
 
     with torch.no_grad():
@@ -158,6 +324,9 @@ def w_encoder(a):
 def _share_embedding(p1, p2):
     """Gives the reference predictor ``p2`` segany predictor ``p1``'s embedding (the reference's
     own encoder would be timed otherwise)."""
+    if isinstance(p2, _Reference):
+        p2.call("set_embedding", p1.features.clone(), p1.original_size, p1.input_size)
+        return
     p2.reset_image()
     p2.original_size = tuple(p1.original_size)
     p2.input_size = tuple(p1.input_size)
@@ -183,13 +352,15 @@ def _time_clicks(p1, p2, img, n_clicks, repeats, seed=0):
 
     def best(p, it):
         m, s, _ = p.predict(point_coords=next(it), point_labels=lab)
-        return m[int(np.argmax(s))]
+        m[int(np.argmax(s))]
+        return _took(p)
 
     def best_only(p, it):
         return p.predict_best(point_coords=next(it), point_labels=lab)[0][0]
 
     ts = _alternate({"ours": lambda: best_only(p1, its["ours"]), "ours_all": lambda: best(p1, its["ours_all"]),
-                     "ref": lambda: best(p2, its["ref"])}, repeats, warmup=1)
+                     "ref": lambda: best(p2, its["ref"])}, repeats, warmup=1,
+                    settle=SETTLE if isinstance(p2, _Reference) else 0.0)
     ious, sdiff = [], 0.0
     for c in clicks[:5]:
         m1, s1, _ = p1.predict(point_coords=c, point_labels=lab)
@@ -208,7 +379,7 @@ def _click_row(a, timer):
 
     sa, ours, ref = _models(a.model)
     img = _image()
-    p1, p2 = SamPredictor(ours), sa.SamPredictor(ref)
+    p1, p2 = SamPredictor(ours), ref if isinstance(ref, _Reference) else sa.SamPredictor(ref)
     p1.set_image(img)
     _share_embedding(p1, p2)
     ts, iou, sdiff = timer(p1, p2, img, a.repeats * 4, a.repeats * 3)
@@ -238,8 +409,8 @@ def _time_refinements(p1, p2, img, n_clicks, repeats, seed=0):
         prompts.append(dict(point_coords=pts, point_labels=np.array([1, 0]), mask_input=low[int(np.argmax(s))][None],
                             multimask_output=False))
     its = {k: iter(prompts * (repeats + 1)) for k in ("ours", "ref")}
-    ts = _alternate({"ours": lambda: p1.predict(**next(its["ours"])), "ref": lambda: p2.predict(**next(its["ref"]))},
-                    repeats, warmup=1)
+    ts = _alternate({"ours": lambda: p1.predict(**next(its["ours"])), "ref": lambda: (p2.predict(**next(its["ref"])), _took(p2))[1]},
+                    repeats, warmup=1, settle=SETTLE if isinstance(p2, _Reference) else 0.0)
     ious, sdiff = [], 0.0
     for kw in prompts[:5]:
         m1, s1, _ = p1.predict(**kw)
@@ -268,12 +439,15 @@ def w_click_bundled(a):
 
     sa, _ = load_reference()
     ours = segany.load_model("tiny").eval()
-    ref = reference_decoder_model(sa, ours, safetensors_config(ROOT / "segany" / "weights" / "tiny.safetensors"))
+    if ARGS.reference_in_process:
+        ref = reference_decoder_model(sa, ours, safetensors_config(ROOT / "segany" / "weights" / "tiny.safetensors"))
+    else:
+        ref = _Reference({"build": "bundled"})
     h, w = (int(v) for v in a.size.split("x"))
     photos = sorted(glob.glob(str(ROOT.parent / "shared" / "data" / "*" / "images" / "*.jpg")))[::97][:5]
     if not photos:
         raise SystemExit("click_bundled needs the photos of ../shared/data")
-    p1, p2 = SamPredictor(ours), sa.SamPredictor(ref)
+    p1, p2 = SamPredictor(ours), ref if isinstance(ref, _Reference) else sa.SamPredictor(ref)
     ts = {"ours": [], "ours_all": [], "ref": []}
     ious, sdiff = [], 0.0
     for i, path in enumerate(photos):
@@ -293,17 +467,16 @@ def w_click_bundled(a):
 def w_rss(a):
     import numpy as np
 
-    import segany
-    from segany.modeling.build import randomize_
-
     img = _image()
-    if a.variant == "ref":
+    if a.variant == "ref":  # (no `import segany` here: it would turn on its huge-page allocator, see _Reference)
         from reference import load_reference
 
         sa, _ = load_reference()
         model = sa.sam_model_registry[a.model]()
         pred = sa.SamPredictor(model.eval())
     else:
+        import segany
+        from segany.modeling.build import randomize_
         from segany.predictor import SamPredictor
 
         model = randomize_(segany.sam_model_registry[a.model](), seed=1).eval()
@@ -331,12 +504,17 @@ def w_everything(a):
     ours = randomize_(build_sam(cfg), seed=1).eval()
     from core_helpers import reference_model
 
-    ref = reference_model(cfg)
-    ref.load_state_dict(ours.state_dict())
     img = _image()
     g1 = SamAutomaticMaskGenerator(ours, points_per_side=a.side)
-    g2 = sa.SamAutomaticMaskGenerator(ref.eval(), points_per_side=a.side)
-    ts = _alternate({"ours": lambda: g1.generate(img), "ref": lambda: g2.generate(img)}, max(1, a.repeats // 2), warmup=0)
+    if ARGS.reference_in_process:
+        ref = reference_model(cfg)
+        ref.load_state_dict(ours.state_dict())
+        g2 = sa.SamAutomaticMaskGenerator(ref.eval(), points_per_side=a.side)
+        generate_ref = lambda: g2.generate(img)  # noqa: E731
+    else:
+        ref = _Reference({"build": "config", "config": cfg}, ours.state_dict())
+        generate_ref = lambda: (ref.call("generate", img, points_per_side=a.side), ref.seconds)[1]  # noqa: E731
+    ts = _alternate({"ours": lambda: g1.generate(img), "ref": generate_ref}, max(1, a.repeats // 2), warmup=0)
     return {k: statistics.median(v) for k, v in ts.items()}
 
 
@@ -373,7 +551,7 @@ def w_agreement(a):
         export_onnx(model, d, postprocess=False)
         variants["onnxruntime-int8"] = OnnxPredictor(model, d, int8=True)
     base = SamPredictor(model)
-    photos = sorted(glob.glob("/work/shared/data/*/images/*.jpg"))
+    photos = sorted(glob.glob(str(ROOT.parent / "shared" / "data" / "*" / "images" / "*.jpg")))
     rng = np.random.default_rng(0)
     pick = [photos[i] for i in rng.choice(len(photos), size=min(a.agreement, len(photos)), replace=False)]
     from PIL import Image
@@ -403,7 +581,11 @@ def _run(a, worker, **extra):
     # the worker parses its own arguments: every option a worker reads must be passed on
     cmd = [sys.executable, __file__, "--worker", worker, "--model", extra.get("model", a.model), "--repeats", str(a.repeats),
            "--side", str(a.side), "--onnx-dir", a.onnx_dir, "--variant", extra.get("variant", ""), "--agreement", str(a.agreement), "--size", a.size]
-    r = subprocess.run(cmd, capture_output=True, text=True)
+    cmd += ["--reference-huge-pages"] * a.reference_huge_pages + ["--reference-in-process"] * a.reference_in_process
+    env = dict(os.environ)
+    if worker == "rss" and extra.get("variant") == "ref" and a.reference_huge_pages:
+        env["THP_MEM_ALLOC_ENABLE"] = "1"
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if r.returncode != 0:
         print(r.stderr[-3000:], file=sys.stderr)
         return None
@@ -422,7 +604,13 @@ def main():
     ap.add_argument("--size", default="600x900", help="HxW of the test photo (clicks are upscaled to it)")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--variant", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--reference-huge-pages", action="store_true",
+                    help="give the reference segany's huge-page allocator (THP_MEM_ALLOC_ENABLE=1) as well")
+    ap.add_argument("--reference-in-process", action="store_true",
+                    help="run the reference in segany's process (then with segany's allocator too), as before 2026-12-05")
     a = ap.parse_args()
+    global ARGS
+    ARGS = a
     os.environ["SEGANY_BENCH_SIZE"] = a.size
     if a.worker:
         print(json.dumps(WORKERS[a.worker](a)))
