@@ -249,9 +249,11 @@ def _alternate(fns, repeats, warmup=1, settle=0.0):
 
 # With the reference in a process of its own, the process that just ran a call keeps its OpenMP
 # threads spinning ~8 ms after it (libgomp's default wait policy, measured on this VM), on the
-# same two cores the other process's call then runs on: a click (~15 ms) lost a good part of
-# its first half to them. So timed calls start after this pause, as an interactive click does
-# (where a user's pause is far longer); the encoder's seconds-long calls do not need it.
+# same two cores the other process's call then runs on (segany's click, two runs each: 17.8 ms
+# back to back, 16.6-16.9 ms after the pause). So timed calls start after this pause, as an
+# interactive click does (a user's pause is far longer; in one process, a click after 30 ms of
+# sleep read 17.3 ms against 16.0 back to back: what ran before it matters more than how long
+# ago). The encoder's seconds-long calls do not need it.
 SETTLE = 0.03
 
 
