@@ -429,7 +429,8 @@ def test_int8_encoder_runs_close_to_float():
 
 def test_int8_engine_is_onednn_with_amx_else_fbgemm(monkeypatch):
     """The dynamic int8 layers' engine follows the CPU (oneDNN where AMX int8 tiles are there,
-    measured 2.1x fbgemm's linear), and a model quantised under either engine stays close."""
+    measured 2.1x fbgemm's linear), a model quantised under either engine stays close, and the
+    process's own engine setting is put back (the packed layers keep the one they were made with)."""
     import segany.quantize as Q
 
     engines = torch.backends.quantized.supported_engines
@@ -444,10 +445,18 @@ def test_int8_engine_is_onednn_with_amx_else_fbgemm(monkeypatch):
         for engine in [e for e in ("fbgemm", "onednn") if e in engines]:
             monkeypatch.setattr(Q, "int8_engine", lambda engine=engine: engine)
             q = Q.quantize_model(sam)
-            assert torch.backends.quantized.engine == engine
+            assert torch.backends.quantized.engine == before, "quantize_model left the process's engine changed"
             with torch.no_grad():
                 a, b = sam.image_encoder(x), q.image_encoder(x)
             assert F.cosine_similarity(a.flatten(), b.flatten(), dim=0).item() > 0.98, engine
+            # packed for `engine`: the same bits as layers packed with that engine kept set
+            torch.backends.quantized.engine = engine
+            try:
+                with torch.no_grad():
+                    want = Q.quantize_model(sam).image_encoder(x)
+            finally:
+                torch.backends.quantized.engine = before
+            assert torch.equal(b, want), engine
     finally:
         torch.backends.quantized.engine = before
 
