@@ -62,7 +62,7 @@ int segany_rel_attention(int64_t p0, int64_t p1, int64_t nh, int64_t h, int64_t 
                          int64_t vn, const float *rht, int64_t hp, const float *rwt, float scale, float *out) {
     int err = 0;
     const int64_t N = h * w;
-#pragma omp parallel for schedule(static) reduction(| : err)
+#pragma omp parallel for schedule(dynamic) reduction(| : err)
     for (int64_t p = p0; p < p1; p++) {
         /* scores (w, w); per query the running maximum, the rescale of this key row, and the
            running sum in vector lanes (reduced once at the end); the queries unscaled and
@@ -186,7 +186,7 @@ int segany_window_attention(int64_t p0, int64_t p1, int64_t H, int64_t W, int64_
     }
     const __mmask16 tail_mask = (__mmask16)((n % LANES) ? (1u << (n % LANES)) - 1 : 0xffffu);
 #endif
-#pragma omp parallel for schedule(static) reduction(| : err)
+#pragma omp parallel for schedule(dynamic) reduction(| : err)
     for (int64_t p = p0; p < p1; p++) {
         /* Q (nq, hd) scaled, KT (hd, np) and its rows Kb (np, hd), V (np, hd), rel (nq, 2*wsp) for
            rel_h | rel_w, S (QB, np), O (QB, hd) */
@@ -365,7 +365,7 @@ int segany_rel_softmax_bf16(int64_t p0, int64_t p1, int64_t R, int64_t h, int64_
     if (w % LANES) return 2;
     int err = 0;
     const int64_t n = h * w;
-#pragma omp parallel for schedule(static) reduction(| : err)
+#pragma omp parallel for schedule(dynamic, 8) reduction(| : err)
     for (int64_t p = p0; p < p1; p++) {
         float *row = scratch((size_t)(n + w));
         if (!row) {

@@ -1,4 +1,13 @@
-/* Shared by segany's native kernels (each is its own shared library, see __init__.py). */
+/* Shared by segany's native kernels (each is its own shared library, see __init__.py).
+
+   Their OpenMP loops hand out pieces dynamically (schedule(dynamic)): the cores a process gets
+   are not equally fast. On the 2-vCPU development VM one vCPU ran a single-thread GEMM 1.27-1.43x
+   slower than the other for minutes at a time (another tenant on its core), and with a static
+   split the fast thread waited for the slow one at every loop's end: perf over the decoder's
+   upscaling tail put 18% of both threads' samples in libgomp's barrier. Dynamic pieces (each
+   tens of microseconds or more; a shared counter costs ~0.1 us) gave a vit_b click 0.92-1.00x
+   and the global attention kernel 0.95x in in-process A/Bs, with identical results: each piece
+   computes the same values whichever thread takes it. */
 #ifndef SEGANY_KERNELS_COMMON_H
 #define SEGANY_KERNELS_COMMON_H
 #include <stdint.h>

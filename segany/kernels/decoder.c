@@ -237,7 +237,7 @@ int segany_decoder_tail(int64_t p0, int64_t p1, int64_t R, int64_t w, int64_t c1
                         const float *w2, const float *b2, const float *hyp, float *out, int64_t row0, int64_t OH) {
     int err = 0;
     const int64_t N = R * w, n_pad = 2 * ((w + LANES - 1) / LANES * LANES);
-#pragma omp parallel for schedule(static) reduction(| : err)
+#pragma omp parallel for schedule(dynamic) reduction(| : err)
     for (int64_t p = p0; p < p1; p++) {
         float *work = scratch((size_t)(n_pad * (c1 + 2 * c2 + 2)));
         if (!work) {
@@ -276,7 +276,7 @@ int segany_decoder_tail_fused(int64_t p0, int64_t p1, int64_t R, int64_t w, int6
     if (w % LANES || (4 * c1) % GEMM_QB) return 2;
     int err = 0;
     const int64_t N = R * w, n_pad = 2 * ((w + LANES - 1) / LANES * LANES), tail_work = n_pad * (c1 + 2 * c2 + 2);
-#pragma omp parallel for schedule(static) reduction(| : err)
+#pragma omp parallel for schedule(dynamic) reduction(| : err)
     for (int64_t p = p0; p < p1; p++) {
         float *work = scratch((size_t)(tail_work + 4 * c1 * w + r * w));
         if (!work) {
@@ -361,7 +361,7 @@ int segany_layer_norm_rows(int64_t p0, int64_t p1, int64_t rows, int64_t C, floa
                            int64_t add_rows, const float *g, const float *bb, float eps, int normalise, float *mean,
                            float *rstd) {
     if (C % ROW_CB) return 2;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(dynamic)
     for (int64_t p = p0; p < p1; p++) {
         const unsigned int csr = ftz_begin();
         int64_t n_hi = (p + 1) * ROW_PIECE < rows ? (p + 1) * ROW_PIECE : rows;
@@ -405,7 +405,7 @@ int segany_update_row_stats(int64_t p0, int64_t p1, int64_t N, int64_t C, int64_
     if (C % ROW_CB) return 2;
     const int64_t npc = (N + ROW_PIECE - 1) / ROW_PIECE;
     int err = 0;
-#pragma omp parallel for schedule(static) reduction(| : err)
+#pragma omp parallel for schedule(dynamic) reduction(| : err)
     for (int64_t p = p0; p < p1; p++) {
         int64_t b = p / npc, n_lo = (p % npc) * ROW_PIECE;
         int64_t n_hi = n_lo + ROW_PIECE < N ? n_lo + ROW_PIECE : N;
@@ -484,7 +484,7 @@ int segany_mask_downscale(int64_t p0, int64_t p1, int64_t h, int64_t w, int64_t 
                           float *out, int64_t out_bstride) {
     if (c1 > MD_C1 || c2 > MD_C2) return 2;
     const int64_t W = 4 * w, N = h * w;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(dynamic)
     for (int64_t p = p0; p < p1; p++) {
         const int64_t b = p / h, i = p % h;
         const unsigned int csr = ftz_begin();
@@ -570,7 +570,7 @@ int segany_factored_stats(int64_t p0, int64_t p1, int64_t B, int64_t r, int64_t 
     const int64_t r4 = (r + FS_ROWS - 1) / FS_ROWS * FS_ROWS;
     int err = 0;
     (void)B;
-#pragma omp parallel for schedule(static) reduction(| : err)
+#pragma omp parallel for schedule(dynamic) reduction(| : err)
     for (int64_t p = p0; p < p1; p++) {
         const int64_t b = p / npc, n0 = (p % npc) * FS_BLOCK;
         const int64_t nn = N - n0 < FS_BLOCK ? N - n0 : FS_BLOCK;
@@ -770,7 +770,7 @@ static inline void fill_row(float *o, int64_t n, const float *scale) {
    transposing copy and a product over the whole map. Pieces p0..p1-1 of nh * B * t rows. */
 void segany_softmax_pixels(int64_t p0, int64_t p1, int64_t B, int64_t nh, int64_t t, int64_t N, const float *s,
                            const float *alpha, float *a_bt, float *w) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(dynamic)
     for (int64_t p = p0; p < p1; p++) {
         const unsigned int csr = ftz_begin();
         int64_t hh = p / (B * t), b = (p / t) % B, k = p % t;
@@ -818,7 +818,7 @@ void segany_softmax_pixels(int64_t p0, int64_t p1, int64_t B, int64_t nh, int64_
 void segany_softmax_tokens(int64_t p0, int64_t p1, int64_t nh, int64_t B, int64_t t, int64_t N, const float *s,
                            float *out, int reduced, int64_t out_bstride) {
     const int64_t nblk = (N + 255) / 256, K = nh * (t - 1) + 1;
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(dynamic)
     for (int64_t p = p0; p < p1; p++) {
         const unsigned int csr = ftz_begin();
         int64_t hh = p / (B * nblk), b = (p / nblk) % B, n0 = (p % nblk) * 256;
@@ -896,7 +896,7 @@ void segany_factored_scores(int64_t p0, int64_t p1, int64_t B, int64_t nh, int64
                             int64_t N, const float *q, const float *base, const float *pe, const float *alpha,
                             const float *low, const float *P, int64_t P_bstride, float *out, int layout, int softmax,
                             float *red, int64_t red_bstride, const float *red_scale) {
-#pragma omp parallel for schedule(static)
+#pragma omp parallel for schedule(dynamic)
     for (int64_t p = p0; p < p1; p++) {
         const unsigned int csr = ftz_begin();
         int64_t n0 = p * SC_BLOCK;
