@@ -411,7 +411,12 @@ def _time_refinements(p1, p2, img, n_clicks, repeats, seed=0):
         prompts.append(dict(point_coords=pts, point_labels=np.array([1, 0]), mask_input=low[int(np.argmax(s))][None],
                             multimask_output=False))
     its = {k: iter(prompts * (repeats + 1)) for k in ("ours", "ref")}
-    ts = _alternate({"ours": lambda: p1.predict(**next(its["ours"])), "ref": lambda: (p2.predict(**next(its["ref"])), _took(p2))[1]},
+
+    def ref_click():
+        p2.predict(**next(its["ref"]))
+        return _took(p2)
+
+    ts = _alternate({"ours": lambda: p1.predict(**next(its["ours"])), "ref": ref_click},
                     repeats, warmup=1, settle=SETTLE if isinstance(p2, _Reference) else 0.0)
     ious, sdiff = [], 0.0
     for kw in prompts[:5]:
@@ -515,7 +520,10 @@ def w_everything(a):
         generate_ref = lambda: g2.generate(img)  # noqa: E731
     else:
         ref = _Reference({"build": "config", "config": cfg}, ours.state_dict())
-        generate_ref = lambda: (ref.call("generate", img, points_per_side=a.side), ref.seconds)[1]  # noqa: E731
+
+        def generate_ref():
+            ref.call("generate", img, points_per_side=a.side)
+            return ref.seconds
     ts = _alternate({"ours": lambda: g1.generate(img), "ref": generate_ref}, max(1, a.repeats // 2), warmup=0)
     return {k: statistics.median(v) for k, v in ts.items()}
 

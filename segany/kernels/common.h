@@ -1,7 +1,7 @@
 /* Shared by segany's native kernels (each is its own shared library, see __init__.py).
 
    Their OpenMP loops hand out pieces dynamically (schedule(dynamic)): the cores a process gets
-   are not equally fast. On the 2-vCPU development VM one vCPU ran a single-thread GEMM 1.27-1.43x
+   are not equally fast. On the 2-vCPU development VM one vCPU ran a single-thread GEMM 1.27-1.47x
    slower than the other for minutes at a time (another tenant on its core), and with a static
    split the fast thread waited for the slow one at every loop's end: perf over the decoder's
    upscaling tail put 18% of both threads' samples in libgomp's barrier. Dynamic pieces (each
