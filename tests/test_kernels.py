@@ -824,3 +824,112 @@ def test_native_window_attention_checks_its_arguments():
     if kernels.decoder_lanes() == 16:
         with pytest.raises(ValueError, match="multiple"):
             kernels.window_attention(torch.zeros(1, 8, 8, 3 * 24), torch.zeros(3 * 24), torch.zeros(4, 4, 8), torch.zeros(4, 4, 8), 3, 4, 0.25)
+
+
+needs_token_kernel = pytest.mark.skipif(kernels._get("tokens") is None, reason="no C compiler: native kernels unavailable")
+
+
+def _two_way_block(C, heads, mlp, downsample, skip_pe, seed):
+    from segany.modeling.transformer import TwoWayAttentionBlock
+
+    blk = TwoWayAttentionBlock(C, heads, mlp, attention_downsample_rate=downsample, skip_first_layer_pe=skip_pe)
+    g = torch.Generator().manual_seed(seed)
+    for prm in blk.parameters():
+        prm.data.copy_(torch.randn(prm.shape, generator=g) * 0.2)
+    return blk.eval()
+
+
+def _token_side_pytorch(blk, x, pe, heads_of):
+    """The token side of a two-way block as its forward computes it, the token->image
+    attention's heads (before out_proj) given by heads_of(q)."""
+    if blk.skip_first_layer_pe:
+        x = blk.norm1(blk.self_attn(q=x, k=x, v=x))
+    else:
+        q = x + pe
+        x = blk.norm1(x + blk.self_attn(q=q, k=q, v=x))
+    t2i, i2t = blk.cross_attn_token_to_image, blk.cross_attn_image_to_token
+    q = t2i.q_proj(x + pe)
+    x = blk.norm2(x + t2i.out_proj(heads_of(q)))
+    x = blk.norm3(x + blk.mlp(x))
+    return q, x, i2t.k_proj(x + pe), i2t.v_proj(x)
+
+
+@needs_token_kernel
+@pytest.mark.parametrize(
+    "C,heads,mlp,down,B,t,skip_pe",
+    [
+        (256, 8, 2048, 2, 1, 7, True),  # SAM's first block, one click
+        (256, 8, 2048, 2, 2, 9, False),  # SAM's second block, two prompts of 9 tokens (rows past a register block)
+        (24, 2, 40, 2, 3, 5, False),  # widths that fill no whole panel, 15 rows
+        (32, 4, 64, 1, 1, 1, False),  # one token
+    ],
+)
+def test_native_token_block_matches_pytorch(C, heads, mlp, down, B, t, skip_pe):
+    blk = _two_way_block(C, heads, mlp, down, skip_pe, seed=C + t)
+    g = torch.Generator().manual_seed(1)
+    x, pe = torch.randn(B, t, C, generator=g), torch.randn(B, t, C, generator=g)
+    mix = torch.randn(C // down, C // down, generator=g)
+    sa, t2i, i2t = blk.self_attn, blk.cross_attn_token_to_image, blk.cross_attn_image_to_token
+    wb = lambda m: (m.weight, m.bias)  # noqa: E731
+    ln = lambda n: (n.weight, n.bias, n.eps)  # noqa: E731
+    native = kernels.TokenBlock(q=wb(t2i.q_proj), o=wb(t2i.out_proj), ln2=ln(blk.norm2),
+                                self_attn=[wb(sa.q_proj), wb(sa.k_proj), wb(sa.v_proj), wb(sa.out_proj)], sa_heads=heads,
+                                ln1=ln(blk.norm1), mlp=[wb(blk.mlp.lin1), wb(blk.mlp.lin2)], ln3=ln(blk.norm3),
+                                k=wb(i2t.k_proj), v=wb(i2t.v_proj))
+    with torch.no_grad():
+        want_q, want_x, want_k, want_v = _token_side_pytorch(blk, x, pe, lambda q: torch.tanh(q @ mix))
+        x1, q = native.pre(x, pe, skip_pe=skip_pe)
+        x2, k, v = native.post(torch.tanh(q @ mix), x1, pe)
+    for got, want in ((q, want_q), (x2, want_x), (k, want_k), (v, want_v)):
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-5)
+
+
+@needs_token_kernel
+def test_native_final_attention_block_and_chain_match_pytorch():
+    """The final attention's block (q projection, out-projection and LayerNorm only) and 1-3
+    layer chains with ReLU between (the IoU head, hypernetworks), optionally with a residual
+    and LayerNorm, at widths that fill no whole panel."""
+    g = torch.Generator().manual_seed(2)
+    q_lin, o_lin, ln = torch.nn.Linear(40, 20), torch.nn.Linear(20, 40), torch.nn.LayerNorm(40)
+    for prm in (*q_lin.parameters(), *o_lin.parameters(), *ln.parameters()):
+        prm.data.copy_(torch.randn(prm.shape, generator=g))
+    final = kernels.TokenBlock(q=(q_lin.weight, q_lin.bias), o=(o_lin.weight, o_lin.bias), ln2=(ln.weight, ln.bias, ln.eps))
+    x, pe = torch.randn(2, 11, 40, generator=g), torch.randn(2, 11, 40, generator=g)
+    layers = [torch.nn.Linear(40, 33), torch.nn.Linear(33, 70), torch.nn.Linear(70, 3)]
+    with torch.no_grad():
+        same_x, q = final.pre(x, pe)
+        assert same_x is x
+        torch.testing.assert_close(q, q_lin(x + pe), rtol=1e-5, atol=1e-5)
+        out, k, v = final.post(torch.tanh(q), x, None)
+        assert k is None and v is None
+        torch.testing.assert_close(out, ln(x + o_lin(torch.tanh(q))), rtol=1e-5, atol=2e-5)
+        for n in (1, 2, 3):
+            chain = kernels.TokenChain([(m.weight, m.bias) for m in layers[:n]])
+            want = x
+            for i, m in enumerate(layers[:n]):
+                want = m(want) if i == n - 1 else torch.relu(m(want))
+            torch.testing.assert_close(chain(x), want, rtol=1e-5, atol=1e-5)
+        lin = torch.nn.Linear(40, 40)
+        normed = kernels.TokenChain([(lin.weight, lin.bias)], (ln.weight, ln.bias, ln.eps))
+        torch.testing.assert_close(normed(x, res=x), ln(x + lin(x)), rtol=1e-5, atol=2e-5)
+
+
+@needs_token_kernel
+def test_native_token_kernels_check_their_arguments():
+    lin = torch.nn.Linear(8, 4)
+    ln = (torch.ones(8), torch.zeros(8), 1e-5)
+    with pytest.raises(ValueError, match="o is \\(4, 8\\), expected \\(8, 4\\)"):
+        kernels.TokenBlock(q=(lin.weight, lin.bias), o=(lin.weight, lin.bias), ln2=ln)
+    with pytest.raises(ValueError, match="LayerNorm over 8"):
+        kernels.TokenBlock(q=(lin.weight, lin.bias), o=(torch.nn.Linear(4, 8).weight, torch.zeros(8)), ln2=(torch.ones(3), torch.zeros(3), 1e-5))
+    with pytest.raises(ValueError, match="do not chain"):
+        kernels.TokenChain([(lin.weight, lin.bias), (lin.weight, lin.bias)])
+    chain = kernels.TokenChain([(lin.weight, lin.bias)])
+    with pytest.raises(ValueError, match=r"\(\.\.\., 8\)"):
+        chain(torch.zeros(2, 5))
+    with pytest.raises(ValueError, match="contiguous float32"):
+        chain(torch.zeros(2, 8, dtype=torch.float64))
+    block = kernels.TokenBlock(q=(lin.weight, lin.bias), o=(torch.nn.Linear(4, 8).weight, torch.zeros(8)), ln2=ln)
+    with pytest.raises(ValueError, match="pe"):
+        block.pre(torch.zeros(1, 3, 8), torch.zeros(1, 2, 8))

@@ -631,3 +631,83 @@ def test_tiny_vit_inference_path_is_its_modules_function(onednn, monkeypatch):
         for h in hooks:
             h.remove()
     assert sorted(seen) == [(1, 256, 64, 64)] * 2
+
+
+def _click_outputs(model, tokens_native, monkeypatch):
+    from segany import kernels
+
+    monkeypatch.setattr(kernels, "tokens_usable", (lambda: False) if not tokens_native else _tokens_usable)
+    pe = model.prompt_encoder
+    g = torch.Generator().manual_seed(4)
+    h, w = pe.image_embedding_size
+    feats = torch.randn(1, pe.embed_dim, h, w, generator=g)
+    pts = torch.rand(2, 2, 2, generator=g) * model.image_encoder.img_size
+    with torch.no_grad():
+        sparse, _ = pe(points=(pts, torch.ones(2, 2, dtype=torch.int32)), boxes=None, masks=None)
+        cache = build_cache(model.mask_decoder, feats, pe.get_dense_pe(), pe.no_mask_embed.weight)
+        return predict_masks_fast(model.mask_decoder, sparse, cache)
+
+
+def _tokens_usable():
+    from segany import kernels
+
+    return kernels._get("tokens") is not None and not kernels._forked
+
+
+def _token_kernels_on():
+    from segany import kernels
+    from segany.modeling.fast_decoder import _native_ok_now
+
+    with torch.no_grad():
+        return _tokens_usable() and _native_ok_now(torch.zeros(1))
+
+
+needs_token_kernels = pytest.mark.skipif(not _token_kernels_on(), reason="decoder kernels not built or not preferred on this CPU")
+
+
+@needs_token_kernels
+def test_token_kernels_run_the_token_side_of_a_click_with_the_same_results(monkeypatch):
+    """Where the decoder kernels are on, each two-way block's token side and the final
+    attention's run as two native calls each, and the IoU head and hypernetworks as one; the
+    results equal PyTorch's code up to float32 rounding."""
+    from segany import kernels
+
+    sam = _model(TINY_VIT)
+    calls = {"pre": 0, "post": 0, "chain": 0}
+    for cls, name, key in ((kernels.TokenBlock, "pre", "pre"), (kernels.TokenBlock, "post", "post"), (kernels.TokenChain, "__call__", "chain")):
+        orig = getattr(cls, name)
+
+        def counted(self, *a, _orig=orig, _key=key, **k):
+            calls[_key] += 1
+            return _orig(self, *a, **k)
+
+        monkeypatch.setattr(cls, name, counted)
+    got = _click_outputs(sam, True, monkeypatch)
+    blocks = len(sam.mask_decoder.transformer.layers) + 1
+    assert calls == {"pre": blocks, "post": blocks, "chain": 1 + sam.mask_decoder.num_mask_tokens - 1}
+    want = _click_outputs(sam, False, monkeypatch)
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5 * want[0].abs().max().item())
+
+
+@needs_token_kernels
+def test_token_kernels_follow_replaced_parameters_and_leave_hooked_modules_to_pytorch(monkeypatch):
+    """The packed token weights are rebuilt when a parameter is replaced or changed in place,
+    and a module with a forward hook runs as PyTorch's module (its hook fires)."""
+    sam = _model(TINY_VIT)
+    layer = sam.mask_decoder.transformer.layers[0]
+    before = _click_outputs(sam, True, monkeypatch)
+    layer.mlp.lin1.weight = torch.nn.Parameter(torch.randn_like(layer.mlp.lin1.weight))
+    replaced = _click_outputs(sam, True, monkeypatch)
+    assert not torch.allclose(replaced[1], before[1])
+    torch.testing.assert_close(replaced[1], _click_outputs(sam, False, monkeypatch)[1], rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        sam.mask_decoder.iou_prediction_head.layers[0].bias.add_(1.0)  # in place: a new version
+    changed = _click_outputs(sam, True, monkeypatch)
+    torch.testing.assert_close(changed[1], _click_outputs(sam, False, monkeypatch)[1], rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(changed[1], replaced[1])
+    seen = []
+    layer.self_attn.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    hooked = _click_outputs(sam, True, monkeypatch)
+    assert len(seen) == 1
+    torch.testing.assert_close(hooked[1], changed[1], rtol=1e-5, atol=1e-6)

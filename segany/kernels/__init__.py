@@ -14,6 +14,11 @@ runs as six passes over multi-MB temporaries; one pass here, equal up to float32
 also holds the two-way transformer's LayerNorm of the image-token stream, in place or statistics
 only (PyTorch's writes a fresh multi-MB result on every call).
 
+``tokens.c`` is the two-way transformer's token side: a click's ~7 prompt tokens through each
+block's self-attention, the cross-attentions' projections, the MLP and three LayerNorms in two
+calls per block (:class:`TokenBlock`), and the IoU head and hypernetworks (:class:`TokenChain`),
+where PyTorch made ~400 small operations of a few microseconds each.
+
 Each shared library is built once per machine and source version into
 ``<cache>/kernels/`` (``$SEGANY_HOME``, else the XDG cache; see ``segany.download``), written
 to a temporary file and renamed. No compiler, a failed build, or ``SEGANY_KERNELS=0`` ->
@@ -51,6 +56,7 @@ _FLAGS = {
     "upscale": ["-O3", "-march=native", "-ffp-contract=off", "-fno-math-errno", "-fPIC", "-shared"],
     "decoder": ["-O3", "-march=native", "-fno-math-errno", "-fPIC", "-shared"],
     "attention": ["-O3", "-march=native", "-fno-math-errno", "-fPIC", "-shared"],
+    "tokens": ["-O3", "-march=native", "-fno-math-errno", "-fPIC", "-shared"],
 }
 STALE_DAYS = 30
 _lock = threading.Lock()
@@ -111,6 +117,14 @@ def _declare(name: str, lib: ctypes.CDLL) -> None:
         lib.segany_rel_softmax_bf16.argtypes = [i64, i64, i64, i64, i64, p, p, p]
         lib.segany_rel_softmax_bf16.restype = ctypes.c_int
         lib.segany_vector_lanes.restype = ctypes.c_int
+    elif name == "tokens":
+        lib.segany_token_panel.restype = ctypes.c_int
+        lib.segany_token_chain.argtypes = [i64, i64, i64, i64, i64, i64, p, p, p, p, p, p, p, ctypes.c_int, p, p, p, f32, p]
+        lib.segany_token_chain.restype = ctypes.c_int
+        lib.segany_token_block_pre.argtypes = [p, i64, i64, p, p, ctypes.c_int, p, p]
+        lib.segany_token_block_pre.restype = ctypes.c_int
+        lib.segany_token_block_post.argtypes = [p, i64, p, p, p, p, p, p]
+        lib.segany_token_block_post.restype = ctypes.c_int
     else:
         lib.segany_decoder_tail.argtypes = [i64, i64, i64, i64, i64, i64, i64, p, p, p, i64, p, i64, p, p, f32, p, p, p, p, i64, i64]
         lib.segany_decoder_tail.restype = ctypes.c_int
@@ -783,3 +797,212 @@ def factored_scores(q: torch.Tensor, base: torch.Tensor, pe: Optional[torch.Tens
 
         _run_pieces(lib, call, -(-N // 64))
     return out
+
+
+# --- the decoder's token side (tokens.c) ---------------------------------------------------------
+
+TOKEN_ROWS_MAX = 64  # token rows (prompts x tokens) up to which the token kernels run; PyTorch's GEMMs above
+
+
+def tokens_usable() -> bool:
+    """Whether the token-side kernels (:class:`TokenChain`, :class:`TokenBlock`) can run
+    now: built, and not an OpenMP build in a forked child (whose OpenMP team is gone; those
+    kernels have barriers inside, so they cannot take the thread pool the other kernels fall back
+    to there)."""
+    lib = _get("tokens")
+    return lib is not None and not (_forked and lib.segany_has_openmp())
+
+
+def _token_lib() -> ctypes.CDLL:
+    lib = _get("tokens")
+    if lib is None:
+        raise RuntimeError("the native token kernel is not available")
+    return lib
+
+
+def pack_token_weight(weight: torch.Tensor) -> torch.Tensor:
+    """A linear layer's weight (O, K) in the token kernels' layout: panels of the build's panel
+    width pw of outputs, (ceil(O / pw), K, pw), zero-padded; float32, contiguous."""
+    pw = int(_token_lib().segany_token_panel())
+    O, K = weight.shape
+    n = -(-O // pw)
+    w = weight.detach().to(torch.float32)
+    if n * pw != O:
+        w = torch.cat((w, w.new_zeros(n * pw - O, K)))
+    return w.reshape(n, pw, K).transpose(1, 2).contiguous()
+
+
+def _token_rows(kernel: str, x: torch.Tensor, width: int) -> int:
+    if x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous() or x.shape[-1] != width:
+        raise ValueError(f"{kernel}: expected a contiguous float32 CPU tensor (..., {width}), got {x.dtype} {tuple(x.shape)}")
+    return x.numel() // width if width else 0
+
+
+class TokenChain:
+    """1-3 linear layers over token rows, ReLU between them, then optionally a residual and a
+    LayerNorm: ``LN(res + f_n(...f_1(x)))``, in one call of tokens.c (a two-way block's MLP with
+    its residual and LayerNorm).
+
+    ``layers``: (weight (O, K), bias (O,)) float32 pairs, each K the previous O; ``ln``:
+    (weight, bias, eps) or None. The weights are packed here: a chain is built once for a set of
+    parameters (see ``fast_decoder._token_plan``)."""
+
+    def __init__(self, layers, ln=None) -> None:
+        if not 1 <= len(layers) <= 3:
+            raise ValueError(f"TokenChain: 1 to 3 layers, got {len(layers)}")
+        self.dims = [int(layers[0][0].shape[1])] + [int(w.shape[0]) for w, _ in layers]
+        for (w, b), k in zip(layers, self.dims):
+            if w.shape[1] != k or b is None or b.numel() != w.shape[0]:
+                raise ValueError("TokenChain: layer shapes do not chain (or a bias is missing)")
+        self.packed = [pack_token_weight(w) for w, _ in layers]
+        self.biases = [b.detach().to(torch.float32).contiguous() for _, b in layers]
+        self.ln = None if ln is None else (ln[0].detach().contiguous(), ln[1].detach().contiguous(), float(ln[2]))
+        if self.ln is not None and (self.ln[0].numel() != self.dims[-1] or self.ln[1].numel() != self.dims[-1]):
+            raise ValueError("TokenChain: LayerNorm width differs from the last layer's")
+        ptr = [t.data_ptr() for t in self.packed] + [None] * (3 - len(layers))
+        bp = [t.data_ptr() for t in self.biases] + [None] * (3 - len(layers))
+        d = self.dims + [0] * (4 - len(self.dims))
+        g, be, eps = (None, None, 0.0) if self.ln is None else (self.ln[0].data_ptr(), self.ln[1].data_ptr(), self.ln[2])
+        self._args = (len(layers), *d)
+        self._weights = (ptr[0], bp[0], ptr[1], bp[1], ptr[2], bp[2])
+        self._ln = (g, be, eps)
+
+    def __call__(self, x: torch.Tensor, res: Optional[torch.Tensor] = None, relu: bool = True) -> torch.Tensor:
+        """x (..., K) -> (..., O); ``res`` (..., O) with the LayerNorm."""
+        lib = _token_lib()
+        M = _token_rows("TokenChain", x, self.dims[0])
+        if res is not None and (self.ln is None or _token_rows("TokenChain", res, self.dims[-1]) != M):
+            raise ValueError("TokenChain: a residual goes with the LayerNorm, one row per row of x")
+        out = torch.empty(*x.shape[:-1], self.dims[-1])
+        if M:
+            code = lib.segany_token_chain(M, *self._args, x.data_ptr(), *self._weights, int(relu), None if res is None else res.data_ptr(), *self._ln,
+                                          out.data_ptr())
+            if code:
+                raise MemoryError("segany native token kernel: out of memory") if code == -1 else ValueError("TokenChain: bad sizes")
+        return out
+
+
+class _TokenBlockStruct(ctypes.Structure):
+    _fields_ = ([(n, ctypes.c_int64) for n in ("C", "sa_I", "sa_nh", "x_I", "mlp")]
+                + [(n, ctypes.c_void_p) for n in ("sa_wqk", "sa_bqk", "sa_wv", "sa_bv", "sa_wo", "sa_bo", "ln1_g", "ln1_b",
+                                                  "q_w", "q_b", "o_w", "o_b", "ln2_g", "ln2_b",
+                                                  "mlp_w1", "mlp_b1", "mlp_w2", "mlp_b2", "ln3_g", "ln3_b",
+                                                  "k_w", "k_b", "v_w", "v_b")]
+                + [(n, ctypes.c_float) for n in ("ln1_eps", "ln2_eps", "ln3_eps")])
+
+
+class TokenBlock:
+    """A two-way block's token side around its two cross-attentions, in two calls of tokens.c
+    (segany.modeling.fast_decoder._token_steps):
+
+    * :meth:`pre`: ``x = norm1(self_attn(...))`` (SAM's block: q = k = x + pe and the residual,
+      or for its first block neither), then the token->image attention's ``q = q_proj(x + pe)``;
+    * :meth:`post`: from that attention's heads (before out_proj),
+      ``x = norm2(x + out_proj(heads))``, ``x = norm3(x + mlp(x))``, and the image->token
+      attention's ``k = k_proj(x + pe)``, ``v = v_proj(x)``.
+
+    Parts given as None are skipped: the final attention is a block with only ``q``, ``o`` and
+    ``ln2``. Each part is (weight, bias) pairs of its linear layers (self_attn: q, k, v, out;
+    mlp: lin1, lin2, with ReLU between) and LayerNorms (weight, bias, eps). Float32 parameters,
+    packed here: a block is built once for a set of parameters (see ``fast_decoder._token_plan``)."""
+
+    def __init__(self, q, o, ln2, self_attn=None, sa_heads: int = 0, ln1=None, mlp=None, ln3=None, k=None, v=None) -> None:
+        st = _TokenBlockStruct()
+        keep = []
+
+        def put(name, t, pack=False):
+            t = pack_token_weight(t) if pack else t.detach().to(torch.float32).contiguous()
+            keep.append(t)
+            setattr(st, name, t.data_ptr())
+            return t
+
+        def linear(prefix, wb, n_in, n_out):
+            w, b = wb
+            if tuple(w.shape) != (n_out, n_in) or b is None or b.numel() != n_out:
+                raise ValueError(f"TokenBlock: {prefix} is {tuple(w.shape)}, expected ({n_out}, {n_in}) with a bias")
+            put(prefix + "_w", w, pack=True)
+            put(prefix + "_b", b)
+
+        def norm(prefix, ln, n):
+            if ln is None or ln[0].numel() != n or ln[1].numel() != n:
+                raise ValueError(f"TokenBlock: {prefix} needs a LayerNorm over {n} channels")
+            put(prefix + "_g", ln[0])
+            put(prefix + "_b", ln[1])
+            setattr(st, prefix + "_eps", float(ln[2]))
+
+        x_I, C = (int(d) for d in q[0].shape)
+        st.C, st.x_I = C, x_I
+        linear("q", q, C, x_I)
+        linear("o", o, x_I, C)
+        norm("ln2", ln2, C)
+        if self_attn is not None:
+            (wq, bq), (wk, bk), (wv, bv), (wo, bo) = self_attn
+            I = int(wq.shape[0])
+            if sa_heads < 1 or I % sa_heads or wk.shape != wq.shape or wv.shape != wq.shape or tuple(wq.shape) != (I, C) \
+                    or tuple(wo.shape) != (C, I):
+                raise ValueError("TokenBlock: self-attention projections do not fit")
+            st.sa_I, st.sa_nh = I, int(sa_heads)
+            put("sa_wqk", torch.cat((wq, wk)), pack=True)
+            put("sa_bqk", torch.cat((bq, bk)))
+            put("sa_wv", wv, pack=True)
+            put("sa_bv", bv)
+            put("sa_wo", wo, pack=True)
+            put("sa_bo", bo)
+            norm("ln1", ln1, C)
+        if mlp is not None:
+            hidden = int(mlp[0][0].shape[0])
+            st.mlp = hidden
+            w1, b1 = mlp[0]
+            w2, b2 = mlp[1]
+            if tuple(w1.shape) != (hidden, C) or tuple(w2.shape) != (C, hidden) or b1 is None or b2 is None:
+                raise ValueError("TokenBlock: MLP shapes do not fit")
+            put("mlp_w1", w1, pack=True)
+            put("mlp_b1", b1)
+            put("mlp_w2", w2, pack=True)
+            put("mlp_b2", b2)
+            norm("ln3", ln3, C)
+        if (k is None) != (v is None):
+            raise ValueError("TokenBlock: k and v go together")
+        if k is not None:
+            linear("k", k, C, x_I)
+            linear("v", v, C, x_I)
+        self._struct, self._keep = st, keep
+        self._ref = ctypes.byref(st)
+        self.C, self.x_I, self.has_self_attn = C, x_I, self_attn is not None
+
+    def _call(self, code: int, what: str) -> None:
+        if code:
+            raise MemoryError("segany native token kernel: out of memory") if code == -1 else ValueError(f"TokenBlock.{what}: bad sizes")
+
+    def pre(self, x: torch.Tensor, pe: torch.Tensor, skip_pe: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+        """x, pe (B, t, C) -> (x after the self-attention and norm1, q (B, t, x_I))."""
+        if x.ndim != 3 or pe.shape != x.shape:
+            raise ValueError(f"TokenBlock.pre: x {tuple(x.shape)}, pe {tuple(pe.shape)}: (B, t, C) both")
+        _token_rows("TokenBlock.pre", x, self.C)
+        _token_rows("TokenBlock.pre", pe, self.C)
+        B, t, C = x.shape
+        x_out = torch.empty_like(x) if self.has_self_attn else x
+        q = torch.empty(B, t, self.x_I)
+        if B * t:
+            self._call(_token_lib().segany_token_block_pre(self._ref, B, t, x.data_ptr(), pe.data_ptr(), int(skip_pe),
+                                                           x_out.data_ptr(), q.data_ptr()), "pre")
+        return x_out, q
+
+    def post(self, heads: torch.Tensor, x: torch.Tensor, pe: Optional[torch.Tensor]):
+        """heads (..., x_I), x and pe (..., C) -> x after norm2 (and the MLP and norm3 where the
+        block has them), and with the image->token projections k, v (..., x_I) (else None)."""
+        M = _token_rows("TokenBlock.post", heads, self.x_I)
+        if _token_rows("TokenBlock.post", x, self.C) != M or (pe is not None and _token_rows("TokenBlock.post", pe, self.C) != M):
+            raise ValueError(f"TokenBlock.post: heads {tuple(heads.shape)}, x {tuple(x.shape)}: one row each")
+        has_kv = bool(self._struct.k_w)
+        if has_kv and pe is None:
+            raise ValueError("TokenBlock.post: the k projection needs pe")
+        x_out = torch.empty_like(x)
+        k = torch.empty(*x.shape[:-1], self.x_I) if has_kv else None
+        v = torch.empty(*x.shape[:-1], self.x_I) if has_kv else None
+        if M:
+            self._call(_token_lib().segany_token_block_post(self._ref, M, heads.data_ptr(), x.data_ptr(),
+                                                            None if pe is None else pe.data_ptr(), x_out.data_ptr(),
+                                                            None if k is None else k.data_ptr(),
+                                                            None if v is None else v.data_ptr()), "post")
+        return x_out, k, v

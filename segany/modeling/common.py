@@ -10,6 +10,7 @@ from typing import Optional, Tuple, Type
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _torch_module
 
 # oneDNN only for products at least this large. On the 2-core development machine MKL won on
 # few rows: (7 x 256) @ (256 x 256) 43 vs oneDNN's 88 us, and the decoder MLP's
@@ -53,13 +54,13 @@ def _dispatch_mode_active() -> bool:
     return _get_current_dispatch_mode is not None and _get_current_dispatch_mode() is not None
 
 
-def _has_hooks(layer: nn.Module) -> bool:
-    from torch.nn.modules import module as _m
+def _global_hooks() -> bool:
+    """Whether forward hooks for every module are registered (``register_module_forward_hook``)."""
+    return bool(getattr(_torch_module, "_global_forward_hooks", None) or getattr(_torch_module, "_global_forward_pre_hooks", None))
 
-    return bool(
-        layer._forward_hooks or layer._forward_pre_hooks
-        or getattr(_m, "_global_forward_hooks", None) or getattr(_m, "_global_forward_pre_hooks", None)
-    )
+
+def _has_hooks(layer: nn.Module) -> bool:
+    return bool(layer._forward_hooks or layer._forward_pre_hooks or _global_hooks())
 
 
 def _onednn_eligible(x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -53,6 +53,12 @@ image-side work either done once per image or folded onto the few prompt tokens:
   runs channel-last in PyTorch: the second convolution one GEMM per output-row parity and
   LayerNorm2d ``layer_norm`` over the last axis.
 
+* The token side (a click's ~7 prompt tokens through self-attention, the cross-attentions' token
+  projections, MLPs, LayerNorms, the IoU head and hypernetworks: ~35 small linear layers) runs in
+  the native token kernels (``segany.kernels.TokenBlock``, tokens.c) where the decoder kernels
+  are on: two calls per two-way block and for the final attention, one per head, in place of
+  ~400 PyTorch operations (a vit_b click 0.91-0.95x in in-process A/Bs, 2026-12-06).
+
 * Many prompts in a row (segment everything): inside ``decoder_workspace()`` the large
   temporaries of each call (score maps, attention, the factored P, the stream, the masks) reuse
   buffers instead of fresh memory, whose pages would fault in one by one every call.
@@ -74,8 +80,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import kernels
-from .common import LayerNorm2d, _act_name, _dispatch_mode_active, _has_hooks, linear
-from .mask_decoder import MaskDecoder
+from .common import LayerNorm2d, MLPBlock, _act_name, _dispatch_mode_active, _global_hooks, _has_hooks, linear
+from .mask_decoder import MLP, MaskDecoder
 from .transformer import Attention
 
 
@@ -289,29 +295,196 @@ def build_cache(decoder: MaskDecoder, image_embeddings: Tensor, image_pe: Tensor
     return cache
 
 
-def _self_attn(attn: Attention, q: Tensor, v: Tensor) -> Tensor:
-    return attn(q=q, k=q, v=v)
+# The token side of each two-way block (self-attention, the cross-attentions' token projections
+# and out-projection, the MLP, three LayerNorms) and of the final attention runs in
+# segany.kernels' token kernels where this call may use them: two native calls per block, one
+# before and one after its token->image attention, in place of ~150 PyTorch operations (see
+# tokens.c). Each block's weights are packed once and kept while its modules and parameters stay
+# the same (_token_plan); the check runs on every call, so it reads the modules' own dicts
+# (through nn.Module's attribute lookup, 26 parameters' checks took 94 us a block, more than the
+# kernels saved).
+
+_token_plans: dict = {}
 
 
-def _t2i_cached(attn: Attention, q_tokens: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Token->image attention with precomputed image keys/values (1, heads, N, hd)."""
+def _tokens_ok(x: Tensor) -> bool:
+    """Whether token rows ``x`` (..., C) may go to the token kernels in this decoder call: its
+    native kernels are on (see predict_masks_fast), few rows (batches of many prompts: PyTorch's
+    GEMMs), float32 on the CPU."""
+    return (bool(getattr(_per_thread, "tokens", False)) and x.dtype == torch.float32 and x.device.type == "cpu"
+            and x.numel() <= kernels.TOKEN_ROWS_MAX * x.shape[-1])
+
+
+def _plain_linear(m) -> bool:
+    return type(m) is torch.nn.Linear and m.bias is not None and m.weight.dtype == torch.float32
+
+
+def _plain_ln(m) -> bool:
+    return type(m) is torch.nn.LayerNorm and m.weight is not None and m.bias is not None and len(m.normalized_shape) == 1
+
+
+@dataclass
+class _TokenPlan:
+    owner: "weakref.ref"
+    modules: tuple  # the modules the plan was built from, in the order the caller gathers them
+    params: tuple  # (module, name, parameter, version) of every parameter it packed
+    eps: tuple
+    plan: object
+
+    def current(self, modules: tuple, eps: tuple) -> bool:
+        if self.eps != eps or len(modules) != len(self.modules) or not all(a is b for a, b in zip(modules, self.modules)):
+            return False
+        return all(m._parameters.get(n) is p and p._version == v for m, n, p, v in self.params)
+
+
+def _no_hooks(modules: tuple) -> bool:
+    return not (_global_hooks() or any(m._forward_hooks or m._forward_pre_hooks for m in modules))
+
+
+def _token_plan(owner: torch.nn.Module, kind: str, modules: tuple, eps: tuple, eligible, make):
+    """The token-kernel plan ``make()`` of ``owner``'s token side, kept while ``modules`` (gathered
+    by the caller from the modules' own ``_modules`` dicts) are the same objects with the same
+    parameters, unchanged in place (version counters), and the LayerNorms' ``eps`` are the same.
+    ``eligible()`` (the modules' types and settings) is asked when a plan is built. None where the
+    modules have hooks (PyTorch's code runs them) or are not eligible. Parameters without version
+    counters (made under ``torch.inference_mode``) get a fresh plan on every call, as
+    :func:`_derived` does."""
+    if not _no_hooks(modules):
+        return None
+    k = (id(owner), kind)
+    hit = _token_plans.get(k)
+    try:
+        if hit is not None and hit.owner() is owner and hit.current(modules, eps):
+            return hit.plan
+    except RuntimeError:  # inference tensors
+        pass
+    if not eligible():
+        return None
+    params = tuple((m, n, p) for m in modules for n, p in m._parameters.items() if p is not None)
+    try:
+        versions = tuple(p._version for _, _, p in params)
+    except RuntimeError:
+        return make()
+    entry = _TokenPlan(weakref.ref(owner, lambda _, k=k: _token_plans.pop(k, None)), modules,
+                       tuple((m, n, p, v) for (m, n, p), v in zip(params, versions)), eps, make())
+    _token_plans[k] = entry
+    return entry.plan
+
+
+def _ln_params(ln: torch.nn.LayerNorm):
+    return ln.weight, ln.bias, ln.eps
+
+
+def _token_block(layer, queries: Tensor) -> Optional["kernels.TokenBlock"]:
+    """The two-way block ``layer``'s token side as a native :class:`kernels.TokenBlock`, where
+    this call may use the token kernels and the block is SAM's (plain linear layers and
+    LayerNorms, a ReLU MLP, no hooks); else None (PyTorch's code)."""
+    if not _tokens_ok(queries):
+        return None
+    lm = layer._modules
+    sa, t2i, i2t, mlp = lm["self_attn"], lm["cross_attn_token_to_image"], lm["cross_attn_image_to_token"], lm["mlp"]
+    sm, tm, im, mm = sa._modules, t2i._modules, i2t._modules, mlp._modules
+    linears = (sm["q_proj"], sm["k_proj"], sm["v_proj"], sm["out_proj"], tm["q_proj"], tm["out_proj"], mm["lin1"], mm["lin2"],
+               im["k_proj"], im["v_proj"])
+    norms = (lm["norm1"], lm["norm2"], lm["norm3"])
+
+    def eligible():
+        return (type(sa) is Attention and type(t2i) is Attention and type(i2t) is Attention and type(mlp) is MLPBlock
+                and _act_name(mlp.act) == "relu" and all(map(_plain_linear, linears)) and all(map(_plain_ln, norms)))
+
+    def make():
+        wb = [(m.weight, m.bias) for m in linears]
+        return kernels.TokenBlock(q=wb[4], o=wb[5], ln2=_ln_params(norms[1]), self_attn=wb[:4], sa_heads=sa.num_heads,
+                                  ln1=_ln_params(norms[0]), mlp=wb[6:8], ln3=_ln_params(norms[2]), k=wb[8], v=wb[9])
+
+    return _token_plan(layer, "block", (sa, mlp) + linears + norms, tuple(n.eps for n in norms), eligible, make)
+
+
+def _final_block(tf, queries: Tensor) -> Optional["kernels.TokenBlock"]:
+    """The final token->image attention's token side (q projection; out-projection and
+    norm_final_attn) as a native :class:`kernels.TokenBlock`, as :func:`_token_block`."""
+    if not _tokens_ok(queries):
+        return None
+    attn, ln = tf._modules["final_attn_token_to_image"], tf._modules["norm_final_attn"]
+    q, o = attn._modules["q_proj"], attn._modules["out_proj"]
+
+    def eligible():
+        return type(attn) is Attention and _plain_linear(q) and _plain_linear(o) and _plain_ln(ln)
+
+    return _token_plan(tf, "final", (q, o, ln), (ln.eps,), eligible,
+                       lambda: kernels.TokenBlock(q=(q.weight, q.bias), o=(o.weight, o.bias), ln2=_ln_params(ln)))
+
+
+def _mlp_head(mlp, x: Tensor) -> Tensor:
+    """``mlp(x)`` for the decoder's IoU head and hypernetworks (``mask_decoder.MLP``), x (B, C)."""
+    if _tokens_ok(x):
+        layers = tuple(mlp._modules["layers"]._modules.values()) if "layers" in mlp._modules else ()
+
+        def eligible():
+            return type(mlp) is MLP and 1 <= len(layers) <= 3 and all(map(_plain_linear, layers))
+
+        plan = _token_plan(mlp, "head", (mlp,) + layers, (), eligible,
+                           lambda: kernels.TokenChain([(m.weight, m.bias) for m in layers]))
+        if plan is not None:
+            y = plan(x.contiguous())
+            return torch.sigmoid(y) if mlp.sigmoid_output else y
+    return mlp(x)
+
+
+def _token_steps(layer, queries: Tensor, tokens: Tensor, t2i) -> Tuple[Tensor, Tensor, Tensor]:
+    """The token side of one two-way block around its cross-attentions: self-attention and norm1,
+    the token->image attention ``t2i(q)`` (its projected queries (B, t, I) -> its heads' outputs
+    (B, t, I) before out_proj, on the already prepared image tokens), out_proj and norm2, the MLP
+    and norm3. Returns the tokens and the image->token attention's projected keys and values
+    (B, t, I): ``k_proj(queries + tokens)``, ``v_proj(queries)``."""
+    block = _token_block(layer, queries)
+    if block is not None:
+        queries, q = block.pre(queries.contiguous(), tokens.contiguous(), skip_pe=layer.skip_first_layer_pe)
+        return block.post(t2i(q), queries, tokens.contiguous())
+    sa, t2i_attn, i2t_attn = layer.self_attn, layer.cross_attn_token_to_image, layer.cross_attn_image_to_token
+    if layer.skip_first_layer_pe:
+        queries = _layer_norm(layer.norm1, sa(q=queries, k=queries, v=queries))
+    else:
+        q = queries + tokens
+        queries = _layer_norm(layer.norm1, queries + sa(q=q, k=q, v=queries))
+    heads = t2i(t2i_attn.q_proj(queries + tokens))
+    queries = _layer_norm(layer.norm2, queries + t2i_attn.out_proj(heads))
+    queries = _layer_norm(layer.norm3, queries + layer.mlp(queries))
+    return queries, i2t_attn.k_proj(queries + tokens), i2t_attn.v_proj(queries)
+
+
+def _final_steps(tf, queries: Tensor, tokens: Tensor, t2i) -> Tensor:
+    """The final token->image attention ``t2i(q)`` (as in :func:`_token_steps`) with its residual
+    and norm_final_attn."""
+    block = _final_block(tf, queries)
+    if block is not None:
+        queries, tokens = queries.contiguous(), tokens.contiguous()
+        _, q = block.pre(queries, tokens)
+        return block.post(t2i(q), queries, None)[0]
+    attn = tf.final_attn_token_to_image
+    return _layer_norm(tf.norm_final_attn, queries + attn.out_proj(t2i(attn.q_proj(queries + tokens))))
+
+
+def _t2i_cached(attn: Attention, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    """Token->image attention of projected queries q (B, t, I) with precomputed image keys/values
+    (1, heads, N, hd): the heads' outputs (B, t, I) before out_proj."""
     nh = attn.num_heads
-    b, t, _ = q_tokens.shape
+    b, t, _ = q.shape
     # all prompts' queries in one attention per head: the shared keys and values are read once,
     # not once per prompt (8 prompts: 3.6 vs 5.7 ms on one thread). Two GEMMs and a softmax were
     # as fast for one prompt, but their score maps (15 MB each for 16 prompts) cost segment
     # everything 8% (2026-12-05, fifth session).
-    q = attn.q_proj(q_tokens).view(b * t, nh, -1).transpose(0, 1)[None]  # (1, nh, b*t, hd)
+    q = q.reshape(b * t, nh, -1).transpose(0, 1)[None]  # (1, nh, b*t, hd)
     hd = q.shape[-1]
     out = F.scaled_dot_product_attention(q, k, v, scale=hd**-0.5)  # (1, nh, b*t, hd)
-    return attn.out_proj(out[0].transpose(0, 1).reshape(b, t, nh * hd))
+    return out[0].transpose(0, 1).reshape(b, t, nh * hd)
 
 
-def _t2i_folded(attn: Attention, q_tokens: Tensor, x_pe: Tensor, x: Tensor) -> Tensor:
-    """Token->image attention, keys ``x_pe`` (B|1, N, C), values ``x`` (B|1, N, C), with the image
-    projections folded onto the token side."""
+def _t2i_folded(attn: Attention, q: Tensor, x_pe: Tensor, x: Tensor) -> Tensor:
+    """Token->image attention of projected queries q (B, t, I), keys ``x_pe`` (B|1, N, C), values
+    ``x`` (B|1, N, C), with the image projections folded onto the token side: the heads' outputs
+    before out_proj."""
     nh = attn.num_heads
-    q = attn.q_proj(q_tokens)  # (B, t, I)
     B, t, I = q.shape
     hd = I // nh
     C = x.shape[-1]
@@ -323,7 +496,7 @@ def _t2i_folded(attn: Attention, q_tokens: Tensor, x_pe: Tensor, x: Tensor) -> T
     r = torch.matmul(a, x).reshape(B, nh, t, C)  # (B, nh, t, C)
     wv = attn.v_proj.weight.reshape(nh, hd, C)
     o = torch.matmul(r, wv.transpose(1, 2)) + attn.v_proj.bias.reshape(nh, 1, hd)  # (B, nh, t, hd)
-    return attn.out_proj(o.transpose(1, 2).reshape(B, t, I))
+    return o.transpose(1, 2).reshape(B, t, I)
 
 
 def _block_diag_keys(k: Tensor, nh: int) -> Tensor:
@@ -337,16 +510,16 @@ def _block_diag_keys(k: Tensor, nh: int) -> Tensor:
     return bd.reshape(B, I, nh * t)
 
 
-def _i2t(attn: Attention, x_pe: Tensor, k_tokens: Tensor, v_tokens: Tensor, residual: Tensor, out: Tensor) -> Tensor:
+def _i2t(attn: Attention, x_pe: Tensor, k: Tensor, v: Tensor, residual: Tensor, out: Tensor) -> Tensor:
     """``residual`` (B|1, N, C) + image->token attention output after out_proj into ``out`` (B, N,
-    C; may be ``residual``), queries folded from the image tokens ``x_pe`` (B|1, N, C).
+    C; may be ``residual``), queries folded from the image tokens ``x_pe`` (B|1, N, C), the
+    tokens' projected keys and values k, v (B, t, I).
 
     Scores are laid out (B, heads, tokens, N) so that the softmax over the few tokens runs along a
     strided axis with contiguous N-long rows (a softmax over a 7-long last axis is ~20x slower).
     The out_proj bias is folded into the value side: each head's softmax row sums to one, so
     ``a @ (u + b/heads) = a @ u + b``; the residual add is the GEMM's accumulator."""
     nh = attn.num_heads
-    k = attn.k_proj(k_tokens)  # (B, t, I)
     B, t, I = k.shape
     hd = I // nh
     kbd = _block_diag_keys(k, nh) * (hd**-0.5)  # (B, I, nh*t)
@@ -356,23 +529,24 @@ def _i2t(attn: Attention, x_pe: Tensor, k_tokens: Tensor, v_tokens: Tensor, resi
     sT = torch.baddbmm(c[:, :, None], mT, x_pe.expand(B, -1, -1).transpose(1, 2))
     N = sT.shape[-1]
     aT = torch.softmax(sT.view(B, nh, t, N), dim=2).view(B, nh * t, N)
-    u = _value_update(attn, v_tokens)  # (B, nh*t, C)
+    u = _value_update(attn, v)  # (B, nh*t, C)
     if out is residual:
         return out.baddbmm_(aT.transpose(1, 2), u)
     return torch.baddbmm(residual.expand(B, -1, -1), aT.transpose(1, 2), u, out=out)
 
 
-def _i2t_cached(attn: Attention, q_cols: Tensor, k_tokens: Tensor, v_tokens: Tensor, out: Tensor,
+def _i2t_cached(attn: Attention, q_cols: Tensor, k: Tensor, v: Tensor, out: Tensor,
                 values: Optional[list] = None) -> Tensor:
-    """Image->token attention with precomputed image queries ``q_cols`` (heads, hd, N): the
-    update's factors in the reduced form (see :func:`_reduced_values`), aT (B, heads*(t-1)+1, N)
-    into ``out`` and u (B, heads*(t-1)+1, C) returned; the update is ``aT^T u``."""
-    B, t, _ = k_tokens.shape
-    h = _split_heads_scaled(attn.k_proj(k_tokens), attn.num_heads)  # (nh, B*t, hd)
+    """Image->token attention with precomputed image queries ``q_cols`` (heads, hd, N) and the
+    tokens' projected keys and values k, v (B, t, I): the update's factors in the reduced form
+    (see :func:`_reduced_values`), aT (B, heads*(t-1)+1, N) into ``out`` and u
+    (B, heads*(t-1)+1, C) returned; the update is ``aT^T u``."""
+    B, t, _ = k.shape
+    h = _split_heads_scaled(k, attn.num_heads)  # (nh, B*t, hd)
     nh, _, N = q_cols.shape
     s = torch.bmm(h, q_cols, out=_scratch_like("scores", (nh, B * t, N), h)).view(nh, B, t, N)
     _softmax_over_tokens(s, out)
-    return _reduced_values(_value_update(attn, v_tokens, values), nh)
+    return _reduced_values(_value_update(attn, v, values), nh)
 
 
 def _softmax_over_tokens(s: Tensor, out: Tensor, scale: Optional[Tensor] = None) -> Tensor:
@@ -391,12 +565,11 @@ def _softmax_over_tokens(s: Tensor, out: Tensor, scale: Optional[Tensor] = None)
     return out
 
 
-def _value_update(attn: Attention, v_tokens: Tensor, values: Optional[list] = None) -> Tensor:
-    """(B, t, C) tokens -> (B, heads*t, C): each head's values through its slice of out_proj, plus
-    out_proj's bias shared among the heads (softmax rows sum to one). The values (B, t, I) are
-    appended to ``values`` where given."""
+def _value_update(attn: Attention, v: Tensor, values: Optional[list] = None) -> Tensor:
+    """Projected values v (B, t, I) -> (B, heads*t, C): each head's values through its slice of
+    out_proj, plus out_proj's bias shared among the heads (softmax rows sum to one). The values
+    are appended to ``values`` where given."""
     nh = attn.num_heads
-    v = attn.v_proj(v_tokens)
     if values is not None:
         values.append(v)
     B, t, I = v.shape
@@ -540,12 +713,13 @@ def _split_heads_scaled(x: Tensor, nh: int) -> Tensor:
     return x.view(B, t, nh, hd).permute(2, 0, 1, 3).reshape(nh, B * t, hd) * (hd**-0.5)
 
 
-def _t2i_factored(attn: Attention, q_tokens: Tensor, fx: _Factored, proj: _LayerProjections) -> Tensor:
-    """Token->image attention on factored image tokens (keys X + pe, values X)."""
+def _t2i_factored(attn: Attention, q: Tensor, fx: _Factored, proj: _LayerProjections) -> Tensor:
+    """Token->image attention of projected queries q (B, t, I) on factored image tokens (keys
+    X + pe, values X): the heads' outputs before out_proj."""
     nh = attn.num_heads
-    B, t, _ = q_tokens.shape
+    B, t, _ = q.shape
     N = fx.P.shape[-1]
-    h = _split_heads_scaled(attn.q_proj(q_tokens), nh)  # (nh, B*t, hd)
+    h = _split_heads_scaled(q, nh)  # (nh, B*t, hd)
     hd = h.shape[-1]
     s = _factored_scores(h, attn.k_proj.weight, fx, proj.t2i_k, proj.t2i_kpe)
     a_bt = _scratch_like("attn", (B, nh, t, N), h)  # a * alpha in (B, nh*t, N) layout for a P^T
@@ -565,17 +739,18 @@ def _t2i_factored(attn: Attention, q_tokens: Tensor, fx: _Factored, proj: _Layer
     o = o.view(nh, B, t, hd).permute(1, 2, 0, 3) + o2.transpose(1, 2)
     if proj.t2i_kpe is not None:  # (else the values hold the bias)
         o = o + attn.v_proj.bias.view(nh, hd)
-    return attn.out_proj(o.reshape(B, t, nh * hd))
+    return o.reshape(B, t, nh * hd)
 
 
-def _i2t_factored(attn: Attention, fx: _Factored, proj: _LayerProjections, k_tokens: Tensor, v_tokens: Tensor,
+def _i2t_factored(attn: Attention, fx: _Factored, proj: _LayerProjections, k: Tensor, v: Tensor,
                   out: Tensor, values: Optional[list] = None) -> Tensor:
-    """Image->token attention with queries from factored image tokens (X + pe): the update's
-    factors in the reduced form, as :func:`_i2t_cached`, with aT divided by X's row scales."""
+    """Image->token attention with queries from factored image tokens (X + pe) and the tokens'
+    projected keys and values k, v: the update's factors in the reduced form, as
+    :func:`_i2t_cached`, with aT divided by X's row scales."""
     nh = attn.num_heads
-    h = _split_heads_scaled(attn.k_proj(k_tokens), nh)
+    h = _split_heads_scaled(k, nh)
     _factored_scores(h, attn.q_proj.weight, fx, proj.i2t_q, proj.i2t_qpe, out=out)
-    return _reduced_values(_value_update(attn, v_tokens, values), nh)
+    return _reduced_values(_value_update(attn, v, values), nh)
 
 
 def _layer_norm(ln: torch.nn.LayerNorm, x: Tensor) -> Tensor:
@@ -621,11 +796,12 @@ def predict_masks_fast(
     # The native kernels' eligibility is asked once per call, not by each of the ~10 helpers
     # that choose between them and PyTorch (~7 us a question; see _native_ok).
     _per_thread.native = _native_ok_now(sparse_prompt_embeddings)
+    _per_thread.tokens = _per_thread.native and kernels.tokens_usable()
     try:
         return _predict_masks_fast(decoder, sparse_prompt_embeddings, cache, image_embeddings, image_pe, dense_prompt_embeddings,
                                    multimask_output, iou_thresh, scratch_masks, best_only, mask_factor)
     finally:
-        _per_thread.native = None
+        _per_thread.native = _per_thread.tokens = None
 
 
 _token_indices: dict = {}  # (indices, device) -> that index tensor (a fresh one per call costs ~7 us)
@@ -670,14 +846,14 @@ def _predict_masks_fast(decoder, sparse_prompt_embeddings, cache, image_embeddin
     idx = range(decoder.num_mask_tokens)[sl]
 
     def hypernetworks(queries: Tensor) -> Tensor:  # queries (B, M, C) of the requested mask tokens
-        return torch.stack([decoder.output_hypernetworks_mlps[j](queries[:, i, :]) for i, j in enumerate(idx)], dim=1)
+        return torch.stack([_mlp_head(decoder.output_hypernetworks_mlps[j], queries[:, i, :]) for i, j in enumerate(idx)], dim=1)
 
     if cache is not None and iou_thresh is not None:
         # The IoU head reads only the IoU token, and the final attention treats each query token
         # on its own: the IoU token goes through it first, the mask tokens only for the prompts
         # with a mask above the threshold (segment everything at SAM's thresholds: few).
         queries, fx = _layers_cached(decoder, tokens, cache, mask_factor)
-        iou_pred = decoder.iou_prediction_head(_final_cached(decoder, queries[:, :1], tokens[:, :1], fx, cache)[:, 0])[:, sl]
+        iou_pred = _mlp_head(decoder.iou_prediction_head, _final_cached(decoder, queries[:, :1], tokens[:, :1], fx, cache)[:, 0])[:, sl]
         keep = iou_pred > iou_thresh  # (B, M)
         rows = keep.any(1).nonzero().flatten()
         if len(rows) == 0:
@@ -697,17 +873,17 @@ def _predict_masks_fast(decoder, sparse_prompt_embeddings, cache, image_embeddin
     else:
         queries, upscale_in = _transformer_dense(decoder, tokens, src, pe, src_pe, used, own=own)
 
-    iou_pred = decoder.iou_prediction_head(queries[:, 0, :])[:, sl]
+    iou_pred = _mlp_head(decoder.iou_prediction_head, queries[:, 0, :])[:, sl]
     if best_only and B == 1:  # (a click: a dozen fewer small operations than the batched form below)
         i = int(iou_pred.argmax())
-        hyper_in = decoder.output_hypernetworks_mlps[idx[i]](queries[:, 1 + i])[:, None]
+        hyper_in = _mlp_head(decoder.output_hypernetworks_mlps[idx[i]], queries[:, 1 + i])[:, None]
         return _upscale_masks(decoder, upscale_in, hyper_in, h, w, scratch=scratch_masks), iou_pred[:, i : i + 1]
     if best_only:
         best = iou_pred.argmax(1)  # (B,)
         hyper_in = queries.new_empty(B, 1, decoder.output_hypernetworks_mlps[0].layers[-1].out_features)
         for i in best.unique().tolist():  # prompts that chose the same candidate share one MLP call
             rows = (best == i).nonzero().flatten()
-            hyper_in[rows, 0] = decoder.output_hypernetworks_mlps[idx[i]](queries[rows, 1 + i, :])
+            hyper_in[rows, 0] = _mlp_head(decoder.output_hypernetworks_mlps[idx[i]], queries[rows, 1 + i, :])
         return (_upscale_masks(decoder, upscale_in, hyper_in, h, w, scratch=scratch_masks),
                 iou_pred.gather(1, best[:, None]))
     hyper_in = hypernetworks(queries[:, 1:])
@@ -755,19 +931,6 @@ def _dense_is_cheaper(decoder: MaskDecoder, t: int, mask_factor, C: int) -> bool
     return r > DENSE_ABOVE_RANK[mask_factor is not None] * C
 
 
-def _token_steps(layer, queries: Tensor, tokens: Tensor, t2i) -> Tensor:
-    """The token side of one two-way block up to the image->token attention; ``t2i(q)`` is the
-    token->image attention of the (already prepared) image tokens."""
-    if layer.skip_first_layer_pe:
-        queries = _self_attn(layer.self_attn, queries, queries)
-    else:
-        q = queries + tokens
-        queries = queries + _self_attn(layer.self_attn, q, queries)
-    queries = _layer_norm(layer.norm1, queries)
-    queries = _layer_norm(layer.norm2, queries + t2i(queries + tokens))
-    return _layer_norm(layer.norm3, queries + layer.mlp(queries))
-
-
 def _transformer_dense(decoder: MaskDecoder, tokens: Tensor, src: Tensor, pe: Tensor, src_pe: Tensor, used: Tensor,
                        own: bool = False):
     """Any dense prompt (mask input): image tokens formed densely, projections folded. Returns
@@ -782,9 +945,9 @@ def _transformer_dense(decoder: MaskDecoder, tokens: Tensor, src: Tensor, pe: Te
     keys, keys_pe = src, src_pe
     native = _native_rows_ok(src)
     for i, layer in enumerate(tf.layers):
-        queries = _token_steps(layer, queries, tokens, lambda q: _t2i_folded(layer.cross_attn_token_to_image, q, keys_pe, keys))
+        queries, k, v = _token_steps(layer, queries, tokens, lambda q: _t2i_folded(layer.cross_attn_token_to_image, q, keys_pe, keys))
         out = keys if own or i > 0 else _kept_buffer("keys", (B, N, C), src)
-        keys = _i2t(layer.cross_attn_image_to_token, keys_pe, queries + tokens, queries, keys, out=out)
+        keys = _i2t(layer.cross_attn_image_to_token, keys_pe, k, v, keys, out=out)
         ln = layer.norm4
         if native:
             kernels.layer_norm_rows_(keys, ln.weight, ln.bias, ln.eps)
@@ -794,8 +957,7 @@ def _transformer_dense(decoder: MaskDecoder, tokens: Tensor, src: Tensor, pe: Te
             keys_pe = _kept_buffer("keys_pe", (B, N, C), src)
         torch.add(keys, pe, out=keys_pe)
     queries, tokens = queries[:, used], tokens[:, used]
-    queries = queries + _t2i_folded(tf.final_attn_token_to_image, queries + tokens, keys_pe, keys)
-    return _layer_norm(tf.norm_final_attn, queries), keys
+    return _final_steps(tf, queries, tokens, lambda q: _t2i_folded(tf.final_attn_token_to_image, q, keys_pe, keys)), keys
 
 
 def _kept_buffer(name: str, shape: Tuple[int, ...], like: Tensor) -> Tensor:
@@ -832,8 +994,7 @@ def _final_cached(decoder: MaskDecoder, queries: Tensor, tokens: Tensor, fx: "_F
     """The final token->image attention and its LayerNorm, for the given query tokens (each on
     its own: any subset of them gives the same values as all of them together)."""
     tf = decoder.transformer
-    queries = queries + _t2i_factored(tf.final_attn_token_to_image, queries + tokens, fx, cache.final)
-    return _layer_norm(tf.norm_final_attn, queries)
+    return _final_steps(tf, queries, tokens, lambda q: _t2i_factored(tf.final_attn_token_to_image, q, fx, cache.final))
 
 
 def _layers_cached(decoder: MaskDecoder, tokens: Tensor, cache: DecoderCache, mask_factor=None):
@@ -862,12 +1023,12 @@ def _layers_cached(decoder: MaskDecoder, tokens: Tensor, cache: DecoderCache, ma
         k = ks[i]
         aT = P[:, r0 : r0 + k]  # the reduced attention divided by the row scales of the layer's input
         if fx is None:
-            queries = _token_steps(layer, queries, tokens, lambda q: _t2i_cached(layer.cross_attn_token_to_image, q, cache.k0, cache.v0))
-            u = _i2t_cached(layer.cross_attn_image_to_token, cache.q0, queries + tokens, queries, aT, values)
+            queries, kt, vt = _token_steps(layer, queries, tokens, lambda q: _t2i_cached(layer.cross_attn_token_to_image, q, cache.k0, cache.v0))
+            u = _i2t_cached(layer.cross_attn_image_to_token, cache.q0, kt, vt, aT, values)
         else:
             proj = cache.layers[i - 1] if i > 0 else _first_layer_projections(cache)
-            queries = _token_steps(layer, queries, tokens, lambda q: _t2i_factored(layer.cross_attn_token_to_image, q, fx, proj))
-            u = _i2t_factored(layer.cross_attn_image_to_token, fx, proj, queries + tokens, queries, aT, values)
+            queries, kt, vt = _token_steps(layer, queries, tokens, lambda q: _t2i_factored(layer.cross_attn_token_to_image, q, fx, proj))
+            u = _i2t_factored(layer.cross_attn_image_to_token, fx, proj, kt, vt, aT, values)
         ln = layer.norm4
         if values is not None:  # the statistics without the dense stream
             Qp = u if fx is None else torch.cat((fx.Q, u), 1)
