@@ -16,6 +16,10 @@ weights and maps the previous one evicted), so they sum to less than ``predict``
 
     python benchmarks/bench_click_split.py                      # random vit_b weights, 1500x2000
     python benchmarks/bench_click_split.py --model tiny --size 600x900
+
+``--ab-token-kernels``: instead, ``predict_best`` with the decoder's native token kernels on
+and off (``SEGANY_TOKEN_KERNELS``), alternating, back to back and after a 30 ms pause (a user's
+click comes after one; see bench_speed.SETTLE), with the ratio on/off.
 """
 from __future__ import annotations
 
@@ -57,6 +61,7 @@ def main() -> None:
     ap.add_argument("--size", default="1500x2000", help="HxW of the image")
     ap.add_argument("--clicks", type=int, default=30)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ab-token-kernels", action="store_true", help="A/B the native token kernels instead (see above)")
     a = ap.parse_args()
 
     import torch
@@ -81,6 +86,9 @@ def main() -> None:
     labels = torch.ones(1, 1, dtype=torch.int)
     pe, dec = sam.prompt_encoder, sam.mask_decoder
     cache = p._get_decoder_cache()
+    if a.ab_token_kernels:
+        _ab_token_kernels(p, point, label, a.clicks, h, w, a.model)
+        return
 
     with torch.no_grad():
         sparse, _ = pe(points=(coords, labels), boxes=None, masks=None)
@@ -91,14 +99,27 @@ def main() -> None:
         queries, upscale_in = fd._transformer_cached(dec, tokens, cache, used)
         hyper_in = torch.stack([dec.output_hypernetworks_mlps[j](queries[:, 1 + i, :]) for i, j in enumerate(idx)], dim=1)
         low_res, _ = fd.predict_masks_fast(dec, sparse, cache)
+
+        def in_a_call(fn):
+            # the decoder's pieces with the kernel choices predict_masks_fast makes for its call
+            def run():
+                fd._per_thread.native = fd._native_ok_now(sparse)
+                fd._per_thread.tokens = fd._per_thread.native and kernels.tokens_usable()
+                try:
+                    return fn()
+                finally:
+                    fd._per_thread.native = fd._per_thread.tokens = None
+            return run
+
         rows = [
             ("predict (3 masks at the original size, as numpy)", lambda: p.predict(point_coords=point, point_labels=label)),
             ("predict_best (the best mask alone at the original size)", lambda: p.predict_best(point_coords=point, point_labels=label)),
             ("prompt encoder", lambda: pe(points=(coords, labels), boxes=None, masks=None)),
             ("decoder (3 low-res masks + IoU)", lambda: fd.predict_masks_fast(dec, sparse, cache)),
-            ("  two-way transformer", lambda: fd._transformer_cached(dec, tokens, cache, used)),
-            ("  IoU head + hypernetwork MLPs", lambda: (dec.iou_prediction_head(queries[:, 0, :]), [dec.output_hypernetworks_mlps[j](queries[:, 1 + i, :]) for i, j in enumerate(idx)])),
-            ("  output upscaling", lambda: fd._upscale_masks(dec, upscale_in, hyper_in, *cache.hw)),
+            ("  two-way transformer", in_a_call(lambda: fd._transformer_cached(dec, tokens, cache, used))),
+            ("  IoU head + hypernetwork MLPs", in_a_call(lambda: (fd._mlp_head(dec.iou_prediction_head, queries[:, 0, :]),
+                                                                  [fd._mlp_head(dec.output_hypernetworks_mlps[j], queries[:, 1 + i, :]) for i, j in enumerate(idx)]))),
+            ("  output upscaling", in_a_call(lambda: fd._upscale_masks(dec, upscale_in, hyper_in, *cache.hw))),
             ("masks to original size (3, thresholded)", lambda: p.upscale(low_res, threshold=sam.mask_threshold)),
             ("masks to original size (best one only)", lambda: p.upscale(low_res[:, :1], threshold=sam.mask_threshold)),
         ]
@@ -110,6 +131,27 @@ def main() -> None:
     print("| piece | ms |\n|---|---:|")
     for name, ms in results:
         print(f"| {name} | {ms:.2f} |")
+
+
+def _ab_token_kernels(p, point, label, clicks: int, h: int, w: int, model: str) -> None:
+    import os
+
+    times = {(mode, pause): [] for mode in ("on", "off") for pause in (0.0, 0.03)}
+    for i in range(clicks):
+        for mode in (("on", "off") if i % 2 == 0 else ("off", "on")):
+            os.environ["SEGANY_TOKEN_KERNELS"] = "1" if mode == "on" else "0"
+            p.predict_best(point_coords=point, point_labels=label)  # (the previous mode's state out of the way)
+            for pause in (0.0, 0.03):
+                time.sleep(pause)
+                t = time.perf_counter()
+                p.predict_best(point_coords=point, point_labels=label)
+                times[(mode, pause)].append(time.perf_counter() - t)
+    os.environ.pop("SEGANY_TOKEN_KERNELS")
+    print(f"{model}, image {h}x{w}, predict_best, token kernels on/off alternating, median of {clicks} each\n")
+    print("| before the click | on (ms) | off (ms) | on / off |\n|---|---:|---:|---:|")
+    for pause, label_ in ((0.0, "the same click (back to back)"), (0.03, "a 30 ms pause")):
+        on, off = (statistics.median(times[(m, pause)]) * 1e3 for m in ("on", "off"))
+        print(f"| {label_} | {on:.2f} | {off:.2f} | {on / off:.3f} |")
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from core_helpers import TINY_VIT, randomize_batchnorm_
+from segany import kernels
 from segany.modeling.build import build_sam, randomize_
 from segany.modeling.fast_decoder import build_cache, mask_prompt_factor, predict_masks_fast
 from segany.predictor import SamPredictor, _SeparableResize
@@ -634,9 +635,7 @@ def test_tiny_vit_inference_path_is_its_modules_function(onednn, monkeypatch):
 
 
 def _click_outputs(model, tokens_native, monkeypatch):
-    from segany import kernels
-
-    monkeypatch.setattr(kernels, "tokens_usable", (lambda: False) if not tokens_native else _tokens_usable)
+    monkeypatch.setattr(kernels, "tokens_usable", (lambda: False) if not tokens_native else _real_tokens_usable)
     pe = model.prompt_encoder
     g = torch.Generator().manual_seed(4)
     h, w = pe.image_embedding_size
@@ -648,18 +647,14 @@ def _click_outputs(model, tokens_native, monkeypatch):
         return predict_masks_fast(model.mask_decoder, sparse, cache)
 
 
-def _tokens_usable():
-    from segany import kernels
-
-    return kernels._get("tokens") is not None and not kernels._forked
+_real_tokens_usable = kernels.tokens_usable
 
 
 def _token_kernels_on():
-    from segany import kernels
     from segany.modeling.fast_decoder import _native_ok_now
 
     with torch.no_grad():
-        return _tokens_usable() and _native_ok_now(torch.zeros(1))
+        return _real_tokens_usable() and _native_ok_now(torch.zeros(1))
 
 
 needs_token_kernels = pytest.mark.skipif(not _token_kernels_on(), reason="decoder kernels not built or not preferred on this CPU")
@@ -670,8 +665,6 @@ def test_token_kernels_run_the_token_side_of_a_click_with_the_same_results(monke
     """Where the decoder kernels are on, each two-way block's token side and the final
     attention's run as two native calls each, and the IoU head and hypernetworks as one; the
     results equal PyTorch's code up to float32 rounding."""
-    from segany import kernels
-
     sam = _model(TINY_VIT)
     calls = {"pre": 0, "post": 0, "chain": 0}
     for cls, name, key in ((kernels.TokenBlock, "pre", "pre"), (kernels.TokenBlock, "post", "post"), (kernels.TokenChain, "__call__", "chain")):
@@ -711,3 +704,18 @@ def test_token_kernels_follow_replaced_parameters_and_leave_hooked_modules_to_py
     hooked = _click_outputs(sam, True, monkeypatch)
     assert len(seen) == 1
     torch.testing.assert_close(hooked[1], changed[1], rtol=1e-5, atol=1e-6)
+
+
+@needs_token_kernels
+def test_token_kernels_can_be_turned_off(monkeypatch):
+    sam = _model(TINY_VIT)
+    used = []
+    orig = kernels.TokenBlock.pre
+    monkeypatch.setattr(kernels.TokenBlock, "pre", lambda self, *a, **k: used.append(1) or orig(self, *a, **k))
+    monkeypatch.setenv("SEGANY_TOKEN_KERNELS", "0")
+    off = _click_outputs(sam, True, monkeypatch)
+    assert not used
+    monkeypatch.delenv("SEGANY_TOKEN_KERNELS")
+    on = _click_outputs(sam, True, monkeypatch)
+    assert used
+    torch.testing.assert_close(on[1], off[1], rtol=1e-5, atol=1e-6)

@@ -806,9 +806,13 @@ TOKEN_ROWS_MAX = 64  # token rows (prompts x tokens) up to which the token kerne
 
 def tokens_usable() -> bool:
     """Whether the token-side kernels (:class:`TokenChain`, :class:`TokenBlock`) can run
-    now: built, and not an OpenMP build in a forked child (whose OpenMP team is gone; those
-    kernels have barriers inside, so they cannot take the thread pool the other kernels fall back
-    to there)."""
+    now: built, not turned off (``SEGANY_TOKEN_KERNELS=0``, read on every call), and not an
+    OpenMP build in a forked child (whose OpenMP team is gone; those kernels have barriers
+    inside, so they cannot take the thread pool the other kernels fall back to there). The
+    decoder's fast path uses them only where it uses the decoder kernels
+    (:func:`decoder_preferred`)."""
+    if os.environ.get("SEGANY_TOKEN_KERNELS") == "0":
+        return False
     lib = _get("tokens")
     return lib is not None and not (_forked and lib.segany_has_openmp())
 
