@@ -719,3 +719,17 @@ def test_token_kernels_can_be_turned_off(monkeypatch):
     on = _click_outputs(sam, True, monkeypatch)
     assert used
     torch.testing.assert_close(on[1], off[1], rtol=1e-5, atol=1e-6)
+
+
+@needs_token_kernels
+def test_token_kernel_plans_do_not_keep_a_dropped_model_alive(monkeypatch):
+    import gc
+    import weakref
+
+    sam = _model(TINY_VIT)
+    _click_outputs(sam, True, monkeypatch)
+    decoder = weakref.ref(sam.mask_decoder)
+    heads = [weakref.ref(m) for m in (sam.mask_decoder.iou_prediction_head, *sam.mask_decoder.output_hypernetworks_mlps)]
+    del sam
+    gc.collect()
+    assert decoder() is None and all(h() is None for h in heads)

@@ -119,7 +119,7 @@ def _declare(name: str, lib: ctypes.CDLL) -> None:
         lib.segany_vector_lanes.restype = ctypes.c_int
     elif name == "tokens":
         lib.segany_token_panel.restype = ctypes.c_int
-        lib.segany_token_chain.argtypes = [i64, i64, i64, i64, i64, i64, p, p, p, p, p, p, p, ctypes.c_int, p, p, p, f32, p]
+        lib.segany_token_chain.argtypes = [i64, i64, i64, i64, i64, i64, p, p, p, p, p, p, p, p]
         lib.segany_token_chain.restype = ctypes.c_int
         lib.segany_token_block_pre.argtypes = [p, i64, i64, p, p, ctypes.c_int, p, p]
         lib.segany_token_block_pre.restype = ctypes.c_int
@@ -843,15 +843,13 @@ def _token_rows(kernel: str, x: torch.Tensor, width: int) -> int:
 
 
 class TokenChain:
-    """1-3 linear layers over token rows, ReLU between them, then optionally a residual and a
-    LayerNorm: ``LN(res + f_n(...f_1(x)))``, in one call of tokens.c (a two-way block's MLP with
-    its residual and LayerNorm).
+    """1-3 linear layers over token rows with ReLU between them (``mask_decoder.MLP``: the IoU
+    head, a hypernetwork) in one call of tokens.c.
 
-    ``layers``: (weight (O, K), bias (O,)) float32 pairs, each K the previous O; ``ln``:
-    (weight, bias, eps) or None. The weights are packed here: a chain is built once for a set of
-    parameters (see ``fast_decoder._token_plan``)."""
+    ``layers``: (weight (O, K), bias (O,)) float32 pairs, each K the previous O. The weights are
+    packed here: a chain is built once for a set of parameters (see ``fast_decoder._token_plan``)."""
 
-    def __init__(self, layers, ln=None) -> None:
+    def __init__(self, layers) -> None:
         if not 1 <= len(layers) <= 3:
             raise ValueError(f"TokenChain: 1 to 3 layers, got {len(layers)}")
         self.dims = [int(layers[0][0].shape[1])] + [int(w.shape[0]) for w, _ in layers]
@@ -860,27 +858,17 @@ class TokenChain:
                 raise ValueError("TokenChain: layer shapes do not chain (or a bias is missing)")
         self.packed = [pack_token_weight(w) for w, _ in layers]
         self.biases = [b.detach().to(torch.float32).contiguous() for _, b in layers]
-        self.ln = None if ln is None else (ln[0].detach().contiguous(), ln[1].detach().contiguous(), float(ln[2]))
-        if self.ln is not None and (self.ln[0].numel() != self.dims[-1] or self.ln[1].numel() != self.dims[-1]):
-            raise ValueError("TokenChain: LayerNorm width differs from the last layer's")
-        ptr = [t.data_ptr() for t in self.packed] + [None] * (3 - len(layers))
-        bp = [t.data_ptr() for t in self.biases] + [None] * (3 - len(layers))
-        d = self.dims + [0] * (4 - len(self.dims))
-        g, be, eps = (None, None, 0.0) if self.ln is None else (self.ln[0].data_ptr(), self.ln[1].data_ptr(), self.ln[2])
-        self._args = (len(layers), *d)
-        self._weights = (ptr[0], bp[0], ptr[1], bp[1], ptr[2], bp[2])
-        self._ln = (g, be, eps)
+        pointers = [(w.data_ptr(), b.data_ptr()) for w, b in zip(self.packed, self.biases)] + [(None, None)] * (3 - len(layers))
+        self._args = (len(layers), *(self.dims + [0] * (4 - len(self.dims))))
+        self._weights = tuple(ptr for pair in pointers for ptr in pair)
 
-    def __call__(self, x: torch.Tensor, res: Optional[torch.Tensor] = None, relu: bool = True) -> torch.Tensor:
-        """x (..., K) -> (..., O); ``res`` (..., O) with the LayerNorm."""
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., K) -> (..., O)."""
         lib = _token_lib()
         M = _token_rows("TokenChain", x, self.dims[0])
-        if res is not None and (self.ln is None or _token_rows("TokenChain", res, self.dims[-1]) != M):
-            raise ValueError("TokenChain: a residual goes with the LayerNorm, one row per row of x")
         out = torch.empty(*x.shape[:-1], self.dims[-1])
         if M:
-            code = lib.segany_token_chain(M, *self._args, x.data_ptr(), *self._weights, int(relu), None if res is None else res.data_ptr(), *self._ln,
-                                          out.data_ptr())
+            code = lib.segany_token_chain(M, *self._args, x.data_ptr(), *self._weights, out.data_ptr())
             if code:
                 raise MemoryError("segany native token kernel: out of memory") if code == -1 else ValueError("TokenChain: bad sizes")
         return out

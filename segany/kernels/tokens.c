@@ -5,10 +5,10 @@
    cross-attentions' token projections, two-layer MLPs, LayerNorms, the IoU head and a
    hypernetwork MLP: ~35 linear layers with 7 rows and ~13 MB of weights, and in PyTorch ~400
    small operations at a few microseconds of dispatch each, ~1.3 ms of a warm vit_b click and
-   more after a pause (every operation's code and bookkeeping cold again). Here a block (a chain
-   of linear layers with ReLU between and an optional residual + LayerNorm after, or a whole
-   self-attention block) is one call and one OpenMP region: its layers follow each other at
-   barriers, every layer's output panels shared among the threads.
+   more after a pause (every operation's code and bookkeeping cold again). Here each two-way
+   block's token side is two calls (segany_token_block_pre/_post) and each head one
+   (segany_token_chain), each call one OpenMP region: its layers follow each other at barriers,
+   every layer's output panels shared among the threads.
 
    Weights come packed (segany.kernels.pack_token_weight): W (O, K) as panels of TK_PW outputs,
    (ceil(O / TK_PW), K, TK_PW), zero-padded, so a panel streams from memory in one run while
@@ -121,16 +121,13 @@ static void add_rows(int64_t M, int64_t K, const float *a, const float *b, float
         for (int64_t k = 0; k < K; k++) o[m * K + k] = a[m * K + k] + b[m * K + k];
 }
 
-/* A chain of n (1..3) linear layers over M token rows, ReLU after every layer but the last
-   (relu), then optionally LayerNorm(res + y) (g, beta given; res optional):
-     out (M, d[n]) = [LN(res + ] f_n(... f_1(x)) [)]
-   x, res and out (M, d[n]) contiguous; W1..W3 packed, b1..b3 the biases. out must not overlap x
-   or res (res may be x: it is read only after the layers). Returns 0, -1 when no work memory
+/* A chain of n (1..3) linear layers over M token rows with ReLU after every layer but the last
+   (the decoder's IoU head and hypernetworks): out (M, d[n]) = f_n(... f_1(x)). x and out
+   contiguous and apart; W1..W3 packed, b1..b3 the biases. Returns 0, -1 when no work memory
    could be had, 2 for bad sizes. */
 int segany_token_chain(int64_t M, int64_t n, int64_t d0, int64_t d1, int64_t d2, int64_t d3, const float *x,
                        const float *W1, const float *b1, const float *W2, const float *b2,
-                       const float *W3, const float *b3, int relu, const float *res, const float *g,
-                       const float *beta, float eps, float *out) {
+                       const float *W3, const float *b3, float *out) {
     if (n < 1 || n > 3 || M < 1) return 2;
     const int64_t d[4] = {d0, d1, d2, d3};
     const float *W[3] = {W1, W2, W3}, *b[3] = {b1, b2, b3};
@@ -147,10 +144,9 @@ int segany_token_chain(int64_t M, int64_t n, int64_t d0, int64_t d1, int64_t d2,
         const float *cur = x;
         for (int64_t i = 0; i < n; i++) {
             float *dst = i == n - 1 ? out : h[i & 1];
-            linear_layer(M, d[i], d[i + 1], cur, d[i], W[i], b[i], relu && i < n - 1, dst, d[i + 1]);
+            linear_layer(M, d[i], d[i + 1], cur, d[i], W[i], b[i], i < n - 1, dst, d[i + 1]);
             cur = dst;
         }
-        if (g) residual_layer_norm(M, d[n], out, res, g, beta, eps, out);
         ftz_end(csr);
     }
     free(work);

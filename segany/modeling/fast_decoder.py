@@ -343,7 +343,8 @@ def _no_hooks(modules: tuple) -> bool:
 
 def _token_plan(owner: torch.nn.Module, kind: str, modules: tuple, eps: tuple, eligible, make):
     """The token-kernel plan ``make()`` of ``owner``'s token side, kept while ``modules`` (gathered
-    by the caller from the modules' own ``_modules`` dicts) are the same objects with the same
+    by the caller from the modules' own ``_modules`` dicts; ``owner``'s submodules, never
+    ``owner`` itself, which the kept plan would keep alive) are the same objects with the same
     parameters, unchanged in place (version counters), and the LayerNorms' ``eps`` are the same.
     ``eligible()`` (the modules' types and settings) is asked when a plan is built. None where the
     modules have hooks (PyTorch's code runs them) or are not eligible. Parameters without version
@@ -417,14 +418,14 @@ def _final_block(tf, queries: Tensor) -> Optional["kernels.TokenBlock"]:
 
 def _mlp_head(mlp, x: Tensor) -> Tensor:
     """``mlp(x)`` for the decoder's IoU head and hypernetworks (``mask_decoder.MLP``), x (B, C)."""
-    if _tokens_ok(x):
+    if _tokens_ok(x) and not (mlp._forward_hooks or mlp._forward_pre_hooks):
         layers = tuple(mlp._modules["layers"]._modules.values()) if "layers" in mlp._modules else ()
 
         def eligible():
             return type(mlp) is MLP and 1 <= len(layers) <= 3 and all(map(_plain_linear, layers))
 
-        plan = _token_plan(mlp, "head", (mlp,) + layers, (), eligible,
-                           lambda: kernels.TokenChain([(m.weight, m.bias) for m in layers]))
+        # (the plan keeps its modules: the owner itself among them would never be freed)
+        plan = _token_plan(mlp, "head", layers, (), eligible, lambda: kernels.TokenChain([(m.weight, m.bias) for m in layers]))
         if plan is not None:
             y = plan(x.contiguous())
             return torch.sigmoid(y) if mlp.sigmoid_output else y
