@@ -130,7 +130,7 @@ def test_native_decoder_tail_checks_its_arguments():
     yT = torch.zeros(1, 32, 4 * 5)
     out = torch.zeros(1, 2, 16, 20)
     b1 = dec.output_upscaling[0].bias.detach()
-    args = (ln.weight.detach(), ln.bias.detach(), ln.eps, w2.detach(), b2.detach())
+    args = (ln.weight, ln.bias, ln.eps, w2.detach(), b2.detach())
     with pytest.raises(ValueError, match="inconsistent shapes"):
         kernels.decoder_tail(yT, 5, *args, torch.zeros(1, 3, 4), out, 0, b1)
     with pytest.raises(ValueError, match="contiguous float32"):
@@ -327,6 +327,80 @@ def test_native_factored_stats_match_the_formed_rows(B, N, C, nh, hd, t, m, scal
     wide = ("values", torch.zeros(1, 65, N), torch.zeros(N), torch.zeros(B, 2, 65))
     with pytest.raises(ValueError, match="factored_stats"):
         kernels.factored_stats(P[:, :2], [wide], torch.zeros(B, 2, 2), qbar[:, :2], sbar.float(), sbar.float(), alpha, 1e-5, C)
+
+
+@needs_decoder_kernel
+@pytest.mark.parametrize("B,t,nh,hd,C", [(1, 7, 8, 16, 256), (3, 5, 2, 8, 64), (2, 1, 4, 4, 32)])
+@torch.no_grad()
+def test_native_factored_glue_matches_pytorch(B, t, nh, hd, C):
+    """The factored image tokens' small per-prompt algebra in one call each, against the PyTorch
+    formulas of fast_decoder: the reduced value rows, the centred Gram matrix of rows given in two
+    parts (one of them strided: the first rows of a larger buffer), a LayerNorm as new factors, and
+    the token side of scores and values (head split, h (Q W^T)^T, (aP Q) W^T); float32 rounding
+    apart. Sizes the kernels do not take are refused by name."""
+    from segany.modeling import fast_decoder as fd
+    from segany.modeling.transformer import Attention
+
+    g = torch.Generator().manual_seed(B * 100 + t)
+    I = nh * hd
+    attn = Attention(C, nh, downsample_rate=C // I).eval()
+    for prm in attn.parameters():
+        prm.data.copy_(torch.randn(prm.shape, generator=g) * 0.2)
+    v = torch.randn(B, t, I, generator=g)
+    wo = attn.out_proj.weight.t().reshape(nh, hd, C).contiguous()
+    want = fd._reduced_values(fd._value_update(attn, v), nh)
+    got = kernels.value_rows(v, wo, attn.out_proj.bias.contiguous())
+    assert got.shape == want.shape == (B, nh * (t - 1) + 1, C)
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="value_rows"):
+        kernels.value_rows(v[:, :, :-1].contiguous(), wo, attn.out_proj.bias.contiguous())
+
+    r1, r2 = 2 * t + 1, nh * (t - 1) + 1
+    Q1 = (torch.randn(B, r1 + 3, C, generator=g) + 0.7)[:, :r1]
+    Q2 = torch.randn(B, r2, C, generator=g) * 2
+    for first in (None, Q1):
+        Q = Q2 if first is None else torch.cat((first, Q2), 1)
+        qbar = Q.double().mean(-1)
+        Qc = Q.double() - qbar[..., None]
+        G, qb = kernels.centered_gram(first, Q2)
+        assert torch.allclose(qb.double(), qbar, atol=1e-6)
+        assert (G.double() - Qc @ Qc.transpose(1, 2)).abs().max() <= 1e-5 * (Qc @ Qc.transpose(1, 2)).abs().max()
+        assert torch.equal(G, G.transpose(1, 2))
+
+    N = 37
+    ln = torch.nn.LayerNorm(C)
+    ln.weight.data.copy_(torch.rand(C, generator=g) + 0.5)
+    ln.bias.data.copy_(torch.randn(C, generator=g))
+    k = r2
+    P = torch.randn(B, r1 + k + 2 + 1, N, generator=g)
+    mean, rstd = torch.randn(B, N, generator=g), torch.rand(B, N, generator=g) + 0.5
+    for fx in (None, fd._Factored(torch.rand(B, N, generator=g) + 0.5, P[:, :r1], Q1)):
+        r0 = 0 if fx is None else r1
+        P_want, P_got = P.clone(), P.clone()
+        want = fd._normed(None if fx is None else fd._Factored(fx.alpha, P_want[:, :r0], fx.Q), P_want, r0, k, Q2, mean, rstd, ln)
+        Q, alpha = kernels.normed_rows(None if fx is None else fx.Q, Q2, ln.weight, ln.bias, mean, rstd,
+                                       None if fx is None else fx.alpha, P_got, r0 + k)
+        assert torch.allclose(Q, want.Q, atol=1e-6) and torch.allclose(alpha, want.alpha, rtol=1e-6)
+        assert torch.allclose(P_got, P_want, rtol=1e-6, atol=1e-6)
+
+    x = torch.randn(B, t, I, generator=g)
+    W = torch.randn(I, C, generator=g) * 0.2
+    h, low = kernels.factored_low(x, nh, hd**-0.5, W, Q1)
+    h_want = fd._split_heads_scaled(x, nh)
+    low_want = torch.matmul(h_want.view(nh, B, t, hd).transpose(0, 1), F.linear(Q1, W).view(B, r1, nh, hd).permute(0, 2, 3, 1))
+    assert torch.equal(h, h_want)
+    assert torch.allclose(low, low_want, atol=1e-4, rtol=1e-4)
+    o = torch.randn(nh, B * t, hd, generator=g)
+    aP = torch.rand(B, nh, t, r1, generator=g)
+    for bias in (None, torch.randn(I, generator=g)):
+        got = kernels.factored_values(o, aP, Q1, W, bias)
+        want = o.view(nh, B, t, hd).permute(1, 2, 0, 3) + torch.matmul(aP, F.linear(Q1, W).view(B, r1, nh, hd).transpose(1, 2)).transpose(1, 2)
+        want = want.reshape(B, t, I) + (0 if bias is None else bias)
+        assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="factored_values"):
+        kernels.factored_values(o, aP[:, :, :, :-1], Q1, W, None)
+    with pytest.raises(ValueError, match="factored_low"):
+        kernels.factored_low(x, nh, 1.0, W[:, :-1].contiguous(), Q1)
 
 
 @needs_decoder_kernel

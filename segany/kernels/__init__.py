@@ -145,6 +145,16 @@ def _declare(name: str, lib: ctypes.CDLL) -> None:
         lib.segany_layer_norm_rows.restype = ctypes.c_int
         lib.segany_factored_scores.argtypes = [i64, i64, i64, i64, i64, i64, i64, i64, p, p, p, p, p, p, i64, p, ctypes.c_int, ctypes.c_int, p, i64, p]
         lib.segany_factored_scores.restype = None
+        lib.segany_value_rows.argtypes = [i64, i64, i64, i64, i64, p, p, p, p, i64]
+        lib.segany_value_rows.restype = ctypes.c_int
+        lib.segany_centered_gram.argtypes = [i64, i64, i64, i64, p, i64, p, i64, p, p]
+        lib.segany_centered_gram.restype = ctypes.c_int
+        lib.segany_normed_rows.argtypes = [i64, i64, i64, i64, i64, p, i64, p, i64, p, p, p, p, p, p, p, i64, i64, p]
+        lib.segany_normed_rows.restype = None
+        lib.segany_factored_low.argtypes = [i64, i64, i64, i64, i64, i64, i64, i64, p, f32, p, p, i64, p, p]
+        lib.segany_factored_low.restype = ctypes.c_int
+        lib.segany_factored_values.argtypes = [i64, i64, i64, i64, i64, i64, i64, i64, p, p, p, i64, p, p, p]
+        lib.segany_factored_values.restype = ctypes.c_int
     lib.segany_has_openmp.restype = ctypes.c_int
 
 
@@ -576,6 +586,139 @@ def factored_stats(P: torch.Tensor, groups: list, G: torch.Tensor, qbar: torch.T
             sbar.data_ptr(), sq.data_ptr(), None if alpha is None else alpha.data_ptr(), float(eps), mean.data_ptr(), rstd.data_ptr())
     _run_pieces(lib, lambda p0, p1: lib.segany_factored_stats(p0, p1, *args), B * -(-N // (2 * decoder_lanes())))
     return mean, rstd
+
+
+def value_rows(v: torch.Tensor, wo: torch.Tensor, bo: torch.Tensor) -> torch.Tensor:
+    """An image->token update's reduced value rows (``fast_decoder._reduced_values`` of
+    ``_value_update``): v (B, t, nh*hd) the layer's projected values, wo (nh, hd, C) out_proj's
+    weight transposed and split by head, bo (C,) its bias -> (B, nh*(t-1)+1, C): per head and
+    token k < t-1 ``(v[k,h] - v[t-1,h]) wo[h]``, then ``sum_h v[t-1,h] wo[h] + bo``. Contiguous
+    float32 CPU tensors, C a multiple of the build's vector width, hd <= 64."""
+    lib = _decoder_lib()
+    _check_f32("value_rows", v, wo, bo)
+    nh, hd, C = wo.shape
+    B, t = v.shape[:2] if v.ndim == 3 else (0, 0)
+    if v.ndim != 3 or v.shape[2] != nh * hd or tuple(bo.shape) != (C,) or t < 1:
+        raise ValueError(f"value_rows: v {tuple(v.shape)}, wo {tuple(wo.shape)}, bo {tuple(bo.shape)}")
+    rows = reduced_rows(nh, t)
+    out = torch.empty(B, rows, C)
+    if B and lib.segany_value_rows(B, t, nh, hd, C, v.data_ptr(), wo.data_ptr(), bo.data_ptr(), out.data_ptr(), rows * C):
+        raise ValueError(f"value_rows: sizes it does not take (C {C} a multiple of {decoder_lanes()}, hd {hd} <= 64)")
+    return out
+
+
+def factored_low(x: torch.Tensor, nh: int, scale: float, weight: torch.Tensor, Q: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The token side of attention scores against factored image tokens (``factored_scores``'
+    ``q`` and ``low``): x (B, t, nh*hd) a projection's outputs for the tokens, weight (nh*hd, C)
+    the image side's projection, Q (B, r, C) the factored rows (matrices contiguous, any batch
+    stride) -> h (nh, B*t, hd) = x split by head times ``scale``, and low (B, nh, t, r) with
+    ``low[b, i, k] = h[i, b*t+k] @ (Q[b] @ weight[i*hd:(i+1)*hd].T).T``. Contiguous float32 CPU
+    tensors, C a multiple of the build's vector width, t <= 64."""
+    lib = _decoder_lib()
+    _check_f32("factored_low", x, weight)
+    B, t, I = x.shape
+    C = weight.shape[1]
+    r, q_bstride, q_ptr = _rows_stride("factored_low", Q, C)
+    if nh < 1 or I % nh or tuple(weight.shape) != (I, C) or Q.shape[0] != B:
+        raise ValueError(f"factored_low: x {tuple(x.shape)}, {nh} heads, weight {tuple(weight.shape)}, Q {tuple(Q.shape)}")
+    hd = I // nh
+    h, low = torch.empty(nh, B * t, hd), torch.empty(B, nh, t, r)
+    if B and t:
+        code = [0]
+
+        def call(p0, p1):
+            code[0] = lib.segany_factored_low(p0, p1, B, t, nh, hd, C, r, x.data_ptr(), float(scale), weight.data_ptr(),
+                                              q_ptr, q_bstride, h.data_ptr(), low.data_ptr())
+            return 0 if code[0] == 2 else code[0]
+
+        _run_pieces(lib, call, B * nh)
+        if code[0] == 2:
+            raise ValueError(f"factored_low: sizes it does not take (C {C} a multiple of {decoder_lanes()}, t {t} <= 64)")
+    return h, low
+
+
+def factored_values(o: torch.Tensor, aP: torch.Tensor, Q: torch.Tensor, weight: torch.Tensor,
+                    bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """The heads' outputs of token->image attention over factored image tokens (see
+    ``fast_decoder._t2i_factored``): o (nh, B*t, hd) the attention against the per-image map,
+    aP (B, nh, t, r) against P's rows, Q (B, r, C) the factored rows (matrices contiguous, any
+    batch stride), weight (nh*hd, C) the value projection, bias (nh*hd,) or None ->
+    (B, t, nh*hd) = o (heads joined) + aP @ Q @ weight_h.T per head + bias. Contiguous float32 CPU
+    tensors, C a multiple of the build's vector width, t <= 64."""
+    lib = _decoder_lib()
+    _check_f32("factored_values", o, aP, weight, *(() if bias is None else (bias,)))
+    nh, Bt, hd = o.shape
+    B, _, t, _ = aP.shape if aP.ndim == 4 else (0, 0, 0, 0)
+    C = weight.shape[1]
+    r, q_bstride, q_ptr = _rows_stride("factored_values", Q, C)
+    I = nh * hd
+    if aP.ndim != 4 or tuple(aP.shape) != (B, nh, t, r) or B * t != Bt or tuple(weight.shape) != (I, C) \
+            or Q.shape[0] != B or (bias is not None and tuple(bias.shape) != (I,)):
+        raise ValueError(f"factored_values: o {tuple(o.shape)}, aP {tuple(aP.shape)}, Q {tuple(Q.shape)}, weight {tuple(weight.shape)}")
+    out = torch.empty(B, t, I)
+    if B and t:
+        code = [0]
+
+        def call(p0, p1):
+            code[0] = lib.segany_factored_values(p0, p1, B, t, nh, hd, C, r, o.data_ptr(), aP.data_ptr(), q_ptr, q_bstride,
+                                                 weight.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr())
+            return 0 if code[0] == 2 else code[0]
+
+        _run_pieces(lib, call, B * nh)
+        if code[0] == 2:
+            raise ValueError(f"factored_values: sizes it does not take (C {C} a multiple of {decoder_lanes()}, t {t} <= 64)")
+    return out
+
+
+def _rows_stride(kernel: str, t: Optional[torch.Tensor], C: int) -> Tuple[int, int, int]:
+    """(rows, batch stride, data pointer) of an optional (B, rows, C) float32 CPU tensor whose
+    matrices are contiguous (any batch stride); (0, 0, None) for None."""
+    if t is None:
+        return 0, 0, None
+    if t.ndim != 3 or t.shape[2] != C:
+        raise ValueError(f"{kernel}: expected (B, rows, {C}), got {tuple(t.shape)}")
+    return t.shape[1], _batch_stride(kernel, t), t.data_ptr()
+
+
+def centered_gram(Q1: Optional[torch.Tensor], Q2: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The rows of Q = [Q1; Q2] (B, r, C) (Q1 may be None): G (B, r, r) = Qc Qc^T with Qc = Q less
+    its row means, and those means qbar (B, r), as ``fast_decoder._factored_stats`` needs them.
+    Float32 CPU tensors, matrices contiguous (any batch stride)."""
+    lib = _decoder_lib()
+    B, r2, C = Q2.shape
+    r1, s1, p1 = _rows_stride("centered_gram", Q1, C)
+    _, s2, p2 = _rows_stride("centered_gram", Q2, C)
+    if Q1 is not None and Q1.shape[0] != B:
+        raise ValueError(f"centered_gram: Q1 {tuple(Q1.shape)}, Q2 {tuple(Q2.shape)}")
+    r = r1 + r2
+    G, qbar = torch.empty(B, r, r), torch.empty(B, r)
+    if B and r and lib.segany_centered_gram(B, r1, r2, C, p1, s1, p2, s2, qbar.data_ptr(), G.data_ptr()):
+        raise MemoryError("segany native kernel: out of memory for centered_gram's buffer")
+    return G, qbar
+
+
+def normed_rows(Q1: Optional[torch.Tensor], U: torch.Tensor, g: torch.Tensor, b: torch.Tensor, mean: torch.Tensor,
+                rstd: torch.Tensor, alpha: Optional[torch.Tensor], P: torch.Tensor, row0: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """A LayerNorm of factored image tokens as new factors (``fast_decoder._normed``): returns
+    Q (B, r1+k+2, C) = [Q1 g; U g; g; b] (Q1 (B, r1, C) or None, U (B, k, C)) and alpha_out (B, N)
+    = alpha rstd (alpha None: one), and writes P[:, row0] = -mean / alpha and
+    P[:, row0 + 1] = 1 / alpha_out. mean, rstd (B, N); float32 CPU tensors, matrices contiguous."""
+    lib = _decoder_lib()
+    B, k, C = U.shape
+    r1, s1, p1 = _rows_stride("normed_rows", Q1, C)
+    _, su, pu = _rows_stride("normed_rows", U, C)
+    _check_f32("normed_rows", g, b, mean, rstd, *(() if alpha is None else (alpha,)))
+    p_bstride = _batch_stride("normed_rows", P)
+    N = P.shape[2]
+    if (Q1 is not None and Q1.shape[0] != B) or tuple(g.shape) != (C,) or tuple(b.shape) != (C,) \
+            or tuple(mean.shape) != (B, N) or tuple(rstd.shape) != (B, N) or (alpha is not None and tuple(alpha.shape) != (B, N)) \
+            or P.shape[0] != B or not 0 <= row0 <= P.shape[1] - 2:
+        raise ValueError(f"normed_rows: U {tuple(U.shape)}, P {tuple(P.shape)}, row {row0}, mean {tuple(mean.shape)}")
+    Q, alpha_out = torch.empty(B, r1 + k + 2, C), torch.empty(B, N)
+    lib.segany_normed_rows(B, r1, k, C, N, p1, s1, pu, su, g.data_ptr(), b.data_ptr(), Q.data_ptr(), mean.data_ptr(),
+                           rstd.data_ptr(), None if alpha is None else alpha.data_ptr(), P.data_ptr(), p_bstride, row0,
+                           alpha_out.data_ptr())
+    return Q, alpha_out
 
 
 def softmax_pixels(s: torch.Tensor, alpha: torch.Tensor, a_bt: torch.Tensor, w: torch.Tensor) -> None:

@@ -964,3 +964,246 @@ void segany_factored_scores(int64_t p0, int64_t p1, int64_t B, int64_t nh, int64
         ftz_end(csr);
     }
 }
+
+/* ---------------------------------------------------------------------------------------------
+   The factored image tokens' small per-prompt algebra (fast_decoder._layers_cached on SAM's
+   two-layer decoder), each in one call on the calling thread: for a click ~20 PyTorch
+   operations apiece on (r x C) matrices (r ~ 50-100, C = 256), whose dispatch cost more than
+   their arithmetic (a click's three of them: ~200 us of ~7 ms).
+
+   segany_value_rows: an image->token update's reduced value rows (fast_decoder._reduced_values
+   of _value_update): v (B, t, nh*hd) the layer's projected values, wo (nh, hd, C) out_proj's
+   per-head slices (its weight transposed), bo (C,) its bias -> out (B, nh*(t-1)+1, C), batch
+   stride out_bstride:
+     row h*(t-1)+k, k < t-1:  (v[k,h] - v[t-1,h]) wo[h]
+     the last row:            sum_h v[t-1,h] wo[h] + bo
+   C a multiple of LANES; hd at most 64. Returns 0, or 2 for sizes it does not take. */
+#define VR_CV 4 /* vectors of channels per block */
+int segany_value_rows(int64_t B, int64_t t, int64_t nh, int64_t hd, int64_t C, const float *v, const float *wo,
+                      const float *bo, float *out, int64_t out_bstride) {
+    if (C % LANES || hd > 64 || hd < 1 || t < 1) return 2;
+    const int64_t I = nh * hd, cb = VR_CV * LANES;
+    const unsigned int csr = ftz_begin();
+    for (int64_t b = 0; b < B; b++) {
+        const float *vb = v + b * t * I, *vl = vb + (t - 1) * I;
+        float *ob = out + b * out_bstride, *last = ob + nh * (t - 1) * C;
+        for (int64_t c = 0; c < C; c++) last[c] = bo[c];
+        for (int64_t h = 0; h < nh; h++) {
+            const float *wh = wo + h * hd * C, *vlh = vl + h * hd;
+            for (int64_t c0 = 0; c0 < C; c0 += cb) {
+                const int64_t nv = (C - c0 < cb ? C - c0 : cb) / LANES;
+                for (int64_t k = 0; k < t; k++) {
+                    /* k = t-1: the last token's own values, summed into the last row */
+                    vf acc[VR_CV];
+                    for (int j = 0; j < VR_CV; j++) acc[j] = (vf){0};
+                    for (int64_t e = 0; e < hd; e++) {
+                        const float x = k + 1 < t ? vb[k * I + h * hd + e] - vlh[e] : vlh[e];
+                        for (int j = 0; j < nv; j++) acc[j] += x * vload(wh + e * C + c0 + j * LANES);
+                    }
+                    float *o = k + 1 < t ? ob + (h * (t - 1) + k) * C : last;
+                    for (int j = 0; j < nv; j++)
+                        vstore(o + c0 + j * LANES, k + 1 < t ? acc[j] : vload(o + c0 + j * LANES) + acc[j]);
+                }
+            }
+        }
+    }
+    ftz_end(csr);
+    return 0;
+}
+
+/* segany_centered_gram: qbar (B, r) the means of Q's rows and G (B, r, r) = Qc Qc^T, Qc = Q - qbar
+   (fast_decoder._factored_stats). Q's r = r1 + r2 rows (C channels) come in two parts: rows
+   0..r1-1 from Q1 (batch stride q1_bstride), the rest from Q2 (q2_bstride), so the caller needs
+   no concatenation. G is formed below its diagonal by blocks of GEMM_QB rows against the
+   centred rows transposed (C, r rounded up to whole vectors) and mirrored. Returns 0, or -1
+   when the scratch memory cannot be had. */
+int segany_centered_gram(int64_t B, int64_t r1, int64_t r2, int64_t C, const float *Q1, int64_t q1_bstride,
+                         const float *Q2, int64_t q2_bstride, float *qbar, float *G) {
+    const int64_t r = r1 + r2, rp = (r + LANES - 1) / LANES * LANES, rq = (r + GEMM_QB - 1) / GEMM_QB * GEMM_QB;
+    float *qc = scratch((size_t)(rq * C + C * rp + GEMM_QB * rp));
+    if (!qc) return -1;
+    float *qt = qc + rq * C, *blk = qt + C * rp;
+    const unsigned int csr = ftz_begin();
+    for (int64_t b = 0; b < B; b++) {
+        float *qb = qbar + b * r, *Gb = G + b * r * r;
+        for (int64_t i = 0; i < rq; i++) {
+            float *row = qc + i * C;
+            if (i >= r) {
+                for (int64_t c = 0; c < C; c++) row[c] = 0.0f;
+                continue;
+            }
+            const float *src = i < r1 ? Q1 + b * q1_bstride + i * C : Q2 + b * q2_bstride + (i - r1) * C;
+            double s = 0.0; /* (PyTorch's mean accumulates in a wider type too) */
+            for (int64_t c = 0; c < C; c++) s += src[c];
+            const float m = (float)(s / (double)C);
+            qb[i] = m;
+            for (int64_t c = 0; c < C; c++) row[c] = src[c] - m;
+        }
+        for (int64_t c = 0; c < C; c++) {
+            float *col = qt + c * rp;
+            for (int64_t i = 0; i < rp; i++) col[i] = i < r ? qc[i * C + c] : 0.0f;
+        }
+        for (int64_t i0 = 0; i0 < r; i0 += GEMM_QB) {
+            /* rows i0..i0+3 against columns 0..(i0+3) rounded up to whole vectors */
+            const int64_t n = (i0 + GEMM_QB + LANES - 1) / LANES * LANES;
+            rows_gemm(n < rp ? n : rp, C, qc + i0 * C, C, qt, rp, blk, rp, 0);
+            for (int64_t i = i0; i < i0 + GEMM_QB && i < r; i++)
+                for (int64_t j = 0; j <= i; j++) Gb[i * r + j] = Gb[j * r + i] = blk[(i - i0) * rp + j];
+        }
+    }
+    ftz_end(csr);
+    return 0;
+}
+
+/* segany_normed_rows: the LayerNorm of factored image tokens as new factors (fast_decoder._normed):
+     Qout (B, r1+k+2, C) = [Q1 g; U g; g; bias]   (Q1 (B, r1, C), batch stride q1_bstride; r1 may be 0)
+   and per pixel, from the statistics mean, rstd (B, N) and the input's row scales alpha (B, N;
+   NULL: one): P's rows row0 and row0+1 (P (B, ., N), batch stride p_bstride) get -mean/alpha
+   and 1/(alpha rstd), alpha_out (B, N) alpha rstd. */
+void segany_normed_rows(int64_t B, int64_t r1, int64_t k, int64_t C, int64_t N, const float *Q1, int64_t q1_bstride,
+                        const float *U, int64_t u_bstride, const float *g, const float *bias, float *Qout,
+                        const float *mean, const float *rstd, const float *alpha, float *P, int64_t p_bstride,
+                        int64_t row0, float *alpha_out) {
+    const int64_t rows = r1 + k + 2;
+    for (int64_t b = 0; b < B; b++) {
+        float *qo = Qout + b * rows * C;
+        for (int64_t i = 0; i < r1 + k; i++) {
+            const float *src = i < r1 ? Q1 + b * q1_bstride + i * C : U + b * u_bstride + (i - r1) * C;
+            for (int64_t c = 0; c < C; c++) qo[i * C + c] = src[c] * g[c];
+        }
+        for (int64_t c = 0; c < C; c++) {
+            qo[(r1 + k) * C + c] = g[c];
+            qo[(r1 + k + 1) * C + c] = bias[c];
+        }
+        float *pm = P + b * p_bstride + row0 * N, *ps = pm + N, *ao = alpha_out + b * N;
+        const float *mb = mean + b * N, *sb = rstd + b * N, *ab = alpha ? alpha + b * N : 0;
+        for (int64_t n = 0; n < N; n++) {
+            const float a = ab ? ab[n] : 1.0f;
+            const float an = a * sb[n];
+            pm[n] = ab ? -(mb[n] / a) : -mb[n];
+            ps[n] = 1.0f / an;
+            ao[n] = an;
+        }
+    }
+}
+
+/* segany_factored_low: the token side of attention scores against factored image tokens
+   (fast_decoder._factored_scores), from a projection's outputs x (B, t, nh*hd) of the tokens:
+     h (nh, B*t, hd)        x split by head, times scale
+     low (B, nh, t, r)      low[b][hh][k][j] = h[hh][b*t+k] . (Q[b][j] W_hh^T) = Q[b][j] . z,
+                            z = h[hh][b*t+k] W_hh (C,), W_hh rows hh*hd.. of W (nh*hd, C)
+   Q (B, r, C) rows contiguous, batch stride q_bstride. Forming z first takes a sixth of the
+   multiply-adds of Q W^T at a click's sizes (r ~ 50-100 rows against hd = 16). Pieces p0..p1-1 of
+   B * nh; C a multiple of LANES, t <= 64. Returns 0, 2 for sizes it does not take, -1 without
+   memory. */
+static inline float hsum(vf v) {
+#if defined(__AVX512F__)
+    return _mm512_reduce_add_ps((__m512)v); /* (a tree of shuffles: vsum's chain of 16 adds waits ~4x longer) */
+#else
+    return vsum(v);
+#endif
+}
+
+int segany_factored_low(int64_t p0, int64_t p1, int64_t B, int64_t t, int64_t nh, int64_t hd, int64_t C, int64_t r,
+                        const float *x, float scale, const float *W, const float *Q, int64_t q_bstride, float *h,
+                        float *low) {
+    if (C % LANES || t > 64) return 2;
+    int err = 0;
+    (void)B;
+#pragma omp parallel for schedule(dynamic) reduction(| : err)
+    for (int64_t p = p0; p < p1; p++) {
+        const int64_t b = p / nh, hh = p % nh, I = nh * hd, nv = C / LANES;
+        float *z = scratch((size_t)(t * C));
+        if (!z) {
+            err |= 1;
+            continue;
+        }
+        const unsigned int csr = ftz_begin();
+        const float *Wh = W + hh * hd * C, *Qb = Q + b * q_bstride;
+        for (int64_t k = 0; k < t; k++) {
+            float *hk = h + (hh * B * t + b * t + k) * hd;
+            for (int64_t d = 0; d < hd; d++) hk[d] = x[(b * t + k) * I + hh * hd + d] * scale;
+            for (int64_t v = 0; v < nv; v++) {
+                vf acc = (vf){0};
+                for (int64_t d = 0; d < hd; d++) acc += hk[d] * vload(Wh + d * C + v * LANES);
+                vstore(z + k * C + v * LANES, acc);
+            }
+        }
+        float *lb = low + (b * nh + hh) * t * r;
+        for (int64_t j = 0; j < r; j++) {
+            const float *qj = Qb + j * C;
+            int64_t k = 0;
+            for (; k + 4 <= t; k += 4) {
+                vf a0 = (vf){0}, a1 = (vf){0}, a2 = (vf){0}, a3 = (vf){0};
+                for (int64_t v = 0; v < nv; v++) {
+                    const vf q = vload(qj + v * LANES);
+                    a0 += q * vload(z + k * C + v * LANES);
+                    a1 += q * vload(z + (k + 1) * C + v * LANES);
+                    a2 += q * vload(z + (k + 2) * C + v * LANES);
+                    a3 += q * vload(z + (k + 3) * C + v * LANES);
+                }
+                lb[k * r + j] = hsum(a0);
+                lb[(k + 1) * r + j] = hsum(a1);
+                lb[(k + 2) * r + j] = hsum(a2);
+                lb[(k + 3) * r + j] = hsum(a3);
+            }
+            for (; k < t; k++) {
+                vf a = (vf){0};
+                for (int64_t v = 0; v < nv; v++) a += vload(qj + v * LANES) * vload(z + k * C + v * LANES);
+                lb[k * r + j] = hsum(a);
+            }
+        }
+        ftz_end(csr);
+    }
+    return err ? -1 : 0;
+}
+
+/* segany_factored_values: the heads' outputs of token->image attention over factored image tokens
+   (fast_decoder._t2i_factored), out (B, t, nh*hd):
+     out[b][k][hh*hd + d] = o[hh][b*t+k][d] + (sum_j aP[b][hh][k][j] Q[b][j]) . W[hh*hd+d] + bias[hh*hd+d]
+   with o (nh, B*t, hd) the attention against the per-image map, aP (B, nh, t, r) the attention
+   against P's rows, Q (B, r, C) (rows contiguous, batch stride q_bstride), W (nh*hd, C) the value
+   projection, bias (nh*hd,) or NULL. (aP Q) W^T takes a sixth of the multiply-adds of
+   aP (Q W^T) at a click's sizes. Pieces p0..p1-1 of B * nh; C a multiple of LANES, t <= 64.
+   Returns 0, 2 for sizes it does not take, -1 without memory. */
+int segany_factored_values(int64_t p0, int64_t p1, int64_t B, int64_t t, int64_t nh, int64_t hd, int64_t C, int64_t r,
+                           const float *o, const float *aP, const float *Q, int64_t q_bstride, const float *W,
+                           const float *bias, float *out) {
+    if (C % LANES || t > 64) return 2;
+    int err = 0;
+    (void)B;
+#pragma omp parallel for schedule(dynamic) reduction(| : err)
+    for (int64_t p = p0; p < p1; p++) {
+        const int64_t b = p / nh, hh = p % nh, I = nh * hd, nv = C / LANES;
+        float *y = scratch((size_t)(t * C));
+        if (!y) {
+            err |= 1;
+            continue;
+        }
+        const unsigned int csr = ftz_begin();
+        const float *Qb = Q + b * q_bstride, *ab = aP + (b * nh + hh) * t * r;
+        for (int64_t v0 = 0; v0 < nv; v0 += 4) {
+            const int64_t vn = nv - v0 < 4 ? nv - v0 : 4;
+            for (int64_t k = 0; k < t; k++) {
+                vf acc[4] = {(vf){0}, (vf){0}, (vf){0}, (vf){0}};
+                for (int64_t j = 0; j < r; j++) {
+                    const float a = ab[k * r + j];
+                    for (int64_t v = 0; v < vn; v++) acc[v] += a * vload(Qb + j * C + (v0 + v) * LANES);
+                }
+                for (int64_t v = 0; v < vn; v++) vstore(y + k * C + (v0 + v) * LANES, acc[v]);
+            }
+        }
+        for (int64_t k = 0; k < t; k++) {
+            float *ok = out + (b * t + k) * I + hh * hd;
+            const float *oh = o + (hh * B * t + b * t + k) * hd;
+            for (int64_t d = 0; d < hd; d++) {
+                const float *wd = W + (hh * hd + d) * C;
+                vf acc = (vf){0};
+                for (int64_t v = 0; v < nv; v++) acc += vload(y + k * C + v * LANES) * vload(wd + v * LANES);
+                ok[d] = oh[d] + hsum(acc) + (bias ? bias[hh * hd + d] : 0.0f);
+            }
+        }
+        ftz_end(csr);
+    }
+    return err ? -1 : 0;
+}

@@ -547,7 +547,7 @@ def _i2t_cached(attn: Attention, q_cols: Tensor, k: Tensor, v: Tensor, out: Tens
     nh, _, N = q_cols.shape
     s = torch.bmm(h, q_cols, out=_scratch_like("scores", (nh, B * t, N), h)).view(nh, B, t, N)
     _softmax_over_tokens(s, out)
-    return _reduced_values(_value_update(attn, v, values), nh)
+    return _update_rows(attn, v, values)
 
 
 def _softmax_over_tokens(s: Tensor, out: Tensor, scale: Optional[Tensor] = None) -> Tensor:
@@ -582,6 +582,21 @@ def _value_update(attn: Attention, v: Tensor, values: Optional[list] = None) -> 
     u = torch.bmm(v.view(B * t, nh, hd).transpose(0, 1), wo)  # (nh, B*t, C)
     u = u.view(nh, B, t, C).transpose(0, 1).reshape(B, nh * t, C)
     return u + attn.out_proj.bias / nh
+
+
+def _update_rows(attn: Attention, v: Tensor, values: Optional[list] = None) -> Tensor:
+    """``_reduced_values(_value_update(attn, v, values), heads)``: in one native call where the
+    decoder kernels run (~20 PyTorch operations on a click's 7 tokens, ~50 us, against ~5)."""
+    nh = attn.num_heads
+    o = attn.out_proj
+    I = v.shape[-1]
+    C = o.weight.shape[0]
+    if _native_ok(v) and o.bias is not None and C % kernels.decoder_lanes() == 0 and I % nh == 0 and I // nh <= 64:
+        if values is not None:
+            values.append(v)
+        wo = _derived(o.weight, "heads", lambda w: w.t().reshape(nh, I // nh, C).contiguous())
+        return kernels.value_rows(v.contiguous(), wo, o.bias.contiguous())
+    return _reduced_values(_value_update(attn, v, values), nh)
 
 
 _derived_cache: dict = {}
@@ -652,6 +667,10 @@ def _normed(fx: Optional[_Factored], P: Tensor, r0: int, k: int, u: Tensor, mean
     With X = alpha (S + P^T Q): LayerNorm gives r (X + aT^T u - m) g + b
     = (r alpha) (S g + P^T (Q g) + (aT / alpha)^T (u g) - (m / alpha) g + b / (r alpha))."""
     g, b = ln.weight, ln.bias
+    if _native_ok(u) and g is not None and b is not None:  # (one call for ~10 small operations)
+        Q, alpha = kernels.normed_rows(None if fx is None else fx.Q, u, g.contiguous(), b.contiguous(), mean.contiguous(),
+                                       rstd.contiguous(), None if fx is None else fx.alpha.contiguous(), P, r0 + k)
+        return _Factored(alpha, P[:, : r0 + k + 2], Q)
     B, _, N = P.shape
     C = g.shape[0]
     if fx is None:
@@ -667,21 +686,27 @@ def _normed(fx: Optional[_Factored], P: Tensor, r0: int, k: int, u: Tensor, mean
     return _Factored(alpha, P[:, : r0 + k + 2], torch.cat(Q, 1))
 
 
-def _factored_scores(h: Tensor, weight: Tensor, fx: _Factored, base_cols: Tensor, pe_cols: Tensor,
+def _factored_scores(x: Tensor, nh: int, weight: Tensor, fx: _Factored, base_cols: Tensor, pe_cols: Tensor,
                      out: Optional[Tensor] = None) -> Tensor:
-    """Per-head scores of tokens ``h`` (heads, B*t, hd), already scaled, against the projection
-    ``weight`` (I, C) of the factored image tokens plus the positional share:
+    """Per-head scores of the tokens' projection ``x`` (B, t, I), split into ``nh`` heads h
+    (heads, B*t, hd) and scaled by hd^-0.5, against the projection ``weight`` (I, C) of the
+    factored image tokens plus the positional share:
     (heads, B, t, N) = alpha * (h S_h^T + (h (Q W_h^T)^T) P) + h PE_h^T.
 
     ``out`` (B, heads*(t-1)+1, N): the image->token attention into it instead, per pixel and head
     the softmax over the t tokens in the reduced layout of :func:`_softmax_over_tokens`, divided
     by alpha (the rows P takes, see :func:`_normed`)."""
-    nh, Bt, hd = h.shape
-    B, r, N = fx.P.shape
-    t = Bt // B
-    if _native_ok(h):  # one pass over the image-side maps instead of five
-        qw = F.linear(fx.Q, weight).view(B, r, nh, hd).permute(0, 2, 3, 1)  # (B, nh, hd, r)
-        low = torch.matmul(h.view(nh, B, t, hd).transpose(0, 1), qw).contiguous()  # (B, nh, t, r)
+    B, t, I = x.shape
+    hd = I // nh
+    r, N = fx.P.shape[1:]
+    if _native_ok(x):  # one pass over the image-side maps instead of five
+        if t <= 64 and weight.shape[1] % kernels.decoder_lanes() == 0:
+            # the head split and h (Q W_h^T)^T as h W_h Q^T in one call (~10 operations fewer)
+            h, low = kernels.factored_low(x.contiguous(), nh, hd**-0.5, weight.contiguous(), fx.Q)
+        else:
+            h = _split_heads_scaled(x, nh)
+            qw = F.linear(fx.Q, weight).view(B, r, nh, hd).permute(0, 2, 3, 1)  # (B, nh, hd, r)
+            low = torch.matmul(h.view(nh, B, t, hd).transpose(0, 1), qw).contiguous()  # (B, nh, t, r)
         if out is not None:
             scores = _scratch_like("scores", (B, nh, t, N), h)
             kernels.factored_scores(h.contiguous(), base_cols, pe_cols, fx.alpha.contiguous(), low, fx.P, scores, True,
@@ -689,7 +714,7 @@ def _factored_scores(h: Tensor, weight: Tensor, fx: _Factored, base_cols: Tensor
             return out
         scores = _scratch_like("scores", (nh, B, t, N), h)
         return kernels.factored_scores(h.contiguous(), base_cols, pe_cols, fx.alpha.contiguous(), low, fx.P, scores)
-    s = _unfused_scores(h, weight, fx, base_cols, pe_cols)
+    s = _unfused_scores(_split_heads_scaled(x, nh), weight, fx, base_cols, pe_cols)
     return s if out is None else _softmax_over_tokens(s, out, torch.reciprocal(fx.alpha))
 
 
@@ -720,21 +745,24 @@ def _t2i_factored(attn: Attention, q: Tensor, fx: _Factored, proj: _LayerProject
     nh = attn.num_heads
     B, t, _ = q.shape
     N = fx.P.shape[-1]
-    h = _split_heads_scaled(q, nh)  # (nh, B*t, hd)
-    hd = h.shape[-1]
-    s = _factored_scores(h, attn.k_proj.weight, fx, proj.t2i_k, proj.t2i_kpe)
-    a_bt = _scratch_like("attn", (B, nh, t, N), h)  # a * alpha in (B, nh*t, N) layout for a P^T
+    hd = q.shape[-1] // nh
+    s = _factored_scores(q, nh, attn.k_proj.weight, fx, proj.t2i_k, proj.t2i_kpe)
+    a_bt = _scratch_like("attn", (B, nh, t, N), s)  # a * alpha in (B, nh*t, N) layout for a P^T
     # values: (a * alpha) S W_v^T + ((a * alpha) P^T)(Q W_v^T) + b_v
-    if _native_ok(h):  # one pass: softmax, the alpha weighting, both layouts (one in place of s)
+    if _native_ok(s):  # one pass: softmax, the alpha weighting, both layouts (one in place of s)
         weighted = s
         kernels.softmax_pixels(s, fx.alpha.contiguous(), a_bt, weighted)
     else:
         a = torch.softmax(s, dim=-1, out=_scratch_like("softmax", s.shape, s))  # (nh, B, t, N)
-        weighted = torch.mul(a, fx.alpha[None, :, None, :], out=_scratch_like("weighted", (nh, B, t, N), h))
+        weighted = torch.mul(a, fx.alpha[None, :, None, :], out=_scratch_like("weighted", (nh, B, t, N), s))
         a_bt.copy_(weighted.transpose(0, 1))
     o = torch.bmm(weighted.view(nh, B * t, N), proj.t2i_v)  # (nh, B*t, hd)
     r = fx.P.shape[1]
     aP = torch.bmm(a_bt.view(B, nh * t, N), fx.P.transpose(1, 2))  # (B, nh*t, r)
+    w_v = attn.v_proj.weight
+    if _native_ok(s) and t <= 64 and w_v.shape[1] % kernels.decoder_lanes() == 0:  # (~10 operations in one call)
+        return kernels.factored_values(o, aP.view(B, nh, t, r), fx.Q, w_v.contiguous(),
+                                       None if proj.t2i_kpe is None else attn.v_proj.bias.contiguous())
     qv = F.linear(fx.Q, attn.v_proj.weight).view(B, r, nh, hd).transpose(1, 2)  # (B, nh, r, hd)
     o2 = torch.matmul(aP.view(B, nh, t, r), qv)  # (B, nh, t, hd)
     o = o.view(nh, B, t, hd).permute(1, 2, 0, 3) + o2.transpose(1, 2)
@@ -749,9 +777,8 @@ def _i2t_factored(attn: Attention, fx: _Factored, proj: _LayerProjections, k: Te
     projected keys and values k, v: the update's factors in the reduced form, as
     :func:`_i2t_cached`, with aT divided by X's row scales."""
     nh = attn.num_heads
-    h = _split_heads_scaled(k, nh)
-    _factored_scores(h, attn.q_proj.weight, fx, proj.i2t_q, proj.i2t_qpe, out=out)
-    return _reduced_values(_value_update(attn, v, values), nh)
+    _factored_scores(k, nh, attn.q_proj.weight, fx, proj.i2t_q, proj.i2t_qpe, out=out)
+    return _update_rows(attn, v, values)
 
 
 def _layer_norm(ln: torch.nn.LayerNorm, x: Tensor) -> Tensor:
@@ -1032,8 +1059,7 @@ def _layers_cached(decoder: MaskDecoder, tokens: Tensor, cache: DecoderCache, ma
             u = _i2t_factored(layer.cross_attn_image_to_token, fx, proj, kt, vt, aT, values)
         ln = layer.norm4
         if values is not None:  # the statistics without the dense stream
-            Qp = u if fx is None else torch.cat((fx.Q, u), 1)
-            mean, rstd = _factored_stats(P[:, : r0 + k], Qp, _stats_groups(decoder, cache, i, values, mask_factor),
+            mean, rstd = _factored_stats(P[:, : r0 + k], None if fx is None else fx.Q, u, _stats_groups(decoder, cache, i, values, mask_factor),
                                          cache.stats.sbar[i], cache.stats.sq[i], None if i == 0 else fx.alpha, ln.eps)
             fx = _normed(fx, P, r0, k, u, mean, rstd, ln)
             r0 += k + 2
@@ -1115,9 +1141,11 @@ def _stats_groups(decoder: MaskDecoder, cache: DecoderCache, i: int, values: lis
     return groups
 
 
-def _factored_stats(P: Tensor, Q: Tensor, groups: list, sbar: Tensor, sq: Tensor, alpha: Optional[Tensor], eps: float):
+def _factored_stats(P: Tensor, Q1: Optional[Tensor], Q2: Tensor, groups: list, sbar: Tensor, sq: Tensor,
+                    alpha: Optional[Tensor], eps: float):
     """LayerNorm statistics (mean, rstd) (B, N) of Y = diag(alpha) (S + P^T Q) (alpha None: one)
-    without forming Y: P (B, r, N), Q (B, r, C), the dot products R = Q S^T as ``groups`` (see
+    without forming Y: P (B, r, N), Q (B, r, C) given as its rows Q1 (or None) then Q2, the dot
+    products R = Q S^T as ``groups`` (see
     ``kernels.factored_stats``), and per image sbar, sq (N,) the channel means of S and the
     squared norms of S minus them.
 
@@ -1126,12 +1154,14 @@ def _factored_stats(P: Tensor, Q: Tensor, groups: list, sbar: Tensor, sq: Tensor
     T = Q' S^T = R - C qbar sbar and G = Q' Q'^T (r x r): per pixel O(r^2) work where forming
     the row is O(r C), and no (B, N, C) stream written and read back (a click: 4 MB, twice)."""
     B, r, N = P.shape
-    C = Q.shape[-1]
+    C = Q2.shape[-1]
+    if _native_ok(P):
+        G, qbar = kernels.centered_gram(Q1, Q2)
+        return kernels.factored_stats(P, groups, G, qbar, sbar, sq, None if alpha is None else alpha.contiguous(), eps, C)
+    Q = Q2 if Q1 is None else torch.cat((Q1, Q2), 1)
     qbar = Q.mean(-1)  # (B, r)
     Qc = Q - qbar[..., None]
     G = torch.bmm(Qc, Qc.transpose(1, 2))  # (B, r, r)
-    if _native_ok(P):
-        return kernels.factored_stats(P, groups, G, qbar, sbar, sq, None if alpha is None else alpha.contiguous(), eps, C)
     R = P.new_empty(B, r, N)
     j = 0
     for grp in groups:
