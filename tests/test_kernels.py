@@ -378,14 +378,15 @@ def test_native_factored_glue_matches_pytorch(B, t, nh, hd, C):
         r0 = 0 if fx is None else r1
         P_want, P_got = P.clone(), P.clone()
         want = fd._normed(None if fx is None else fd._Factored(fx.alpha, P_want[:, :r0], fx.Q), P_want, r0, k, Q2, mean, rstd, ln)
-        Q, alpha = kernels.normed_rows(None if fx is None else fx.Q, Q2, ln.weight, ln.bias, mean, rstd,
-                                       None if fx is None else fx.alpha, P_got, r0 + k)
+        Q, QT, alpha = kernels.normed_rows(None if fx is None else fx.Q, Q2, ln.weight, ln.bias, mean, rstd,
+                                           None if fx is None else fx.alpha, P_got, r0 + k)
         assert torch.allclose(Q, want.Q, atol=1e-6) and torch.allclose(alpha, want.alpha, rtol=1e-6)
+        assert torch.equal(QT, kernels.transposed_rows(Q)) and QT.shape[2] % kernels.decoder_lanes() == 0
         assert torch.allclose(P_got, P_want, rtol=1e-6, atol=1e-6)
 
     x = torch.randn(B, t, I, generator=g)
     W = torch.randn(I, C, generator=g) * 0.2
-    h, low = kernels.factored_low(x, nh, hd**-0.5, W, Q1)
+    h, low = kernels.factored_low(x, nh, hd**-0.5, W, kernels.transposed_rows(Q1), r1)
     h_want = fd._split_heads_scaled(x, nh)
     low_want = torch.matmul(h_want.view(nh, B, t, hd).transpose(0, 1), F.linear(Q1, W).view(B, r1, nh, hd).permute(0, 2, 3, 1))
     assert torch.equal(h, h_want)
@@ -393,14 +394,14 @@ def test_native_factored_glue_matches_pytorch(B, t, nh, hd, C):
     o = torch.randn(nh, B * t, hd, generator=g)
     aP = torch.rand(B, nh, t, r1, generator=g)
     for bias in (None, torch.randn(I, generator=g)):
-        got = kernels.factored_values(o, aP, Q1, W, bias)
+        got = kernels.factored_values(o, aP, Q1, W.t().contiguous(), bias)
         want = o.view(nh, B, t, hd).permute(1, 2, 0, 3) + torch.matmul(aP, F.linear(Q1, W).view(B, r1, nh, hd).transpose(1, 2)).transpose(1, 2)
         want = want.reshape(B, t, I) + (0 if bias is None else bias)
         assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="factored_values"):
-        kernels.factored_values(o, aP[:, :, :, :-1], Q1, W, None)
+        kernels.factored_values(o, aP[:, :, :, :-1], Q1, W.t().contiguous(), None)
     with pytest.raises(ValueError, match="factored_low"):
-        kernels.factored_low(x, nh, 1.0, W[:, :-1].contiguous(), Q1)
+        kernels.factored_low(x, nh, 1.0, W[:, :-1].contiguous(), kernels.transposed_rows(Q1), r1)
 
 
 @needs_decoder_kernel

@@ -149,9 +149,9 @@ def _declare(name: str, lib: ctypes.CDLL) -> None:
         lib.segany_value_rows.restype = ctypes.c_int
         lib.segany_centered_gram.argtypes = [i64, i64, i64, i64, p, i64, p, i64, p, p]
         lib.segany_centered_gram.restype = ctypes.c_int
-        lib.segany_normed_rows.argtypes = [i64, i64, i64, i64, i64, p, i64, p, i64, p, p, p, p, p, p, p, i64, i64, p]
+        lib.segany_normed_rows.argtypes = [i64, i64, i64, i64, i64, p, i64, p, i64, p, p, p, p, i64, p, p, p, p, i64, i64, p]
         lib.segany_normed_rows.restype = None
-        lib.segany_factored_low.argtypes = [i64, i64, i64, i64, i64, i64, i64, i64, p, f32, p, p, i64, p, p]
+        lib.segany_factored_low.argtypes = [i64, i64, i64, i64, i64, i64, i64, i64, p, f32, p, p, i64, i64, p, p]
         lib.segany_factored_low.restype = ctypes.c_int
         lib.segany_factored_values.argtypes = [i64, i64, i64, i64, i64, i64, i64, i64, p, p, p, i64, p, p, p]
         lib.segany_factored_values.restype = ctypes.c_int
@@ -607,20 +607,33 @@ def value_rows(v: torch.Tensor, wo: torch.Tensor, bo: torch.Tensor) -> torch.Ten
     return out
 
 
-def factored_low(x: torch.Tensor, nh: int, scale: float, weight: torch.Tensor, Q: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+def transposed_rows(Q: torch.Tensor) -> torch.Tensor:
+    """Q (B, r, C) -> (B, C, rp): its rows as columns, padded with zeros to whole vectors of the
+    build (:func:`factored_low`'s operand)."""
+    B, r, C = Q.shape
+    rp = -(-r // decoder_lanes()) * decoder_lanes()
+    QT = Q.new_zeros(B, C, rp)
+    QT[:, :, :r] = Q.transpose(1, 2)
+    return QT
+
+
+def factored_low(x: torch.Tensor, nh: int, scale: float, weight: torch.Tensor, QT: torch.Tensor,
+                 r: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """The token side of attention scores against factored image tokens (``factored_scores``'
     ``q`` and ``low``): x (B, t, nh*hd) a projection's outputs for the tokens, weight (nh*hd, C)
-    the image side's projection, Q (B, r, C) the factored rows (matrices contiguous, any batch
-    stride) -> h (nh, B*t, hd) = x split by head times ``scale``, and low (B, nh, t, r) with
+    the image side's projection, the factored rows Q (B, r, C) given transposed as QT (B, C, rp)
+    (:func:`transposed_rows`; matrices contiguous, any batch stride) -> h (nh, B*t, hd) = x split
+    by head times ``scale``, and low (B, nh, t, r) with
     ``low[b, i, k] = h[i, b*t+k] @ (Q[b] @ weight[i*hd:(i+1)*hd].T).T``. Contiguous float32 CPU
-    tensors, C a multiple of the build's vector width, t <= 64."""
+    tensors, C a multiple of the build's vector width."""
     lib = _decoder_lib()
     _check_f32("factored_low", x, weight)
     B, t, I = x.shape
     C = weight.shape[1]
-    r, q_bstride, q_ptr = _rows_stride("factored_low", Q, C)
-    if nh < 1 or I % nh or tuple(weight.shape) != (I, C) or Q.shape[0] != B:
-        raise ValueError(f"factored_low: x {tuple(x.shape)}, {nh} heads, weight {tuple(weight.shape)}, Q {tuple(Q.shape)}")
+    qt_bstride = _batch_stride("factored_low", QT)
+    rp = QT.shape[2]
+    if nh < 1 or I % nh or tuple(weight.shape) != (I, C) or QT.shape[:2] != (B, C) or not 0 <= r <= rp:
+        raise ValueError(f"factored_low: x {tuple(x.shape)}, {nh} heads, weight {tuple(weight.shape)}, QT {tuple(QT.shape)}, r {r}")
     hd = I // nh
     h, low = torch.empty(nh, B * t, hd), torch.empty(B, nh, t, r)
     if B and t:
@@ -628,45 +641,45 @@ def factored_low(x: torch.Tensor, nh: int, scale: float, weight: torch.Tensor, Q
 
         def call(p0, p1):
             code[0] = lib.segany_factored_low(p0, p1, B, t, nh, hd, C, r, x.data_ptr(), float(scale), weight.data_ptr(),
-                                              q_ptr, q_bstride, h.data_ptr(), low.data_ptr())
+                                              QT.data_ptr(), rp, qt_bstride, h.data_ptr(), low.data_ptr())
             return 0 if code[0] == 2 else code[0]
 
         _run_pieces(lib, call, B * nh)
         if code[0] == 2:
-            raise ValueError(f"factored_low: sizes it does not take (C {C} a multiple of {decoder_lanes()}, t {t} <= 64)")
+            raise ValueError(f"factored_low: sizes it does not take (C {C} and QT's rows {rp} multiples of {decoder_lanes()})")
     return h, low
 
 
-def factored_values(o: torch.Tensor, aP: torch.Tensor, Q: torch.Tensor, weight: torch.Tensor,
+def factored_values(o: torch.Tensor, aP: torch.Tensor, Q: torch.Tensor, weight_t: torch.Tensor,
                     bias: Optional[torch.Tensor]) -> torch.Tensor:
     """The heads' outputs of token->image attention over factored image tokens (see
     ``fast_decoder._t2i_factored``): o (nh, B*t, hd) the attention against the per-image map,
     aP (B, nh, t, r) against P's rows, Q (B, r, C) the factored rows (matrices contiguous, any
-    batch stride), weight (nh*hd, C) the value projection, bias (nh*hd,) or None ->
-    (B, t, nh*hd) = o (heads joined) + aP @ Q @ weight_h.T per head + bias. Contiguous float32 CPU
-    tensors, C a multiple of the build's vector width, t <= 64."""
+    batch stride), weight_t (C, nh*hd) the value projection's weight transposed, bias (nh*hd,) or
+    None -> (B, t, nh*hd) = o (heads joined) + aP @ Q @ weight_t[:, head] per head + bias.
+    Contiguous float32 CPU tensors, C a multiple of the build's vector width."""
     lib = _decoder_lib()
-    _check_f32("factored_values", o, aP, weight, *(() if bias is None else (bias,)))
+    _check_f32("factored_values", o, aP, weight_t, *(() if bias is None else (bias,)))
     nh, Bt, hd = o.shape
     B, _, t, _ = aP.shape if aP.ndim == 4 else (0, 0, 0, 0)
-    C = weight.shape[1]
+    C = weight_t.shape[0]
     r, q_bstride, q_ptr = _rows_stride("factored_values", Q, C)
     I = nh * hd
-    if aP.ndim != 4 or tuple(aP.shape) != (B, nh, t, r) or B * t != Bt or tuple(weight.shape) != (I, C) \
+    if aP.ndim != 4 or tuple(aP.shape) != (B, nh, t, r) or B * t != Bt or tuple(weight_t.shape) != (C, I) \
             or Q.shape[0] != B or (bias is not None and tuple(bias.shape) != (I,)):
-        raise ValueError(f"factored_values: o {tuple(o.shape)}, aP {tuple(aP.shape)}, Q {tuple(Q.shape)}, weight {tuple(weight.shape)}")
+        raise ValueError(f"factored_values: o {tuple(o.shape)}, aP {tuple(aP.shape)}, Q {tuple(Q.shape)}, weight_t {tuple(weight_t.shape)}")
     out = torch.empty(B, t, I)
     if B and t:
         code = [0]
 
         def call(p0, p1):
             code[0] = lib.segany_factored_values(p0, p1, B, t, nh, hd, C, r, o.data_ptr(), aP.data_ptr(), q_ptr, q_bstride,
-                                                 weight.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr())
+                                                 weight_t.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr())
             return 0 if code[0] == 2 else code[0]
 
         _run_pieces(lib, call, B * nh)
         if code[0] == 2:
-            raise ValueError(f"factored_values: sizes it does not take (C {C} a multiple of {decoder_lanes()}, t {t} <= 64)")
+            raise ValueError(f"factored_values: C {C} is not a multiple of {decoder_lanes()}")
     return out
 
 
@@ -683,7 +696,8 @@ def _rows_stride(kernel: str, t: Optional[torch.Tensor], C: int) -> Tuple[int, i
 def centered_gram(Q1: Optional[torch.Tensor], Q2: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """The rows of Q = [Q1; Q2] (B, r, C) (Q1 may be None): G (B, r, r) = Qc Qc^T with Qc = Q less
     its row means, and those means qbar (B, r), as ``fast_decoder._factored_stats`` needs them.
-    Float32 CPU tensors, matrices contiguous (any batch stride)."""
+    Float32 CPU tensors, matrices contiguous (any batch stride), C a multiple of the build's vector
+    width."""
     lib = _decoder_lib()
     B, r2, C = Q2.shape
     r1, s1, p1 = _rows_stride("centered_gram", Q1, C)
@@ -692,16 +706,21 @@ def centered_gram(Q1: Optional[torch.Tensor], Q2: torch.Tensor) -> Tuple[torch.T
         raise ValueError(f"centered_gram: Q1 {tuple(Q1.shape)}, Q2 {tuple(Q2.shape)}")
     r = r1 + r2
     G, qbar = torch.empty(B, r, r), torch.empty(B, r)
-    if B and r and lib.segany_centered_gram(B, r1, r2, C, p1, s1, p2, s2, qbar.data_ptr(), G.data_ptr()):
+    code = lib.segany_centered_gram(B, r1, r2, C, p1, s1, p2, s2, qbar.data_ptr(), G.data_ptr()) if B and r else 0
+    if code == 2:
+        raise ValueError(f"centered_gram: C {C} is not a multiple of {decoder_lanes()}")
+    if code:
         raise MemoryError("segany native kernel: out of memory for centered_gram's buffer")
     return G, qbar
 
 
 def normed_rows(Q1: Optional[torch.Tensor], U: torch.Tensor, g: torch.Tensor, b: torch.Tensor, mean: torch.Tensor,
-                rstd: torch.Tensor, alpha: Optional[torch.Tensor], P: torch.Tensor, row0: int) -> Tuple[torch.Tensor, torch.Tensor]:
+                rstd: torch.Tensor, alpha: Optional[torch.Tensor], P: torch.Tensor,
+                row0: int) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A LayerNorm of factored image tokens as new factors (``fast_decoder._normed``): returns
-    Q (B, r1+k+2, C) = [Q1 g; U g; g; b] (Q1 (B, r1, C) or None, U (B, k, C)) and alpha_out (B, N)
-    = alpha rstd (alpha None: one), and writes P[:, row0] = -mean / alpha and
+    Q (B, r1+k+2, C) = [Q1 g; U g; g; b] (Q1 (B, r1, C) or None, U (B, k, C)), the same transposed
+    with its rows padded with zeros to whole vectors (B, C, rp) (:func:`factored_low`'s operand),
+    and alpha_out (B, N) = alpha rstd (alpha None: one), and writes P[:, row0] = -mean / alpha and
     P[:, row0 + 1] = 1 / alpha_out. mean, rstd (B, N); float32 CPU tensors, matrices contiguous."""
     lib = _decoder_lib()
     B, k, C = U.shape
@@ -714,11 +733,13 @@ def normed_rows(Q1: Optional[torch.Tensor], U: torch.Tensor, g: torch.Tensor, b:
             or tuple(mean.shape) != (B, N) or tuple(rstd.shape) != (B, N) or (alpha is not None and tuple(alpha.shape) != (B, N)) \
             or P.shape[0] != B or not 0 <= row0 <= P.shape[1] - 2:
         raise ValueError(f"normed_rows: U {tuple(U.shape)}, P {tuple(P.shape)}, row {row0}, mean {tuple(mean.shape)}")
-    Q, alpha_out = torch.empty(B, r1 + k + 2, C), torch.empty(B, N)
-    lib.segany_normed_rows(B, r1, k, C, N, p1, s1, pu, su, g.data_ptr(), b.data_ptr(), Q.data_ptr(), mean.data_ptr(),
-                           rstd.data_ptr(), None if alpha is None else alpha.data_ptr(), P.data_ptr(), p_bstride, row0,
-                           alpha_out.data_ptr())
-    return Q, alpha_out
+    rows = r1 + k + 2
+    rp = -(-rows // decoder_lanes()) * decoder_lanes()
+    Q, QT, alpha_out = torch.empty(B, rows, C), torch.empty(B, C, rp), torch.empty(B, N)
+    lib.segany_normed_rows(B, r1, k, C, N, p1, s1, pu, su, g.data_ptr(), b.data_ptr(), Q.data_ptr(), QT.data_ptr(), rp,
+                           mean.data_ptr(), rstd.data_ptr(), None if alpha is None else alpha.data_ptr(), P.data_ptr(),
+                           p_bstride, row0, alpha_out.data_ptr())
+    return Q, QT, alpha_out
 
 
 def softmax_pixels(s: torch.Tensor, alpha: torch.Tensor, a_bt: torch.Tensor, w: torch.Tensor) -> None:

@@ -965,6 +965,14 @@ void segany_factored_scores(int64_t p0, int64_t p1, int64_t B, int64_t nh, int64
     }
 }
 
+static inline float hsum(vf v) {
+#if defined(__AVX512F__)
+    return _mm512_reduce_add_ps((__m512)v); /* (a tree of shuffles: vsum's chain of 16 adds waits ~4x longer) */
+#else
+    return vsum(v);
+#endif
+}
+
 /* ---------------------------------------------------------------------------------------------
    The factored image tokens' small per-prompt algebra (fast_decoder._layers_cached on SAM's
    two-layer decoder), each in one call on the calling thread: for a click ~20 PyTorch
@@ -1011,14 +1019,36 @@ int segany_value_rows(int64_t B, int64_t t, int64_t nh, int64_t hd, int64_t C, c
     return 0;
 }
 
+/* dst (C, rp) = src (rows, C) transposed, zero past the rows (rows <= rp, rp a multiple of LANES).
+   With AVX-512 a gather collects each column's LANES rows for one vector store: scalar stores
+   LANES*C floats apart were three fifths of centered_gram's time. */
+static void transpose_rows(const float *src, int64_t rows, int64_t C, float *dst, int64_t rp) {
+#if defined(__AVX512F__)
+    if (C <= (1 << 26)) {
+        const __m512i idx = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                               _mm512_set1_epi32((int)C));
+        for (int64_t i0 = 0; i0 < rp; i0 += LANES) {
+            const int64_t n = rows - i0;
+            const __mmask16 m = n >= LANES ? (__mmask16)0xffff : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1);
+            for (int64_t c = 0; c < C; c++)
+                _mm512_storeu_ps(dst + c * rp + i0, _mm512_mask_i32gather_ps(_mm512_setzero_ps(), m, idx, src + i0 * C + c, 4));
+        }
+        return;
+    }
+#endif
+    for (int64_t c = 0; c < C; c++)
+        for (int64_t i = 0; i < rp; i++) dst[c * rp + i] = i < rows ? src[i * C + c] : 0.0f;
+}
+
 /* segany_centered_gram: qbar (B, r) the means of Q's rows and G (B, r, r) = Qc Qc^T, Qc = Q - qbar
-   (fast_decoder._factored_stats). Q's r = r1 + r2 rows (C channels) come in two parts: rows
-   0..r1-1 from Q1 (batch stride q1_bstride), the rest from Q2 (q2_bstride), so the caller needs
-   no concatenation. G is formed below its diagonal by blocks of GEMM_QB rows against the
-   centred rows transposed (C, r rounded up to whole vectors) and mirrored. Returns 0, or -1
-   when the scratch memory cannot be had. */
+   (fast_decoder._factored_stats). Q's r = r1 + r2 rows (C channels, a multiple of LANES) come in
+   two parts: rows 0..r1-1 from Q1 (batch stride q1_bstride), the rest from Q2 (q2_bstride), so
+   the caller needs no concatenation. G is formed below its diagonal by blocks of GEMM_QB rows
+   against the centred rows transposed (C, r rounded up to whole vectors) and mirrored. Returns 0,
+   2 when C is not a multiple of LANES, -1 when the scratch memory cannot be had. */
 int segany_centered_gram(int64_t B, int64_t r1, int64_t r2, int64_t C, const float *Q1, int64_t q1_bstride,
                          const float *Q2, int64_t q2_bstride, float *qbar, float *G) {
+    if (C % LANES) return 2;
     const int64_t r = r1 + r2, rp = (r + LANES - 1) / LANES * LANES, rq = (r + GEMM_QB - 1) / GEMM_QB * GEMM_QB;
     float *qc = scratch((size_t)(rq * C + C * rp + GEMM_QB * rp));
     if (!qc) return -1;
@@ -1033,16 +1063,16 @@ int segany_centered_gram(int64_t B, int64_t r1, int64_t r2, int64_t C, const flo
                 continue;
             }
             const float *src = i < r1 ? Q1 + b * q1_bstride + i * C : Q2 + b * q2_bstride + (i - r1) * C;
-            double s = 0.0; /* (PyTorch's mean accumulates in a wider type too) */
-            for (int64_t c = 0; c < C; c++) s += src[c];
-            const float m = (float)(s / (double)C);
+            vf s[4] = {(vf){0}, (vf){0}, (vf){0}, (vf){0}}; /* (four chains: a single one waits on each add) */
+            int64_t c = 0;
+            for (; c + 4 * LANES <= C; c += 4 * LANES)
+                for (int j = 0; j < 4; j++) s[j] += vload(src + c + j * LANES);
+            for (; c < C; c += LANES) s[0] += vload(src + c);
+            const float m = hsum((s[0] + s[1]) + (s[2] + s[3])) / (float)C;
             qb[i] = m;
-            for (int64_t c = 0; c < C; c++) row[c] = src[c] - m;
+            for (c = 0; c < C; c += LANES) vstore(row + c, vload(src + c) - m);
         }
-        for (int64_t c = 0; c < C; c++) {
-            float *col = qt + c * rp;
-            for (int64_t i = 0; i < rp; i++) col[i] = i < r ? qc[i * C + c] : 0.0f;
-        }
+        transpose_rows(qc, rq, C, qt, rp);
         for (int64_t i0 = 0; i0 < r; i0 += GEMM_QB) {
             /* rows i0..i0+3 against columns 0..(i0+3) rounded up to whole vectors */
             const int64_t n = (i0 + GEMM_QB + LANES - 1) / LANES * LANES;
@@ -1057,24 +1087,22 @@ int segany_centered_gram(int64_t B, int64_t r1, int64_t r2, int64_t C, const flo
 
 /* segany_normed_rows: the LayerNorm of factored image tokens as new factors (fast_decoder._normed):
      Qout (B, r1+k+2, C) = [Q1 g; U g; g; bias]   (Q1 (B, r1, C), batch stride q1_bstride; r1 may be 0)
-   and per pixel, from the statistics mean, rstd (B, N) and the input's row scales alpha (B, N;
-   NULL: one): P's rows row0 and row0+1 (P (B, ., N), batch stride p_bstride) get -mean/alpha
-   and 1/(alpha rstd), alpha_out (B, N) alpha rstd. */
+   and the same transposed, QT (B, C, rp) (rp >= r1+k+2, a multiple of LANES, zeros past the rows:
+   factored_low's operand), and per pixel, from the statistics mean, rstd (B, N) and the input's
+   row scales alpha (B, N; NULL: one): P's rows row0 and row0+1 (P (B, ., N), batch stride
+   p_bstride) get -mean/alpha and 1/(alpha rstd), alpha_out (B, N) alpha rstd. */
 void segany_normed_rows(int64_t B, int64_t r1, int64_t k, int64_t C, int64_t N, const float *Q1, int64_t q1_bstride,
-                        const float *U, int64_t u_bstride, const float *g, const float *bias, float *Qout,
-                        const float *mean, const float *rstd, const float *alpha, float *P, int64_t p_bstride,
+                        const float *U, int64_t u_bstride, const float *g, const float *bias, float *Qout, float *QT,
+                        int64_t rp, const float *mean, const float *rstd, const float *alpha, float *P, int64_t p_bstride,
                         int64_t row0, float *alpha_out) {
     const int64_t rows = r1 + k + 2;
     for (int64_t b = 0; b < B; b++) {
         float *qo = Qout + b * rows * C;
-        for (int64_t i = 0; i < r1 + k; i++) {
-            const float *src = i < r1 ? Q1 + b * q1_bstride + i * C : U + b * u_bstride + (i - r1) * C;
-            for (int64_t c = 0; c < C; c++) qo[i * C + c] = src[c] * g[c];
+        for (int64_t i = 0; i < rows; i++) {
+            const float *src = i < r1 ? Q1 + b * q1_bstride + i * C : i < r1 + k ? U + b * u_bstride + (i - r1) * C : 0;
+            for (int64_t c = 0; c < C; c++) qo[i * C + c] = src ? src[c] * g[c] : i == r1 + k ? g[c] : bias[c];
         }
-        for (int64_t c = 0; c < C; c++) {
-            qo[(r1 + k) * C + c] = g[c];
-            qo[(r1 + k + 1) * C + c] = bias[c];
-        }
+        transpose_rows(qo, rows, C, QT + b * C * rp, rp);
         float *pm = P + b * p_bstride + row0 * N, *ps = pm + N, *ao = alpha_out + b * N;
         const float *mb = mean + b * N, *sb = rstd + b * N, *ab = alpha ? alpha + b * N : 0;
         for (int64_t n = 0; n < N; n++) {
@@ -1092,67 +1120,41 @@ void segany_normed_rows(int64_t B, int64_t r1, int64_t k, int64_t C, int64_t N, 
      h (nh, B*t, hd)        x split by head, times scale
      low (B, nh, t, r)      low[b][hh][k][j] = h[hh][b*t+k] . (Q[b][j] W_hh^T) = Q[b][j] . z,
                             z = h[hh][b*t+k] W_hh (C,), W_hh rows hh*hd.. of W (nh*hd, C)
-   Q (B, r, C) rows contiguous, batch stride q_bstride. Forming z first takes a sixth of the
-   multiply-adds of Q W^T at a click's sizes (r ~ 50-100 rows against hd = 16). Pieces p0..p1-1 of
-   B * nh; C a multiple of LANES, t <= 64. Returns 0, 2 for sizes it does not take, -1 without
-   memory. */
-static inline float hsum(vf v) {
-#if defined(__AVX512F__)
-    return _mm512_reduce_add_ps((__m512)v); /* (a tree of shuffles: vsum's chain of 16 adds waits ~4x longer) */
-#else
-    return vsum(v);
-#endif
-}
-
+   with Q given transposed, QT (B, C, rp) (batch stride qt_bstride, rp a multiple of LANES, r <= rp
+   columns used): z QT is a GEMM in registers. Forming z first takes a sixth of the multiply-adds
+   of Q W^T at a click's sizes (r ~ 50-100 rows against hd = 16). Pieces p0..p1-1 of B * nh; C and
+   rp multiples of LANES. Returns 0, 2 for sizes it does not take, -1 without memory. */
 int segany_factored_low(int64_t p0, int64_t p1, int64_t B, int64_t t, int64_t nh, int64_t hd, int64_t C, int64_t r,
-                        const float *x, float scale, const float *W, const float *Q, int64_t q_bstride, float *h,
-                        float *low) {
-    if (C % LANES || t > 64) return 2;
+                        const float *x, float scale, const float *W, const float *QT, int64_t rp, int64_t qt_bstride,
+                        float *h, float *low) {
+    if (C % LANES || rp % LANES || r > rp) return 2;
     int err = 0;
     (void)B;
+    const int64_t tq = (t + GEMM_QB - 1) / GEMM_QB * GEMM_QB;
 #pragma omp parallel for schedule(dynamic) reduction(| : err)
     for (int64_t p = p0; p < p1; p++) {
-        const int64_t b = p / nh, hh = p % nh, I = nh * hd, nv = C / LANES;
-        float *z = scratch((size_t)(t * C));
-        if (!z) {
+        const int64_t b = p / nh, hh = p % nh, I = nh * hd;
+        /* hp (tq, hd): the head's rows of h, zero past t; z (tq, C); blk (tq, rp) */
+        float *hp = scratch((size_t)(tq * hd + tq * C + tq * rp));
+        if (!hp) {
             err |= 1;
             continue;
         }
+        float *z = hp + tq * hd, *blk = z + tq * C;
         const unsigned int csr = ftz_begin();
-        const float *Wh = W + hh * hd * C, *Qb = Q + b * q_bstride;
-        for (int64_t k = 0; k < t; k++) {
-            float *hk = h + (hh * B * t + b * t + k) * hd;
-            for (int64_t d = 0; d < hd; d++) hk[d] = x[(b * t + k) * I + hh * hd + d] * scale;
-            for (int64_t v = 0; v < nv; v++) {
-                vf acc = (vf){0};
-                for (int64_t d = 0; d < hd; d++) acc += hk[d] * vload(Wh + d * C + v * LANES);
-                vstore(z + k * C + v * LANES, acc);
+        for (int64_t k = 0; k < tq; k++) {
+            float *hk = k < t ? h + (hh * B * t + b * t + k) * hd : 0;
+            for (int64_t d = 0; d < hd; d++) {
+                const float v = k < t ? x[(b * t + k) * I + hh * hd + d] * scale : 0.0f;
+                hp[k * hd + d] = v;
+                if (hk) hk[d] = v;
             }
         }
+        for (int64_t k0 = 0; k0 < t; k0 += GEMM_QB) rows_gemm(C, hd, hp + k0 * hd, hd, W + hh * hd * C, C, z + k0 * C, C, 0);
+        for (int64_t k0 = 0; k0 < t; k0 += GEMM_QB) rows_gemm(rp, C, z + k0 * C, C, QT + b * qt_bstride, rp, blk + k0 * rp, rp, 0);
         float *lb = low + (b * nh + hh) * t * r;
-        for (int64_t j = 0; j < r; j++) {
-            const float *qj = Qb + j * C;
-            int64_t k = 0;
-            for (; k + 4 <= t; k += 4) {
-                vf a0 = (vf){0}, a1 = (vf){0}, a2 = (vf){0}, a3 = (vf){0};
-                for (int64_t v = 0; v < nv; v++) {
-                    const vf q = vload(qj + v * LANES);
-                    a0 += q * vload(z + k * C + v * LANES);
-                    a1 += q * vload(z + (k + 1) * C + v * LANES);
-                    a2 += q * vload(z + (k + 2) * C + v * LANES);
-                    a3 += q * vload(z + (k + 3) * C + v * LANES);
-                }
-                lb[k * r + j] = hsum(a0);
-                lb[(k + 1) * r + j] = hsum(a1);
-                lb[(k + 2) * r + j] = hsum(a2);
-                lb[(k + 3) * r + j] = hsum(a3);
-            }
-            for (; k < t; k++) {
-                vf a = (vf){0};
-                for (int64_t v = 0; v < nv; v++) a += vload(qj + v * LANES) * vload(z + k * C + v * LANES);
-                lb[k * r + j] = hsum(a);
-            }
-        }
+        for (int64_t k = 0; k < t; k++)
+            for (int64_t j = 0; j < r; j++) lb[k * r + j] = blk[k * rp + j];
         ftz_end(csr);
     }
     return err ? -1 : 0;
@@ -1162,45 +1164,59 @@ int segany_factored_low(int64_t p0, int64_t p1, int64_t B, int64_t t, int64_t nh
    (fast_decoder._t2i_factored), out (B, t, nh*hd):
      out[b][k][hh*hd + d] = o[hh][b*t+k][d] + (sum_j aP[b][hh][k][j] Q[b][j]) . W[hh*hd+d] + bias[hh*hd+d]
    with o (nh, B*t, hd) the attention against the per-image map, aP (B, nh, t, r) the attention
-   against P's rows, Q (B, r, C) (rows contiguous, batch stride q_bstride), W (nh*hd, C) the value
-   projection, bias (nh*hd,) or NULL. (aP Q) W^T takes a sixth of the multiply-adds of
-   aP (Q W^T) at a click's sizes. Pieces p0..p1-1 of B * nh; C a multiple of LANES, t <= 64.
-   Returns 0, 2 for sizes it does not take, -1 without memory. */
+   against P's rows, Q (B, r, C) (rows contiguous, batch stride q_bstride), the value projection
+   given transposed, WT (C, nh*hd), bias (nh*hd,) or NULL. (aP Q) W^T takes a sixth of the
+   multiply-adds of aP (Q W^T) at a click's sizes. Pieces p0..p1-1 of B * nh; C a multiple of
+   LANES. Returns 0, 2 for sizes it does not take, -1 without memory. */
+#define FV_T 8 /* tokens per block of accumulators */
 int segany_factored_values(int64_t p0, int64_t p1, int64_t B, int64_t t, int64_t nh, int64_t hd, int64_t C, int64_t r,
-                           const float *o, const float *aP, const float *Q, int64_t q_bstride, const float *W,
+                           const float *o, const float *aP, const float *Q, int64_t q_bstride, const float *WT,
                            const float *bias, float *out) {
-    if (C % LANES || t > 64) return 2;
+    if (C % LANES) return 2;
     int err = 0;
     (void)B;
 #pragma omp parallel for schedule(dynamic) reduction(| : err)
     for (int64_t p = p0; p < p1; p++) {
-        const int64_t b = p / nh, hh = p % nh, I = nh * hd, nv = C / LANES;
-        float *y = scratch((size_t)(t * C));
-        if (!y) {
+        const int64_t b = p / nh, hh = p % nh, I = nh * hd, tq = (t + GEMM_QB - 1) / GEMM_QB * GEMM_QB;
+        /* ap (tq, r): the head's attention rows, zero past t; y (tq, C); blk (tq, hd) */
+        float *ap = scratch((size_t)(tq * r + tq * C + tq * hd));
+        if (!ap) {
             err |= 1;
             continue;
         }
+        float *y = ap + tq * r, *blk = y + tq * C;
         const unsigned int csr = ftz_begin();
         const float *Qb = Q + b * q_bstride, *ab = aP + (b * nh + hh) * t * r;
-        for (int64_t v0 = 0; v0 < nv; v0 += 4) {
-            const int64_t vn = nv - v0 < 4 ? nv - v0 : 4;
+        for (int64_t i = 0; i < tq * r; i++) ap[i] = i < t * r ? ab[i] : 0.0f;
+        for (int64_t k0 = 0; k0 < t; k0 += GEMM_QB) rows_gemm(C, r, ap + k0 * r, r, Qb, C, y + k0 * C, C, 0);
+        if (hd % LANES == 0) { /* y W_hh^T as a GEMM against WT's columns hh*hd.. */
+            for (int64_t k0 = 0; k0 < t; k0 += GEMM_QB) rows_gemm(hd, C, y + k0 * C, C, WT + hh * hd, I, blk + k0 * hd, hd, 0);
             for (int64_t k = 0; k < t; k++) {
-                vf acc[4] = {(vf){0}, (vf){0}, (vf){0}, (vf){0}};
-                for (int64_t j = 0; j < r; j++) {
-                    const float a = ab[k * r + j];
-                    for (int64_t v = 0; v < vn; v++) acc[v] += a * vload(Qb + j * C + (v0 + v) * LANES);
-                }
-                for (int64_t v = 0; v < vn; v++) vstore(y + k * C + (v0 + v) * LANES, acc[v]);
+                const float *oh = o + (hh * B * t + b * t + k) * hd;
+                float *ok = out + (b * t + k) * I + hh * hd;
+                for (int64_t d = 0; d < hd; d++) ok[d] = blk[k * hd + d] + oh[d] + (bias ? bias[hh * hd + d] : 0.0f);
             }
+            ftz_end(csr);
+            continue;
         }
-        for (int64_t k = 0; k < t; k++) {
-            float *ok = out + (b * t + k) * I + hh * hd;
-            const float *oh = o + (hh * B * t + b * t + k) * hd;
-            for (int64_t d = 0; d < hd; d++) {
-                const float *wd = W + (hh * hd + d) * C;
-                vf acc = (vf){0};
-                for (int64_t v = 0; v < nv; v++) acc += vload(y + k * C + v * LANES) * vload(wd + v * LANES);
-                ok[d] = oh[d] + hsum(acc) + (bias ? bias[hh * hd + d] : 0.0f);
+        /* y W_hh^T with the head's hd outputs along the vectors (WT's columns hh*hd..) */
+        for (int64_t d0 = 0; d0 < hd; d0 += LANES) {
+            const int64_t nd = hd - d0 < LANES ? hd - d0 : LANES;
+            const float *wcol = WT + hh * hd + d0;
+            for (int64_t k0 = 0; k0 < t; k0 += FV_T) {
+                const int64_t kn = t - k0 < FV_T ? t - k0 : FV_T;
+                vf acc[FV_T];
+                for (int i = 0; i < FV_T; i++) acc[i] = (vf){0};
+                for (int64_t c = 0; c < C; c++) {
+                    const vf w = load_part(wcol + c * I, nd);
+                    for (int64_t i = 0; i < kn; i++) acc[i] += y[(k0 + i) * C + c] * w;
+                }
+                for (int64_t i = 0; i < kn; i++) {
+                    const int64_t k = k0 + i;
+                    vf res = acc[i] + load_part(o + (hh * B * t + b * t + k) * hd + d0, nd);
+                    if (bias) res += load_part(bias + hh * hd + d0, nd);
+                    store_part(out + (b * t + k) * I + hh * hd + d0, res, nd);
+                }
             }
         }
         ftz_end(csr);

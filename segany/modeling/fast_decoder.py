@@ -651,10 +651,19 @@ class _Factored:
     alpha: Tensor  # (B, N)
     P: Tensor  # (B, r, N), matrices contiguous (a view of the first rows of the call's buffer)
     Q: Tensor  # (B, r, C)
+    QT: Optional[Tensor] = None  # (B, C, rp) Q transposed for the native kernels, made on first use (_q_columns)
 
     def select(self, rows: Tensor) -> "_Factored":
         # index_select: advanced indexing copied P (15 MB for 8 prompts) at ~2 GB/s
         return _Factored(*(torch.index_select(t, 0, rows) for t in (self.alpha, self.P, self.Q)))
+
+
+def _q_columns(fx: _Factored) -> Tensor:
+    """fx.Q transposed and padded as ``kernels.factored_low`` takes it (native LayerNorm factors
+    come with it)."""
+    if fx.QT is None:
+        fx.QT = kernels.transposed_rows(fx.Q)
+    return fx.QT
 
 
 def _normed(fx: Optional[_Factored], P: Tensor, r0: int, k: int, u: Tensor, mean: Tensor, rstd: Tensor,
@@ -668,9 +677,9 @@ def _normed(fx: Optional[_Factored], P: Tensor, r0: int, k: int, u: Tensor, mean
     = (r alpha) (S g + P^T (Q g) + (aT / alpha)^T (u g) - (m / alpha) g + b / (r alpha))."""
     g, b = ln.weight, ln.bias
     if _native_ok(u) and g is not None and b is not None:  # (one call for ~10 small operations)
-        Q, alpha = kernels.normed_rows(None if fx is None else fx.Q, u, g.contiguous(), b.contiguous(), mean.contiguous(),
-                                       rstd.contiguous(), None if fx is None else fx.alpha.contiguous(), P, r0 + k)
-        return _Factored(alpha, P[:, : r0 + k + 2], Q)
+        Q, QT, alpha = kernels.normed_rows(None if fx is None else fx.Q, u, g.contiguous(), b.contiguous(), mean.contiguous(),
+                                           rstd.contiguous(), None if fx is None else fx.alpha.contiguous(), P, r0 + k)
+        return _Factored(alpha, P[:, : r0 + k + 2], Q, QT)
     B, _, N = P.shape
     C = g.shape[0]
     if fx is None:
@@ -700,9 +709,9 @@ def _factored_scores(x: Tensor, nh: int, weight: Tensor, fx: _Factored, base_col
     hd = I // nh
     r, N = fx.P.shape[1:]
     if _native_ok(x):  # one pass over the image-side maps instead of five
-        if t <= 64 and weight.shape[1] % kernels.decoder_lanes() == 0:
-            # the head split and h (Q W_h^T)^T as h W_h Q^T in one call (~10 operations fewer)
-            h, low = kernels.factored_low(x.contiguous(), nh, hd**-0.5, weight.contiguous(), fx.Q)
+        if weight.shape[1] % kernels.decoder_lanes() == 0:
+            # the head split and h (Q W_h^T)^T as (h W_h) Q^T in one call (~10 operations fewer)
+            h, low = kernels.factored_low(x.contiguous(), nh, hd**-0.5, weight.contiguous(), _q_columns(fx), r)
         else:
             h = _split_heads_scaled(x, nh)
             qw = F.linear(fx.Q, weight).view(B, r, nh, hd).permute(0, 2, 3, 1)  # (B, nh, hd, r)
@@ -760,8 +769,8 @@ def _t2i_factored(attn: Attention, q: Tensor, fx: _Factored, proj: _LayerProject
     r = fx.P.shape[1]
     aP = torch.bmm(a_bt.view(B, nh * t, N), fx.P.transpose(1, 2))  # (B, nh*t, r)
     w_v = attn.v_proj.weight
-    if _native_ok(s) and t <= 64 and w_v.shape[1] % kernels.decoder_lanes() == 0:  # (~10 operations in one call)
-        return kernels.factored_values(o, aP.view(B, nh, t, r), fx.Q, w_v.contiguous(),
+    if _native_ok(s) and w_v.shape[1] % kernels.decoder_lanes() == 0:  # (~10 operations in one call)
+        return kernels.factored_values(o, aP.view(B, nh, t, r), fx.Q, _derived(w_v, "columns", lambda w: w.t().contiguous()),
                                        None if proj.t2i_kpe is None else attn.v_proj.bias.contiguous())
     qv = F.linear(fx.Q, attn.v_proj.weight).view(B, r, nh, hd).transpose(1, 2)  # (B, nh, r, hd)
     o2 = torch.matmul(aP.view(B, nh, t, r), qv)  # (B, nh, t, hd)
