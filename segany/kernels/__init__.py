@@ -257,8 +257,13 @@ def _run_pieces(lib: ctypes.CDLL, call, n_pieces: int) -> None:
     the GIL during each call). A forked child always takes the pool (see _after_fork_in_child)."""
     global _pool, _pool_size
     n = _threads()
-    if (not _forked and lib.segany_has_openmp()) or n == 1 or n_pieces == 1:
-        codes = [call(0, n_pieces)]
+    omp = lib.__dict__.get("openmp")
+    if omp is None:
+        omp = lib.openmp = bool(lib.segany_has_openmp())  # (asked once: a ctypes call per kernel call otherwise)
+    if (not _forked and omp) or n == 1 or n_pieces == 1:
+        if call(0, n_pieces) != 0:
+            raise MemoryError("segany native kernel: out of memory for its row buffer")
+        return
     else:
         with _lock:
             if _pool is None or _pool_size != n:
@@ -373,20 +378,22 @@ def _attention_lib() -> ctypes.CDLL:
 def _check(L: torch.Tensor) -> torch.Tensor:
     if L.ndim != 3 or L.shape[1] != L.shape[2]:
         raise ValueError(f"expected (B, n, n) low-res logits, got {tuple(L.shape)}")
-    if L.device.type != "cpu":
+    if not L.is_cpu:
         raise ValueError("native kernels run on CPU tensors")
     return L.to(torch.float32).contiguous()
 
 
 def _check_f32(kernel: str, *ts: torch.Tensor) -> None:
-    if any(t.dtype != torch.float32 or t.device.type != "cpu" or not t.is_contiguous() for t in ts):
+    if any(t.dtype != torch.float32 or not t.is_cpu or not t.is_contiguous() for t in ts):
         raise ValueError(f"{kernel} needs contiguous float32 CPU tensors")
 
 
 def _batch_stride(kernel: str, t: torch.Tensor) -> int:
     """For a (B, rows, N) float32 CPU tensor whose rows are contiguous and N floats apart (any
     stride between its B matrices, e.g. the first rows of a larger buffer): that stride."""
-    if t.dtype != torch.float32 or t.device.type != "cpu" or t.ndim != 3 or (t.shape[0] and not t[0].is_contiguous()):
+    # (strides, not t[0].is_contiguous(): the view costs more than the rest of the check)
+    if t.dtype != torch.float32 or not t.is_cpu or t.ndim != 3 \
+            or (t.shape[0] and ((t.shape[2] > 1 and t.stride(2) != 1) or (t.shape[1] > 1 and t.stride(1) != t.shape[2]))):
         raise ValueError(f"{kernel} needs float32 CPU (B, rows, N) tensors with contiguous matrices")
     return t.stride(0) if t.shape[0] > 1 else t.shape[1] * t.shape[2]
 
@@ -426,7 +433,7 @@ def _base_alpha_args(kernel: str, base: torch.Tensor, alpha: Optional[torch.Tens
     alpha address, its row stride)."""
     if alpha is None or tuple(base.shape) != (C4, N) or tuple(alpha.shape) != (B, N) or base.stride(1) != 1 or alpha.stride(1) != 1:
         raise ValueError(f"{kernel}: base (4*c1, R*w) and alpha (B, R*w) with unit column strides")
-    if base.dtype != torch.float32 or alpha.dtype != torch.float32 or base.device.type != "cpu" or alpha.device.type != "cpu":
+    if base.dtype != torch.float32 or alpha.dtype != torch.float32 or not base.is_cpu or not alpha.is_cpu:
         raise ValueError(f"{kernel} needs float32 CPU tensors")
     return base.data_ptr(), base.stride(0), alpha.data_ptr(), alpha.stride(0)
 
@@ -833,7 +840,7 @@ def rel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, Rh: torch.T
     lanes = int(lib.segany_vector_lanes())
     if w % lanes or hd % lanes or w % 4:
         raise ValueError(f"rel_attention: grid width {w} and head width {hd} must be multiples of {lanes} (and the width of 4)")
-    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in (q, k, v, Rh, Rw)):
+    if any(t.dtype != torch.float32 or not t.is_cpu for t in (q, k, v, Rh, Rw)):
         raise ValueError("rel_attention needs float32 CPU tensors")
     if q.stride(-1) != 1:
         q = q.contiguous()
@@ -866,7 +873,7 @@ def rel_softmax_bf16_(s: torch.Tensor, rel_h: torch.Tensor, rel_w: torch.Tensor)
     h, w = rel_h.shape[-1], rel_w.shape[-1]
     if h * w != n or tuple(rel_h.shape) != (R, h) or tuple(rel_w.shape) != (R, w):
         raise ValueError("rel_softmax_bf16_: inconsistent shapes")
-    if any(t.dtype != torch.bfloat16 or t.device.type != "cpu" or not t.is_contiguous() for t in (s, rel_h, rel_w)):
+    if any(t.dtype != torch.bfloat16 or not t.is_cpu or not t.is_contiguous() for t in (s, rel_h, rel_w)):
         raise ValueError("rel_softmax_bf16_ needs contiguous bfloat16 CPU tensors")
     if w % int(lib.segany_vector_lanes()):
         raise ValueError(f"rel_softmax_bf16_: grid width {w} must be a multiple of {int(lib.segany_vector_lanes())}")
@@ -1001,7 +1008,7 @@ def pack_token_weight(weight: torch.Tensor) -> torch.Tensor:
 
 
 def _token_rows(kernel: str, x: torch.Tensor, width: int) -> int:
-    if x.dtype != torch.float32 or x.device.type != "cpu" or not x.is_contiguous() or x.shape[-1] != width:
+    if x.dtype != torch.float32 or not x.is_cpu or not x.is_contiguous() or x.shape[-1] != width:
         raise ValueError(f"{kernel}: expected a contiguous float32 CPU tensor (..., {width}), got {x.dtype} {tuple(x.shape)}")
     return x.numel() // width if width else 0
 

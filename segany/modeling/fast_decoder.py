@@ -311,7 +311,7 @@ def _tokens_ok(x: Tensor) -> bool:
     """Whether token rows ``x`` (..., C) may go to the token kernels in this decoder call: its
     native kernels are on (see predict_masks_fast), few rows (batches of many prompts: PyTorch's
     GEMMs), float32 on the CPU."""
-    return (bool(getattr(_per_thread, "tokens", False)) and x.dtype == torch.float32 and x.device.type == "cpu"
+    return (bool(getattr(_per_thread, "tokens", False)) and x.dtype == torch.float32 and x.is_cpu
             and x.numel() <= kernels.TOKEN_ROWS_MAX * x.shape[-1])
 
 
@@ -1005,7 +1005,7 @@ def _kept_buffer(name: str, shape: Tuple[int, ...], like: Tensor) -> Tensor:
     1.2 ms against 0.27 ms into a kept buffer). Valid until the thread's next decoder call."""
     if getattr(_per_thread, "workspace", None) is not None:
         return _scratch_like(name, shape, like)
-    if like.device.type != "cpu" or like.dtype != torch.float32:
+    if not like.is_cpu or like.dtype != torch.float32:
         return like.new_empty(shape)
     kept = getattr(_per_thread, "kept", None)
     if kept is None:
@@ -1260,13 +1260,13 @@ def _native_ok(x: Tensor) -> bool:
     depend on ``x`` is the call's, asked once at its start."""
     call = getattr(_per_thread, "native", None)
     if call is not None:
-        return call and x.device.type == "cpu" and x.dtype == torch.float32
+        return call and x.is_cpu and x.dtype == torch.float32
     return _native_ok_now(x)
 
 
 def _native_ok_now(x: Tensor) -> bool:
     return (
-        x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
+        x.is_cpu and x.dtype == torch.float32 and not torch.is_grad_enabled()
         and not (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export())
         and not _dispatch_mode_active() and kernels.decoder_preferred()
     )
