@@ -1130,12 +1130,13 @@ void segany_normed_rows(int64_t B, int64_t r1, int64_t k, int64_t C, int64_t N, 
         transpose_rows(qo, rows, C, QT + b * C * rp, rp);
         float *pm = P + b * p_bstride + row0 * N, *ps = pm + N, *ao = alpha_out + b * N;
         const float *mb = mean + b * N, *sb = rstd + b * N, *ab = alpha ? alpha + b * N : 0;
-        for (int64_t n = 0; n < N; n++) {
-            const float a = ab ? ab[n] : 1.0f;
-            const float an = a * sb[n];
-            pm[n] = ab ? -(mb[n] / a) : -mb[n];
-            ps[n] = 1.0f / an;
-            ao[n] = an;
+        for (int64_t n = 0; n < N; n += LANES) {
+            const int64_t m = N - n;
+            const vf a = ab ? load_part(ab + n, m) : (vf){0} + 1.0f, mv = load_part(mb + n, m);
+            const vf an = a * load_part(sb + n, m);
+            store_part(pm + n, ab ? -(mv / a) : -mv, m);
+            store_part(ps + n, 1.0f / an, m);
+            store_part(ao + n, an, m);
         }
     }
 }
