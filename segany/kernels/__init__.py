@@ -221,16 +221,21 @@ def decoder_lanes() -> int:
 
 def decoder_preferred() -> bool:
     """Whether the mask decoder's fast path should use the decoder kernels: built, and built with
-    AVX-512's 16-lane vectors, where they were measured faster than the PyTorch code (segment
-    everything 32x32: 5.3-5.6 vs 6.6-6.8 s). Built for AVX2 (8 lanes) a click took 19.4 ms
-    against 17.2 ms without them, and segment everything the same time, so narrower builds keep
-    the PyTorch code. ``SEGANY_DECODER_KERNELS=1`` uses them wherever built, ``=0`` never."""
+    vectors of at least 8 floats (AVX2 or AVX-512). On AVX-512 they were measured faster than the
+    PyTorch code since they exist (segment everything 32x32: 5.3-5.6 vs 6.6-6.8 s). At AVX2 width
+    a click took 19.4 ms against 17.2 ms without them on 2026-12-04, when they covered only the
+    image side; with the token side and the factored algebra native too they are faster there as
+    well (2026-12-06, an AVX2 machine emulated on the AVX-512 VM: kernels built with
+    ``-march=haswell``, PyTorch, MKL and oneDNN held to AVX2; in-process A/Bs): vit_b click
+    0.88-0.92x, refinement click 0.84x, the bundled model's click 0.79x and refinement 0.77x,
+    segment everything 0.93x. SSE2-only builds (4 lanes) keep the PyTorch code.
+    ``SEGANY_DECODER_KERNELS=1`` uses them wherever built, ``=0`` never."""
     force = os.environ.get("SEGANY_DECODER_KERNELS")
     if force == "0":
         return False
     if force == "1":
         return decoder_available()
-    return decoder_lanes() >= 16
+    return decoder_lanes() >= 8
 
 
 _forked = False  # this process is a fork of one that may have run an OpenMP region
