@@ -812,8 +812,11 @@ def softmax_tokens(s: torch.Tensor, out: torch.Tensor, reduced: bool = False) ->
 def attention_preferred(w: Optional[int], hd: int, window: int = 0) -> bool:
     """Whether the encoder's attention should run in this module's kernels: global attention
     (:func:`rel_attention`) over a grid ``w`` tokens wide, or windows ``window`` tokens wide
-    (:func:`window_attention`, w None), heads ``hd`` channels wide. The kernels built with AVX-512's 16-lane vectors
-    (narrower builds were not measured faster), the widths multiples of their blocks.
+    (:func:`window_attention`, w None), heads ``hd`` channels wide. The kernels built with vectors of at
+    least 8 floats (AVX2 or AVX-512), the widths multiples of their blocks. At AVX2 width the vit_b
+    encoder took 0.92-0.97x the time of the PyTorch attention (2026-12-06, an AVX2 machine
+    emulated on the AVX-512 VM: kernels ``-march=haswell``, PyTorch, MKL and oneDNN held to AVX2;
+    two in-process A/Bs of 3 and 4 alternating pairs); SSE2 builds were not measured.
     ``SEGANY_ATTENTION_KERNEL=0`` never uses them, ``=1`` wherever built."""
     force = os.environ.get("SEGANY_ATTENTION_KERNEL")
     if force == "0":
@@ -824,7 +827,7 @@ def attention_preferred(w: Optional[int], hd: int, window: int = 0) -> bool:
     lanes = int(lib.segany_vector_lanes())
     if hd % lanes or (w is not None and (w % lanes or w % 4)) or window > 4 * lanes:
         return False
-    return force == "1" or lanes >= 16
+    return force == "1" or lanes >= 8
 
 
 def rel_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, Rh: torch.Tensor, Rw: torch.Tensor,
