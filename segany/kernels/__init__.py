@@ -17,14 +17,16 @@ only (PyTorch's writes a fresh multi-MB result on every call).
 ``tokens.c`` is the two-way transformer's token side: a click's ~7 prompt tokens through each
 block's self-attention, the cross-attentions' projections, the MLP and three LayerNorms in two
 calls per block (:class:`TokenBlock`), and the IoU head and hypernetworks (:class:`TokenChain`),
-where PyTorch made ~400 small operations of a few microseconds each.
+where PyTorch made ~400 small operations of a few microseconds each. ``decoder.c`` also holds the
+factored image tokens' small per-prompt algebra (:func:`value_rows`, :func:`centered_gram`,
+:func:`normed_rows`, :func:`factored_low`, :func:`factored_values`: ~90 operations a click).
 
 Each shared library is built once per machine and source version into
 ``<cache>/kernels/`` (``$SEGANY_HOME``, else the XDG cache; see ``segany.download``), written
 to a temporary file and renamed. No compiler, a failed build, or ``SEGANY_KERNELS=0`` ->
 :func:`available` / :func:`decoder_available` is False and callers use their PyTorch code. The
 decoder's fast path also keeps its PyTorch code where the decoder kernels are built narrower
-than AVX-512 (:func:`decoder_preferred`).
+than AVX2 (:func:`decoder_preferred`).
 Loading a build marks it used (its mtime); builds of the same kernel unused for
 ``STALE_DAYS`` (left by older segany versions, other compilers or CPUs sharing the cache) are
 deleted then.

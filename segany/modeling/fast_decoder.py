@@ -59,6 +59,13 @@ image-side work either done once per image or folded onto the few prompt tokens:
   are on: two calls per two-way block and for the final attention, one per head, in place of
   ~400 PyTorch operations (a vit_b click 0.91-0.95x in in-process A/Bs, 2026-12-06).
 
+* The small per-prompt algebra of the factored tokens (the reduced value rows, the Gram matrix
+  for the statistics, a LayerNorm's new factors, the token side of factored scores and values:
+  matrices of r ~ 50-100 rows) runs in native calls where the decoder kernels do
+  (``kernels.value_rows``, ``centered_gram``, ``normed_rows``, ``factored_low``,
+  ``factored_values``): ~90 PyTorch operations a click fewer, the decoder 0.92-0.94x (in-process
+  A/Bs, 2026-12-06).
+
 * Many prompts in a row (segment everything): inside ``decoder_workspace()`` the large
   temporaries of each call (score maps, attention, the factored P, the stream, the masks) reuse
   buffers instead of fresh memory, whose pages would fault in one by one every call.
