@@ -759,7 +759,8 @@ def normed_rows(Q1: Optional[torch.Tensor], U: torch.Tensor, g: torch.Tensor, b:
 def softmax_pixels(s: torch.Tensor, alpha: torch.Tensor, a_bt: torch.Tensor, w: torch.Tensor) -> None:
     """Token->image attention over the pixels: scores s (nh, B, t, N) -> a = softmax(s, -1) times
     alpha[b] (alpha (B, N)) into a_bt laid out (B, nh, t, N) and into w (nh, B, t, N), which may
-    be s itself. Contiguous float32 CPU tensors. The softmax's exp is a polynomial (relative
+    be s itself (and with one prompt, B = 1, where the two layouts coincide, a_bt too).
+    Contiguous float32 CPU tensors. The softmax's exp is a polynomial (relative
     error ~1e-7, as in :func:`factored_scores`)."""
     lib = _decoder_lib()
     _check_f32("softmax_pixels", s, alpha, a_bt, w)

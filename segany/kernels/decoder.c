@@ -826,7 +826,7 @@ void segany_softmax_pixels(int64_t p0, int64_t p1, int64_t B, int64_t nh, int64_
             int64_t nn = N - n < LANES ? N - n : LANES;
             vf a = load_part(arow + n, nn) * inv * load_part(al + n, nn);
             store_part(arow + n, a, nn);
-            store_part(wrow + n, a, nn);
+            if (wrow != arow) store_part(wrow + n, a, nn); /* (one prompt: the same rows) */
         }
         ftz_end(csr);
     }

@@ -763,9 +763,11 @@ def _t2i_factored(attn: Attention, q: Tensor, fx: _Factored, proj: _LayerProject
     N = fx.P.shape[-1]
     hd = q.shape[-1] // nh
     s = _factored_scores(q, nh, attn.k_proj.weight, fx, proj.t2i_k, proj.t2i_kpe)
-    a_bt = _scratch_like("attn", (B, nh, t, N), s)  # a * alpha in (B, nh*t, N) layout for a P^T
+    # a * alpha in (B, nh*t, N) layout for a P^T (one prompt: the same memory as s's layout)
+    native = _native_ok(s)
+    a_bt = s.view(B, nh, t, N) if native and B == 1 else _scratch_like("attn", (B, nh, t, N), s)
     # values: (a * alpha) S W_v^T + ((a * alpha) P^T)(Q W_v^T) + b_v
-    if _native_ok(s):  # one pass: softmax, the alpha weighting, both layouts (one in place of s)
+    if native:  # one pass: softmax, the alpha weighting, both layouts (one in place of s)
         weighted = s
         kernels.softmax_pixels(s, fx.alpha.contiguous(), a_bt, weighted)
     else:
