@@ -857,7 +857,7 @@ void segany_softmax_tokens(int64_t p0, int64_t p1, int64_t nh, int64_t B, int64_
     }
 }
 
-#define SC_TB 4                 /* tokens per register block */
+#define SC_TB (VBYTES == 64 ? 8 : 4) /* tokens per register block (2 x 8 accumulators: 18 of AVX-512's 32 registers) */
 #define SC_BLOCK 64              /* pixels per piece of work (segany.kernels.factored_scores) */
 
 /* acc[k][v] += sum_d c[k * cs + d] * rows[d * N + n + v * LANES] for d < nd, k < kb, v < 2
@@ -965,6 +965,12 @@ void segany_factored_scores(int64_t p0, int64_t p1, int64_t B, int64_t nh, int64
                     const int64_t rs = pk ? SC_BLOCK : N, rn = pk ? 0 : n0;
                     float *const *ro = pk ? orel : orow;
                     for (int64_t v = 0; v < nfull; v += 2) switch (kb) {
+#if VBYTES == 64
+                        case 8: scores_block(rn, v, qk, hd, rb, re, ra, lk, r, rp, rs, 8, ro); break;
+                        case 7: scores_block(rn, v, qk, hd, rb, re, ra, lk, r, rp, rs, 7, ro); break;
+                        case 6: scores_block(rn, v, qk, hd, rb, re, ra, lk, r, rp, rs, 6, ro); break;
+                        case 5: scores_block(rn, v, qk, hd, rb, re, ra, lk, r, rp, rs, 5, ro); break;
+#endif
                         case 4: scores_block(rn, v, qk, hd, rb, re, ra, lk, r, rp, rs, 4, ro); break;
                         case 3: scores_block(rn, v, qk, hd, rb, re, ra, lk, r, rp, rs, 3, ro); break;
                         case 2: scores_block(rn, v, qk, hd, rb, re, ra, lk, r, rp, rs, 2, ro); break;
