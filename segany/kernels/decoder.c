@@ -570,7 +570,7 @@ int segany_mask_downscale(int64_t p0, int64_t p1, int64_t h, int64_t w, int64_t 
    multiply-adds). Returns -1 when that memory cannot be had. */
 #define FS_V 2
 #define FS_BLOCK (FS_V * LANES)
-#define FS_ROWS 4
+#define FS_ROWS (VBYTES == 64 ? 8 : 4) /* rows of the quadratic form per register block (AVX-512: 16 accumulators, each P load feeding 8) */
 #define FS_MAXHD 64 /* the widest head of a value group */
 #define FS_MAXT 64  /* the most tokens of a value group */
 
