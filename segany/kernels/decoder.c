@@ -566,8 +566,8 @@ int segany_mask_downscale(int64_t p0, int64_t p1, int64_t h, int64_t w, int64_t 
      qbar (B, r); sbar, sq (N,); alpha (B, N) or NULL; mean, rstd (B, N)
    Pieces: B * ceil(N / FS_BLOCK). A piece copies its block of P and forms its block of T in
    contiguous memory (rows N floats apart fall in few L1 sets, see factored_scores), then takes
-   rows four at a time against all earlier ones (16 accumulators: each P load feeds four
-   multiply-adds). Returns -1 when that memory cannot be had. */
+   rows FS_ROWS at a time against all earlier ones (FS_ROWS x FS_V accumulators: each P load
+   feeds FS_ROWS multiply-adds). Returns -1 when that memory cannot be had. */
 #define FS_V 2
 #define FS_BLOCK (FS_V * LANES)
 #define FS_ROWS (VBYTES == 64 ? 8 : 4) /* rows of the quadratic form per register block (AVX-512: 16 accumulators, each P load feeding 8) */
@@ -690,7 +690,7 @@ int segany_factored_stats(int64_t p0, int64_t p1, int64_t B, int64_t r, int64_t 
                 float *tv = tk + i * FS_BLOCK + v * LANES;
                 vstore(tv, vload(tv) - (cf * qb[i]) * sb[v]);
             }
-        /* the quadratic form, rows four at a time */
+        /* the quadratic form, FS_ROWS rows at a time */
         for (int64_t j0 = 0; j0 < r; j0 += FS_ROWS) {
             const float *g[FS_ROWS];
             for (int i = 0; i < FS_ROWS; i++) g[i] = j0 + i < r ? Gb + (j0 + i) * r : zero;
