@@ -19,6 +19,9 @@ DEC_CONFIGS = [
     {**TINY_VIT, "decoder": {"depth": 3, "mlp_dim": 48, "num_heads": 4, "iou_head_hidden_dim": 16}},
     # depth 1: the factored image tokens start right at the final attention
     {**TINY_VIT, "decoder": {"depth": 1, "mlp_dim": 48, "num_heads": 2, "iou_head_hidden_dim": 16}},
+    # 24 channels, not a multiple of AVX-512's 16 lanes: the native kernels that need whole
+    # vectors of channels leave those steps to PyTorch within the same call
+    {**TINY_VIT, "prompt_embed_dim": 24, "decoder": {"depth": 2, "mlp_dim": 48, "num_heads": 2, "iou_head_hidden_dim": 16}},
 ]
 
 

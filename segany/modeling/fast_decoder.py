@@ -778,7 +778,7 @@ def _t2i_factored(attn: Attention, q: Tensor, fx: _Factored, proj: _LayerProject
     r = fx.P.shape[1]
     aP = torch.bmm(a_bt.view(B, nh * t, N), fx.P.transpose(1, 2))  # (B, nh*t, r)
     w_v = attn.v_proj.weight
-    if _native_ok(s) and w_v.shape[1] % kernels.decoder_lanes() == 0:  # (~10 operations in one call)
+    if native and w_v.shape[1] % kernels.decoder_lanes() == 0:  # (~10 operations in one call)
         return kernels.factored_values(o, aP.view(B, nh, t, r), fx.Q, _derived(w_v, "columns", lambda w: w.t().contiguous()),
                                        None if proj.t2i_kpe is None else attn.v_proj.bias.contiguous())
     qv = F.linear(fx.Q, attn.v_proj.weight).view(B, r, nh, hd).transpose(1, 2)  # (B, nh, r, hd)
@@ -1173,13 +1173,16 @@ def _factored_stats(P: Tensor, Q1: Optional[Tensor], Q2: Tensor, groups: list, s
     the row is O(r C), and no (B, N, C) stream written and read back (a click: 4 MB, twice)."""
     B, r, N = P.shape
     C = Q2.shape[-1]
-    if _native_ok(P):
+    native = _native_ok(P)
+    if native and C % kernels.decoder_lanes() == 0:
         G, qbar = kernels.centered_gram(Q1, Q2)
+    else:
+        Q = Q2 if Q1 is None else torch.cat((Q1, Q2), 1)
+        qbar = Q.mean(-1)  # (B, r)
+        Qc = Q - qbar[..., None]
+        G = torch.bmm(Qc, Qc.transpose(1, 2))  # (B, r, r)
+    if native:
         return kernels.factored_stats(P, groups, G, qbar, sbar, sq, None if alpha is None else alpha.contiguous(), eps, C)
-    Q = Q2 if Q1 is None else torch.cat((Q1, Q2), 1)
-    qbar = Q.mean(-1)  # (B, r)
-    Qc = Q - qbar[..., None]
-    G = torch.bmm(Qc, Qc.transpose(1, 2))  # (B, r, r)
     R = P.new_empty(B, r, N)
     j = 0
     for grp in groups:
