@@ -648,19 +648,13 @@ def factored_low(x: torch.Tensor, nh: int, scale: float, weight: torch.Tensor, Q
     rp = QT.shape[2]
     if nh < 1 or I % nh or tuple(weight.shape) != (I, C) or QT.shape[:2] != (B, C) or not 0 <= r <= rp:
         raise ValueError(f"factored_low: x {tuple(x.shape)}, {nh} heads, weight {tuple(weight.shape)}, QT {tuple(QT.shape)}, r {r}")
+    if C % decoder_lanes() or rp % decoder_lanes():
+        raise ValueError(f"factored_low: C {C} and QT's rows {rp} must be multiples of {decoder_lanes()}")
     hd = I // nh
     h, low = torch.empty(nh, B * t, hd), torch.empty(B, nh, t, r)
     if B and t:
-        code = [0]
-
-        def call(p0, p1):
-            code[0] = lib.segany_factored_low(p0, p1, B, t, nh, hd, C, r, x.data_ptr(), float(scale), weight.data_ptr(),
-                                              QT.data_ptr(), rp, qt_bstride, h.data_ptr(), low.data_ptr())
-            return 0 if code[0] == 2 else code[0]
-
-        _run_pieces(lib, call, B * nh)
-        if code[0] == 2:
-            raise ValueError(f"factored_low: sizes it does not take (C {C} and QT's rows {rp} multiples of {decoder_lanes()})")
+        _run_pieces(lib, lambda p0, p1: lib.segany_factored_low(p0, p1, B, t, nh, hd, C, r, x.data_ptr(), float(scale), weight.data_ptr(),
+                                                                QT.data_ptr(), rp, qt_bstride, h.data_ptr(), low.data_ptr()), B * nh)
     return h, low
 
 
@@ -682,18 +676,13 @@ def factored_values(o: torch.Tensor, aP: torch.Tensor, Q: torch.Tensor, weight_t
     if aP.ndim != 4 or tuple(aP.shape) != (B, nh, t, r) or B * t != Bt or tuple(weight_t.shape) != (C, I) \
             or Q.shape[0] != B or (bias is not None and tuple(bias.shape) != (I,)):
         raise ValueError(f"factored_values: o {tuple(o.shape)}, aP {tuple(aP.shape)}, Q {tuple(Q.shape)}, weight_t {tuple(weight_t.shape)}")
+    if C % decoder_lanes():
+        raise ValueError(f"factored_values: C {C} is not a multiple of {decoder_lanes()}")
     out = torch.empty(B, t, I)
     if B and t:
-        code = [0]
-
-        def call(p0, p1):
-            code[0] = lib.segany_factored_values(p0, p1, B, t, nh, hd, C, r, o.data_ptr(), aP.data_ptr(), q_ptr, q_bstride,
-                                                 weight_t.data_ptr(), None if bias is None else bias.data_ptr(), out.data_ptr())
-            return 0 if code[0] == 2 else code[0]
-
-        _run_pieces(lib, call, B * nh)
-        if code[0] == 2:
-            raise ValueError(f"factored_values: C {C} is not a multiple of {decoder_lanes()}")
+        _run_pieces(lib, lambda p0, p1: lib.segany_factored_values(p0, p1, B, t, nh, hd, C, r, o.data_ptr(), aP.data_ptr(), q_ptr,
+                                                                   q_bstride, weight_t.data_ptr(),
+                                                                   None if bias is None else bias.data_ptr(), out.data_ptr()), B * nh)
     return out
 
 
