@@ -21,6 +21,15 @@ do not (hence the click_bundled row).
     python benchmarks/bench_speed.py --agreement 20        # int8 vs float32 mask IoU on photos
     python benchmarks/bench_speed.py --rows click,click_bundled --size 1500x2000
     python benchmarks/bench_speed.py --rows encoder --reference-huge-pages   # the reference with segany's allocator
+    python benchmarks/bench_speed.py --isa avx2            # an AVX2 machine, emulated on an AVX-512 one
+
+``--isa avx2`` holds both sides to AVX2 on an AVX-512 machine (the brief's users have AVX2
+CPUs; the development VM has AVX-512): PyTorch's kernels (``ATEN_CPU_CAPABILITY``), MKL
+(``MKL_ENABLE_INSTRUCTIONS``) and oneDNN (``DNNL_MAX_CPU_ISA``) for both, segany's native
+kernels built with ``-march=haswell`` (``SEGANY_KERNEL_MARCH``). An emulation: the same cores,
+caches and clock, with AVX2's 16 vector registers and 8 lanes. fbgemm (PyTorch's int8) and
+onnxruntime choose their kernels from the CPU itself and are not held back: the table marks
+those rows.
 
 Rows: gemm (machine float32 GEMM rate), encoder (fp32), encoder_int8 (PyTorch dynamic int8),
 encoder_ort / encoder_ort_int8 (onnxruntime; needs an export, slow the first time), click (one
@@ -584,6 +593,11 @@ def w_agreement(a):
     return {"model": name, "photos": len(pick), **{k: float(np.mean(v)) for k, v in ious.items()}}
 
 
+# What --isa sets for every process of the run (see the module docstring).
+ISA_ENV = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "DNNL_MAX_CPU_ISA": "AVX2",
+                    "SEGANY_KERNEL_MARCH": "haswell"}}
+NOT_HELD = "; not held to AVX2 (chooses its kernels from the CPU)"  # (the rows --isa cannot emulate)
+
 WORKERS = {"gemm": w_gemm, "encoder": w_encoder, "click": w_click, "click_refine": w_click_refine, "click_bundled": w_click_bundled, "rss": w_rss, "everything": w_everything, "agreement": w_agreement}
 
 
@@ -618,9 +632,13 @@ def main():
                     help="give the reference segany's huge-page allocator (THP_MEM_ALLOC_ENABLE=1) as well")
     ap.add_argument("--reference-in-process", action="store_true",
                     help="run the reference in segany's process (then with segany's allocator too), as before 2026-12-05")
+    ap.add_argument("--isa", choices=("native", "avx2"), default="native",
+                    help="avx2: hold both sides to AVX2 instructions (an AVX2 machine emulated; see above)")
     a = ap.parse_args()
     global ARGS
     ARGS = a
+    if a.isa != "native" and not a.worker:
+        os.environ.update(ISA_ENV[a.isa])  # (before torch is imported here; workers and the reference inherit it)
     os.environ["SEGANY_BENCH_SIZE"] = a.size
     if a.worker:
         print(json.dumps(WORKERS[a.worker](a)))
@@ -630,8 +648,14 @@ def main():
         rows.append("agreement")
     import torch
 
+    from segany import kernels
+
+    isa = f"PyTorch CPU capability {torch.backends.cpu.get_cpu_capability()}, " + (
+        f"segany kernels {kernels.decoder_lanes() * 32}-bit vectors" if kernels.decoder_lanes() else "segany kernels off")
+    if a.isa != "native":
+        isa += f" (--isa {a.isa}: emulated on this CPU)"
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads, model {a.model}, "
-          f"random weights, medians of {a.repeats}+ alternating runs; each row a separate process\n", file=sys.stderr)
+          f"random weights, medians of {a.repeats}+ alternating runs; each row a separate process; {isa}\n", file=sys.stderr)
     lines = ["| measurement | reference | segany | ratio | notes |", "|---|---|---|---|---|"]
     gemm = None
     if "gemm" in rows:
@@ -649,6 +673,8 @@ def main():
         note = f"{r['flops'] / r['ours'] / 1e9:.0f} GFLOP/s achieved ({r['flops'] / 1e12:.2f} TFLOP)"
         if gemm:
             note += f" vs {gemm['gflops']:.0f} GEMM"
+        if a.isa != "native" and variant != "fp32":
+            note += NOT_HELD
         note += f"; max abs diff {r['max_abs_diff']:.1e} (|ref| ≤ {r['ref_abs_max']:.2f}), cos {r['cos']:.5f}"
         lines.append(f"| {a.model} image embedding, {label} | {r['ref']:.2f} s | {r['ours']:.2f} s | {r['ours'] / r['ref']:.2f}× | {note} |")
     for row, what in [("click", "(prompt + decoder + postprocess)"), ("click_refine", ""), ("click_bundled", "bundled model on {photos} real photos")]:
@@ -679,7 +705,8 @@ def main():
         r = _run(a, "agreement", model="tiny")
         if r:
             parts = ", ".join(f"{k} mean IoU {v:.3f}" for k, v in r.items() if k not in ("model", "photos"))
-            lines.append(f"| int8 vs float32 best-mask agreement ({r['model']}, {r['photos']} photos × 3 clicks) | | | | {parts} |")
+            lines.append(f"| int8 vs float32 best-mask agreement ({r['model']}, {r['photos']} photos × 3 clicks) | | | | {parts}"
+                         f"{NOT_HELD if a.isa != 'native' else ''} |")
     print("\n".join(lines))
 
 

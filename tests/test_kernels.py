@@ -161,6 +161,23 @@ def test_decoder_kernels_are_used_where_built_for_avx2_or_wider_or_when_asked(mo
 
 
 @needs_decoder_kernel
+def test_kernels_build_for_the_cpu_named_in_the_environment(monkeypatch):
+    """SEGANY_KERNEL_MARCH builds for another CPU than this one (a cache shared by machines, or
+    measuring what an AVX2 user gets): an x86-64 baseline build has SSE2's 4 lanes, beside this
+    machine's own build; a name that is not a CPU name is refused before any compiler runs."""
+    if os.uname().machine != "x86_64":
+        pytest.skip("x86-64 CPU names")
+    native = kernels._get("decoder")
+    monkeypatch.setenv("SEGANY_KERNEL_MARCH", "x86-64")
+    lib = kernels._build("decoder")
+    assert lib is not None and lib.segany_vector_lanes() == 4
+    assert kernels._get("decoder") is native  # (the loaded library stays this process's)
+    monkeypatch.setenv("SEGANY_KERNEL_MARCH", "haswell; rm -rf ~")
+    with pytest.raises(ValueError, match="SEGANY_KERNEL_MARCH"):
+        kernels._build("decoder")
+
+
+@needs_decoder_kernel
 @pytest.mark.parametrize("nh,B,t,N", [(8, 2, 7, 4096), (2, 3, 1, 37), (1, 1, 3, 5)])
 def test_native_softmax_pixels_matches_pytorch(nh, B, t, N):
     """The token->image softmax over the pixels times alpha, in its two layouts (B, nh, t, N) and

@@ -160,6 +160,18 @@ def _declare(name: str, lib: ctypes.CDLL) -> None:
     lib.segany_has_openmp.restype = ctypes.c_int
 
 
+def _march() -> str:
+    """The ``-march`` the kernels are built for: ``$SEGANY_KERNEL_MARCH`` (a GCC/Clang CPU name,
+    e.g. ``haswell`` for AVX2 machines, ``x86-64-v3``), else ``native``: this CPU. For a cache
+    shared by machines with different CPUs, or to measure what an older CPU's users get (with
+    PyTorch held to the same instructions: ``ATEN_CPU_CAPABILITY``, ``MKL_ENABLE_INSTRUCTIONS``,
+    ``DNNL_MAX_CPU_ISA``; see benchmarks/bench_speed.py ``--isa``)."""
+    march = os.environ.get("SEGANY_KERNEL_MARCH", "").strip() or "native"
+    if not all(c.isalnum() or c in "-_." for c in march):
+        raise ValueError(f"SEGANY_KERNEL_MARCH={march!r} is not a CPU name (letters, digits, '-', '_', '.')")
+    return march
+
+
 def _build(name: str) -> Optional[ctypes.CDLL]:
     if os.environ.get("SEGANY_KERNELS", "1") == "0":
         return None
@@ -173,7 +185,7 @@ def _build(name: str) -> Optional[ctypes.CDLL]:
     src = src_path.read_bytes() + (_HERE / "common.h").read_bytes()  # the key covers what it includes
     # with OpenMP first (PyTorch's own threads, see upscale.c), else without (a thread pool here)
     for extra in (["-fopenmp"], []):
-        flags = _FLAGS[name] + extra
+        flags = [f"-march={_march()}" if f == "-march=native" else f for f in _FLAGS[name]] + extra
         key = hashlib.sha256(b"\0".join([src, cc.encode(), " ".join(flags).encode(), platform.machine().encode(), _cpu_key().encode()])).hexdigest()[:16]
         out = cache_dir() / "kernels" / f"{name}-{key}.so"
         try:
@@ -183,7 +195,9 @@ def _build(name: str) -> Optional[ctypes.CDLL]:
             _mark_used_and_prune(out, name)
         except (OSError, AttributeError, subprocess.SubprocessError) as e:
             detail = getattr(e, "stderr", b"") or b""
-            log.info("native kernel %s could not be built with %s (%s %s)", name, flags, e, detail.decode(errors="replace")[:500])
+            # (asked for a CPU by name, a failed build is the user's to see; natively it may just be no OpenMP)
+            (log.warning if _march() != "native" else log.info)(
+                "native kernel %s could not be built with %s (%s %s)", name, flags, e, detail.decode(errors="replace")[:500])
             continue
         return lib
     log.info("native kernel %s off, using the PyTorch code", name)
