@@ -27,9 +27,10 @@ do not (hence the click_bundled row).
 CPUs; the development VM has AVX-512): PyTorch's kernels (``ATEN_CPU_CAPABILITY``), MKL
 (``MKL_ENABLE_INSTRUCTIONS``) and oneDNN (``DNNL_MAX_CPU_ISA``) for both, segany's native
 kernels built with ``-march=haswell`` (``SEGANY_KERNEL_MARCH``). An emulation: the same cores,
-caches and clock, with AVX2's 16 vector registers and 8 lanes. fbgemm (PyTorch's int8) and
-onnxruntime choose their kernels from the CPU itself and are not held back: the table marks
-those rows.
+caches and clock, with AVX2's 16 vector registers and 8 lanes. PyTorch's int8 layers are held
+there too (fbgemm: ``FBGEMM_ENABLE_INSTRUCTIONS``; segany's int8 mode then picks fbgemm and float32
+attention, as on an AVX2 CPU: see ``segany.quantize``); onnxruntime chooses its kernels from the
+CPU itself and is not held back: the table marks its rows.
 
 Rows: gemm (machine float32 GEMM rate), encoder (fp32), encoder_int8 (PyTorch dynamic int8),
 encoder_ort / encoder_ort_int8 (onnxruntime; needs an export, slow the first time), click (one
@@ -595,7 +596,7 @@ def w_agreement(a):
 
 # What --isa sets for every process of the run (see the module docstring).
 ISA_ENV = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2", "DNNL_MAX_CPU_ISA": "AVX2",
-                    "SEGANY_KERNEL_MARCH": "haswell"}}
+                    "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2", "SEGANY_KERNEL_MARCH": "haswell"}}
 NOT_HELD = "; not held to AVX2 (chooses its kernels from the CPU)"  # (the rows --isa cannot emulate)
 
 WORKERS = {"gemm": w_gemm, "encoder": w_encoder, "click": w_click, "click_refine": w_click_refine, "click_bundled": w_click_bundled, "rss": w_rss, "everything": w_everything, "agreement": w_agreement}
@@ -673,7 +674,7 @@ def main():
         note = f"{r['flops'] / r['ours'] / 1e9:.0f} GFLOP/s achieved ({r['flops'] / 1e12:.2f} TFLOP)"
         if gemm:
             note += f" vs {gemm['gflops']:.0f} GEMM"
-        if a.isa != "native" and variant != "fp32":
+        if a.isa != "native" and variant.startswith("ort"):
             note += NOT_HELD
         note += f"; max abs diff {r['max_abs_diff']:.1e} (|ref| ≤ {r['ref_abs_max']:.2f}), cos {r['cos']:.5f}"
         lines.append(f"| {a.model} image embedding, {label} | {r['ref']:.2f} s | {r['ours']:.2f} s | {r['ours'] / r['ref']:.2f}× | {note} |")
@@ -706,7 +707,7 @@ def main():
         if r:
             parts = ", ".join(f"{k} mean IoU {v:.3f}" for k, v in r.items() if k not in ("model", "photos"))
             lines.append(f"| int8 vs float32 best-mask agreement ({r['model']}, {r['photos']} photos × 3 clicks) | | | | {parts}"
-                         f"{NOT_HELD if a.isa != 'native' else ''} |")
+                         f"{' (onnxruntime' + NOT_HELD[1:] + ')' if a.isa != 'native' else ''} |")
     print("\n".join(lines))
 
 

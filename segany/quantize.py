@@ -36,11 +36,29 @@ from torch import nn
 from .modeling import Sam
 
 
+# oneDNN's instruction-set names, oldest first (its DNNL_MAX_CPU_ISA / ONEDNN_MAX_CPU_ISA values;
+# the AVX10 names are the newer spellings of the AVX-512 ones).
+_ONEDNN_ISAS = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI",
+                "AVX512_CORE_BF16", "AVX512_CORE_FP16", "AVX10_1_512", "AVX512_CORE_AMX", "AVX10_1_512_AMX",
+                "AVX512_CORE_AMX_FP16", "AVX10_1_512_AMX_FP16", "ALL")
+
+
+def _onednn_allows(isa: str) -> bool:
+    """Whether the user's cap on oneDNN's instructions (``ONEDNN_MAX_CPU_ISA``, or its older name
+    ``DNNL_MAX_CPU_ISA``), if any, lets it use ``isa``. PyTorch's own checks below read the CPU,
+    not that cap: with it at AVX2 they would pick kernels oneDNN then emulates (and
+    ``bench_speed.py --isa avx2``, which sets it, would measure an AVX2 machine that runs them)."""
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").strip().upper()
+    if cap not in _ONEDNN_ISAS:
+        return True  # (a name oneDNN would ignore too)
+    return _ONEDNN_ISAS.index(cap) >= _ONEDNN_ISAS.index(isa)
+
+
 def native_bf16() -> bool:
     """Whether this CPU runs bfloat16 matrix products natively (else they are emulated: slower
-    than float32)."""
+    than float32): AVX-512 (PyTorch's check) and oneDNN allowed to use it."""
     try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and _onednn_allows("AVX512_CORE")
     except (AttributeError, RuntimeError):
         return False
 
@@ -58,13 +76,14 @@ def _cpu_flags() -> set:
 
 def int8_engine() -> Optional[str]:
     """The quantized engine for the dynamic int8 Linear layers: ``onednn`` where the CPU has AMX
-    int8 tiles (Linux's ``amx_int8`` flag), else ``fbgemm``; None where neither is built in.
+    int8 tiles (Linux's ``amx_int8`` flag) and oneDNN may use them, else ``fbgemm``; None where
+    neither is built in.
 
     On the development machine (Xeon with AMX, 2 threads) oneDNN's dynamic int8 linear took 21.8
     ms for 4096 x 768 -> 3072 against fbgemm's 46.1 (and 36.8 for PyTorch's ``x86`` engine),
     with the same error against float32; without AMX it is unmeasured here, so fbgemm stays."""
     engines = torch.backends.quantized.supported_engines
-    if "onednn" in engines and "amx_int8" in _cpu_flags():
+    if "onednn" in engines and "amx_int8" in _cpu_flags() and _onednn_allows("AVX512_CORE_AMX"):
         return "onednn"
     return "fbgemm" if "fbgemm" in engines else None
 
