@@ -333,6 +333,12 @@ def test_native_factored_stats_match_the_formed_rows(B, N, C, nh, hd, t, m, scal
     scale = y.abs().max().item()
     assert (mean.double() - want_mean).abs().max().item() <= 1e-5 * scale
     assert ((rstd.double() - want_rstd).abs() / want_rstd).max().item() <= 1e-5
+    # the per-image maps in the kernel's pixel tiles (as the decoder cache keeps them): the same bits
+    tiled = [(grp[0], kernels.stats_tiles(grp[1]), *grp[2:]) if grp[0] == "values" else grp for grp in groups]
+    assert tiled[-1][1].shape[0] * tiled[-1][1].shape[-1] >= N and torch.equal(kernels.untile_stats_maps(tiled[-1][1], N), grp2[1])
+    m2, r2 = kernels.factored_stats(P, tiled, Qc @ Qc.transpose(1, 2), qbar, sbar.float(), (Sd - sbar[:, None]).square().sum(1).float(),
+                                    alpha, 1e-5, C)
+    assert torch.equal(m2, mean) and torch.equal(r2, rstd)
     # a NaN stays where it is (as the formed rows would give), it is not clamped to a variance of 0
     P[0, 0, N // 2] = float("nan")
     mean, rstd = kernels.factored_stats(P, groups, Qc @ Qc.transpose(1, 2), qbar, sbar.float(), (Sd - sbar[:, None]).square().sum(1).float(),
@@ -344,6 +350,10 @@ def test_native_factored_stats_match_the_formed_rows(B, N, C, nh, hd, t, m, scal
     wide = ("values", torch.zeros(1, 65, N), torch.zeros(N), torch.zeros(B, 2, 65))
     with pytest.raises(ValueError, match="factored_stats"):
         kernels.factored_stats(P[:, :2], [wide], torch.zeros(B, 2, 2), qbar[:, :2], sbar.float(), sbar.float(), alpha, 1e-5, C)
+    short = (grp1[0], kernels.stats_tiles(grp1[1])[:-1], *grp1[2:])  # tiles that do not cover the pixels
+    with pytest.raises(ValueError, match="factored_stats"):
+        kernels.factored_stats(P, [short if grp is groups[-3] else grp for grp in groups], Qc @ Qc.transpose(1, 2), qbar,
+                               sbar.float(), sbar.float(), alpha, 1e-5, C)
 
 
 @needs_decoder_kernel

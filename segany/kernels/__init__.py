@@ -580,8 +580,9 @@ def factored_stats(P: torch.Tensor, groups: list, G: torch.Tensor, qbar: torch.T
 
     ``groups``: the dot products R = Q S^T in P's row order, as ``("rows", X)`` with X (k, N)
     the same for every prompt, or ``("values", maps, bias, v)`` for an image->token update's
-    reduced value rows: maps (nh, hd, N) out_proj's per-head slices against S, bias (N,) its bias
-    against S, v (B, t, nh*hd) the layer's values (nh*(t-1)+1 rows). Float32 CPU tensors."""
+    reduced value rows: maps (nh, hd, N) out_proj's per-head slices against S, or the same in
+    tiles of pixels (:func:`stats_tiles`), bias (N,) its bias against S, v (B, t, nh*hd) the
+    layer's values (nh*(t-1)+1 rows). Float32 CPU tensors."""
     lib = _decoder_lib()
     p_bstride = _batch_stride("factored_stats", P)
     B, r, N = P.shape
@@ -598,11 +599,16 @@ def factored_stats(P: torch.Tensor, groups: list, G: torch.Tensor, qbar: torch.T
         else:
             _, maps, bias, v = grp
             _check_f32("factored_stats", maps, bias, v)
-            nh, hd, n_ = maps.shape
+            if maps.ndim == 4:  # tiles (n_tiles, nh, hd, tile)
+                n_tiles, nh, hd, tile = maps.shape
+                ok = tile % stats_block() == 0 and (n_tiles - 1) * tile < N <= n_tiles * tile
+            else:
+                (nh, hd, n_), tile = maps.shape, 0
+                ok = n_ == N
             t = v.shape[1]
-            if n_ != N or tuple(bias.shape) != (N,) or tuple(v.shape) != (B, t, nh * hd) or not (0 < hd <= 64 and 0 < t < 65536):
+            if not ok or tuple(bias.shape) != (N,) or tuple(v.shape) != (B, t, nh * hd) or not (0 < hd <= 64 and 0 < t < 65536):
                 raise ValueError(f"factored_stats: maps {tuple(maps.shape)}, bias {tuple(bias.shape)}, values {tuple(v.shape)}")
-            desc += [1, nh, maps.data_ptr(), bias.data_ptr(), v.data_ptr(), (t << 16) | hd]
+            desc += [1, nh, maps.data_ptr(), bias.data_ptr(), v.data_ptr(), (tile << 40) | (t << 16) | hd]
             rows += nh * (t - 1) + 1
     if rows != r or tuple(G.shape) != (B, r, r) or tuple(qbar.shape) != (B, r) or tuple(sbar.shape) != (N,) \
             or tuple(sq.shape) != (N,) or (alpha is not None and tuple(alpha.shape) != (B, N)):
@@ -612,8 +618,31 @@ def factored_stats(P: torch.Tensor, groups: list, G: torch.Tensor, qbar: torch.T
     mean, rstd = torch.empty(B, N), torch.empty(B, N)
     args = (B, r, N, int(C), P.data_ptr(), p_bstride, len(groups), d.data_ptr(), G.data_ptr(), qbar.data_ptr(),
             sbar.data_ptr(), sq.data_ptr(), None if alpha is None else alpha.data_ptr(), float(eps), mean.data_ptr(), rstd.data_ptr())
-    _run_pieces(lib, lambda p0, p1: lib.segany_factored_stats(p0, p1, *args), B * -(-N // (2 * decoder_lanes())))
+    _run_pieces(lib, lambda p0, p1: lib.segany_factored_stats(p0, p1, *args), B * -(-N // stats_block()))
     return mean, rstd
+
+
+def stats_block() -> int:
+    """Pixels per piece of :func:`factored_stats` in this build (FS_BLOCK: two vectors)."""
+    return 2 * decoder_lanes()
+
+
+def stats_tiles(maps: torch.Tensor) -> torch.Tensor:
+    """Per-image maps (nh, hd, N) for :func:`factored_stats` in its tiles of pixels, (ceil(N /
+    tile), nh, hd, tile) with tile = :func:`stats_block` (the last tile zero-padded): each piece
+    of the kernel then reads one contiguous block of them."""
+    nh, hd, N = maps.shape
+    tile = stats_block()
+    n_tiles = -(-N // tile)
+    padded = maps.new_zeros(nh, hd, n_tiles * tile)
+    padded[..., :N] = maps
+    return padded.view(nh, hd, n_tiles, tile).permute(2, 0, 1, 3).contiguous()
+
+
+def untile_stats_maps(tiles: torch.Tensor, N: int) -> torch.Tensor:
+    """:func:`stats_tiles`' inverse: (n_tiles, nh, hd, tile) -> (nh, hd, N)."""
+    n_tiles, nh, hd, tile = tiles.shape
+    return tiles.permute(1, 2, 0, 3).reshape(nh, hd, n_tiles * tile)[..., :N].contiguous()
 
 
 def value_rows(v: torch.Tensor, wo: torch.Tensor, bo: torch.Tensor) -> torch.Tensor:

@@ -567,10 +567,14 @@ int segany_mask_downscale(int64_t p0, int64_t p1, int64_t h, int64_t w, int64_t 
    R's rows come in groups, in P's row order, each described by 6 int64s in desc:
      kind 0 (fixed rows): {0, rows, ptr (rows, N) shared by the prompts, 0, 0, 0}
      kind 1 (an image->token update's reduced value rows, fast_decoder._reduced_values):
-       {1, nh, maps (nh, hd, N): out_proj's per-head slices against S, bias (N,): its bias
-        against S, v (B, t, nh*hd): the layer's values, t * 65536 + hd}
+       {1, nh, maps: out_proj's per-head slices against S, bias (N,): its bias against S,
+        v (B, t, nh*hd): the layer's values, tile * 2^40 + t * 65536 + hd}
        rows (h, k < t-1): (v[k,h] - v[t-1,h]) . maps[h][:, n]; then one row
        sum_h v[t-1,h] . maps[h][:, n] + bias[n]   (nh*(t-1) + 1 rows)
+       maps is (nh, hd, N) where tile is 0, else in tiles of `tile` pixels (a multiple of
+       FS_BLOCK), (ceil(N / tile), nh, hd, tile): a piece's 128-256 rows of the maps then lie in
+       one contiguous block instead of one cache line in each of as many pages (perf: a fifth of
+       the kernel's samples on the prefetches of those lines, their page walks).
 
      P (B, r, N), batch stride p_bstride (rows contiguous, N floats apart); G (B, r, r);
      qbar (B, r); sbar, sq (N,); alpha (B, N) or NULL; mean, rstd (B, N)
@@ -603,10 +607,11 @@ int segany_factored_stats(int64_t p0, int64_t p1, int64_t B, int64_t r, int64_t 
                 for (int64_t q = 0; q < FS_BLOCK; q += 64 / (int64_t)sizeof(float)) __builtin_prefetch(P + b * p_bstride + j * N + na + q);
             for (int64_t g = 0; g < n_groups; g++) {
                 const int64_t *d = desc + 6 * g;
-                const int64_t rows = d[0] == 0 ? d[1] : d[1] * (d[5] & 0xffff);
-                const float *m = (const float *)(intptr_t)d[2] + na;
+                const int64_t rows = d[0] == 0 ? d[1] : d[1] * (d[5] & 0xffff), tile = d[0] == 0 ? 0 : d[5] >> 40;
+                const int64_t ms = tile ? tile : N;
+                const float *m = (const float *)(intptr_t)d[2] + (tile ? na / tile * rows * tile + na % tile : na);
                 for (int64_t i = 0; i < rows; i++)
-                    for (int64_t q = 0; q < FS_BLOCK; q += 64 / (int64_t)sizeof(float)) __builtin_prefetch(m + i * N + q);
+                    for (int64_t q = 0; q < FS_BLOCK; q += 64 / (int64_t)sizeof(float)) __builtin_prefetch(m + i * ms + q);
             }
         }
         /* pk, tk: (r4, FS_BLOCK); zero: a row of r zeros for G's rows past r */
@@ -642,8 +647,14 @@ int segany_factored_stats(int64_t p0, int64_t p1, int64_t B, int64_t r, int64_t 
                         vstore(tk + j * FS_BLOCK + v * LANES, load_upto(rows + i * N + v * LANES, nn - v * LANES));
                 continue;
             }
-            const int64_t nh = d[1], t = d[5] >> 16, hd = d[5] & 0xffff, I = nh * hd;
-            const float *maps = (const float *)(intptr_t)d[2] + n0, *bias = (const float *)(intptr_t)d[3] + n0;
+            const int64_t nh = d[1], t = (d[5] >> 16) & 0xffffff, hd = d[5] & 0xffff, I = nh * hd, tile = d[5] >> 40;
+            const int64_t ms = tile ? tile : N; /* the maps' row stride */
+            const float *maps = (const float *)(intptr_t)d[2] + (tile ? n0 / tile * I * tile + n0 % tile : n0);
+            const float *bias = (const float *)(intptr_t)d[3] + n0;
+            if (tile % FS_BLOCK) {
+                err |= 2;
+                break;
+            }
             const float *vb = (const float *)(intptr_t)d[4] + b * t * I, *vlast = vb + (t - 1) * I;
             if (hd > FS_MAXHD) {
                 err |= 2;
@@ -659,12 +670,12 @@ int segany_factored_stats(int64_t p0, int64_t p1, int64_t B, int64_t r, int64_t 
             vf last[FS_V];
             for (int v = 0; v < FS_V; v++) last[v] = load_upto(bias + v * LANES, nn - v * LANES);
             for (int64_t h = 0; h < nh; h++) {
-                const float *mh = maps + h * hd * N, *vl = vlast + h * hd;
+                const float *mh = maps + h * hd * ms, *vl = vlast + h * hd;
                 for (int64_t k = 0; k < t; k++)
                     for (int64_t e = 0; e < hd; e++) coef[k * hd + e] = k + 1 < t ? vb[k * I + h * hd + e] - vl[e] : vl[e];
                 /* the head's block of the map, once, to contiguous memory */
                 for (int64_t e = 0; e < hd; e++)
-                    for (int v = 0; v < FS_V; v++) vstore(mk + e * FS_BLOCK + v * LANES, load_upto(mh + e * N + v * LANES, nn - v * LANES));
+                    for (int v = 0; v < FS_V; v++) vstore(mk + e * FS_BLOCK + v * LANES, load_upto(mh + e * ms + v * LANES, nn - v * LANES));
                 for (int64_t k0 = 0; k0 < t; k0 += 4) {
                     const int64_t kn = t - k0 < 4 ? t - k0 : 4;
                     vf acc[4][FS_V];

@@ -138,6 +138,8 @@ class _StatsMaps:
 
     sbar: Tuple[Tensor, Tensor]  # (N,) channel means of S_0, S_1
     sq: Tuple[Tensor, Tensor]  # (N,) |S_l - sbar_l|^2
+    # u0, u1: (nh, hd, N), or where the decoder kernels are built in factored_stats' pixel tiles
+    # (kernels.stats_tiles: (n_tiles, nh, hd, tile)), which the PyTorch path unpacks
     u0: Tuple[Tensor, Tensor]  # layer 0's out_proj against S_0, and (its rows rescaled by g0 in layer 1) against S_0 g0^2
     u0_bias: Tuple[Tensor, Tensor]  # (N,) b_o0 . S_0, b_o0 . (S_0 g0^2)
     u1: Tensor  # layer 1's out_proj against S_1
@@ -163,8 +165,11 @@ def _stats_maps(decoder: MaskDecoder, src: Tensor) -> Optional[_StatsMaps]:
         _, m, rstd = torch.native_layer_norm(x, (C,), None, None, 0.0)
         return m[:, 0], C / rstd[:, 0].square()
 
-    def head_maps(w, x, nh):  # (heads, hd, N): w^T x^T, made in that layout
-        return torch.mm(w.t(), x.t()).view(nh, -1, x.shape[0])
+    tiled = kernels.decoder_available()
+
+    def head_maps(w, x, nh):  # (heads, hd, N): w^T x^T, made in that layout; in the native kernel's tiles where it is built
+        maps = torch.mm(w.t(), x.t()).view(nh, -1, x.shape[0])
+        return kernels.stats_tiles(maps) if tiled else maps
 
     (m0, q0), (m1, q1) = moments(src), moments(s1)
     return _StatsMaps(
@@ -1191,6 +1196,8 @@ def _factored_stats(P: Tensor, Q1: Optional[Tensor], Q2: Tensor, groups: list, s
             j += grp[1].shape[0]
         else:
             _, maps, bias, v = grp
+            if maps.ndim == 4:  # (the native kernel's tiles)
+                maps = kernels.untile_stats_maps(maps, N)
             k = maps.shape[0] * (v.shape[1] - 1) + 1
             _value_rows(v, maps.shape[0], maps, bias, R[:, j : j + k])
             j += k
