@@ -335,7 +335,7 @@ def test_native_factored_stats_match_the_formed_rows(B, N, C, nh, hd, t, m, scal
     assert ((rstd.double() - want_rstd).abs() / want_rstd).max().item() <= 1e-5
     # the per-image maps in the kernel's pixel tiles (as the decoder cache keeps them): the same bits
     tiled = [(grp[0], kernels.stats_tiles(grp[1]), *grp[2:]) if grp[0] == "values" else grp for grp in groups]
-    assert tiled[-1][1].shape[0] * tiled[-1][1].shape[-1] >= N and torch.equal(kernels.untile_stats_maps(tiled[-1][1], N), grp2[1])
+    assert tiled[-1][1].shape[0] * tiled[-1][1].shape[-1] >= N and torch.equal(kernels.untile_maps(tiled[-1][1], N), grp2[1])
     m2, r2 = kernels.factored_stats(P, tiled, Qc @ Qc.transpose(1, 2), qbar, sbar.float(), (Sd - sbar[:, None]).square().sum(1).float(),
                                     alpha, 1e-5, C)
     assert torch.equal(m2, mean) and torch.equal(r2, rstd)
@@ -486,6 +486,13 @@ def test_native_factored_scores_match_pytorch(B, nh, t, hd, r, N):
     assert (nope - want_nope).abs().max().item() <= 2e-6 * max(1.0, want_nope.abs().max().item())
     soft = kernels.factored_scores(q, base, pe, alpha, low, P, torch.full((B, nh, t, N), float("nan")), softmax_over_tokens=True)
     assert (soft - torch.softmax(got.transpose(0, 1), dim=2)).abs().max().item() <= 1e-6  # of the same scores
+    # the maps in the kernel's pixel tiles (as the decoder cache keeps them): the same bits
+    bt, pt = kernels.scores_tiles(base), kernels.scores_tiles(pe)
+    assert torch.equal(kernels.untile_maps(bt, N), base)
+    assert torch.equal(kernels.factored_scores(q, bt, pt, alpha, low, P, torch.full((nh, B, t, N), float("nan"))), got)
+    assert torch.equal(kernels.factored_scores(q, bt, None, alpha, low, P, torch.full((nh, B, t, N), float("nan"))), nope)
+    with pytest.raises(ValueError, match="inconsistent shapes"):  # tiled and plain maps do not mix
+        kernels.factored_scores(q, bt, pe, alpha, low, P, torch.empty(nh, B, t, N))
     # the softmax in the reduced layout (see softmax_tokens), the scores left in out; P and the
     # reduced output as rows of larger buffers, the output scaled per pixel
     rows = kernels.reduced_rows(nh, t)

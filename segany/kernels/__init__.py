@@ -145,7 +145,7 @@ def _declare(name: str, lib: ctypes.CDLL) -> None:
         lib.segany_softmax_tokens.restype = None
         lib.segany_vector_lanes.restype = ctypes.c_int
         lib.segany_layer_norm_rows.restype = ctypes.c_int
-        lib.segany_factored_scores.argtypes = [i64, i64, i64, i64, i64, i64, i64, i64, p, p, p, p, p, p, i64, p, ctypes.c_int, ctypes.c_int, p, i64, p]
+        lib.segany_factored_scores.argtypes = [i64, i64, i64, i64, i64, i64, i64, i64, p, p, p, ctypes.c_int, p, p, p, i64, p, ctypes.c_int, ctypes.c_int, p, i64, p]
         lib.segany_factored_scores.restype = None
         lib.segany_value_rows.argtypes = [i64, i64, i64, i64, i64, p, p, p, p, i64]
         lib.segany_value_rows.restype = ctypes.c_int
@@ -631,16 +631,20 @@ def stats_tiles(maps: torch.Tensor) -> torch.Tensor:
     """Per-image maps (nh, hd, N) for :func:`factored_stats` in its tiles of pixels, (ceil(N /
     tile), nh, hd, tile) with tile = :func:`stats_block` (the last tile zero-padded): each piece
     of the kernel then reads one contiguous block of them."""
+    return pixel_tiles(maps, stats_block())
+
+
+def pixel_tiles(maps: torch.Tensor, tile: int) -> torch.Tensor:
+    """(nh, hd, N) -> (ceil(N / tile), nh, hd, tile), the last tile zero-padded."""
     nh, hd, N = maps.shape
-    tile = stats_block()
     n_tiles = -(-N // tile)
     padded = maps.new_zeros(nh, hd, n_tiles * tile)
     padded[..., :N] = maps
     return padded.view(nh, hd, n_tiles, tile).permute(2, 0, 1, 3).contiguous()
 
 
-def untile_stats_maps(tiles: torch.Tensor, N: int) -> torch.Tensor:
-    """:func:`stats_tiles`' inverse: (n_tiles, nh, hd, tile) -> (nh, hd, N)."""
+def untile_maps(tiles: torch.Tensor, N: int) -> torch.Tensor:
+    """:func:`pixel_tiles`' inverse: (n_tiles, nh, hd, tile) -> (nh, hd, N)."""
     n_tiles, nh, hd, tile = tiles.shape
     return tiles.permute(1, 2, 0, 3).reshape(nh, hd, n_tiles * tile)[..., :N].contiguous()
 
@@ -972,7 +976,7 @@ def factored_scores(q: torch.Tensor, base: torch.Tensor, pe: Optional[torch.Tens
     ``out[h, b, k, n] = alpha[b, n] (q[h, b*t+k] . base[h, :, n] + low[b, h, k] . P[b, :, n])
     + q[h, b*t+k] . pe[h, :, n]`` (no such term where ``pe`` is None)
 
-    q (nh, B*t, hd), base and pe (nh, hd, N), alpha (B, N), low (B, nh, t, r), P (B, r, N)
+    q (nh, B*t, hd), base and pe (nh, hd, N) (or both in :func:`scores_tiles`), alpha (B, N), low (B, nh, t, r), P (B, r, N)
     (matrices contiguous, any batch stride); out
     (nh, B, t, N), or with ``softmax_over_tokens`` (B, nh, t, N) holding, per pixel and head, the
     softmax of the scores over the t tokens. Contiguous float32 CPU tensors. Returns ``out``, or
@@ -986,7 +990,9 @@ def factored_scores(q: torch.Tensor, base: torch.Tensor, pe: Optional[torch.Tens
     _check_f32("factored_scores", q, base, alpha, low, out, *(() if pe is None else (pe,)))
     p_bstride = _batch_stride("factored_scores", P)
     want = (B, nh, t, N) if softmax_over_tokens else (nh, B, t, N)
-    if B * t != Bt or tuple(base.shape) != (nh, hd, N) or (pe is not None and tuple(pe.shape) != (nh, hd, N)) \
+    tiled = base.ndim == 4
+    maps = (-(-N // SCORES_TILE), nh, hd, SCORES_TILE) if tiled else (nh, hd, N)
+    if B * t != Bt or tuple(base.shape) != maps or (pe is not None and tuple(pe.shape) != maps) \
             or tuple(alpha.shape) != (B, N) \
             or tuple(low.shape) != (B, nh, t, r) or tuple(out.shape) != want:
         raise ValueError("factored_scores: inconsistent shapes")
@@ -1000,7 +1006,8 @@ def factored_scores(q: torch.Tensor, base: torch.Tensor, pe: Optional[torch.Tens
         if reduced is None or tuple(reduced_scale.shape) != (B, N):
             raise ValueError("factored_scores: reduced_scale (B, N) goes with reduced")
     if B and t and N:
-        args = (B, nh, t, hd, r, N, q.data_ptr(), base.data_ptr(), None if pe is None else pe.data_ptr(), alpha.data_ptr(), low.data_ptr(),
+        args = (B, nh, t, hd, r, N, q.data_ptr(), base.data_ptr(), None if pe is None else pe.data_ptr(), int(tiled),
+                alpha.data_ptr(), low.data_ptr(),
                 P.data_ptr(), p_bstride, out.data_ptr(), int(softmax_over_tokens), int(softmax_over_tokens),
                 None if reduced is None else reduced.data_ptr(), red_bstride,
                 None if reduced_scale is None else reduced_scale.data_ptr())
@@ -1009,8 +1016,16 @@ def factored_scores(q: torch.Tensor, base: torch.Tensor, pe: Optional[torch.Tens
             lib.segany_factored_scores(p0, p1, *args)
             return 0
 
-        _run_pieces(lib, call, -(-N // 64))
+        _run_pieces(lib, call, -(-N // SCORES_TILE))
     return out
+
+
+SCORES_TILE = 64  # pixels per piece of factored_scores (SC_BLOCK in decoder.c)
+
+
+def scores_tiles(maps: torch.Tensor) -> torch.Tensor:
+    """Per-image maps (nh, hd, N) for :func:`factored_scores` in its pieces' pixel tiles."""
+    return pixel_tiles(maps, SCORES_TILE)
 
 
 # --- the decoder's token side (tokens.c) ---------------------------------------------------------

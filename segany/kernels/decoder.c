@@ -919,11 +919,12 @@ static inline __attribute__((always_inline)) void scores_block(
 }
 
 static float scores_scalar(int64_t n, int64_t k, const float *q, int64_t hd, const float *bh, const float *ph,
-                           const float *al, const float *lk, int64_t r, const float *Pb, int64_t N) {
+                           int64_t ms, int64_t mn, const float *al, const float *lk, int64_t r, const float *Pb, int64_t N) {
+    /* the maps' rows ms floats apart, pixel n at mn in them */
     float s = 0.0f, sp = 0.0f;
     for (int64_t d = 0; d < hd; d++) {
-        s += q[k * hd + d] * bh[d * N + n];
-        if (ph) sp += q[k * hd + d] * ph[d * N + n];
+        s += q[k * hd + d] * bh[d * ms + mn];
+        if (ph) sp += q[k * hd + d] * ph[d * ms + mn];
     }
     for (int64_t j = 0; j < r; j++) s += lk[k * r + j] * Pb[j * N + n];
     return s * al[n] + sp;
@@ -937,9 +938,12 @@ static inline void copy_block(float *restrict dst, const float *restrict src, in
         for (int64_t i = 0; i < n; i++) dst[i] = src[i];
 }
 
-/* Pieces p0..p1-1 of ceil(N / SC_BLOCK) pixel blocks, each for all B prompts. */
+/* Pieces p0..p1-1 of ceil(N / SC_BLOCK) pixel blocks, each for all B prompts. base and pe
+   (nh, hd, N), or with tiled in blocks of SC_BLOCK pixels, (ceil(N / SC_BLOCK), nh, hd,
+   SC_BLOCK): a block's rows of them are then one contiguous run (256 rows of a head's maps
+   otherwise lie in as many pages, 16 KB apart). */
 void segany_factored_scores(int64_t p0, int64_t p1, int64_t B, int64_t nh, int64_t t, int64_t hd, int64_t r,
-                            int64_t N, const float *q, const float *base, const float *pe, const float *alpha,
+                            int64_t N, const float *q, const float *base, const float *pe, int tiled, const float *alpha,
                             const float *low, const float *P, int64_t P_bstride, float *out, int layout, int softmax,
                             float *red, int64_t red_bstride, const float *red_scale) {
 #pragma omp parallel for schedule(dynamic)
@@ -947,6 +951,10 @@ void segany_factored_scores(int64_t p0, int64_t p1, int64_t B, int64_t nh, int64
         const unsigned int csr = ftz_begin();
         int64_t n0 = p * SC_BLOCK;
         int64_t n1 = n0 + SC_BLOCK < N ? n0 + SC_BLOCK : N;
+        /* the maps: row stride, this block's first pixel in a row, the block's start */
+        const int64_t ms = tiled ? SC_BLOCK : N, mo = tiled ? 0 : n0;
+        const float *base_b = tiled ? base + p * nh * hd * SC_BLOCK : base;
+        const float *pe_b = pe && tiled ? pe + p * nh * hd * SC_BLOCK : pe;
         /* The block's rows packed side by side: rows N floats apart (16 KB at SAM's 64x64) fall in
            one L1 set, so the rows that every head and token group re-reads missed L1 each time
            (the kernel ran at a fifth of the FMA rate). Only the whole vector pairs read them.
@@ -958,13 +966,13 @@ void segany_factored_scores(int64_t p0, int64_t p1, int64_t B, int64_t nh, int64
             for (int64_t b = 0; b < B; b++)
                 for (int64_t j = 0; j < r; j++) copy_block(pk + (b * r + j) * SC_BLOCK, P + b * P_bstride + j * N + n0, nw);
         float *bk = pk ? pk + B * r * SC_BLOCK : 0, *ek = pk ? bk + hd * SC_BLOCK : 0;
-        const int64_t nfull = nw / LANES;
+        const int64_t nfull = pk || !tiled ? nw / LANES : 0; /* (unpacked, tiled maps and P differ in stride: scalar) */
         for (int64_t hh = 0; hh < nh; hh++) {
-            const float *bh = base + hh * hd * N, *ph = pe ? pe + hh * hd * N : 0;
+            const float *bh = base_b + hh * hd * ms, *ph = pe_b ? pe_b + hh * hd * ms : 0;
             if (pk)
                 for (int64_t d = 0; d < hd; d++) {
-                    copy_block(bk + d * SC_BLOCK, bh + d * N + n0, nw);
-                    if (ph) copy_block(ek + d * SC_BLOCK, ph + d * N + n0, nw);
+                    copy_block(bk + d * SC_BLOCK, bh + d * ms + mo, nw);
+                    if (ph) copy_block(ek + d * SC_BLOCK, ph + d * ms + mo, nw);
                 }
             for (int64_t b = 0; b < B; b++) {
                 const float *al = alpha + b * N, *Pb = P + b * P_bstride;
@@ -999,7 +1007,7 @@ void segany_factored_scores(int64_t p0, int64_t p1, int64_t B, int64_t nh, int64
                     }
                     for (int64_t n = n0 + nfull * LANES; n < n1; n++)
                         for (int64_t k = 0; k < kb; k++)
-                            orow[k][n] = scores_scalar(n, k, qk, hd, bh, ph, al, lk, r, Pb, N);
+                            orow[k][n] = scores_scalar(n, k, qk, hd, bh, ph, ms, n - n0 + mo, al, lk, r, Pb, N);
                 }
                 if (softmax) { /* over the t tokens of this head, LANES pixels at a time (layout 1) */
                     float *o = out + (b * nh + hh) * t * N;
