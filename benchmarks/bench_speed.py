@@ -599,7 +599,13 @@ ISA_ENV = {"avx2": {"ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "A
                     "FBGEMM_ENABLE_INSTRUCTIONS": "AVX2", "SEGANY_KERNEL_MARCH": "haswell"}}
 NOT_HELD = "; not held to AVX2 (chooses its kernels from the CPU)"  # (the rows --isa cannot emulate)
 
-WORKERS = {"gemm": w_gemm, "encoder": w_encoder, "click": w_click, "click_refine": w_click_refine, "click_bundled": w_click_bundled, "rss": w_rss, "everything": w_everything, "agreement": w_agreement}
+def w_info(a):
+    from segany import kernels
+
+    return {"lanes": kernels.decoder_lanes()}
+
+
+WORKERS = {"info": w_info, "gemm": w_gemm, "encoder": w_encoder, "click": w_click, "click_refine": w_click_refine, "click_bundled": w_click_bundled, "rss": w_rss, "everything": w_everything, "agreement": w_agreement}
 
 
 def _run(a, worker, **extra):
@@ -640,6 +646,8 @@ def main():
     ARGS = a
     if a.isa != "native" and not a.worker:
         os.environ.update(ISA_ENV[a.isa])  # (before torch is imported here; workers and the reference inherit it)
+    if not a.worker and "segany" in sys.modules:
+        raise RuntimeError("bench_speed.py: segany was imported by the main process; its environment would reach the reference")
     os.environ["SEGANY_BENCH_SIZE"] = a.size
     if a.worker:
         print(json.dumps(WORKERS[a.worker](a)))
@@ -649,10 +657,11 @@ def main():
         rows.append("agreement")
     import torch
 
-    from segany import kernels
-
+    # (asked in a worker: `import segany` here would put its huge-page allocator setting into this
+    # process's environment, which every row's processes inherit, the reference's included)
+    info = _run(a, "info") or {"lanes": 0}
     isa = f"PyTorch CPU capability {torch.backends.cpu.get_cpu_capability()}, " + (
-        f"segany kernels {kernels.decoder_lanes() * 32}-bit vectors" if kernels.decoder_lanes() else "segany kernels off")
+        f"segany kernels {info['lanes'] * 32}-bit vectors" if info["lanes"] else "segany kernels off")
     if a.isa != "native":
         isa += f" (--isa {a.isa}: emulated on this CPU)"
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads, model {a.model}, "
