@@ -86,6 +86,41 @@ def test_fast_decoder_matches_module(config, multimask, batch, npts, with_box, w
     assert torch.equal(cache.src, fresh.src) and torch.equal(cache.src_pe, fresh.src_pe)
 
 
+@pytest.mark.parametrize("config", DEC_CONFIGS)
+def test_cache_built_for_the_native_kernels_serves_the_pytorch_path(config, monkeypatch):
+    """A decoder cache made where the native kernels are the default keeps its per-image maps in
+    their pixel tiles; a call that cannot take them (kernels turned off afterwards, as a dispatch
+    mode or tracing would) unpacks them and gives the module's outputs, first clicks and mask
+    prompts alike."""
+    from segany import kernels
+    from segany.modeling import fast_decoder
+
+    if not kernels.decoder_available():
+        pytest.skip("no C compiler: native decoder kernel unavailable")
+    sam = _model(config)
+    pe = sam.prompt_encoder
+    g = torch.Generator().manual_seed(5)
+    h, w = pe.image_embedding_size
+    feats = torch.randn(1, pe.embed_dim, h, w, generator=g)
+    pts = torch.rand(2, 2, 2, generator=g) * config["image_size"]
+    labels = torch.randint(0, 2, (2, 2), generator=g, dtype=torch.int32)
+    masks = torch.randn(2, 1, 4 * h, 4 * w, generator=g) * 3
+    monkeypatch.setenv("SEGANY_DECODER_KERNELS", "1")
+    with torch.no_grad():
+        cache = build_cache(sam.mask_decoder, feats, pe.get_dense_pe(), pe.no_mask_embed.weight)
+        tiled = [m for lp in cache.layers + (cache.final,) for m in (lp.t2i_k, lp.i2t_q) if m is not None]
+        assert all(m.ndim == 4 for m in tiled) and (cache.stats is None or cache.stats.u1.ndim == 4)
+        monkeypatch.setenv("SEGANY_DECODER_KERNELS", "0")
+        monkeypatch.setattr(fast_decoder, "_native_tail_ok", lambda decoder, x: False)
+        for m in (None, masks):
+            sparse, dense = pe(points=(pts, labels), boxes=None, masks=m)
+            want_m, want_iou = sam.mask_decoder(feats, pe.get_dense_pe(), sparse, dense, True)
+            got_m, got_iou = predict_masks_fast(sam.mask_decoder, sparse, cache, multimask_output=True,
+                                                mask_factor=None if m is None else mask_prompt_factor(pe, m))
+            assert (got_m - want_m).abs().max().item() <= 1e-5 * max(1.0, want_m.abs().max().item())
+            assert (got_iou - want_iou).abs().max().item() <= 1e-5 * max(1.0, want_iou.abs().max().item())
+
+
 def test_predictor_mask_prompts_factored_hooked_alone_and_broadcast():
     """Mask prompts through the predictor as the official decoder computes them: factored; through
     the module itself where a hook watches the mask embedding (no factor then, the hook runs); a

@@ -120,7 +120,7 @@ class _LayerProjections:
 
     Without the positional shares (None): the first layer's cached maps, of the base plus the
     positional encoding with the biases (there the row scales are one). Where the decoder
-    kernels are built, the (heads, hd, N) maps of the later layers are kept in
+    kernels are preferred (``kernels.decoder_preferred``), the (heads, hd, N) maps of the later layers are kept in
     ``kernels.factored_scores``' pixel tiles instead, (ceil(N / 64), heads, hd, 64)."""
 
     t2i_k: Tensor  # (heads, hd, N)   S @ W_k^T
@@ -140,7 +140,7 @@ class _StatsMaps:
 
     sbar: Tuple[Tensor, Tensor]  # (N,) channel means of S_0, S_1
     sq: Tuple[Tensor, Tensor]  # (N,) |S_l - sbar_l|^2
-    # u0, u1: (nh, hd, N), or where the decoder kernels are built in factored_stats' pixel tiles
+    # u0, u1: (nh, hd, N), or where the decoder kernels are preferred in factored_stats' pixel tiles
     # (kernels.stats_tiles: (n_tiles, nh, hd, tile)), which the PyTorch path unpacks
     u0: Tuple[Tensor, Tensor]  # layer 0's out_proj against S_0, and (its rows rescaled by g0 in layer 1) against S_0 g0^2
     u0_bias: Tuple[Tensor, Tensor]  # (N,) b_o0 . S_0, b_o0 . (S_0 g0^2)
@@ -167,7 +167,7 @@ def _stats_maps(decoder: MaskDecoder, src: Tensor) -> Optional[_StatsMaps]:
         _, m, rstd = torch.native_layer_norm(x, (C,), None, None, 0.0)
         return m[:, 0], C / rstd[:, 0].square()
 
-    tiled = kernels.decoder_available()
+    tiled = kernels.decoder_preferred()  # (where the native path is the default; the PyTorch path would unpack them every call)
 
     def head_maps(w, x, nh):  # (heads, hd, N): w^T x^T, made in that layout; in the native kernel's tiles where it is built
         maps = torch.mm(w.t(), x.t()).view(nh, -1, x.shape[0])
@@ -261,9 +261,9 @@ def _project(linear: torch.nn.Linear, x: Tensor, bias: bool) -> Tensor:
 
 
 def _layer_projections(t2i: Attention, i2t: Optional[Attention], base: Tensor, pe: Tensor) -> _LayerProjections:
-    # the maps the factored scores read, in the native kernel's pixel tiles where it is built
-    # (kernels.scores_tiles; the PyTorch path unpacks them): with AVX2 a click 0.97x (emulated)
-    tile = kernels.scores_tiles if kernels.decoder_available() else (lambda m: m)
+    # the maps the factored scores read, in the native kernel's pixel tiles where it is the
+    # default (kernels.scores_tiles; the PyTorch path unpacks them): with AVX2 a click 0.97x (emulated)
+    tile = kernels.scores_tiles if kernels.decoder_preferred() else (lambda m: m)
     nh = t2i.num_heads
     lp = _LayerProjections(
         t2i_k=tile(_head_cols(_project(t2i.k_proj, base, False), nh)),
