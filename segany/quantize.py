@@ -45,9 +45,10 @@ _ONEDNN_ISAS = ("SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE
 
 def _onednn_allows(isa: str) -> bool:
     """Whether the user's cap on oneDNN's instructions (``ONEDNN_MAX_CPU_ISA``, or its older name
-    ``DNNL_MAX_CPU_ISA``), if any, lets it use ``isa``. PyTorch's own checks below read the CPU,
-    not that cap: with it at AVX2 they would pick kernels oneDNN then emulates (and
-    ``bench_speed.py --isa avx2``, which sets it, would measure an AVX2 machine that runs them)."""
+    ``DNNL_MAX_CPU_ISA``), if any, lets it use ``isa``. The CPU's flags (:func:`int8_engine` reads
+    them) know nothing of that cap: with it at AVX2 the AMX engine would be picked for kernels
+    oneDNN may not run (and ``bench_speed.py --isa avx2``, which sets it, would measure an AVX2
+    machine that runs them)."""
     cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").strip().upper()
     if cap not in _ONEDNN_ISAS:
         return True  # (a name oneDNN would ignore too)
@@ -56,7 +57,8 @@ def _onednn_allows(isa: str) -> bool:
 
 def native_bf16() -> bool:
     """Whether this CPU runs bfloat16 matrix products natively (else they are emulated: slower
-    than float32): AVX-512 (PyTorch's check) and oneDNN allowed to use it."""
+    than float32): PyTorch's check and the oneDNN cap as it stands now (oneDNN reads it once, at
+    its first use in the process)."""
     try:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and _onednn_allows("AVX512_CORE")
     except (AttributeError, RuntimeError):
