@@ -144,6 +144,8 @@ def _declare(name: str, lib: ctypes.CDLL) -> None:
         lib.segany_softmax_tokens.argtypes = [i64, i64, i64, i64, i64, i64, p, p, ctypes.c_int, i64]
         lib.segany_softmax_tokens.restype = None
         lib.segany_vector_lanes.restype = ctypes.c_int
+        lib.segany_stats_block.restype = ctypes.c_int
+        lib.segany_scores_block.restype = ctypes.c_int
         lib.segany_layer_norm_rows.restype = ctypes.c_int
         lib.segany_factored_scores.argtypes = [i64, i64, i64, i64, i64, i64, i64, i64, p, p, p, ctypes.c_int, p, p, p, i64, p, ctypes.c_int, ctypes.c_int, p, i64, p]
         lib.segany_factored_scores.restype = None
@@ -624,7 +626,7 @@ def factored_stats(P: torch.Tensor, groups: list, G: torch.Tensor, qbar: torch.T
 
 def stats_block() -> int:
     """Pixels per piece of :func:`factored_stats` in this build (FS_BLOCK: two vectors)."""
-    return 2 * decoder_lanes()
+    return _lib_constant(_decoder_lib(), "segany_stats_block")
 
 
 def stats_tiles(maps: torch.Tensor) -> torch.Tensor:
@@ -990,8 +992,8 @@ def factored_scores(q: torch.Tensor, base: torch.Tensor, pe: Optional[torch.Tens
     _check_f32("factored_scores", q, base, alpha, low, out, *(() if pe is None else (pe,)))
     p_bstride = _batch_stride("factored_scores", P)
     want = (B, nh, t, N) if softmax_over_tokens else (nh, B, t, N)
-    tiled = base.ndim == 4
-    maps = (-(-N // SCORES_TILE), nh, hd, SCORES_TILE) if tiled else (nh, hd, N)
+    tiled, block = base.ndim == 4, scores_block()
+    maps = (-(-N // block), nh, hd, block) if tiled else (nh, hd, N)
     if B * t != Bt or tuple(base.shape) != maps or (pe is not None and tuple(pe.shape) != maps) \
             or tuple(alpha.shape) != (B, N) \
             or tuple(low.shape) != (B, nh, t, r) or tuple(out.shape) != want:
@@ -1016,16 +1018,27 @@ def factored_scores(q: torch.Tensor, base: torch.Tensor, pe: Optional[torch.Tens
             lib.segany_factored_scores(p0, p1, *args)
             return 0
 
-        _run_pieces(lib, call, -(-N // SCORES_TILE))
+        _run_pieces(lib, call, -(-N // block))
     return out
 
 
-SCORES_TILE = 64  # pixels per piece of factored_scores (SC_BLOCK in decoder.c)
+def _lib_constant(lib: ctypes.CDLL, fn: str) -> int:
+    """A build constant the library reports, asked once per library (a ctypes call per decoder
+    call otherwise)."""
+    v = lib.__dict__.get("const:" + fn)
+    if v is None:
+        v = lib.__dict__["const:" + fn] = int(getattr(lib, fn)())
+    return v
+
+
+def scores_block() -> int:
+    """Pixels per piece of :func:`factored_scores` (SC_BLOCK), the width of its maps' tiles."""
+    return _lib_constant(_decoder_lib(), "segany_scores_block")
 
 
 def scores_tiles(maps: torch.Tensor) -> torch.Tensor:
     """Per-image maps (nh, hd, N) for :func:`factored_scores` in its pieces' pixel tiles."""
-    return pixel_tiles(maps, SCORES_TILE)
+    return pixel_tiles(maps, scores_block())
 
 
 # --- the decoder's token side (tokens.c) ---------------------------------------------------------

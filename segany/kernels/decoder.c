@@ -590,6 +590,9 @@ int segany_mask_downscale(int64_t p0, int64_t p1, int64_t h, int64_t w, int64_t 
 
 static inline vf load_upto(const float *p, int64_t n) { return n <= 0 ? (vf){0} : load_part(p, n); }
 
+/* pixels per piece, which the per-image maps' tiles must be a multiple of (segany.kernels.stats_block) */
+int segany_stats_block(void) { return FS_BLOCK; }
+
 int segany_factored_stats(int64_t p0, int64_t p1, int64_t B, int64_t r, int64_t N, int64_t C, const float *P,
                           int64_t p_bstride, int64_t n_groups, const int64_t *desc, const float *G, const float *qbar,
                           const float *sbar, const float *sq, const float *alpha, float eps, float *mean, float *rstd) {
@@ -880,6 +883,7 @@ void segany_softmax_tokens(int64_t p0, int64_t p1, int64_t nh, int64_t B, int64_
 
 #define SC_TB (VBYTES == 64 ? 8 : 4) /* tokens per register block (2 x 8 accumulators: 18 of AVX-512's 32 registers) */
 #define SC_BLOCK 64              /* pixels per piece of work (segany.kernels.factored_scores) */
+int segany_scores_block(void) { return SC_BLOCK; } /* (the maps' tile width: segany.kernels.scores_tiles) */
 
 /* acc[k][v] += sum_d c[k * cs + d] * rows[d * N + n + v * LANES] for d < nd, k < kb, v < 2
    (one broadcast of a token's weight serves two vectors) */
