@@ -24,7 +24,7 @@
 #define VBYTES 16
 #endif
 typedef float vf __attribute__((vector_size(VBYTES)));
-#if defined(__AVX512F__)
+#if defined(__AVX__)
 #include <immintrin.h>
 #endif
 typedef int32_t vi __attribute__((vector_size(VBYTES)));
@@ -59,29 +59,40 @@ static inline vf vload(const float *p) {
 
 static inline void vstore(float *p, vf v) { __builtin_memcpy(p, &v, sizeof v); }
 
-/* the first n (< LANES: the rest zero / untouched) or all LANES floats; masked moves with
-   AVX-512 (a memcpy of a variable size is a library call) */
-static inline vf load_part(const float *p, int64_t n) {
-    vf x = {0};
-    if (n >= LANES)
-        __builtin_memcpy(&x, p, sizeof x);
-    else
-#if defined(__AVX512F__)
-        x = (vf)_mm512_maskz_loadu_ps((__mmask16)((1u << n) - 1), p);
-#else
-        __builtin_memcpy(&x, p, sizeof(float) * (size_t)n);
+/* the first n (< LANES: the rest zero / untouched) or all LANES floats. Masked moves with AVX
+   and AVX-512: a memcpy of a variable size is a library call, and the fixed-size one into a
+   zeroed vector went through the stack (in the decoder tail's first-conv loop, AVX2 on an AMD
+   EPYC, a store-forwarding stall on every load: ~8% of the tail). */
+#if defined(__AVX2__) && !defined(__AVX512F__)
+static inline __m256i part_mask(int64_t n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32((int)n), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
 #endif
+
+static inline vf load_part(const float *p, int64_t n) {
+    if (n >= LANES) return vload(p);
+#if defined(__AVX512F__)
+    return (vf)_mm512_maskz_loadu_ps((__mmask16)((1u << (n > 0 ? n : 0)) - 1), p);
+#elif defined(__AVX2__)
+    return (vf)_mm256_maskload_ps(p, part_mask(n));
+#else
+    vf x = {0};
+    if (n > 0) __builtin_memcpy(&x, p, sizeof(float) * (size_t)(n & (LANES - 1))); /* (n < LANES here) */
     return x;
+#endif
 }
 
 static inline void store_part(float *p, vf x, int64_t n) {
-    if (n >= LANES)
-        __builtin_memcpy(p, &x, sizeof x);
-    else
+    if (n >= LANES) {
+        vstore(p, x);
+        return;
+    }
 #if defined(__AVX512F__)
-        _mm512_mask_storeu_ps(p, (__mmask16)((1u << n) - 1), (__m512)x);
+    _mm512_mask_storeu_ps(p, (__mmask16)((1u << (n > 0 ? n : 0)) - 1), (__m512)x);
+#elif defined(__AVX2__)
+    _mm256_maskstore_ps(p, part_mask(n), (__m256)x);
 #else
-        __builtin_memcpy(p, &x, sizeof(float) * (size_t)n);
+    if (n > 0) __builtin_memcpy(p, &x, sizeof(float) * (size_t)(n & (LANES - 1)));
 #endif
 }
 
@@ -114,6 +125,9 @@ static inline vf vexp(vf x) {
    multiply-add (20 loads per 16 FMAs); 4 x 3 keeps B's vectors in registers (AVX2 emulated on
    the AVX-512 VM, 2026-12-06: the encoder's global attention kernel 0.84x, the decoder tail
    0.93-0.96x). */
+#ifndef GEMM_B_IN_REGISTERS
+#define GEMM_B_IN_REGISTERS 0 /* (see block_gemm; a kernel file may define it 1 before this header) */
+#endif
 #define GEMM_QB 4
 #define GEMM_VB (VBYTES == 64 ? 4 : 3)
 
@@ -127,7 +141,17 @@ static inline __attribute__((always_inline)) void block_gemm(int nv, int64_t K, 
         for (int j = 0; j < nv; j++) acc[m][j] = row_scale ? vload(C + m * c_rs + j * LANES) * row_scale[m] : (vf){0};
     for (int64_t k = 0; k < K; k++) {
         vf b[GEMM_VB];
-        for (int j = 0; j < nv; j++) b[j] = vload(B + k * b_rs + j * LANES);
+        for (int j = 0; j < nv; j++) {
+            vf bj = vload(B + k * b_rs + j * LANES);
+#if GEMM_B_IN_REGISTERS && VBYTES == 32 && (defined(__GNUC__) || defined(__clang__))
+            /* in a register: GCC folds the load into every multiply-add that reads it, so each
+               vector of B is loaded GEMM_QB times (16 loads per 12 FMAs). AMD EPYC (AVX2),
+               2026-12-06: the decoder tail 0.935x with it, the encoder's attention kernels
+               1.06x (so they leave it off) */
+            __asm__("" : "+x"(bj));
+#endif
+            b[j] = bj;
+        }
         for (int m = 0; m < GEMM_QB; m++) {
             float a = A[m * a_rs + k];
             for (int j = 0; j < nv; j++) acc[m][j] += a * b[j];

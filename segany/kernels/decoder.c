@@ -28,6 +28,7 @@
      out  (B, M, OH, 4w)       masks; embedding row i of this call writes rows 4*(row0+i)..+3 */
 #include <math.h>
 
+#define GEMM_B_IN_REGISTERS 1 /* (the tail's first-conv GEMM: see common.h) */
 #include "common.h"
 
 /* Kernels that read a block of columns from each of many rows N floats apart (the factored
@@ -134,6 +135,9 @@ static inline __attribute__((always_inline)) void conv2_row(const float *restric
         for (; X + 2 * LANES <= n_pad; X += 2 * LANES) {
             int64_t o0 = 0;
             for (; o0 + OB <= NO; o0 += OB) conv2_block(OB, C2_XV, X, n_pad, c1, NO, o0, vT, W, bias2, zT);
+            /* (SAM's 64 outputs leave 4: one 4 x 2 block, not four 1 x 2 ones, each loading a
+               broadcast weight per two multiply-adds) */
+            for (; o0 + 4 <= NO; o0 += 4) conv2_block(4, C2_XV, X, n_pad, c1, NO, o0, vT, W, bias2, zT);
             for (; o0 < NO; o0++) conv2_block(1, C2_XV, X, n_pad, c1, NO, o0, vT, W, bias2, zT);
         }
     for (; X < n_pad; X += LANES) {

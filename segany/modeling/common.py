@@ -42,6 +42,22 @@ def _onednn_available() -> bool:
     return _onednn
 
 
+_onednn_bf16: Optional[bool] = None
+
+
+def _onednn_bf16_available() -> bool:
+    """oneDNN's products take bfloat16 on this CPU. Not on AVX2 CPUs (AMD EPYC, 2026-12-06:
+    "could not create a primitive descriptor for the inner product"), where PyTorch's own
+    bfloat16 matmul runs instead."""
+    global _onednn_bf16
+    if _onednn_bf16 is None:
+        b = torch.ones(2, 3, dtype=torch.bfloat16)
+        _onednn_bf16 = _onednn_works(lambda: torch.equal(
+            torch.ops.mkldnn._linear_pointwise(b, torch.ones(4, 3, dtype=torch.bfloat16), None, "none", [], "").float(),
+            torch.full((2, 4), 3.0)))
+    return _onednn_bf16
+
+
 try:
     from torch.utils._python_dispatch import _get_current_dispatch_mode
 except ImportError:  # (a PyTorch without it has no dispatch modes to watch for)

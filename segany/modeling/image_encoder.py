@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
-from .common import LayerNorm2d, MLPBlock, _dispatch_mode_active, _onednn_available, apply_linear
+from .common import LayerNorm2d, MLPBlock, _dispatch_mode_active, _onednn_available, _onednn_bf16_available, apply_linear
 
 # Bound on the attention-bias bytes built at once in a global-attention block (per chunk), when
 # training (the differentiable SDPA path).
@@ -268,7 +268,8 @@ class Attention(nn.Module):
             hb, rows = 1, max(1, min(h, chunk // (w * n)))
         # One head at a time (global attention), both GEMMs can run as oneDNN matmuls against
         # that head's contiguous k and v^T: 12-16% faster than MKL's for these shapes here.
-        onednn = hb == 1 and q.dtype in (torch.float32, torch.bfloat16) and _onednn_available() and not _dispatch_mode_active()
+        onednn = hb == 1 and (q.dtype is torch.float32 or (q.dtype is torch.bfloat16 and _onednn_bf16_available())) \
+            and _onednn_available() and not _dispatch_mode_active()
         # bfloat16 (the int8 mode): both relative-position adds and the softmax as one native pass
         # per piece, in float32 (2.4x faster than the three bfloat16 passes, and closer)
         bf16_native = q.dtype == torch.bfloat16 and not _dispatch_mode_active() and kernels.attention_preferred(w, q.shape[-1])
