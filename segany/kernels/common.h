@@ -34,10 +34,13 @@ static inline vf vselect(vi mask, vf a, vf b) { return (vf)(((vi)a & mask) | ((v
 
 /* a > b ? a : b and a < b ? a : b per lane, b where either is NaN: x86's MAXPS/MINPS exactly.
    One instruction with AVX-512, where GCC makes a vselect of a comparison three (a compare into
-   a mask register and two xors): GELU's clamps this way made it 25% faster. */
+   a mask register and two xors): GELU's clamps this way made it 25% faster. With AVX2 GCC made
+   a compare and a blend whose operand it kept on the stack. */
 static inline vf vmax(vf a, vf b) {
 #if defined(__AVX512F__)
     return (vf)_mm512_max_ps((__m512)a, (__m512)b);
+#elif defined(__AVX__)
+    return (vf)_mm256_max_ps((__m256)a, (__m256)b);
 #else
     return vselect(a > b, a, b);
 #endif
@@ -46,6 +49,8 @@ static inline vf vmax(vf a, vf b) {
 static inline vf vmin(vf a, vf b) {
 #if defined(__AVX512F__)
     return (vf)_mm512_min_ps((__m512)a, (__m512)b);
+#elif defined(__AVX__)
+    return (vf)_mm256_min_ps((__m256)a, (__m256)b);
 #else
     return vselect(a < b, a, b);
 #endif
@@ -125,6 +130,15 @@ static inline vf vexp(vf x) {
    multiply-add (20 loads per 16 FMAs); 4 x 3 keeps B's vectors in registers (AVX2 emulated on
    the AVX-512 VM, 2026-12-06: the encoder's global attention kernel 0.84x, the decoder tail
    0.93-0.96x). */
+/* keep v in a register: with AVX2's 16 registers GCC folds a vector's load into every
+   multiply-add that reads it (a block of 4 x 2 accumulators then loads each vector 4 times: 12
+   loads per 8 FMAs). A kernel whose inner loop measured faster for it asks for it. */
+#if VBYTES == 32 && (defined(__GNUC__) || defined(__clang__))
+#define PIN_REGISTER(v) __asm__("" : "+x"(v))
+#else
+#define PIN_REGISTER(v) ((void)0)
+#endif
+
 #ifndef GEMM_B_IN_REGISTERS
 #define GEMM_B_IN_REGISTERS 0 /* (see block_gemm; a kernel file may define it 1 before this header) */
 #endif
@@ -143,13 +157,9 @@ static inline __attribute__((always_inline)) void block_gemm(int nv, int64_t K, 
         vf b[GEMM_VB];
         for (int j = 0; j < nv; j++) {
             vf bj = vload(B + k * b_rs + j * LANES);
-#if GEMM_B_IN_REGISTERS && VBYTES == 32 && (defined(__GNUC__) || defined(__clang__))
-            /* in a register: GCC folds the load into every multiply-add that reads it, so each
-               vector of B is loaded GEMM_QB times (16 loads per 12 FMAs). AMD EPYC (AVX2),
-               2026-12-06: the decoder tail 0.935x with it, the encoder's attention kernels
-               1.06x (so they leave it off) */
-            __asm__("" : "+x"(bj));
-#endif
+            /* (B's vector loaded once, not GEMM_QB times: AMD EPYC (AVX2), 2026-12-06, the decoder
+               tail 0.935x with it, the encoder's attention kernels 1.06x, so they leave it off) */
+            if (GEMM_B_IN_REGISTERS) PIN_REGISTER(bj);
             b[j] = bj;
         }
         for (int m = 0; m < GEMM_QB; m++) {

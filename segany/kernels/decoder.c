@@ -690,7 +690,10 @@ int segany_factored_stats(int64_t p0, int64_t p1, int64_t B, int64_t r, int64_t 
                         for (int v = 0; v < FS_V; v++) acc[i][v] = (vf){0};
                     for (int64_t e = 0; e < hd; e++) {
                         vf m[FS_V];
-                        for (int v = 0; v < FS_V; v++) m[v] = vload(mk + e * FS_BLOCK + v * LANES);
+                        for (int v = 0; v < FS_V; v++) {
+                            m[v] = vload(mk + e * FS_BLOCK + v * LANES);
+                            PIN_REGISTER(m[v]);
+                        }
                         for (int i = 0; i < 4; i++) {
                             const float x = i < kn ? coef[(k0 + i) * hd + e] : 0.0f;
                             for (int v = 0; v < FS_V; v++) acc[i][v] += x * m[v];
@@ -896,6 +899,8 @@ static inline __attribute__((always_inline)) void accumulate2(vf (*restrict acc)
                                                               const float *restrict c, int64_t cs, int64_t kb) {
     for (int64_t d = 0; d < nd; d++) {
         vf x0 = vload(rows + d * N + n), x1 = vload(rows + d * N + n + LANES);
+        PIN_REGISTER(x0);
+        PIN_REGISTER(x1);
         for (int64_t k = 0; k < kb; k++) {
             float w = c[k * cs + d];
             acc[k][0] += w * x0;
