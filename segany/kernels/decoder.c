@@ -135,9 +135,13 @@ static inline __attribute__((always_inline)) void conv2_row(const float *restric
         for (; X + 2 * LANES <= n_pad; X += 2 * LANES) {
             int64_t o0 = 0;
             for (; o0 + OB <= NO; o0 += OB) conv2_block(OB, C2_XV, X, n_pad, c1, NO, o0, vT, W, bias2, zT);
-            /* (SAM's 64 outputs leave 4: one 4 x 2 block, not four 1 x 2 ones, each loading a
-               broadcast weight per two multiply-adds) */
-            for (; o0 + 4 <= NO; o0 += 4) conv2_block(4, C2_XV, X, n_pad, c1, NO, o0, vT, W, bias2, zT);
+            /* (SAM's 64 outputs leave 4: the last OB outputs again, a few recomputed with the same
+               bits, not 1 x 2 blocks loading a broadcast weight per two multiply-adds; a 4 x 2
+               block was ~3% slower on the AMD EPYC) */
+            if (o0 < NO && NO >= OB) {
+                conv2_block(OB, C2_XV, X, n_pad, c1, NO, NO - OB, vT, W, bias2, zT);
+                o0 = NO;
+            }
             for (; o0 < NO; o0++) conv2_block(1, C2_XV, X, n_pad, c1, NO, o0, vT, W, bias2, zT);
         }
     for (; X < n_pad; X += LANES) {
@@ -1041,6 +1045,10 @@ void segany_factored_scores(int64_t p0, int64_t p1, int64_t B, int64_t nh, int64
 static inline float hsum(vf v) {
 #if defined(__AVX512F__)
     return _mm512_reduce_add_ps((__m512)v); /* (a tree of shuffles: vsum's chain of 16 adds waits ~4x longer) */
+#elif defined(__AVX__)
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128((__m256)v), _mm256_extractf128_ps((__m256)v, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    return _mm_cvtss_f32(_mm_add_ss(x, _mm_movehdup_ps(x)));
 #else
     return vsum(v);
 #endif
@@ -1297,3 +1305,4 @@ int segany_factored_values(int64_t p0, int64_t p1, int64_t B, int64_t t, int64_t
     }
     return err ? -1 : 0;
 }
+
