@@ -64,7 +64,7 @@ static inline vf vload(const float *p) {
 
 static inline void vstore(float *p, vf v) { __builtin_memcpy(p, &v, sizeof v); }
 
-/* the first n (< LANES: the rest zero / untouched) or all LANES floats. Masked moves with AVX
+/* the first n (< LANES: the rest zero / untouched) or all LANES floats. Masked moves with AVX2
    and AVX-512: a memcpy of a variable size is a library call, and the fixed-size one into a
    zeroed vector went through the stack (in the decoder tail's first-conv loop, AVX2 on an AMD
    EPYC, a store-forwarding stall on every load: ~8% of the tail). */
@@ -124,12 +124,6 @@ static inline vf vexp(vf x) {
     return (vf)((vi)(y * scale) & ~under);
 }
 
-/* Small GEMMs in registers (the attention kernels, the decoder tail's first convolution):
-   GEMM_QB rows x up to GEMM_VB vectors of accumulators. AVX2 has 16 vector registers, not 32:
-   there 4 x 4 accumulators spilled two of them every step and read B from memory for each
-   multiply-add (20 loads per 16 FMAs); 4 x 3 keeps B's vectors in registers (AVX2 emulated on
-   the AVX-512 VM, 2026-12-06: the encoder's global attention kernel 0.84x, the decoder tail
-   0.93-0.96x). */
 /* keep v in a register: with AVX2's 16 registers GCC folds a vector's load into every
    multiply-add that reads it (a block of 4 x 2 accumulators then loads each vector 4 times: 12
    loads per 8 FMAs). A kernel whose inner loop measured faster for it asks for it. */
@@ -139,6 +133,12 @@ static inline vf vexp(vf x) {
 #define PIN_REGISTER(v) ((void)0)
 #endif
 
+/* Small GEMMs in registers (the attention kernels, the decoder tail's first convolution):
+   GEMM_QB rows x up to GEMM_VB vectors of accumulators. AVX2 has 16 vector registers, not 32:
+   there 4 x 4 accumulators spilled two of them every step and read B from memory for each
+   multiply-add (20 loads per 16 FMAs); 4 x 3 keeps B's vectors in registers (AVX2 emulated on
+   the AVX-512 VM, 2026-12-06: the encoder's global attention kernel 0.84x, the decoder tail
+   0.93-0.96x). */
 #ifndef GEMM_B_IN_REGISTERS
 #define GEMM_B_IN_REGISTERS 0 /* (see block_gemm; a kernel file may define it 1 before this header) */
 #endif

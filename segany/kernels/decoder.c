@@ -1305,4 +1305,3 @@ int segany_factored_values(int64_t p0, int64_t p1, int64_t B, int64_t t, int64_t
     }
     return err ? -1 : 0;
 }
-
