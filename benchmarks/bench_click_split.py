@@ -9,7 +9,10 @@ Times, each on its own (median of ``--clicks`` calls, after warm-up), on one ima
   ``two-way transformer`` (both layers and the final attention), the IoU head and hypernetwork
   MLPs, and ``output upscaling`` (first transposed conv on the factored tokens, then the native
   tail, or PyTorch without it);
-* ``masks to original size``: the low-res logits to bool masks at the image size.
+* ``masks to original size``: the low-res logits to bool masks at the image size;
+* ``after a 30 ms pause``: ``predict_best`` and one small two-thread PyTorch operation with a
+  30 ms sleep before each call, as ``bench_speed`` times a click (a user's click comes after a
+  pause): what waking the idle OpenMP thread costs on this machine.
 
 Pieces timed apart run with warmer caches than inside one click (where each piece first reads
 weights and maps the previous one evicted), so they sum to less than ``predict``.
@@ -35,11 +38,12 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def _median_ms(fn, n: int, warmup: int = 3) -> float:
+def _median_ms(fn, n: int, warmup: int = 3, pause: float = 0.0) -> float:
     for _ in range(warmup):
         fn()
     ts = []
     for _ in range(n):
+        time.sleep(pause)
         t = time.perf_counter()
         fn()
         ts.append(time.perf_counter() - t)
@@ -124,6 +128,14 @@ def main() -> None:
             ("masks to original size (best one only)", lambda: p.upscale(low_res[:, :1], threshold=sam.mask_threshold)),
         ]
         results = [(name, _median_ms(fn, a.clicks)) for name, fn in rows]
+        x = torch.randn(1 << 16)
+        y = torch.empty_like(x)
+        two_threads = lambda: torch.mul(x, 2.0, out=y)  # noqa: E731 (64K floats: split over the threads)
+        results += [
+            ("predict_best after a 30 ms pause", _median_ms(rows[1][1], a.clicks, pause=0.03)),
+            ("a two-thread PyTorch operation (64K floats), back to back", _median_ms(two_threads, a.clicks)),
+            ("the same after a 30 ms pause", _median_ms(two_threads, a.clicks, pause=0.03)),
+        ]
 
     print(f"{a.model} ({'bundled' if a.model == 'tiny' else 'random weights'}), image {h}x{w}, embedding "
           f"{cache.hw[0]}x{cache.hw[1]}, torch {torch.__version__}, {a.threads} threads, native kernels "
