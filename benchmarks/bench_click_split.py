@@ -12,7 +12,8 @@ Times, each on its own (median of ``--clicks`` calls, after warm-up), on one ima
 * ``masks to original size``: the low-res logits to bool masks at the image size;
 * ``after a 30 ms pause``: ``predict_best`` and one small two-thread PyTorch operation with a
   30 ms sleep before each call, as ``bench_speed`` times a click (a user's click comes after a
-  pause): what waking the idle OpenMP thread costs on this machine.
+  pause): what a pause costs on this machine (the small operation's extra is waking the idle
+  OpenMP thread; a click's was not, see docs/performance.md, fifteenth session).
 
 Pieces timed apart run with warmer caches than inside one click (where each piece first reads
 weights and maps the previous one evicted), so they sum to less than ``predict``.
@@ -115,9 +116,10 @@ def main() -> None:
                     fd._per_thread.native = fd._per_thread.tokens = None
             return run
 
+        best = lambda: p.predict_best(point_coords=point, point_labels=label)  # noqa: E731
         rows = [
             ("predict (3 masks at the original size, as numpy)", lambda: p.predict(point_coords=point, point_labels=label)),
-            ("predict_best (the best mask alone at the original size)", lambda: p.predict_best(point_coords=point, point_labels=label)),
+            ("predict_best (the best mask alone at the original size)", best),
             ("prompt encoder", lambda: pe(points=(coords, labels), boxes=None, masks=None)),
             ("decoder (3 low-res masks + IoU)", lambda: fd.predict_masks_fast(dec, sparse, cache)),
             ("  two-way transformer", in_a_call(lambda: fd._transformer_cached(dec, tokens, cache, used))),
@@ -132,7 +134,7 @@ def main() -> None:
         y = torch.empty_like(x)
         two_threads = lambda: torch.mul(x, 2.0, out=y)  # noqa: E731 (64K floats: split over the threads)
         results += [
-            ("predict_best after a 30 ms pause", _median_ms(rows[1][1], a.clicks, pause=0.03)),
+            ("predict_best after a 30 ms pause", _median_ms(best, a.clicks, pause=0.03)),
             ("a two-thread PyTorch operation (64K floats), back to back", _median_ms(two_threads, a.clicks)),
             ("the same after a 30 ms pause", _median_ms(two_threads, a.clicks, pause=0.03)),
         ]
