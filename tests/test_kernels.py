@@ -709,6 +709,31 @@ def _child_masks(low):
 
 
 @needs_decoder_kernel
+@pytest.mark.parametrize("nh,Q,hd,N", [(8, 7, 16, 4096), (8, 1, 16, 64), (2, 13, 8, 40), (1, 16, 16, 24)])
+def test_native_t2i_attention_matches_pytorch(nh, Q, hd, N):
+    """The first two-way block's token->image attention against per-image keys (heads, hd, N) and
+    values (heads, N, hd): PyTorch's attention of the same queries, for query counts that fill
+    no whole register block or piece, and a score far below its row's maximum (exp underflows)."""
+    if not kernels.t2i_attention_ok(hd, N):
+        pytest.skip(f"this build's vectors do not divide hd={hd}, N={N}")
+    g = torch.Generator().manual_seed(Q * N)
+    q = torch.randn(Q, nh * hd, generator=g) * 2
+    k = torch.randn(nh, N, hd, generator=g)
+    v = torch.randn(nh, N, hd, generator=g)
+    k[0, 0] = 1e3 * q[0, :hd].sign()  # one key dominating query 0 of head 0
+    ref = F.scaled_dot_product_attention(q.view(Q, nh, hd).transpose(0, 1), k, v, scale=hd**-0.5)
+    out = torch.full((Q, nh * hd), float("nan"))
+    assert kernels.t2i_attention(q, k.transpose(1, 2).contiguous(), v, hd**-0.5, out) is out
+    torch.testing.assert_close(out, ref.transpose(0, 1).reshape(Q, nh * hd), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out[0, :hd], v[0, 0])
+    with pytest.raises(ValueError, match="t2i_attention"):
+        kernels.t2i_attention(q, k.contiguous(), v, 1.0, out)  # keys not transposed
+    with pytest.raises(ValueError, match="t2i_attention"):
+        kernels.t2i_attention(q, k.transpose(1, 2).contiguous(), v, 1.0, out[:, :-1].contiguous())
+    assert not kernels.t2i_attention_ok(hd + 1, N) and not kernels.t2i_attention_ok(hd, N + 1)
+
+
+@needs_decoder_kernel
 def test_decoder_cache_built_for_the_kernel_also_serves_the_pytorch_path(monkeypatch):
     """A cache built while the native tail was usable (it keeps the upscaling base transposed)
     still gives the same masks when a later call cannot use the kernel."""

@@ -143,6 +143,8 @@ def _declare(name: str, lib: ctypes.CDLL) -> None:
         lib.segany_softmax_pixels.restype = None
         lib.segany_softmax_tokens.argtypes = [i64, i64, i64, i64, i64, i64, p, p, ctypes.c_int, i64]
         lib.segany_softmax_tokens.restype = None
+        lib.segany_t2i_attention.argtypes = [i64, i64, i64, i64, i64, i64, f32, p, p, p, p]
+        lib.segany_t2i_attention.restype = ctypes.c_int
         lib.segany_vector_lanes.restype = ctypes.c_int
         lib.segany_stats_block.restype = ctypes.c_int
         lib.segany_scores_block.restype = ctypes.c_int
@@ -813,6 +815,30 @@ def softmax_pixels(s: torch.Tensor, alpha: torch.Tensor, a_bt: torch.Tensor, w: 
             return 0
 
         _run_pieces(lib, call, nh * B * t)
+
+
+def t2i_attention_ok(hd: int, N: int) -> bool:
+    """Whether :func:`t2i_attention` takes heads ``hd`` channels wide over ``N`` pixels: both
+    whole vectors of this build, ``hd`` at most two of them."""
+    lanes = decoder_lanes()
+    return lanes > 0 and hd % lanes == 0 and hd <= 2 * lanes and N % lanes == 0
+
+
+def t2i_attention(q: torch.Tensor, kT: torch.Tensor, v: torch.Tensor, scale: float, out: torch.Tensor) -> torch.Tensor:
+    """Token->image attention against per-image keys and values: queries q (Q, nh*hd), keys kT
+    (nh, hd, N), values v (nh, N, hd) -> out (Q, nh*hd), per head ``softmax(scale q k^T) v``.
+    Contiguous float32 CPU tensors, widths as :func:`t2i_attention_ok` says; the softmax's exp as
+    in :func:`softmax_pixels`. Returns ``out``."""
+    lib = _decoder_lib()
+    _check_f32("t2i_attention", q, kT, v, out)
+    nh, hd, N = kT.shape
+    Q = q.shape[0]
+    if q.shape != (Q, nh * hd) or v.shape != (nh, N, hd) or out.shape != (Q, nh * hd) or not t2i_attention_ok(hd, N):
+        raise ValueError(f"t2i_attention: q {tuple(q.shape)}, kT {tuple(kT.shape)}, v {tuple(v.shape)}, out {tuple(out.shape)}")
+    if Q and N:
+        args = (nh, Q, hd, N, float(scale), q.data_ptr(), kT.data_ptr(), v.data_ptr(), out.data_ptr())
+        _run_pieces(lib, lambda p0, p1: lib.segany_t2i_attention(p0, p1, *args), nh * -(-Q // 8))
+    return out
 
 
 def reduced_rows(nh: int, t: int) -> int:

@@ -110,7 +110,9 @@ class DecoderCache:
     final: Optional["_LayerProjections"] = None  # final token->image attention (keys/values)
     upscale: Optional[Tensor] = None  # (N, 4*c1) S_depth @ first upscaling conv, channel-last
     upscale_t: Optional[Tensor] = None  # (4*c1, N) the same, transposed, for the native tail
-    k0_cols: Optional[Tensor] = None  # (heads, hd, N) k0 for the factored first layer (mask prompts), made on first use
+    # (heads, hd, N) k0 for the native first-layer attention (made with the cache where the decoder
+    # kernels are preferred) and for the factored first layer (mask prompts; else made on first use)
+    k0_cols: Optional[Tensor] = None
     stats: Optional["_StatsMaps"] = None  # two-layer decoders: per-image terms of the LayerNorm statistics
 
 
@@ -305,6 +307,8 @@ def build_cache(decoder: MaskDecoder, image_embeddings: Tensor, image_pe: Tensor
     w1 = _first_conv_channels_last(decoder.output_upscaling[0])
     cache = DecoderCache(src=src, pe=pe, src_pe=src_pe, k0=k0, v0=v0, q0=q0, hw=(int(h), int(w)), layers=tuple(layers), final=final,
                          stats=_stats_maps(decoder, src[0]))
+    if _native_ok_now(src):
+        cache.k0_cols = k0[0].transpose(1, 2).contiguous()
     if _native_tail_ok(decoder, image_embeddings):
         cache.upscale_t = (w1.t() @ base.t()).contiguous()
     else:
@@ -483,17 +487,25 @@ def _final_steps(tf, queries: Tensor, tokens: Tensor, t2i) -> Tensor:
     return _layer_norm(tf.norm_final_attn, queries + attn.out_proj(t2i(attn.q_proj(queries + tokens))))
 
 
-def _t2i_cached(attn: Attention, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    """Token->image attention of projected queries q (B, t, I) with precomputed image keys/values
-    (1, heads, N, hd): the heads' outputs (B, t, I) before out_proj."""
+def _t2i_cached(attn: Attention, q: Tensor, cache: DecoderCache) -> Tensor:
+    """Token->image attention of projected queries q (B, t, I) with the cache's first-layer image
+    keys/values: the heads' outputs (B, t, I) before out_proj."""
     nh = attn.num_heads
-    b, t, _ = q.shape
+    b, t, I = q.shape
+    hd = I // nh
+    k, v, kT = cache.k0, cache.v0, cache.k0_cols
+    # A click's few queries (up to two of the kernel's 8-query pieces per head): the native
+    # kernel, 0.21 vs 0.46 ms for 7 queries (its scores stay in L2; PyTorch's fused attention
+    # works in key blocks sized for many queries). Beyond that they are about even.
+    if kT is not None and b * t <= 16 and _native_ok(q) and kernels.t2i_attention_ok(hd, kT.shape[-1]):
+        out = q.new_empty(b, t, I)
+        kernels.t2i_attention(q.reshape(b * t, I).contiguous(), kT, v[0], hd**-0.5, out.view(b * t, I))
+        return out
     # all prompts' queries in one attention per head: the shared keys and values are read once,
     # not once per prompt (8 prompts: 3.6 vs 5.7 ms on one thread). Two GEMMs and a softmax were
     # as fast for one prompt, but their score maps (15 MB each for 16 prompts) cost segment
     # everything 8% (2026-12-05, fifth session).
     q = q.reshape(b * t, nh, -1).transpose(0, 1)[None]  # (1, nh, b*t, hd)
-    hd = q.shape[-1]
     out = F.scaled_dot_product_attention(q, k, v, scale=hd**-0.5)  # (1, nh, b*t, hd)
     return out[0].transpose(0, 1).reshape(b, t, nh * hd)
 
@@ -1082,7 +1094,7 @@ def _layers_cached(decoder: MaskDecoder, tokens: Tensor, cache: DecoderCache, ma
         k = ks[i]
         aT = P[:, r0 : r0 + k]  # the reduced attention divided by the row scales of the layer's input
         if fx is None:
-            queries, kt, vt = _token_steps(layer, queries, tokens, lambda q: _t2i_cached(layer.cross_attn_token_to_image, q, cache.k0, cache.v0))
+            queries, kt, vt = _token_steps(layer, queries, tokens, lambda q: _t2i_cached(layer.cross_attn_token_to_image, q, cache))
             u = _i2t_cached(layer.cross_attn_image_to_token, cache.q0, kt, vt, aT, values)
         else:
             proj = cache.layers[i - 1] if i > 0 else _first_layer_projections(cache)
