@@ -734,6 +734,33 @@ def test_native_t2i_attention_matches_pytorch(nh, Q, hd, N):
 
 
 @needs_decoder_kernel
+@pytest.mark.parametrize("nh,t,r,hd,N", [(8, 7, 51, 16, 4096), (8, 4, 102, 16, 4096), (2, 3, 5, 8, 300), (1, 1, 1, 8, 7)])
+def test_native_attend_values_match_pytorch(nh, t, r, hd, N):
+    """One prompt's token->image attention values on factored image tokens: softmax over the
+    pixels times alpha, against the per-image values and P's rows, equal PyTorch's, with pixel
+    counts that fill no whole vector or pixel range and a score far above its row's others."""
+    lanes = kernels.decoder_lanes()
+    if hd % lanes:
+        pytest.skip(f"hd={hd} is not a multiple of this build's {lanes} lanes")
+    g = torch.Generator().manual_seed(N + r)
+    s = torch.randn(nh, t, N, generator=g) * 4
+    s[0, 0, N // 2] = 200.0  # exp(s - max) underflows to zero for every other pixel of that row
+    alpha = torch.rand(N, generator=g) + 0.5
+    v = torch.randn(nh, N, hd, generator=g)
+    P = torch.randn(r, N, generator=g)
+    a = torch.softmax(s, -1) * alpha
+    o, aP = torch.full((nh, t, hd), float("nan")), torch.full((nh, t, r), float("nan"))
+    kernels.attend_values(s, alpha, v, P, o, aP)
+    torch.testing.assert_close(o, torch.bmm(a, v), rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(aP, (a.reshape(nh * t, N) @ P.t()).view(nh, t, r), rtol=1e-5, atol=2e-5)
+    torch.testing.assert_close(o[0, 0], v[0, N // 2] * alpha[N // 2])
+    with pytest.raises(ValueError, match="attend_values"):
+        kernels.attend_values(s, alpha, v, P[:, :-1].contiguous(), o, aP)
+    with pytest.raises(ValueError, match="attend_values"):
+        kernels.attend_values(s, alpha, v, P, o, aP, part=torch.empty(1))
+
+
+@needs_decoder_kernel
 def test_decoder_cache_built_for_the_kernel_also_serves_the_pytorch_path(monkeypatch):
     """A cache built while the native tail was usable (it keeps the upscaling base transposed)
     still gives the same masks when a later call cannot use the kernel."""

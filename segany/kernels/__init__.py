@@ -145,6 +145,14 @@ def _declare(name: str, lib: ctypes.CDLL) -> None:
         lib.segany_softmax_tokens.restype = None
         lib.segany_t2i_attention.argtypes = [i64, i64, i64, i64, i64, i64, f32, p, p, p, p]
         lib.segany_t2i_attention.restype = ctypes.c_int
+        lib.segany_attend_part_floats.argtypes = [i64, i64, i64, i64, i64]
+        lib.segany_attend_part_floats.restype = i64
+        lib.segany_attend_pieces.argtypes = [i64]
+        lib.segany_attend_pieces.restype = i64
+        lib.segany_attend_values.argtypes = [i64, i64, i64, i64, i64, i64, i64, p, p, p, p, p]
+        lib.segany_attend_values.restype = ctypes.c_int
+        lib.segany_attend_combine.argtypes = [i64, i64, i64, i64, i64, p, p, p]
+        lib.segany_attend_combine.restype = None
         lib.segany_vector_lanes.restype = ctypes.c_int
         lib.segany_stats_block.restype = ctypes.c_int
         lib.segany_scores_block.restype = ctypes.c_int
@@ -839,6 +847,41 @@ def t2i_attention(q: torch.Tensor, kT: torch.Tensor, v: torch.Tensor, scale: flo
         args = (nh, Q, hd, N, float(scale), q.data_ptr(), kT.data_ptr(), v.data_ptr(), out.data_ptr())
         _run_pieces(lib, lambda p0, p1: lib.segany_t2i_attention(p0, p1, *args), nh * -(-Q // 8))
     return out
+
+
+def attend_part_floats(nh: int, t: int, r: int, hd: int, N: int) -> int:
+    """The size of :func:`attend_values`' ``part`` buffer, in floats."""
+    return int(_decoder_lib().segany_attend_part_floats(nh, t, r, hd, N))
+
+
+def attend_values(s: torch.Tensor, alpha: torch.Tensor, v: torch.Tensor, P: torch.Tensor, o: torch.Tensor,
+                  aP: torch.Tensor, part: Optional[torch.Tensor] = None) -> None:
+    """The value side of one prompt's token->image attention on factored image tokens: with
+    ``a = softmax(s, -1) * alpha`` (scores s (nh, t, N), alpha (N,)), ``o = a @ v`` (values v
+    (nh, N, hd); o (nh, t, hd)) and ``aP = a @ P^T`` (P (r, N); aP (nh, t, r)). Contiguous float32
+    CPU tensors, hd a multiple of :func:`decoder_lanes`; the exp as in :func:`softmax_pixels`.
+    ``part``: the pieces' workspace (at least :func:`attend_part_floats` floats; else allocated)."""
+    lib = _decoder_lib()
+    _check_f32("attend_values", s, alpha, v, P, o, aP)
+    nh, t, N = s.shape
+    r, hd = P.shape[0], v.shape[-1]
+    if alpha.shape != (N,) or v.shape != (nh, N, hd) or P.shape != (r, N) or o.shape != (nh, t, hd) \
+            or aP.shape != (nh, t, r) or hd % max(decoder_lanes(), 1):
+        raise ValueError(f"attend_values: s {tuple(s.shape)}, alpha {tuple(alpha.shape)}, v {tuple(v.shape)}, "
+                         f"P {tuple(P.shape)}, o {tuple(o.shape)}, aP {tuple(aP.shape)}")
+    if not (s.numel() and hd):
+        o.zero_()
+        aP.zero_()
+        return
+    pieces = int(lib.segany_attend_pieces(N))
+    need = attend_part_floats(nh, t, r, hd, N)
+    if part is None:
+        part = torch.empty(need)
+    elif part.dtype != torch.float32 or not part.is_cpu or not part.is_contiguous() or part.numel() < need:
+        raise ValueError(f"attend_values: part needs {need} contiguous float32 CPU floats")
+    args = (nh, t, N, r, hd, s.data_ptr(), alpha.data_ptr(), v.data_ptr(), P.data_ptr(), part.data_ptr())
+    _run_pieces(lib, lambda p0, p1: lib.segany_attend_values(p0, p1, *args), pieces)
+    lib.segany_attend_combine(pieces, nh, t, r, hd, part.data_ptr(), o.data_ptr(), aP.data_ptr())
 
 
 def reduced_rows(nh: int, t: int) -> int:

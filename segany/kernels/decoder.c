@@ -988,6 +988,153 @@ int segany_t2i_attention(int64_t p0, int64_t p1, int64_t nh, int64_t Q, int64_t 
     return err;
 }
 
+/* The value side of token->image attention on factored image tokens (fast_decoder._t2i_factored)
+   for one prompt, from its scores s (nh, t, N): with a = softmax_n(s) * alpha,
+     o[hh][k]  = sum_n a[hh][k][n] v[hh][n][:]     (nh, t, hd)   the per-image values' share
+     aP[hh][k] = sum_n a[hh][k][n] P[:, n]         (nh, t, r)    the low-rank part's
+   Split over pixel ranges of AV_NR (split-K, as flash-decoding): each piece keeps its ranges'
+   exp(s - its own max) in L2 and multiplies them with the values and a transposed copy of P's
+   columns there, writing per row its max, sum and the unscaled products; segany_attend_combine
+   rescales and adds the pieces. PyTorch made a softmax pass (two layouts) and two GEMMs with
+   K = N over multi-MB maps.
+     part  per piece: m (R), z (R), C (R, hd + rp); R = nh * tp rows (each head's t rows padded
+           to whole GEMM_QB blocks), rp = r rounded up to whole vectors
+   hd a multiple of LANES (else 2 is returned). */
+#define AV_NR 256
+
+/* dst (n, rp) = src (rows, n; row stride s_rs) transposed, zero past the rows (rows <= rp). 8 x 8
+   blocks in registers with AVX: element by element, reading down P's columns (rows N floats
+   apart, all in a few L1 sets) took 90% of segany_attend_values. */
+static void transpose_block(const float *src, int64_t s_rs, int64_t rows, int64_t n, float *dst, int64_t rp) {
+    int64_t j0 = 0;
+#if defined(__AVX__)
+    for (; j0 + 8 <= rows; j0 += 8) {
+        int64_t c = 0;
+        for (; c + 8 <= n; c += 8) {
+            const float *a = src + j0 * s_rs + c;
+            __m256 r0 = _mm256_loadu_ps(a), r1 = _mm256_loadu_ps(a + s_rs), r2 = _mm256_loadu_ps(a + 2 * s_rs),
+                   r3 = _mm256_loadu_ps(a + 3 * s_rs), r4 = _mm256_loadu_ps(a + 4 * s_rs), r5 = _mm256_loadu_ps(a + 5 * s_rs),
+                   r6 = _mm256_loadu_ps(a + 6 * s_rs), r7 = _mm256_loadu_ps(a + 7 * s_rs);
+            __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1), t2 = _mm256_unpacklo_ps(r2, r3),
+                   t3 = _mm256_unpackhi_ps(r2, r3), t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5),
+                   t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+            __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE),
+                   u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE),
+                   u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE),
+                   u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+            float *d = dst + c * rp + j0;
+            _mm256_storeu_ps(d, _mm256_permute2f128_ps(u0, u4, 0x20));
+            _mm256_storeu_ps(d + rp, _mm256_permute2f128_ps(u1, u5, 0x20));
+            _mm256_storeu_ps(d + 2 * rp, _mm256_permute2f128_ps(u2, u6, 0x20));
+            _mm256_storeu_ps(d + 3 * rp, _mm256_permute2f128_ps(u3, u7, 0x20));
+            _mm256_storeu_ps(d + 4 * rp, _mm256_permute2f128_ps(u0, u4, 0x31));
+            _mm256_storeu_ps(d + 5 * rp, _mm256_permute2f128_ps(u1, u5, 0x31));
+            _mm256_storeu_ps(d + 6 * rp, _mm256_permute2f128_ps(u2, u6, 0x31));
+            _mm256_storeu_ps(d + 7 * rp, _mm256_permute2f128_ps(u3, u7, 0x31));
+        }
+        for (int64_t j = j0; j < j0 + 8; j++)
+            for (int64_t cc = c; cc < n; cc++) dst[cc * rp + j] = src[j * s_rs + cc];
+    }
+#endif
+    for (int64_t j = j0; j < rows; j++)
+        for (int64_t c = 0; c < n; c++) dst[c * rp + j] = src[j * s_rs + c];
+    for (int64_t c = 0; c < n; c++)
+        for (int64_t j = rows; j < rp; j++) dst[c * rp + j] = 0.0f;
+}
+
+static inline int64_t av_tp(int64_t t) { return (t + GEMM_QB - 1) / GEMM_QB * GEMM_QB; }
+
+int64_t segany_attend_pieces(int64_t N) { return (N + AV_NR - 1) / AV_NR; }
+
+int64_t segany_attend_part_floats(int64_t nh, int64_t t, int64_t r, int64_t hd, int64_t N) {
+    const int64_t R = nh * av_tp(t), rp = (r + LANES - 1) / LANES * LANES;
+    return ((N + AV_NR - 1) / AV_NR) * R * (2 + hd + rp);
+}
+
+int segany_attend_values(int64_t p0, int64_t p1, int64_t nh, int64_t t, int64_t N, int64_t r, int64_t hd,
+                         const float *s, const float *alpha, const float *v, const float *P, float *part) {
+    if (hd % LANES) return 2;
+    const int64_t tp = av_tp(t), R = nh * tp, rp = (r + LANES - 1) / LANES * LANES, W = hd + rp;
+    int err = 0;
+#pragma omp parallel for schedule(dynamic) reduction(| : err)
+    for (int64_t p = p0; p < p1; p++) {
+        float *E = scratch((size_t)(R * AV_NR + AV_NR * rp));
+        if (!E) {
+            err |= 1;
+            continue;
+        }
+        const unsigned int csr = ftz_begin();
+        const int64_t n0 = p * AV_NR, nn = N - n0 < AV_NR ? N - n0 : AV_NR;
+        float *PT = E + R * AV_NR, *mp = part + p * R * (2 + W), *zp = mp + R, *C = zp + R;
+        const float *al = alpha + n0;
+        for (int64_t hh = 0; hh < nh; hh++)
+            for (int64_t k = 0; k < tp; k++) {
+                const int64_t row = hh * tp + k;
+                float *e = E + row * AV_NR;
+                if (k >= t) { /* padding rows: zero weights, nothing to add */
+                    for (int64_t n = 0; n < nn; n++) e[n] = 0.0f;
+                    mp[row] = 0.0f;
+                    zp[row] = 0.0f;
+                    continue;
+                }
+                const float *src = s + (hh * t + k) * N + n0;
+                vf m = (vf){0} - INFINITY;
+                for (int64_t n = 0; n < nn; n += LANES) {
+                    vf x = load_part(src + n, nn - n);
+                    if (nn - n < LANES)
+                        for (int64_t l = nn - n; l < LANES; l++) x[l] = -INFINITY;
+                    m = vmax(x, m);
+                }
+                float M = m[0];
+                for (int l = 1; l < LANES; l++) M = m[l] > M ? m[l] : M;
+                vf z = {0};
+                for (int64_t n = 0; n < nn; n += LANES) {
+                    vf x = vexp(load_part(src + n, nn - n) - M);
+                    if (nn - n < LANES)
+                        for (int64_t l = nn - n; l < LANES; l++) x[l] = 0.0f;
+                    z += x;
+                    store_part(e + n, x * load_part(al + n, nn - n), nn - n);
+                }
+                mp[row] = M;
+                zp[row] = vsum(z);
+            }
+        transpose_block(P + n0, N, r, nn, PT, rp);
+        for (int64_t g = 0; g < R; g += GEMM_QB) rows_gemm(rp, nn, E + g * AV_NR, AV_NR, PT, rp, C + g * W + hd, W, 0);
+        for (int64_t hh = 0; hh < nh; hh++)
+            for (int64_t k = 0; k < tp; k += GEMM_QB)
+                rows_gemm(hd, nn, E + (hh * tp + k) * AV_NR, AV_NR, v + (hh * N + n0) * hd, hd, C + (hh * tp + k) * W, W, 0);
+        ftz_end(csr);
+    }
+    return err;
+}
+
+/* The pieces of segany_attend_values added up: o (nh, t, hd), aP (nh, t, r). */
+void segany_attend_combine(int64_t pieces, int64_t nh, int64_t t, int64_t r, int64_t hd, const float *part, float *o,
+                           float *aP) {
+    const int64_t tp = av_tp(t), R = nh * tp, rp = (r + LANES - 1) / LANES * LANES, W = hd + rp, PS = R * (2 + W);
+    float *acc = scratch((size_t)W);
+    if (!acc) return;
+    for (int64_t hh = 0; hh < nh; hh++)
+        for (int64_t k = 0; k < t; k++) {
+            const int64_t row = hh * tp + k;
+            float M = -INFINITY;
+            for (int64_t p = 0; p < pieces; p++) M = part[p * PS + row] > M ? part[p * PS + row] : M;
+            float Z = 0.0f;
+            for (int64_t j = 0; j < W; j++) acc[j] = 0.0f;
+            for (int64_t p = 0; p < pieces; p++) {
+                const float *mp = part + p * PS;
+                const float wgt = expf(mp[row] - M);
+                Z += wgt * mp[R + row];
+                const float *C = mp + 2 * R + row * W;
+                for (int64_t j = 0; j < W; j++) acc[j] += wgt * C[j];
+            }
+            const float inv = 1.0f / Z;
+            float *oo = o + (hh * t + k) * hd, *ap = aP + (hh * t + k) * r;
+            for (int64_t d = 0; d < hd; d++) oo[d] = acc[d] * inv;
+            for (int64_t j = 0; j < r; j++) ap[j] = acc[hd + j] * inv;
+        }
+}
+
 #define SC_TB (VBYTES == 64 ? 8 : 4) /* tokens per register block (2 x 8 accumulators: 18 of AVX-512's 32 registers) */
 #define SC_BLOCK 64              /* pixels per piece of work (segany.kernels.factored_scores) */
 int segany_scores_block(void) { return SC_BLOCK; } /* (the maps' tile width: segany.kernels.scores_tiles) */
