@@ -761,6 +761,30 @@ def test_native_attend_values_match_pytorch(nh, t, r, hd, N):
 
 
 @needs_decoder_kernel
+@pytest.mark.parametrize("nh,B,t,hd,N", [(8, 1, 7, 16, 4096), (2, 3, 5, 4, 300), (8, 2, 16, 16, 100), (1, 1, 1, 8, 5)])
+def test_native_i2t_softmax_matches_pytorch(nh, B, t, hd, N):
+    """The first block's image->token attention from the tokens' keys and per-image queries, in
+    the reduced layout: the scores' GEMM and softmax_tokens' values, from maps laid out plain or
+    in pixel tiles, into the first rows of a larger buffer."""
+    g = torch.Generator().manual_seed(N + t)
+    k = torch.randn(B, t, nh * hd, generator=g)
+    q = torch.randn(nh, hd, N, generator=g) * 2
+    h = k.view(B, t, nh, hd).permute(2, 0, 1, 3).reshape(nh, B * t, hd) * hd**-0.5
+    rows = kernels.reduced_rows(nh, t)
+    ref = torch.empty(B, rows, N)
+    kernels.softmax_tokens(torch.bmm(h, q).view(nh, B, t, N), ref, reduced=True)
+    for maps in (q, kernels.scores_tiles(q)):
+        buf = torch.full((B, rows + 1, N), float("nan"))
+        assert kernels.i2t_softmax(k, nh, hd**-0.5, maps, buf[:, :rows]) is not None
+        torch.testing.assert_close(buf[:, :rows], ref, rtol=1e-6, atol=1e-7)
+        assert buf[:, rows].isnan().all()
+    with pytest.raises(ValueError, match="i2t_softmax"):
+        kernels.i2t_softmax(k, nh, 1.0, q[:, :, :-1].contiguous(), ref)
+    with pytest.raises(ValueError, match="i2t_softmax"):
+        kernels.i2t_softmax(torch.randn(B, kernels.I2T_TOKENS_MAX + 1, nh * hd), nh, 1.0, q, ref)
+
+
+@needs_decoder_kernel
 def test_decoder_cache_built_for_the_kernel_also_serves_the_pytorch_path(monkeypatch):
     """A cache built while the native tail was usable (it keeps the upscaling base transposed)
     still gives the same masks when a later call cannot use the kernel."""

@@ -86,6 +86,45 @@ def test_fast_decoder_matches_module(config, multimask, batch, npts, with_box, w
     assert torch.equal(cache.src, fresh.src) and torch.equal(cache.src_pe, fresh.src_pe)
 
 
+@pytest.mark.parametrize("npts,with_box", [(1, False), (3, True), (14, True)])
+def test_one_prompts_attention_kernels_match_module(npts, with_box, monkeypatch):
+    """One prompt's first-block attentions against the cached image (t2i_attention, i2t_softmax)
+    and its later token->image attentions' values (attend_values) take heads a whole number of
+    vectors wide; with 8-channel heads they run, and give the module's masks and scores, up to
+    the token counts where they hand over to PyTorch (14 points and a box: 21 tokens)."""
+    from segany.modeling import fast_decoder
+
+    if not kernels.decoder_available():
+        pytest.skip("no C compiler: native decoder kernels unavailable")
+    monkeypatch.setenv("SEGANY_DECODER_KERNELS", "1")
+    monkeypatch.setattr(fast_decoder, "DENSE_ABOVE_RANK", (float("inf"),) * 2)  # factored, as at SAM's sizes
+    used = []
+    for name in ("t2i_attention", "i2t_softmax", "attend_values"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(kernels, name, lambda *a, _real=real, _name=name, **k: used.append(_name) or _real(*a, **k))
+    config = {**TINY_VIT, "decoder": {"depth": 2, "mlp_dim": 48, "num_heads": 2, "iou_head_hidden_dim": 16}}  # heads 8 wide
+    sam = _model(config)
+    pe = sam.prompt_encoder
+    g = torch.Generator().manual_seed(npts)
+    h, w = pe.image_embedding_size
+    feats = torch.randn(1, pe.embed_dim, h, w, generator=g)
+    pts = torch.rand(1, npts, 2, generator=g) * config["image_size"]
+    labels = torch.randint(0, 2, (1, npts), generator=g, dtype=torch.int32)
+    boxes = torch.tensor([[5.0, 10.0, 90.0, 100.0]]) if with_box else None
+    with torch.no_grad():
+        sparse, dense = pe(points=(pts, labels), boxes=boxes, masks=None)
+        want_m, want_iou = sam.mask_decoder(feats, pe.get_dense_pe(), sparse, dense, True)
+        cache = build_cache(sam.mask_decoder, feats, pe.get_dense_pe(), pe.no_mask_embed.weight)
+        got_m, got_iou = predict_masks_fast(sam.mask_decoder, sparse, cache, multimask_output=True)
+    assert (got_m - want_m).abs().max().item() <= 1e-5 * max(1.0, want_m.abs().max().item())
+    assert (got_iou - want_iou).abs().max().item() <= 1e-5 * max(1.0, want_iou.abs().max().item())
+    if kernels.decoder_lanes() <= 8:  # (AVX-512's 16 lanes: 8-channel heads stay with PyTorch)
+        if sparse.shape[1] + 5 <= 16:
+            assert {"t2i_attention", "i2t_softmax", "attend_values"} <= set(used)
+        else:
+            assert "t2i_attention" not in used and "i2t_softmax" not in used and "attend_values" in used
+
+
 @pytest.mark.parametrize("config", DEC_CONFIGS)
 def test_cache_built_for_the_native_kernels_serves_the_pytorch_path(config, monkeypatch):
     """A decoder cache made where the native kernels are the default keeps its per-image maps in

@@ -145,6 +145,8 @@ def _declare(name: str, lib: ctypes.CDLL) -> None:
         lib.segany_softmax_tokens.restype = None
         lib.segany_t2i_attention.argtypes = [i64, i64, i64, i64, i64, i64, f32, p, p, p, p]
         lib.segany_t2i_attention.restype = ctypes.c_int
+        lib.segany_i2t_softmax.argtypes = [i64, i64, i64, i64, i64, i64, i64, p, f32, p, ctypes.c_int, p, i64]
+        lib.segany_i2t_softmax.restype = ctypes.c_int
         lib.segany_attend_part_floats.argtypes = [i64, i64, i64, i64, i64]
         lib.segany_attend_part_floats.restype = i64
         lib.segany_attend_pieces.argtypes = [i64]
@@ -823,6 +825,32 @@ def softmax_pixels(s: torch.Tensor, alpha: torch.Tensor, a_bt: torch.Tensor, w: 
             return 0
 
         _run_pieces(lib, call, nh * B * t)
+
+
+I2T_TOKENS_MAX = 16  # tokens per prompt up to which i2t_softmax runs (its scores stay in registers)
+
+
+def i2t_softmax(keys: torch.Tensor, nh: int, scale: float, q: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Image->token attention against per-image queries: the tokens' projected keys (B, t, nh*hd)
+    times ``scale``, queries q (nh, hd, N) (or in :func:`scores_tiles`' pixel tiles) -> per head,
+    prompt and pixel the softmax over the t tokens of the scores, into out (B, nh*(t-1)+1, N;
+    matrices contiguous, any batch stride) in :func:`softmax_tokens`' reduced layout. t at most
+    :data:`I2T_TOKENS_MAX`, hd at most 64. Returns ``out``."""
+    lib = _decoder_lib()
+    _check_f32("i2t_softmax", keys, q)
+    out_bstride = _batch_stride("i2t_softmax", out)
+    B, t, I = keys.shape
+    hd = I // nh if nh > 0 else 0
+    N = out.shape[-1]
+    tiled, block = q.ndim == 4, scores_block()
+    maps = (-(-N // block), nh, hd, block) if tiled else (nh, hd, N)
+    if nh < 1 or I != nh * hd or tuple(q.shape) != maps or tuple(out.shape) != (B, reduced_rows(nh, t), N) \
+            or not 1 <= t <= I2T_TOKENS_MAX or hd > 64:
+        raise ValueError(f"i2t_softmax: keys {tuple(keys.shape)}, {nh} heads, q {tuple(q.shape)}, out {tuple(out.shape)}")
+    if B and N:
+        args = (nh, B, t, hd, N, keys.data_ptr(), float(scale), q.data_ptr(), int(tiled), out.data_ptr(), out_bstride)
+        _run_pieces(lib, lambda p0, p1: lib.segany_i2t_softmax(p0, p1, *args), nh * B * -(-N // 256))
+    return out
 
 
 def t2i_attention_ok(hd: int, N: int) -> bool:

@@ -1139,6 +1139,70 @@ void segany_attend_combine(int64_t pieces, int64_t nh, int64_t t, int64_t r, int
 #define SC_BLOCK 64              /* pixels per piece of work (segany.kernels.factored_scores) */
 int segany_scores_block(void) { return SC_BLOCK; } /* (the maps' tile width: segany.kernels.scores_tiles) */
 
+/* Image->token attention against per-image queries (the first two-way block's: its image tokens
+   are the embedding itself; fast_decoder._i2t_cached): per head hh, prompt b, pixel n the scores
+   s[k] = scale * keys[b][k][hh] . q[hh][:][n] over the t tokens and their softmax, into out in
+   segany_softmax_tokens's reduced layout (B, nh*(t-1)+1, N; batch stride out_bstride). In one
+   pass per pixel vector, where a GEMM wrote the (nh, B*t, N) scores for the softmax to read.
+     keys (B, t, nh*hd) the tokens' projected keys, times scale here; q (nh, hd, N), or tiled: in segany.kernels.scores_tiles' pixel tiles
+   Pieces p0..p1-1 of nh * B * ceil(N / 256); t at most I2T_TMAX, hd at most I2T_HDMAX (else 2 is
+   returned). */
+#define I2T_TMAX 16
+#define I2T_HDMAX 64
+
+/* one pixel vector of one head: t (a constant where inlined, so the scores stay in registers) */
+static inline __attribute__((always_inline)) void i2t_vector(int64_t t, int64_t hd, int64_t qs, const float *restrict qn,
+                                                              int64_t nn, const float *restrict hk, float *restrict o,
+                                                              int64_t N) {
+    vf sc[I2T_TMAX];
+    for (int64_t k = 0; k < t; k++) sc[k] = (vf){0};
+    for (int64_t d = 0; d < hd; d++) {
+        vf x = nn == LANES ? vload(qn + d * qs) : load_part(qn + d * qs, nn);
+        for (int64_t k = 0; k < t; k++) sc[k] += hk[k * hd + d] * x;
+    }
+    vf m = sc[0];
+    for (int64_t k = 1; k < t; k++) m = vmax(sc[k], m);
+    vf z = {0};
+    for (int64_t k = 0; k < t; k++) {
+        sc[k] = vexp(sc[k] - m);
+        z += sc[k];
+    }
+    vf inv = 1.0f / z;
+    for (int64_t k = 0; k + 1 < t; k++) store_part(o + k * N, sc[k] * inv, nn);
+}
+
+int segany_i2t_softmax(int64_t p0, int64_t p1, int64_t nh, int64_t B, int64_t t, int64_t hd, int64_t N,
+                       const float *keys, float scale, const float *q, int tiled, float *out, int64_t out_bstride) {
+    if (t < 1 || t > I2T_TMAX || hd > I2T_HDMAX) return 2;
+    const int64_t nblk = (N + 255) / 256, K = nh * (t - 1) + 1;
+#pragma omp parallel for schedule(dynamic)
+    for (int64_t p = p0; p < p1; p++) {
+        const unsigned int csr = ftz_begin();
+        const int64_t hh = p / (B * nblk), b = (p / nblk) % B, n0 = (p % nblk) * 256;
+        const int64_t n1 = n0 + 256 < N ? n0 + 256 : N;
+        float hk[I2T_TMAX * I2T_HDMAX]; /* the head's slice of the prompt's keys, scaled */
+        for (int64_t k = 0; k < t; k++)
+            for (int64_t d = 0; d < hd; d++) hk[k * hd + d] = keys[(b * t + k) * nh * hd + hh * hd + d] * scale;
+        float *o = out + b * out_bstride + hh * (t - 1) * N;
+        for (int64_t n = n0; n < n1; n += LANES) {
+            const int64_t nn = n1 - n < LANES ? n1 - n : LANES;
+            /* untiled: the pixel's column of the head's (hd, N) map; tiled: of its tile's (hd, SC_BLOCK) */
+            const float *qn = tiled ? q + ((n / SC_BLOCK * nh + hh) * hd) * SC_BLOCK + n % SC_BLOCK : q + hh * hd * N + n;
+            const int64_t qs = tiled ? SC_BLOCK : N;
+            switch (t) {
+#define I2T_CASE(T) case T: i2t_vector(T, hd, qs, qn, nn, hk, o + n, N); break;
+                I2T_CASE(1) I2T_CASE(2) I2T_CASE(3) I2T_CASE(4) I2T_CASE(5) I2T_CASE(6) I2T_CASE(7) I2T_CASE(8)
+                I2T_CASE(9) I2T_CASE(10) I2T_CASE(11) I2T_CASE(12) I2T_CASE(13) I2T_CASE(14) I2T_CASE(15) I2T_CASE(16)
+#undef I2T_CASE
+            }
+        }
+        if (hh == 0) fill_row(out + b * out_bstride + (K - 1) * N + n0, n1 - n0, 0);
+        ftz_end(csr);
+    }
+    return 0;
+}
+
+
 /* acc[k][v] += sum_d c[k * cs + d] * rows[d * N + n + v * LANES] for d < nd, k < kb, v < 2
    (one broadcast of a token's weight serves two vectors) */
 static inline __attribute__((always_inline)) void accumulate2(vf (*restrict acc)[2], const float *restrict rows,

@@ -572,10 +572,14 @@ def _i2t_cached(attn: Attention, q_cols: Tensor, k: Tensor, v: Tensor, out: Tens
     (see :func:`_reduced_values`), aT (B, heads*(t-1)+1, N) into ``out`` and u
     (B, heads*(t-1)+1, C) returned; the update is ``aT^T u``."""
     B, t, _ = k.shape
-    h = _split_heads_scaled(k, attn.num_heads)  # (nh, B*t, hd)
-    nh, _, N = q_cols.shape
-    s = torch.bmm(h, q_cols, out=_scratch_like("scores", (nh, B * t, N), h)).view(nh, B, t, N)
-    _softmax_over_tokens(s, out)
+    nh, hd, N = q_cols.shape
+    if t <= kernels.I2T_TOKENS_MAX and hd <= 64 and _native_ok(k):
+        # the scores and their softmax per pixel vector in one pass (no (nh, B*t, N) score map)
+        kernels.i2t_softmax(k.contiguous(), nh, hd**-0.5, q_cols, out)
+    else:
+        h = _split_heads_scaled(k, attn.num_heads)  # (nh, B*t, hd)
+        s = torch.bmm(h, q_cols, out=_scratch_like("scores", (nh, B * t, N), h)).view(nh, B, t, N)
+        _softmax_over_tokens(s, out)
     return _update_rows(attn, v, values)
 
 
