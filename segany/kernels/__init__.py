@@ -34,6 +34,7 @@ deleted then.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -877,6 +878,7 @@ def t2i_attention(q: torch.Tensor, kT: torch.Tensor, v: torch.Tensor, scale: flo
     return out
 
 
+@functools.lru_cache(maxsize=64)  # (a click asks twice; the answer only depends on the sizes)
 def attend_part_floats(nh: int, t: int, r: int, hd: int, N: int) -> int:
     """The size of :func:`attend_values`' ``part`` buffer, in floats."""
     return int(_decoder_lib().segany_attend_part_floats(nh, t, r, hd, N))

@@ -1362,7 +1362,10 @@ def _upscale_masks_native(decoder: MaskDecoder, keys, hyper_in: Tensor, h: int, 
         fx, base_w1, base_w1t = keys
         if base_w1t is None:
             base_w1t = base_w1.t().contiguous()
-        qw1t = (fx.Q @ w1t.t()).transpose(1, 2)  # (B, 4*c1, r)
+        if B == 1:  # (made in its layout: no transposing copy)
+            qw1t = torch.mm(w1t, fx.Q[0].t()).unsqueeze(0)  # (1, 4*c1, r)
+        else:
+            qw1t = (fx.Q @ w1t.t()).transpose(1, 2)  # (B, 4*c1, r)
         if kernels.fused_tail_ok(w, c1):
             # the product formed row by row inside the tail (one click's upscaling 0.9x: no
             # multi-MB chunk written and read back across 256 channel streams)
