@@ -19,7 +19,10 @@ block's self-attention, the cross-attentions' projections, the MLP and three Lay
 calls per block (:class:`TokenBlock`), and the IoU head and hypernetworks (:class:`TokenChain`),
 where PyTorch made ~400 small operations of a few microseconds each. ``decoder.c`` also holds the
 factored image tokens' small per-prompt algebra (:func:`value_rows`, :func:`centered_gram`,
-:func:`normed_rows`, :func:`factored_low`, :func:`factored_values`: ~90 operations a click).
+:func:`normed_rows`, :func:`factored_low`, :func:`factored_values`: ~90 operations a click), and
+one prompt's attentions where PyTorch's GEMMs with 4096-long sums ran at a third of this CPU's
+rate (:func:`t2i_attention` and :func:`i2t_softmax`: the first block's, against the cached image;
+:func:`attend_values`: the later token->image attentions' softmax and both value products).
 
 Each shared library is built once per machine and source version into
 ``<cache>/kernels/`` (``$SEGANY_HOME``, else the XDG cache; see ``segany.download``), written
