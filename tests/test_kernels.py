@@ -785,6 +785,31 @@ def test_native_i2t_softmax_matches_pytorch(nh, B, t, hd, N):
 
 
 @needs_decoder_kernel
+def test_one_prompts_attention_kernels_give_the_same_values_on_the_thread_pool(monkeypatch):
+    """Where OpenMP's threads are gone (a forked child), the pieces run on segany's own thread
+    pool in contiguous ranges: the same values as in one OpenMP call (each piece writes its own
+    rows, attend_values' pieces their own partial sums)."""
+    g = torch.Generator().manual_seed(5)
+    nh, t, hd, N, r = 8, 7, 16, 1000, 9
+    q, k, v = torch.randn(t, nh * hd, generator=g), torch.randn(nh, hd, N, generator=g), torch.randn(nh, N, hd, generator=g)
+    s, alpha, P = torch.randn(nh, t, N, generator=g), torch.rand(N, generator=g) + 0.5, torch.randn(r, N, generator=g)
+    keys = torch.randn(1, t, nh * hd, generator=g)
+
+    def run():
+        o1 = kernels.t2i_attention(q, k, v, 0.25, torch.empty(t, nh * hd)) if kernels.t2i_attention_ok(hd, N) else None
+        o2, aP = torch.empty(nh, t, hd), torch.empty(nh, t, r)
+        kernels.attend_values(s, alpha, v, P, o2, aP)
+        o3 = kernels.i2t_softmax(keys, nh, 0.25, k, torch.empty(1, kernels.reduced_rows(nh, t), N))
+        return o1, o2, aP, o3
+
+    want = run()
+    monkeypatch.setattr(kernels, "_forked", True)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    for a, b in zip(run(), want):
+        assert (a is None and b is None) or torch.equal(a, b)
+
+
+@needs_decoder_kernel
 def test_decoder_cache_built_for_the_kernel_also_serves_the_pytorch_path(monkeypatch):
     """A cache built while the native tail was usable (it keeps the upscaling base transposed)
     still gives the same masks when a later call cannot use the kernel."""
