@@ -799,24 +799,23 @@ def _t2i_factored(attn: Attention, q: Tensor, fx: _Factored, proj: _LayerProject
     if values_native and B == 1 and hd % kernels.decoder_lanes() == 0:
         # One prompt: the softmax and both products in one native call, split over pixel ranges
         # (0.43 vs 0.51 ms for layer 1's, 0.35 vs 0.54 for the final attention's, alone)
-        o = _scratch_like("t2i_o", (nh, t, hd), s)
-        aP = _scratch_like("t2i_aP", (nh, t, r), s)
+        o = _scratch_like("t2i_o", (nh, t, hd), s)  # (nh, B*t, hd)
+        aP = _scratch_like("t2i_aP", (nh, t, r), s)  # (B, nh*t, r)
         part = _scratch_like("t2i_part", (kernels.attend_part_floats(nh, t, r, hd, N),), s)
         kernels.attend_values(s.view(nh, t, N), fx.alpha[0].contiguous(), proj.t2i_v, fx.P[0], o, aP, part)
-        return kernels.factored_values(o, aP.view(B, nh, t, r), fx.Q, _derived(w_v, "columns", lambda w: w.t().contiguous()),
-                                       None if proj.t2i_kpe is None else attn.v_proj.bias.contiguous())
-    # a * alpha in (B, nh*t, N) layout for a P^T (one prompt: the same memory as s's layout)
-    a_bt = s.view(B, nh, t, N) if native and B == 1 else _scratch_like("attn", (B, nh, t, N), s)
-    # values: (a * alpha) S W_v^T + ((a * alpha) P^T)(Q W_v^T) + b_v
-    if native:  # one pass: softmax, the alpha weighting, both layouts (one in place of s)
-        weighted = s
-        kernels.softmax_pixels(s, fx.alpha.contiguous(), a_bt, weighted)
     else:
-        a = torch.softmax(s, dim=-1, out=_scratch_like("softmax", s.shape, s))  # (nh, B, t, N)
-        weighted = torch.mul(a, fx.alpha[None, :, None, :], out=_scratch_like("weighted", (nh, B, t, N), s))
-        a_bt.copy_(weighted.transpose(0, 1))
-    o = torch.bmm(weighted.view(nh, B * t, N), proj.t2i_v)  # (nh, B*t, hd)
-    aP = torch.bmm(a_bt.view(B, nh * t, N), fx.P.transpose(1, 2))  # (B, nh*t, r)
+        # a * alpha in (B, nh*t, N) layout for a P^T (one prompt: the same memory as s's layout)
+        a_bt = s.view(B, nh, t, N) if native and B == 1 else _scratch_like("attn", (B, nh, t, N), s)
+        # values: (a * alpha) S W_v^T + ((a * alpha) P^T)(Q W_v^T) + b_v
+        if native:  # one pass: softmax, the alpha weighting, both layouts (one in place of s)
+            weighted = s
+            kernels.softmax_pixels(s, fx.alpha.contiguous(), a_bt, weighted)
+        else:
+            a = torch.softmax(s, dim=-1, out=_scratch_like("softmax", s.shape, s))  # (nh, B, t, N)
+            weighted = torch.mul(a, fx.alpha[None, :, None, :], out=_scratch_like("weighted", (nh, B, t, N), s))
+            a_bt.copy_(weighted.transpose(0, 1))
+        o = torch.bmm(weighted.view(nh, B * t, N), proj.t2i_v)  # (nh, B*t, hd)
+        aP = torch.bmm(a_bt.view(B, nh * t, N), fx.P.transpose(1, 2))  # (B, nh*t, r)
     if values_native:  # (~10 operations in one call)
         return kernels.factored_values(o, aP.view(B, nh, t, r), fx.Q, _derived(w_v, "columns", lambda w: w.t().contiguous()),
                                        None if proj.t2i_kpe is None else attn.v_proj.bias.contiguous())
