@@ -823,6 +823,36 @@ static inline void fill_row(float *o, int64_t n, const float *scale) {
     for (int64_t i = 0; i < n; i++) o[i] = scale ? scale[i] : 1.0f;
 }
 
+/* The largest of the n floats at x (-inf for n = 0). */
+static inline float row_max(const float *x, int64_t n) {
+    vf m = (vf){0} - INFINITY;
+    for (int64_t i = 0; i < n; i += LANES) {
+        const int64_t nn = n - i < LANES ? n - i : LANES;
+        vf v = nn == LANES ? vload(x + i) : load_part(x + i, nn);
+        if (nn < LANES)
+            for (int64_t l = nn; l < LANES; l++) v[l] = -INFINITY;
+        m = vmax(v, m);
+    }
+    float M = m[0];
+    for (int l = 1; l < LANES; l++) M = m[l] > M ? m[l] : M;
+    return M;
+}
+
+/* e = exp(x - M) for the n floats at x, stored to dst (which may be x) times mul[i] where mul is
+   given; returns the sum of the e (without mul): a softmax's numerators and denominator. */
+static inline float exp_row(const float *x, float M, int64_t n, float *dst, const float *mul) {
+    vf z = {0};
+    for (int64_t i = 0; i < n; i += LANES) {
+        const int64_t nn = n - i < LANES ? n - i : LANES;
+        vf e = vexp(load_part(x + i, nn) - M);
+        if (nn < LANES)
+            for (int64_t l = nn; l < LANES; l++) e[l] = 0.0f;
+        z += e;
+        store_part(dst + i, mul ? e * load_part(mul + i, nn) : e, nn);
+    }
+    return vsum(z);
+}
+
 /* The token->image attention's softmax over the N pixels, fused with the two layouts its value
    side reads (fast_decoder._t2i_factored): for each row (hh, b, k) of the scores s (nh, B, t, N),
    a = softmax(s) times alpha[b] goes to a_bt (B, nh, t, N) and to w (nh, B, t, N), which may be s
@@ -837,26 +867,7 @@ void segany_softmax_pixels(int64_t p0, int64_t p1, int64_t B, int64_t nh, int64_
         const float *row = s + p * N;
         float *arow = a_bt + ((b * nh + hh) * t + k) * N, *wrow = w + p * N;
         const float *al = alpha + b * N;
-        vf m = (vf){0} - INFINITY;
-        for (int64_t n = 0; n < N; n += LANES) {
-            int64_t nn = N - n < LANES ? N - n : LANES;
-            vf x = nn == LANES ? vload(row + n) : load_part(row + n, nn);
-            if (nn < LANES)
-                for (int64_t l = nn; l < LANES; l++) x[l] = -INFINITY;
-            m = vmax(x, m);
-        }
-        float M = m[0];
-        for (int l = 1; l < LANES; l++) M = m[l] > M ? m[l] : M;
-        vf z = {0};
-        for (int64_t n = 0; n < N; n += LANES) {
-            int64_t nn = N - n < LANES ? N - n : LANES;
-            vf e = vexp(load_part(row + n, nn) - M);
-            if (nn < LANES)
-                for (int64_t l = nn; l < LANES; l++) e[l] = 0.0f;
-            store_part(arow + n, e, nn);
-            z += e;
-        }
-        float inv = 1.0f / vsum(z);
+        float inv = 1.0f / exp_row(row, row_max(row, N), N, arow, 0);
         for (int64_t n = 0; n < N; n += LANES) {
             int64_t nn = N - n < LANES ? N - n : LANES;
             vf a = load_part(arow + n, nn) * inv * load_part(al + n, nn);
@@ -964,17 +975,7 @@ int segany_t2i_attention(int64_t p0, int64_t p1, int64_t nh, int64_t Q, int64_t 
         }
         for (int64_t j = 0; j < nq; j++) {
             float *row = s + j * N;
-            vf m = vload(row);
-            for (int64_t n = LANES; n < N; n += LANES) m = vmax(vload(row + n), m);
-            float M = m[0];
-            for (int l = 1; l < LANES; l++) M = m[l] > M ? m[l] : M;
-            vf z = {0};
-            for (int64_t n = 0; n < N; n += LANES) {
-                vf e = vexp(vload(row + n) - M);
-                vstore(row + n, e);
-                z += e;
-            }
-            inv[j] = 1.0f / vsum(z);
+            inv[j] = 1.0f / exp_row(row, row_max(row, N), N, row, 0);
         }
         for (int64_t j0 = 0; j0 < nq; j0 += T2I_QB) {
             int64_t qb = nq - j0 < T2I_QB ? nq - j0 : T2I_QB;
@@ -1078,25 +1079,8 @@ int segany_attend_values(int64_t p0, int64_t p1, int64_t nh, int64_t t, int64_t 
                     continue;
                 }
                 const float *src = s + (hh * t + k) * N + n0;
-                vf m = (vf){0} - INFINITY;
-                for (int64_t n = 0; n < nn; n += LANES) {
-                    vf x = load_part(src + n, nn - n);
-                    if (nn - n < LANES)
-                        for (int64_t l = nn - n; l < LANES; l++) x[l] = -INFINITY;
-                    m = vmax(x, m);
-                }
-                float M = m[0];
-                for (int l = 1; l < LANES; l++) M = m[l] > M ? m[l] : M;
-                vf z = {0};
-                for (int64_t n = 0; n < nn; n += LANES) {
-                    vf x = vexp(load_part(src + n, nn - n) - M);
-                    if (nn - n < LANES)
-                        for (int64_t l = nn - n; l < LANES; l++) x[l] = 0.0f;
-                    z += x;
-                    store_part(e + n, x * load_part(al + n, nn - n), nn - n);
-                }
-                mp[row] = M;
-                zp[row] = vsum(z);
+                mp[row] = row_max(src, nn);
+                zp[row] = exp_row(src, mp[row], nn, e, al);
             }
         transpose_block(P + n0, N, r, nn, PT, rp);
         for (int64_t g = 0; g < R; g += GEMM_QB) rows_gemm(rp, nn, E + g * AV_NR, AV_NR, PT, rp, C + g * W + hd, W, 0);
