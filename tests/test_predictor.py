@@ -66,8 +66,9 @@ def test_batched_point_sets_match_reference(predictors):
 
 def test_prompt_encoder_matches_reference_exactly(models):
     """The sparse embeddings of points (labels 1, 0, -1, a box-corner label 2 and an invalid
-    -3, which add nothing), boxes, both, and batches: the reference's values to the bit, and gradients reach
-    every embedding a label picks (training goes through the same code)."""
+    -3, which add nothing), boxes, both, and batches: the reference's values to the bit, in
+    inference (numpy's path) and with autograd (PyTorch's), and gradients reach every embedding a
+    label picks (training goes through the same code)."""
     ours, ref = models
     pe_o, pe_r = ours.prompt_encoder, ref.prompt_encoder
     g = torch.Generator().manual_seed(3)
@@ -80,6 +81,8 @@ def test_prompt_encoder_matches_reference_exactly(models):
             (so, do), (sr, dr) = pe_o(**kw, masks=None), pe_r(**kw, masks=None)
             assert so.shape == sr.shape and torch.equal(so, sr), kw.keys()
             assert torch.equal(do, dr)
+            with torch.enable_grad():
+                assert torch.equal(pe_o(**kw, masks=None)[0], sr), kw.keys()
     ours.zero_grad()
     sparse, _ = pe_o(points=(pts[:1, :3], labels[:1, :3]), boxes=None, masks=None)
     sparse.square().sum().backward()

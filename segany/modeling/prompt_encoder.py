@@ -12,7 +12,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import LayerNorm2d
+from .common import LayerNorm2d, _dispatch_mode_active
+
+
+def _numpy_ok(*tensors: torch.Tensor) -> bool:
+    """Whether a prompt's embedding may be computed in numpy: inference (no autograd), float32 CPU
+    tensors, nothing tracing, scripting, exporting or watching the operations. A click's few
+    points then take ~10 numpy operations and 4 of PyTorch's (the rounding-sensitive ones, see
+    :meth:`PositionEmbeddingRandom.encode_numpy`) where PyTorch ran ~15, each 2-3x slower
+    inside a click than alone (its dispatch code cold after the decoder's kernels): a vit_b
+    click 0.978-0.989x per round in in-process A/Bs on the development VM (2026-12-06)."""
+    return (
+        not torch.is_grad_enabled()
+        and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+        and not (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export())
+        and not _dispatch_mode_active()
+    )
 
 
 class PromptEncoder(nn.Module):
@@ -71,6 +86,11 @@ class PromptEncoder(nn.Module):
         changes none) in a third of the operations, each ~6 us on a CPU at a click's sizes.
         Labels below -1 (invalid for the predictor, possible through this module) also pick the
         zero row, as the official code adds nothing to them."""
+        nap = self.not_a_point_embed.weight
+        pe0, pe1 = self.point_embeddings[0].weight, self.point_embeddings[1].weight
+        gm = self.pe_layer.positional_encoding_gaussian_matrix
+        if _numpy_ok(points, gm, nap, pe0, pe1) and labels.device.type == "cpu" and not labels.is_floating_point():
+            return self._embed_points_numpy(points.detach().numpy(), labels.detach().numpy(), pad, nap, pe0, pe1)
         points = points + 0.5
         if pad:
             # The padding point goes through the Fourier features with the others, as in the
@@ -81,12 +101,32 @@ class PromptEncoder(nn.Module):
             labels = torch.cat([labels, labels.new_full((labels.shape[0], 1), -1)], dim=1)
         pe = self.pe_layer.forward_with_coords(points, self.input_image_size)
         pe = torch.where(labels[..., None] == -1, 0.0, pe)
-        nap = self.not_a_point_embed.weight
-        table = torch.cat([nap, self.point_embeddings[0].weight, self.point_embeddings[1].weight, nap.new_zeros(1, nap.shape[1])])
+        table = torch.cat([nap, pe0, pe1, nap.new_zeros(1, nap.shape[1])])
         # rows: -1 -> 0, 0 -> 1, 1 -> 2, anything else -> 3 (-2 and below through the remainder)
         return pe + F.embedding((labels + 1).clamp(-1, 3).remainder(4), table)
 
+    def _embed_points_numpy(self, points: np.ndarray, labels: np.ndarray, pad: bool, nap, pe0, pe1) -> torch.Tensor:
+        """:meth:`_embed_points` in numpy (see :func:`_numpy_ok`): the same operations in the same
+        float32 steps (the Fourier features: :meth:`PositionEmbeddingRandom.encode_numpy`)."""
+        points = points + np.float32(0.5)
+        labels = labels.astype(np.int64, copy=False)
+        if pad:
+            B = points.shape[0]
+            points = np.concatenate([points, np.zeros((B, 1, 2), np.float32)], axis=1)
+            labels = np.concatenate([labels, np.full((B, 1), -1, np.int64)], axis=1)
+        pe = self.pe_layer.encode_numpy(points, self.input_image_size)
+        pe[labels == -1] = 0.0
+        table = np.concatenate([nap.detach().numpy(), pe0.detach().numpy(), pe1.detach().numpy(), np.zeros((1, nap.shape[1]), np.float32)])
+        pe += table[np.remainder(np.clip(labels + 1, -1, 3), 4)]
+        return torch.from_numpy(pe)
+
     def _embed_boxes(self, boxes: torch.Tensor) -> torch.Tensor:
+        c1, c2 = self.point_embeddings[2].weight, self.point_embeddings[3].weight
+        if _numpy_ok(boxes, self.pe_layer.positional_encoding_gaussian_matrix, c1, c2):
+            coords = (boxes.detach().numpy() + np.float32(0.5)).reshape(-1, 2, 2)
+            corner = self.pe_layer.encode_numpy(coords, self.input_image_size)
+            corner += np.stack([c1.detach().numpy()[0], c2.detach().numpy()[0]])
+            return torch.from_numpy(corner)
         boxes = boxes + 0.5
         coords = boxes.reshape(-1, 2, 2)
         corner = self.pe_layer.forward_with_coords(coords, self.input_image_size)
@@ -158,6 +198,18 @@ class PositionEmbeddingRandom(nn.Module):
         coords = coords @ self.positional_encoding_gaussian_matrix
         coords = 2 * np.pi * coords
         return torch.cat([torch.sin(coords), torch.cos(coords)], dim=-1)
+
+    def encode_numpy(self, coords: np.ndarray, image_size: Tuple[int, int]) -> np.ndarray:
+        """:meth:`forward_with_coords` for float32 (B, N, 2) pixel coordinates in numpy (inference
+        only: see ``_numpy_ok``), with the same values to the bit: the elementwise float32 steps
+        in numpy (IEEE operations, the same in both), the product with the gaussian matrix and
+        the sines and cosines in PyTorch, whose BLAS and vectorised sin/cos round differently
+        from numpy's (the official code's values, and a product's rounding may depend on the
+        batch shape, which is therefore the official one too)."""
+        size_wh = np.array([image_size[1], image_size[0]], dtype=np.float32)
+        c = np.float32(2.0) * (coords / size_wh) - np.float32(1.0)
+        c = (torch.from_numpy(c) @ self.positional_encoding_gaussian_matrix) * (2 * np.pi)
+        return np.concatenate([torch.sin(c).numpy(), torch.cos(c).numpy()], axis=-1)
 
     def forward(self, size: Tuple[int, int]) -> torch.Tensor:
         """(C, h, w) encoding of the centres of an h x w grid."""
