@@ -13,8 +13,9 @@ from . import allocator as _allocator
 _allocator.enable_huge_pages()  # before any large tensor exists (see allocator.py)
 
 from .modeling import Sam, build_sam  # noqa: E402
+from .modeling.common import weights_changed  # noqa: E402
 
-__all__ = ["Sam", "build_sam", "__version__"]
+__all__ = ["Sam", "build_sam", "weights_changed", "__version__"]
 
 
 def __getattr__(name):  # lazy: keep `import segany` light

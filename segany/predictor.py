@@ -17,7 +17,9 @@ import torch.nn.functional as F
 
 from . import kernels
 from .modeling import Sam
+from .modeling.common import tensor_version
 from .modeling.fast_decoder import build_cache as build_decoder_cache
+from .modeling.fast_decoder import cache_current as decoder_cache_current
 from .modeling.fast_decoder import mask_prompt_factor, predict_masks_fast
 from .transforms import ResizeLongestSide
 from .upscale import CellUpscaler
@@ -372,13 +374,20 @@ class SamPredictor:
             )
 
     def _get_decoder_cache(self):
-        """Prompt-independent decoder state for the current embedding (built once per image)."""
-        if self._decoder_cache is None or self._decoder_cache[0] is not self.features:
-            pe = self.model.prompt_encoder
+        """Prompt-independent decoder state for the current embedding: built once per image, and
+        again when the weights it was made from change (``fast_decoder.cache_current``; the
+        official predictor reads the weights on every call, so a decoder fine-tuned or reloaded
+        after ``set_image`` must give its new masks here too)."""
+        pe = self.model.prompt_encoder
+        gm, no_mask = pe.pe_layer.positional_encoding_gaussian_matrix, pe.no_mask_embed.weight
+        gm_state = (tensor_version(gm), gm.data_ptr())  # (the dense positional encoding is made from gm)
+        kept = self._decoder_cache
+        if kept is None or kept[0] is not self.features or kept[1] is not gm or kept[2] != gm_state or kept[3] is not no_mask \
+                or not decoder_cache_current(kept[4]):
             with torch.no_grad():
-                cache = build_decoder_cache(self.model.mask_decoder, self.features, pe.get_dense_pe(), pe.no_mask_embed.weight)
-            self._decoder_cache = (self.features, cache)
-        return self._decoder_cache[1]
+                cache = build_decoder_cache(self.model.mask_decoder, self.features, pe.get_dense_pe(), no_mask)
+            self._decoder_cache = kept = (self.features, gm, gm_state, no_mask, cache)
+        return kept[4]
 
     def upscale(self, low_res_logits: torch.Tensor, threshold: Optional[float] = None) -> torch.Tensor:
         """Low-res logits (..., 4h, 4w) -> logits at the original image size (..., H, W), or with

@@ -274,6 +274,55 @@ def test_fast_decoder_follows_weights_changed_in_place():
     torch.testing.assert_close(after[1], want[1], rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("change", ["no_grad", "load_state_dict", "data_assigned", "data_assigned_mlp", "new_parameter",
+                                    "new_module", "data_written", "no_mask_embed", "positions"])
+def test_predictor_follows_decoder_weights_changed_after_set_image(change, decoder_form):
+    """A predictor keeps per-image decoder state made through the decoder's weights (and the
+    token kernels keep packed copies of them): after the weights change, with an image already
+    set, its masks are the changed model's, as the official predictor's would be, however the
+    change was made. Writes through ``.data`` bump no version counter: the caller says so with
+    ``segany.weights_changed()``."""
+    import segany
+
+    sam, other = _model(TINY_VIT, seed=0), _model(TINY_VIT, seed=7)
+    pe = sam.prompt_encoder
+    g = torch.Generator().manual_seed(4)
+    h, w = pe.image_embedding_size
+    feats = torch.randn(1, pe.embed_dim, h, w, generator=g)
+    kw = dict(point_coords=np.array([[40.0, 30.0], [70.0, 20.0]]), point_labels=np.array([1, 0]), return_logits=True)
+    p = SamPredictor(sam)
+    p.set_embedding(feats, (100, 120), (107, 128))
+    before = p.predict(**kw)
+    tf, src = sam.mask_decoder.transformer, other.mask_decoder.transformer
+    with torch.no_grad():
+        if change == "no_grad":
+            tf.layers[1].cross_attn_token_to_image.k_proj.weight.mul_(1.5)
+        elif change == "load_state_dict":
+            sam.load_state_dict(other.state_dict())
+        elif change == "data_assigned":
+            tf.layers[0].norm4.weight.data = src.layers[0].norm4.weight.clone()
+        elif change == "data_assigned_mlp":  # (packed for the token kernels)
+            tf.layers[1].mlp.lin1.weight.data = src.layers[1].mlp.lin1.weight.clone()
+        elif change == "new_parameter":
+            tf.layers[0].cross_attn_image_to_token.q_proj.weight = torch.nn.Parameter(src.layers[0].cross_attn_image_to_token.q_proj.weight.clone())
+        elif change == "new_module":
+            tf.final_attn_token_to_image.v_proj = src.final_attn_token_to_image.v_proj
+        elif change == "data_written":
+            sam.mask_decoder.output_upscaling[0].weight.data.mul_(-1.0)
+            segany.weights_changed()
+        elif change == "no_mask_embed":
+            pe.no_mask_embed.weight.add_(1.0)
+        else:
+            pe.pe_layer.positional_encoding_gaussian_matrix.mul_(2.0)
+    after = p.predict(**kw)
+    fresh = SamPredictor(sam)
+    fresh.set_embedding(feats, (100, 120), (107, 128))
+    want = fresh.predict(**kw)
+    assert not np.allclose(before[2], want[2], atol=1e-4)  # the change matters
+    for a, b in zip(after, want):
+        np.testing.assert_allclose(a, b, rtol=0, atol=0)
+
+
 def test_predictor_on_a_model_built_under_inference_mode():
     """Parameters made under torch.inference_mode carry no version counter: the fast decoder's
     per-parameter layouts must not need one (the same masks as a normally built model)."""

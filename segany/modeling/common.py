@@ -161,6 +161,33 @@ def conv_act(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, conv: nn.Conv2d,
     return F.gelu(y) if act == "gelu" else y
 
 
+_weights_generation = 0
+
+
+def weights_changed() -> None:
+    """Tell segany that parameters changed where their version counters do not show it: writes
+    through ``.data`` (``p.data.copy_(x)``, as older EMA code does). Every kept derivative of
+    weights (folded layers, the decoder's packed and transposed weights, a predictor's per-image
+    decoder state) is then rebuilt on its next use. In-place updates under ``torch.no_grad()``,
+    ``load_state_dict``, optimizers, and new parameters or modules assigned are noticed without
+    it."""
+    global _weights_generation
+    _weights_generation += 1
+
+
+def weights_generation() -> int:
+    """How many times :func:`weights_changed` was called (part of every weight cache's key)."""
+    return _weights_generation
+
+
+def tensor_version(t: torch.Tensor) -> Optional[int]:
+    """``t._version``, or None for tensors made under ``inference_mode`` (no version counter)."""
+    try:
+        return t._version
+    except RuntimeError:
+        return None
+
+
 class FoldedWeights:
     """Derived tensors of some parameters and buffers (folded convolutions), kept while none of
     those changes: the key is each tensor's storage and version counter (a device or dtype move
@@ -173,7 +200,7 @@ class FoldedWeights:
 
     def get(self, tensors, make):
         try:
-            key = tuple((t.data_ptr(), t._version) for t in tensors)
+            key = (_weights_generation,) + tuple((t.data_ptr(), t._version) for t in tensors)
         except RuntimeError:
             return make()
         if self._value is None or self._key != key:

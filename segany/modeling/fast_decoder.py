@@ -87,7 +87,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import kernels
-from .common import LayerNorm2d, MLPBlock, _act_name, _dispatch_mode_active, _global_hooks, _has_hooks, linear
+from . import common as _common
+from .common import LayerNorm2d, MLPBlock, _act_name, _dispatch_mode_active, _global_hooks, _has_hooks, linear, tensor_version
 from .mask_decoder import MLP, MaskDecoder
 from .transformer import Attention
 
@@ -114,6 +115,10 @@ class DecoderCache:
     # kernels are preferred) and for the factored first layer (mask prompts; else made on first use)
     k0_cols: Optional[Tensor] = None
     stats: Optional["_StatsMaps"] = None  # two-layer decoders: per-image terms of the LayerNorm statistics
+    # what it was made from, for cache_current: (dict, key, object, version, storage) of every
+    # module and parameter link on the way to the weights read above, and the weights generation
+    sources: tuple = ()
+    generation: int = 0
 
 
 @dataclass
@@ -278,9 +283,56 @@ def _layer_projections(t2i: Attention, i2t: Optional[Attention], base: Tensor, p
     return lp
 
 
+def _cache_sources(decoder: MaskDecoder, no_mask_embed: Tensor) -> tuple:
+    """The module and parameter links :func:`build_cache` reads weights through, from the decoder
+    down (the image-side projections of every block and of the final attention, the blocks'
+    norm4, the first upscaling convolution) and ``no_mask_embed``, each as (the dict holding it,
+    its key, the object, its version, its storage) for :func:`cache_current`."""
+    links = []
+
+    def child(parent: torch.nn.Module, name: str) -> torch.nn.Module:
+        mod = parent._modules[name]
+        links.append((parent._modules, name, mod))
+        return mod
+
+    def params(mod: torch.nn.Module) -> None:  # (its submodules' links too: a projection may be replaced)
+        for m in mod.modules():
+            links.extend((m._modules, n, c) for n, c in m._modules.items() if c is not None)
+            links.extend((m._parameters, n, p) for n, p in m._parameters.items() if p is not None)
+
+    tf = child(decoder, "transformer")
+    layers = child(tf, "layers")
+    for i in range(len(layers)):
+        layer = child(layers, str(i))
+        for name in ("cross_attn_token_to_image", "cross_attn_image_to_token", "norm4"):
+            params(child(layer, name))
+    params(child(tf, "final_attn_token_to_image"))
+    params(child(child(decoder, "output_upscaling"), "0"))
+    links.append(({}, None, no_mask_embed))  # (its owner is the caller's to check)
+    return tuple((d, k, o, tensor_version(o), o.data_ptr()) if isinstance(o, Tensor) else (d, k, o, None, None)
+                 for d, k, o in links)
+
+
+def cache_current(cache: DecoderCache) -> bool:
+    """Whether the weights ``cache`` was built from are still the decoder's, unchanged: the same
+    modules and parameters, the same storage and version counters (parameters made under
+    ``torch.inference_mode`` have none: their in-place changes go unseen), and no
+    :func:`segany.modeling.common.weights_changed` since."""
+    if cache.generation != _common._weights_generation:
+        return False
+    for d, k, o, v, ptr in cache.sources:
+        if k is not None and d.get(k) is not o:
+            return False
+        if ptr is not None and (o.data_ptr() != ptr or (v is not None and o._version != v)):
+            return False
+    return True
+
+
 @torch.no_grad()
 def build_cache(decoder: MaskDecoder, image_embeddings: Tensor, image_pe: Tensor, no_mask_embed: Tensor) -> DecoderCache:
-    """image_embeddings (1, C, h, w), image_pe (1, C, h, w), no_mask_embed (1, C)."""
+    """image_embeddings (1, C, h, w), image_pe (1, C, h, w), no_mask_embed (1, C). The cache holds
+    projections through the decoder's weights: :func:`cache_current` says whether they changed."""
+    sources, generation = _cache_sources(decoder, no_mask_embed), _common._weights_generation
     h, w = image_embeddings.shape[-2:]
     src = image_embeddings.flatten(2).transpose(1, 2) + no_mask_embed.reshape(1, 1, -1)
     pe = image_pe.flatten(2).transpose(1, 2)
@@ -306,7 +358,7 @@ def build_cache(decoder: MaskDecoder, image_embeddings: Tensor, image_pe: Tensor
     final = _layer_projections(decoder.transformer.final_attn_token_to_image, None, base, pe0)
     w1 = _first_conv_channels_last(decoder.output_upscaling[0])
     cache = DecoderCache(src=src, pe=pe, src_pe=src_pe, k0=k0, v0=v0, q0=q0, hw=(int(h), int(w)), layers=tuple(layers), final=final,
-                         stats=_stats_maps(decoder, src[0]))
+                         stats=_stats_maps(decoder, src[0]), sources=sources, generation=generation)
     if _native_ok_now(src):
         cache.k0_cols = k0[0].transpose(1, 2).contiguous()
     if _native_tail_ok(decoder, image_embeddings):
@@ -348,14 +400,16 @@ def _plain_ln(m) -> bool:
 class _TokenPlan:
     owner: "weakref.ref"
     modules: tuple  # the modules the plan was built from, in the order the caller gathers them
-    params: tuple  # (module, name, parameter, version) of every parameter it packed
+    params: tuple  # (module, name, parameter, version, storage) of every parameter it packed
     eps: tuple
     plan: object
+    generation: int  # segany.modeling.common.weights_generation() when it was built
 
     def current(self, modules: tuple, eps: tuple) -> bool:
-        if self.eps != eps or len(modules) != len(self.modules) or not all(a is b for a, b in zip(modules, self.modules)):
+        if self.eps != eps or len(modules) != len(self.modules) or not all(a is b for a, b in zip(modules, self.modules)) \
+                or self.generation != _common._weights_generation:
             return False
-        return all(m._parameters.get(n) is p and p._version == v for m, n, p, v in self.params)
+        return all(m._parameters.get(n) is p and p._version == v and p.data_ptr() == d for m, n, p, v, d in self.params)
 
 
 def _no_hooks(modules: tuple) -> bool:
@@ -366,7 +420,8 @@ def _token_plan(owner: torch.nn.Module, kind: str, modules: tuple, eps: tuple, e
     """The token-kernel plan ``make()`` of ``owner``'s token side, kept while ``modules`` (gathered
     by the caller from the modules' own ``_modules`` dicts; ``owner``'s submodules, never
     ``owner`` itself, which the kept plan would keep alive) are the same objects with the same
-    parameters, unchanged in place (version counters), and the LayerNorms' ``eps`` are the same.
+    parameters, unchanged in place (version counters) and in the same storage, the LayerNorms'
+    ``eps`` are the same, and :func:`segany.modeling.common.weights_changed` was not called.
     ``eligible()`` (the modules' types and settings) is asked when a plan is built. None where the
     modules have hooks (PyTorch's code runs them) or are not eligible. Parameters without version
     counters (made under ``torch.inference_mode``) get a fresh plan on every call, as
@@ -388,7 +443,8 @@ def _token_plan(owner: torch.nn.Module, kind: str, modules: tuple, eps: tuple, e
     except RuntimeError:
         return make()
     entry = _TokenPlan(weakref.ref(owner, lambda _, k=k: _token_plans.pop(k, None)), modules,
-                       tuple((m, n, p, v) for (m, n, p), v in zip(params, versions)), eps, make())
+                       tuple((m, n, p, v, p.data_ptr()) for (m, n, p), v in zip(params, versions)), eps, make(),
+                       _common._weights_generation)
     _token_plans[k] = entry
     return entry.plan
 
@@ -637,17 +693,20 @@ _derived_cache: dict = {}
 
 def _derived(weight: Tensor, key: str, make) -> Tensor:
     """``make(weight)``: a layout of a parameter that every call would rebuild, kept while the
-    parameter lives and is not changed in place (its version counter); built fresh where
-    autograd records (training) and for parameters made under ``torch.inference_mode``."""
+    parameter lives and is not changed in place (its version counter) or given new storage, and
+    :func:`segany.modeling.common.weights_changed` is not called; built fresh where autograd
+    records (training) and for parameters made under ``torch.inference_mode``."""
     if torch.is_grad_enabled() or weight.is_inference():  # (inference tensors have no version counter)
         return make(weight)
     k = (id(weight), key)
     hit = _derived_cache.get(k)
-    if hit is not None and hit[0]() is weight and hit[1] == weight._version:
+    # (the storage too: ``p.data = x`` gives a parameter new values without a version bump)
+    state = (weight._version, weight.data_ptr(), _common._weights_generation)
+    if hit is not None and hit[0]() is weight and hit[1] == state:
         return hit[2]
     value = make(weight)
     ref = weakref.ref(weight, lambda _, k=k: _derived_cache.pop(k, None))
-    _derived_cache[k] = (ref, weight._version, value)
+    _derived_cache[k] = (ref, state, value)
     return value
 
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import LayerNorm2d, _dispatch_mode_active
+from .common import LayerNorm2d, _dispatch_mode_active, weights_generation
 
 
 def _numpy_ok(*tensors: torch.Tensor) -> bool:
@@ -71,7 +71,7 @@ class PromptEncoder(nn.Module):
         gm = self.pe_layer.positional_encoding_gaussian_matrix
         if gm.is_inference():  # made under torch.inference_mode: no version counter to key on
             return self.pe_layer(self.image_embedding_size).unsqueeze(0)
-        key = (gm.data_ptr(), gm._version, gm.device, gm.dtype)
+        key = (gm.data_ptr(), gm._version, gm.device, gm.dtype, weights_generation())
         if self._dense_pe_cache is None or self._dense_pe_cache[0] != key:
             self._dense_pe_cache = (key, self.pe_layer(self.image_embedding_size).unsqueeze(0))
         return self._dense_pe_cache[1]
