@@ -692,12 +692,12 @@ def main():
         if r and row == "click_refine":
             lines.append(
                 f"| refinement click → one mask at {r['size'][0]}x{r['size'][1]} (2 points + the previous logits as mask_input, "
-                f"multimask_output=False) | {r['ref'] * 1e3:.1f} ms | {r['ours'] * 1e3:.1f} ms | {r['ours'] / r['ref']:.2f}× | "
+                f"multimask_output=False) | {r['ref'] * 1e3:.1f} ms | {r['ours'] * 1e3:.1f} ms | {r['ours'] / r['ref']:.3f}× | "
                 f"`predict` on both sides; min mask IoU {r['min_mask_iou']:.4f}, max score diff {r['max_score_diff']:.1e} |")
         elif r:
             lines.append(
                 f"| one click → best mask at {r['size'][0]}x{r['size'][1]}, {what.format(photos=r.get('photos'))} | {r['ref'] * 1e3:.1f} ms | "
-                f"{r['ours'] * 1e3:.1f} ms | {r['ours'] / r['ref']:.2f}× | `predict_best`; `predict` + argmax (3 masks at the original "
+                f"{r['ours'] * 1e3:.1f} ms | {r['ours'] / r['ref']:.3f}× | `predict_best`; `predict` + argmax (3 masks at the original "
                 f"size, as the reference): {r['ours_all'] * 1e3:.1f} ms, {r['ours_all'] / r['ref']:.2f}×; "
                 f"min mask IoU {r['min_mask_iou']:.4f}, max score diff {r['max_score_diff']:.1e} |")
     if "rss" in rows:
