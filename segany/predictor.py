@@ -379,14 +379,15 @@ class SamPredictor:
         official predictor reads the weights on every call, so a decoder fine-tuned or reloaded
         after ``set_image`` must give its new masks here too)."""
         pe = self.model.prompt_encoder
-        gm, no_mask = pe.pe_layer.positional_encoding_gaussian_matrix, pe.no_mask_embed.weight
-        gm_state = (tensor_version(gm), gm.data_ptr())  # (the dense positional encoding is made from gm)
+        f, gm, no_mask = self.features, pe.pe_layer.positional_encoding_gaussian_matrix, pe.no_mask_embed.weight
+        # (the embedding and gm, which the dense positional encoding is made from, changed in place too)
+        state = (tensor_version(f), f.data_ptr(), tensor_version(gm), gm.data_ptr())
         kept = self._decoder_cache
-        if kept is None or kept[0] is not self.features or kept[1] is not gm or kept[2] != gm_state or kept[3] is not no_mask \
+        if kept is None or kept[0] is not f or kept[1] is not gm or kept[2] != state or kept[3] is not no_mask \
                 or not decoder_cache_current(kept[4]):
             with torch.no_grad():
-                cache = build_decoder_cache(self.model.mask_decoder, self.features, pe.get_dense_pe(), no_mask)
-            self._decoder_cache = kept = (self.features, gm, gm_state, no_mask, cache)
+                cache = build_decoder_cache(self.model.mask_decoder, f, pe.get_dense_pe(), no_mask)
+            self._decoder_cache = kept = (f, gm, state, no_mask, cache)
         return kept[4]
 
     def upscale(self, low_res_logits: torch.Tensor, threshold: Optional[float] = None) -> torch.Tensor:

@@ -275,12 +275,13 @@ def test_fast_decoder_follows_weights_changed_in_place():
 
 
 @pytest.mark.parametrize("change", ["no_grad", "load_state_dict", "data_assigned", "data_assigned_mlp", "new_parameter",
-                                    "new_module", "data_written", "no_mask_embed", "positions"])
+                                    "new_module", "data_written", "no_mask_embed", "positions", "embedding"])
 def test_predictor_follows_decoder_weights_changed_after_set_image(change, decoder_form):
     """A predictor keeps per-image decoder state made through the decoder's weights (and the
     token kernels keep packed copies of them): after the weights change, with an image already
     set, its masks are the changed model's, as the official predictor's would be, however the
-    change was made. Writes through ``.data`` bump no version counter: the caller says so with
+    change was made (and after its embedding is overwritten in place, the new embedding's).
+    Writes through ``.data`` bump no version counter: the caller says so with
     ``segany.weights_changed()``."""
     import segany
 
@@ -312,11 +313,13 @@ def test_predictor_follows_decoder_weights_changed_after_set_image(change, decod
             segany.weights_changed()
         elif change == "no_mask_embed":
             pe.no_mask_embed.weight.add_(1.0)
-        else:
+        elif change == "positions":
             pe.pe_layer.positional_encoding_gaussian_matrix.mul_(2.0)
+        else:  # (not a weight: the predictor's embedding itself, overwritten in place)
+            p.features.mul_(-1.0)
     after = p.predict(**kw)
     fresh = SamPredictor(sam)
-    fresh.set_embedding(feats, (100, 120), (107, 128))
+    fresh.set_embedding(p.features.clone(), (100, 120), (107, 128))
     want = fresh.predict(**kw)
     assert not np.allclose(before[2], want[2], atol=1e-4)  # the change matters
     for a, b in zip(after, want):
