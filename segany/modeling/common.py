@@ -64,6 +64,12 @@ except ImportError:  # (a PyTorch without it has no dispatch modes to watch for)
     _get_current_dispatch_mode = None
 
 
+def _tracing_or_exporting() -> bool:
+    """A TorchScript trace or script, or an ONNX export, is recording the operations: keep to
+    PyTorch's own (native kernels and numpy would not be recorded)."""
+    return torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export()
+
+
 def _dispatch_mode_active() -> bool:
     """A TorchDispatchMode (FLOP counter, fake tensors, ...) is watching: keep to standard ops.
     (Asked several times per decoder call: the import is done once, above.)"""
@@ -86,7 +92,7 @@ def _onednn_eligible(x: torch.Tensor, weight: torch.Tensor) -> bool:
         and weight.dtype == torch.float32
         and x.device.type == "cpu"
         and (weight.numel() >= _ONEDNN_MIN_WEIGHT or x.numel() * weight.shape[0] >= _ONEDNN_MIN_MACS)
-        and not (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export())
+        and not _tracing_or_exporting()
         and _onednn_available()
         and not _dispatch_mode_active()
     )
@@ -117,7 +123,7 @@ def inference_fast_path(x: torch.Tensor) -> bool:
         x.dtype == torch.float32
         and x.device.type == "cpu"
         and not torch.is_grad_enabled()
-        and not (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export())
+        and not _tracing_or_exporting()
         and not _dispatch_mode_active()
     )
 

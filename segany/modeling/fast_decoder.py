@@ -88,7 +88,8 @@ from torch import Tensor
 
 from .. import kernels
 from . import common as _common
-from .common import LayerNorm2d, MLPBlock, _act_name, _dispatch_mode_active, _global_hooks, _has_hooks, linear, tensor_version
+from .common import (LayerNorm2d, MLPBlock, _act_name, _dispatch_mode_active, _global_hooks, _has_hooks, _tracing_or_exporting, linear,
+                     tensor_version)
 from .mask_decoder import MLP, MaskDecoder
 from .transformer import Attention
 
@@ -1378,7 +1379,7 @@ def _native_ok(x: Tensor) -> bool:
 def _native_ok_now(x: Tensor) -> bool:
     return (
         x.is_cpu and x.dtype == torch.float32 and not torch.is_grad_enabled()
-        and not (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export())
+        and not _tracing_or_exporting()
         and not _dispatch_mode_active() and kernels.decoder_preferred()
     )
 

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import kernels
-from .common import LayerNorm2d, MLPBlock, _dispatch_mode_active, _onednn_available, _onednn_bf16_available, apply_linear
+from .common import (LayerNorm2d, MLPBlock, _dispatch_mode_active, _onednn_available, _onednn_bf16_available, _tracing_or_exporting,
+                     apply_linear)
 
 # Bound on the attention-bias bytes built at once in a global-attention block (per chunk), when
 # training (the differentiable SDPA path).
@@ -335,7 +336,7 @@ def _native_attention_ok(x: torch.Tensor, big: bool, w: Optional[int], hd: int, 
     return (
         big and x.dtype == torch.float32 and x.device.type == "cpu" and not x.requires_grad
         and not torch.is_grad_enabled() and not _dispatch_mode_active()
-        and not (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export())
+        and not _tracing_or_exporting()
         and kernels.attention_preferred(w, hd, window)
     )
 

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import LayerNorm2d, _dispatch_mode_active, weights_generation
+from .common import LayerNorm2d, _dispatch_mode_active, _tracing_or_exporting, weights_generation
 
 
 def _numpy_ok(*tensors: torch.Tensor) -> bool:
@@ -25,7 +25,7 @@ def _numpy_ok(*tensors: torch.Tensor) -> bool:
     return (
         not torch.is_grad_enabled()
         and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
-        and not (torch.jit.is_tracing() or torch.jit.is_scripting() or torch.onnx.is_in_onnx_export())
+        and not _tracing_or_exporting()
         and not _dispatch_mode_active()
     )
 
