@@ -17,7 +17,6 @@ import torch.nn.functional as F
 
 from . import kernels
 from .modeling import Sam
-from .modeling.common import tensor_version
 from .modeling.fast_decoder import build_cache as build_decoder_cache
 from .modeling.fast_decoder import cache_current as decoder_cache_current
 from .modeling.fast_decoder import mask_prompt_factor, predict_masks_fast
@@ -375,20 +374,18 @@ class SamPredictor:
 
     def _get_decoder_cache(self):
         """Prompt-independent decoder state for the current embedding: built once per image, and
-        again when the weights it was made from change (``fast_decoder.cache_current``; the
-        official predictor reads the weights on every call, so a decoder fine-tuned or reloaded
-        after ``set_image`` must give its new masks here too)."""
-        pe = self.model.prompt_encoder
-        f, gm, no_mask = self.features, pe.pe_layer.positional_encoding_gaussian_matrix, pe.no_mask_embed.weight
-        # (the embedding and gm, which the dense positional encoding is made from, changed in place too)
-        state = (tensor_version(f), f.data_ptr(), tensor_version(gm), gm.data_ptr())
+        again when what it was made from changes (``fast_decoder.cache_current``: the weights,
+        the embedding overwritten in place; the official predictor reads the weights on every
+        call, so a decoder fine-tuned or reloaded after ``set_image`` must give its new masks here
+        too)."""
         kept = self._decoder_cache
-        if kept is None or kept[0] is not f or kept[1] is not gm or kept[2] != state or kept[3] is not no_mask \
-                or not decoder_cache_current(kept[4]):
+        if kept is None or kept[0] is not self.features or not decoder_cache_current(kept[1]):
+            pe = self.model.prompt_encoder
             with torch.no_grad():
-                cache = build_decoder_cache(self.model.mask_decoder, f, pe.get_dense_pe(), no_mask)
-            self._decoder_cache = kept = (f, gm, state, no_mask, cache)
-        return kept[4]
+                cache = build_decoder_cache(self.model.mask_decoder, self.features, pe.get_dense_pe(), pe.no_mask_embed.weight,
+                                            prompt_encoder=pe)
+            self._decoder_cache = kept = (self.features, cache)
+        return kept[1]
 
     def upscale(self, low_res_logits: torch.Tensor, threshold: Optional[float] = None) -> torch.Tensor:
         """Low-res logits (..., 4h, 4w) -> logits at the original image size (..., H, W), or with

@@ -284,11 +284,14 @@ def _layer_projections(t2i: Attention, i2t: Optional[Attention], base: Tensor, p
     return lp
 
 
-def _cache_sources(decoder: MaskDecoder, no_mask_embed: Tensor) -> tuple:
-    """The module and parameter links :func:`build_cache` reads weights through, from the decoder
-    down (the image-side projections of every block and of the final attention, the blocks'
-    norm4, the first upscaling convolution) and ``no_mask_embed``, each as (the dict holding it,
-    its key, the object, its version, its storage) for :func:`cache_current`."""
+def _cache_sources(decoder: MaskDecoder, inputs: Tuple[Tensor, ...], prompt_encoder: Optional[torch.nn.Module]) -> tuple:
+    """What :func:`build_cache` reads, each as (the dict holding it, its key, the object, its
+    version, its storage) for :func:`cache_current`: the module and parameter links from the
+    decoder down to the weights it projects through (the image-side projections of every block
+    and of the final attention, the blocks' norm4, the first upscaling convolution); the tensors
+    it was given (``inputs``: the embedding, ``no_mask_embed``); and, where the caller names the
+    prompt encoder they came from, its links to ``no_mask_embed`` and the gaussian matrix the
+    dense positional encoding is made from."""
     links = []
 
     def child(parent: torch.nn.Module, name: str) -> torch.nn.Module:
@@ -309,7 +312,11 @@ def _cache_sources(decoder: MaskDecoder, no_mask_embed: Tensor) -> tuple:
             params(child(layer, name))
     params(child(tf, "final_attn_token_to_image"))
     params(child(child(decoder, "output_upscaling"), "0"))
-    links.append(({}, None, no_mask_embed))  # (its owner is the caller's to check)
+    if prompt_encoder is not None:
+        params(child(prompt_encoder, "no_mask_embed"))
+        pe_layer = child(prompt_encoder, "pe_layer")
+        links.append((pe_layer._buffers, "positional_encoding_gaussian_matrix", pe_layer.positional_encoding_gaussian_matrix))
+    links.extend(({}, None, t) for t in inputs)  # (their owners, where any, are the caller's)
     return tuple((d, k, o, tensor_version(o), o.data_ptr()) if isinstance(o, Tensor) else (d, k, o, None, None)
                  for d, k, o in links)
 
@@ -330,10 +337,13 @@ def cache_current(cache: DecoderCache) -> bool:
 
 
 @torch.no_grad()
-def build_cache(decoder: MaskDecoder, image_embeddings: Tensor, image_pe: Tensor, no_mask_embed: Tensor) -> DecoderCache:
-    """image_embeddings (1, C, h, w), image_pe (1, C, h, w), no_mask_embed (1, C). The cache holds
-    projections through the decoder's weights: :func:`cache_current` says whether they changed."""
-    sources, generation = _cache_sources(decoder, no_mask_embed), _common._weights_generation
+def build_cache(decoder: MaskDecoder, image_embeddings: Tensor, image_pe: Tensor, no_mask_embed: Tensor,
+                prompt_encoder: Optional[torch.nn.Module] = None) -> DecoderCache:
+    """image_embeddings (1, C, h, w), image_pe (1, C, h, w), no_mask_embed (1, C); the
+    ``prompt_encoder`` the last two come from, if any. The cache holds projections of them
+    through the decoder's weights: :func:`cache_current` says whether any of that changed."""
+    sources = _cache_sources(decoder, (image_embeddings, no_mask_embed), prompt_encoder)
+    generation = _common._weights_generation
     h, w = image_embeddings.shape[-2:]
     src = image_embeddings.flatten(2).transpose(1, 2) + no_mask_embed.reshape(1, 1, -1)
     pe = image_pe.flatten(2).transpose(1, 2)
