@@ -35,7 +35,8 @@ CPU itself and is not held back: the table marks its rows.
 Rows: gemm (machine float32 GEMM rate), encoder (fp32), encoder_int8 (PyTorch dynamic int8),
 encoder_ort / encoder_ort_int8 (onnxruntime; needs an export, slow the first time), click (one
 click -> the best mask at the original size incl. prompt encoding and postprocessing: segany's
-predict_best, and beside it segany's predict + argmax, the reference's calls), click_refine (a
+predict_best with return_low_res=False, and beside it the same with the low-res logits and
+segany's predict + argmax, the reference's calls), click_refine (a
 second click: two points and the previous logits as mask_input, one mask), click_bundled
 (the same with the bundled trained model on 5 photos of ../shared/data), rss (peak RSS of
 set_image + one click, separate processes), everything (segany.automatic vs the reference's
@@ -348,38 +349,42 @@ def _share_embedding(p1, p2):
 
 def _time_clicks(p1, p2, img, n_clicks, repeats, seed=0):
     """Alternating best-mask clicks (one random foreground point each) on the image both
-    predictors hold: seconds per click {"ours": [...], "ours_all": [...], "ref": [...]}, the
-    smallest IoU between their masks and the largest score difference over the first 5 clicks.
+    predictors hold: seconds per click {"ours": [...], "ours_low_res": [...], "ours_all": [...],
+    "ref": [...]}, the smallest IoU between their masks and the largest score difference over the
+    first 5 clicks.
 
     The reference has one way to it, ``predict`` (three candidates at the original size) and
-    ``argmax``: "ref". segany's interactive call is ``predict_best`` (the IoU head picks the
-    candidate before the upscaling): "ours"; its ``predict`` + ``argmax``, the reference's
-    exact calls: "ours_all"."""
+    ``argmax``: "ref". segany's call for the best mask at the original size is ``predict_best``
+    (the IoU head picks the candidate before the upscaling) with ``return_low_res=False`` (the
+    mask and its score; the mask's part in the input's padding is not computed): "ours"; the
+    same with the low-res logits a refinement click feeds back: "ours_low_res"; its ``predict``
+    + ``argmax``, the reference's exact calls: "ours_all"."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
     clicks = [np.array([[rng.uniform(0, img.shape[1]), rng.uniform(0, img.shape[0])]]) for _ in range(n_clicks)]
     lab = np.array([1])
-    its = {k: iter(clicks * (repeats + 1)) for k in ("ours", "ours_all", "ref")}
+    its = {k: iter(clicks * (repeats + 1)) for k in ("ours", "ours_low_res", "ours_all", "ref")}
 
     def best(p, it):
         m, s, _ = p.predict(point_coords=next(it), point_labels=lab)
         m[int(np.argmax(s))]
         return _took(p)
 
-    def best_only(p, it):
-        return p.predict_best(point_coords=next(it), point_labels=lab)[0][0]
+    def best_only(p, it, low_res):
+        return p.predict_best(point_coords=next(it), point_labels=lab, return_low_res=low_res)[0][0]
 
-    ts = _alternate({"ours": lambda: best_only(p1, its["ours"]), "ours_all": lambda: best(p1, its["ours_all"]),
-                     "ref": lambda: best(p2, its["ref"])}, repeats, warmup=1,
+    ts = _alternate({"ours": lambda: best_only(p1, its["ours"], False), "ours_low_res": lambda: best_only(p1, its["ours_low_res"], True),
+                     "ours_all": lambda: best(p1, its["ours_all"]), "ref": lambda: best(p2, its["ref"])}, repeats, warmup=1,
                     settle=SETTLE if isinstance(p2, _Reference) else 0.0)
     ious, sdiff = [], 0.0
     for c in clicks[:5]:
         m1, s1, _ = p1.predict(point_coords=c, point_labels=lab)
         m2, s2, _ = p2.predict(point_coords=c, point_labels=lab)
         mb, sb, _ = p1.predict_best(point_coords=c, point_labels=lab)
-        m1, s1 = np.concatenate([m1, mb]), np.concatenate([s1, sb])
-        m2, s2 = np.concatenate([m2, m2[int(np.argmax(s2))][None]]), np.concatenate([s2, [s2.max()]])
+        mo, so, _ = p1.predict_best(point_coords=c, point_labels=lab, return_low_res=False)
+        m1, s1 = np.concatenate([m1, mb, mo]), np.concatenate([s1, sb, so])
+        m2, s2 = np.concatenate([m2, m2[int(np.argmax(s2))][None].repeat(2, 0)]), np.concatenate([s2, [s2.max()] * 2])
         ious.append(min((1.0 if (x | y).sum() == 0 else (x & y).sum() / (x | y).sum()) for x, y in zip(m1, m2)))
         sdiff = max(sdiff, float(np.abs(s1 - s2).max()))
     return ts, float(min(ious)), sdiff
@@ -465,7 +470,7 @@ def w_click_bundled(a):
     if not photos:
         raise SystemExit("click_bundled needs the photos of ../shared/data")
     p1, p2 = SamPredictor(ours), ref if isinstance(ref, _Reference) else sa.SamPredictor(ref)
-    ts = {"ours": [], "ours_all": [], "ref": []}
+    ts = {"ours": [], "ours_low_res": [], "ours_all": [], "ref": []}
     ious, sdiff = [], 0.0
     for i, path in enumerate(photos):
         img = np.asarray(Image.open(path).convert("RGB").resize((w, h), Image.BILINEAR))
@@ -697,8 +702,9 @@ def main():
         elif r:
             lines.append(
                 f"| one click → best mask at {r['size'][0]}x{r['size'][1]}, {what.format(photos=r.get('photos'))} | {r['ref'] * 1e3:.1f} ms | "
-                f"{r['ours'] * 1e3:.1f} ms | {r['ours'] / r['ref']:.3f}× | `predict_best`; `predict` + argmax (3 masks at the original "
-                f"size, as the reference): {r['ours_all'] * 1e3:.1f} ms, {r['ours_all'] / r['ref']:.2f}×; "
+                f"{r['ours'] * 1e3:.1f} ms | {r['ours'] / r['ref']:.3f}× | `predict_best(..., return_low_res=False)`; with the low-res "
+                f"logits (`predict_best`): {r['ours_low_res'] * 1e3:.1f} ms, {r['ours_low_res'] / r['ref']:.3f}×; `predict` + argmax "
+                f"(3 masks at the original size and their logits, as the reference): {r['ours_all'] * 1e3:.1f} ms, {r['ours_all'] / r['ref']:.2f}×; "
                 f"min mask IoU {r['min_mask_iou']:.4f}, max score diff {r['max_score_diff']:.1e} |")
     if "rss" in rows:
         ref = _run(a, "rss", model=a.rss_model, variant="ref")

@@ -321,6 +321,8 @@ class SamAutomaticMaskGenerator:
         points_all = self.point_grids[layer_idx] * np.array(im_size)[None, ::-1]
         orig_h, orig_w = orig_size
         thresh = self.pred_iou_thresh if self.pred_iou_thresh > 0.0 else None
+        # the logits are only upscaled to the crop: their part in the crop's padding is not made
+        visible = self.predictor._visible_embedding()
         batches = [points_all[s : s + self.points_per_batch] for s in range(0, len(points_all), self.points_per_batch)]
 
         def one_batch(points: np.ndarray) -> Tuple[List[torch.Tensor], ...]:
@@ -340,7 +342,7 @@ class SamAutomaticMaskGenerator:
                     # masks that fail pred_iou_thresh are never upscaled (the IoU head comes first)
                     low, iou = self.predictor.decode(
                         in_points[d : d + self.decode_batch, None, :], in_labels[d : d + self.decode_batch, None],
-                        multimask_output=True, iou_thresh=thresh, scratch_masks=True,
+                        multimask_output=True, iou_thresh=thresh, scratch_masks=True, visible=visible,
                     )
                     low, iou = low.cpu(), iou.flatten(0, 1).cpu()
                     pts = pts_all[3 * d : 3 * (d + self.decode_batch)]

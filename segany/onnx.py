@@ -211,8 +211,9 @@ class OnnxPredictor(SamPredictor):
         return None  # the ONNX decoder runs whole; the torch fast path's per-image cache is unused
 
     def decode(self, point_coords, point_labels, boxes=None, mask_input=None, multimask_output=True, iou_thresh=None,
-               *, scratch_masks=False, best_only=False):
-        # scratch_masks: the caller would accept workspace memory; these results are always fresh
+               *, scratch_masks=False, best_only=False, visible=None):
+        # scratch_masks: the caller would accept workspace memory; these results are always fresh;
+        # visible: the caller reads only that part of the logits; the exported decoder makes all
         if best_only:  # the exported decoder gives all candidates; the best is picked from them
             if iou_thresh is not None:
                 raise ValueError("best_only and iou_thresh do not combine")

@@ -236,21 +236,39 @@ class SamPredictor:
         box: Optional[np.ndarray] = None,
         mask_input: Optional[np.ndarray] = None,
         return_logits: bool = False,
-    ) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+        return_low_res: bool = True,
+    ) -> Tuple[np.ndarray, np.ndarray, Optional[np.ndarray]]:
         """The best of ``predict``'s three candidates (``multimask_output=True``): the one with the
         highest predicted IoU, as ``i = argmax(scores)`` picks it, returned as mask (1, H, W),
         score (1,), low-res logits (1, 256, 256) (the next click's ``mask_input``).
 
         An interactive click shows that one mask; here the IoU head picks it before the output
         upscaling, so the other two are never upscaled or resized to the image (segany's own API;
-        the official package has no such call)."""
+        the official package has no such call).
+
+        ``return_low_res=False``: no low-res logits (the third value is None), for tools that
+        prompt again with all their clicks instead of feeding the logits back (as the official
+        web demo does). Then the part of the mask that lies in the input's padding, which the
+        mask at the image's size never reads, is not computed either: for a 3:2 photo a third
+        of the output upscaling (none for a square one). The mask and score are the same."""
         prompts = self._prompt_tensors(point_coords, point_labels, box, mask_input)
-        low_res, iou = self.decode(*prompts, multimask_output=True, best_only=True)
+        visible = None if return_low_res else self._visible_embedding()
+        low_res, iou = self.decode(*prompts, multimask_output=True, best_only=True, visible=visible)
         if return_logits:
             masks = self.upscale(low_res)
         else:
             masks = self.upscale(low_res, threshold=self.model.mask_threshold)
-        return masks[0].cpu().numpy(), iou[0].cpu().numpy(), low_res[0].cpu().numpy()
+        return masks[0].cpu().numpy(), iou[0].cpu().numpy(), low_res[0].cpu().numpy() if return_low_res else None
+
+    def _visible_embedding(self) -> Tuple[int, int]:
+        """The embedding rows and columns whose low-res logits the upscale to the original size
+        reads (see ``segany.upscale.used_extent``)."""
+        from .upscale import used_extent
+
+        h, w = self.features.shape[-2:]
+        n_low = self.model.prompt_encoder.mask_input_size[0]
+        rows, cols = used_extent(n_low, self.model.image_encoder.img_size, tuple(self.input_size), tuple(self.original_size))
+        return -(-rows * h // n_low), -(-cols * w // n_low)
 
     def _prompt_tensors(self, point_coords, point_labels, box, mask_input):
         """``predict``'s numpy prompts, checked (``PromptError`` names the bad one), as the input
@@ -328,13 +346,16 @@ class SamPredictor:
         *,
         scratch_masks: bool = False,
         best_only: bool = False,
+        visible: Optional[Tuple[int, int]] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor]:
         """Prompt encoder + mask decoder only: low-res logits (B, C, 4h, 4w) and iou (B, C).
 
         With ``iou_thresh``, only the masks with predicted IoU above it are upscaled and returned,
         as (K, 4h, 4w) in (prompt, mask) order; with ``scratch_masks`` the logits may live in the
         thread's decoder workspace until its next decoder call; with ``best_only`` (C = 1) each
-        prompt's candidate with the highest predicted IoU (see ``predict_masks_fast``)."""
+        prompt's candidate with the highest predicted IoU; with ``visible`` (rows, cols of the
+        embedding) only the logits the upscale to the image reads are needed, the rest may be
+        left zero (see ``predict_masks_fast``)."""
         points = (point_coords, point_labels) if point_coords is not None else None
         pe = self.model.prompt_encoder
         with torch.no_grad():
@@ -358,6 +379,7 @@ class SamPredictor:
                 return predict_masks_fast(
                     self.model.mask_decoder, sparse, self._get_decoder_cache(), multimask_output=multimask_output,
                     iou_thresh=iou_thresh, scratch_masks=scratch_masks, best_only=best_only, mask_factor=factor,
+                    visible=visible,
                 )
             sparse, dense = pe(points=points, boxes=boxes, masks=mask_input)
             return predict_masks_fast(
@@ -370,6 +392,7 @@ class SamPredictor:
                 iou_thresh=iou_thresh,
                 scratch_masks=scratch_masks,
                 best_only=best_only,
+                visible=visible,
             )
 
     def _get_decoder_cache(self):

@@ -15,6 +15,7 @@ tried; the predictor's click masks use that kernel too.
 """
 from __future__ import annotations
 
+from functools import lru_cache
 from typing import Optional, Tuple
 
 import torch
@@ -64,6 +65,16 @@ class _Axis:
         self.table = self.local[pos_c] * valid[..., None]  # (n_low, R, S)
         self.valid = valid
         self.pos = torch.where(valid, pos, 0)
+
+
+@lru_cache(maxsize=64)
+def used_extent(n_low: int, img_size: int, input_size: Tuple[int, int], original_size: Tuple[int, int]) -> Tuple[int, int]:
+    """The rows and columns of (n_low x n_low) low-res logits that the upscale to
+    ``original_size`` reads (bilinear to the padded input, crop to ``input_size``, bilinear to the
+    original size): (rows, cols), each at most n_low. The rest lies in the input's padding: for a
+    3:2 photo a third of the rows."""
+    return (_Axis(n_low, img_size, int(input_size[0]), int(original_size[0])).n_used,
+            _Axis(n_low, img_size, int(input_size[1]), int(original_size[1])).n_used)
 
 
 class CellUpscaler:

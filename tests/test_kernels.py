@@ -76,7 +76,7 @@ def test_native_decoder_tail_on_factored_image_tokens(monkeypatch, dim, h, w, B,
 
     fused_calls = []
     real_fused = kernels.decoder_tail_fused
-    monkeypatch.setattr(kernels, "decoder_tail_fused", lambda *a: fused_calls.append(1) or real_fused(*a))
+    monkeypatch.setattr(kernels, "decoder_tail_fused", lambda *a, **k: fused_calls.append(1) or real_fused(*a, **k))
 
     dec = _upscaling_decoder(dim, seed=h * w, ln_gain=1.0)
     g = torch.Generator().manual_seed(dim + B + M)
@@ -103,6 +103,32 @@ def test_native_decoder_tail_on_factored_image_tokens(monkeypatch, dim, h, w, B,
 
 
 @needs_decoder_kernel
+@pytest.mark.parametrize("B,M,rows,cols", [(1, 1, 43, 64), (3, 1, 64, 43), (2, 3, 17, 5), (1, 2, 1, 1)])
+def test_native_fused_tail_computes_the_visible_part_only(B, M, rows, cols):
+    """``visible`` (rows, cols): the masks' first 4*rows rows and 4*cols columns are those of the
+    whole computation, bit for bit (the part a mask at the image's size reads); the rest, which
+    lies in the input's padding, is zero, not computed."""
+    from segany.modeling import fast_decoder
+
+    dim, h, w, r = 256, 64, 64, 11
+    if not kernels.fused_tail_ok(w, dim // 4):
+        pytest.skip("this build's vectors do not divide 64")
+    dec = _upscaling_decoder(dim, seed=5)
+    g = torch.Generator().manual_seed(B * 10 + M)
+    S = torch.randn(h * w, dim, generator=g)
+    fx = fast_decoder._Factored(alpha=torch.rand(B, h * w, generator=g) + 0.5, P=torch.randn(B, r, h * w, generator=g) * 0.3,
+                                Q=torch.randn(B, r, dim, generator=g) * 0.3)
+    hyper = torch.randn(B, M, dim // 8, generator=g)
+    with torch.no_grad():
+        base_w1t = (fast_decoder._first_conv_channels_last(dec.output_upscaling[0]).t() @ S.t()).contiguous()
+        full = fast_decoder._upscale_masks_native(dec, (fx, None, base_w1t), hyper, h, w)
+        part = fast_decoder._upscale_masks_native(dec, (fx, None, base_w1t), hyper, h, w, visible=(rows, cols))
+    assert torch.equal(part[..., : 4 * rows, : 4 * cols], full[..., : 4 * rows, : 4 * cols])
+    assert not part[..., 4 * rows :, :].any() and not part[..., : 4 * rows, 4 * cols :].any()
+    assert torch.isfinite(full).all() and full[..., 4 * rows :, :].abs().sum() + full[..., 4 * cols :].abs().sum() > 0 or (rows, cols) == (h, w)
+
+
+@needs_decoder_kernel
 def test_native_fused_tail_checks_its_arguments():
     lanes = kernels.decoder_lanes()
     c1, c2, w, h, B, M, r = 8, 4, lanes, 2, 1, 1, 3
@@ -118,6 +144,9 @@ def test_native_fused_tail_checks_its_arguments():
                                    out=torch.zeros(B, M, 4 * h, 4 * (w + 1)), **{**args, "base": torch.zeros(4 * c1, h * (w + 1)), "alpha": torch.ones(B, h * (w + 1))})
     with pytest.raises(ValueError, match="float32"):
         kernels.decoder_tail_fused(torch.zeros(B, 4 * c1, r, dtype=torch.float64), torch.zeros(B, r, h * w), w, out=out, **args)
+    for visible in ((0, w), (h + 1, w), (h, 0), (1, w + 1)):
+        with pytest.raises(ValueError, match="visible"):
+            kernels.decoder_tail_fused(torch.zeros(B, 4 * c1, r), torch.zeros(B, r, h * w), w, out=out, visible=visible, **args)
 
 
 @needs_decoder_kernel

@@ -405,6 +405,81 @@ def test_predict_best_is_predicts_argmax_candidate():
         p.predict_best(np.array([[5.0, 5.0]]))
 
 
+# a 16x16 embedding: rows of whole vectors at AVX2's and AVX-512's width (the fused native tail)
+WIDE_VIT = {**TINY_VIT, "image_size": 256}
+
+
+@pytest.fixture
+def fused_tail_visible(monkeypatch):
+    """The ``visible`` extents the fused native tail was given (None: all of it), with the decoder
+    kernels on wherever built."""
+    seen = []
+    if kernels.decoder_available():
+        monkeypatch.setenv("SEGANY_DECODER_KERNELS", "1")
+        real = kernels.decoder_tail_fused
+        monkeypatch.setattr(kernels, "decoder_tail_fused", lambda *a, **k: seen.append(k.get("visible")) or real(*a, **k))
+    return seen
+
+
+@pytest.mark.parametrize("size", [(90, 130), (130, 90), (100, 100), (7, 250)])
+def test_predict_best_without_low_res_gives_the_same_mask(size, fused_tail_visible):
+    """``predict_best(return_low_res=False)``: the same mask, logits at the image size and score,
+    no low-res logits; the masks' part in the input's padding is not computed (where the fused
+    native tail runs), and the upscale to the image never reads it."""
+    sam = _model(WIDE_VIT)
+    p = SamPredictor(sam)
+    H, W = size
+    p.set_image(np.random.default_rng(0).integers(0, 255, (H, W, 3), dtype=np.uint8))
+    rng = np.random.default_rng(1)
+    for k in range(3):
+        pts = rng.uniform((0, 0), (W, H), size=(k + 1, 2))
+        labels = (np.arange(k + 1) % 2 == 0).astype(np.int64)
+        m, s, lo = p.predict_best(pts, labels)
+        m2, s2, none = p.predict_best(pts, labels, return_low_res=False)
+        assert none is None and np.array_equal(m2, m) and np.array_equal(s2, s)
+        f, _, _ = p.predict_best(pts, labels, return_logits=True)
+        f2, _, _ = p.predict_best(pts, labels, return_logits=True, return_low_res=False)
+        assert np.array_equal(f2, f)
+        # what lies outside the visible extent does not reach the image: NaN there changes nothing
+        rows, cols = (4 * v for v in p._visible_embedding())
+        poisoned = torch.from_numpy(lo.copy())
+        poisoned[..., rows:, :] = float("nan")
+        poisoned[..., cols:] = float("nan")
+        assert np.array_equal(p.upscale(poisoned)[0].numpy(), f[0])
+    vis = p._visible_embedding()
+    assert vis == {(90, 130): (12, 16), (130, 90): (16, 12), (100, 100): (16, 16), (7, 250): (1, 16)}[size]
+    if fused_tail_visible:  # the kernel was told the extent in the mask-only calls
+        assert (vis if vis != (16, 16) else None) in fused_tail_visible
+
+
+def test_segment_everything_unchanged_by_skipping_the_padding(fused_tail_visible, monkeypatch):
+    """Segment everything upscales its masks only to each crop: the decoder leaves out their
+    part in the crop's padding, and every record stays the same as with all of it computed."""
+    from segany.automatic import SamAutomaticMaskGenerator
+    from segany.modeling import fast_decoder
+
+    # factored image tokens, as at SAM's sizes (this narrow model would form them densely)
+    monkeypatch.setattr(fast_decoder, "DENSE_ABOVE_RANK", (float("inf"),) * 2)
+    sam = _model(WIDE_VIT, seed=3)
+    img = np.random.default_rng(2).integers(0, 255, (120, 200, 3), dtype=np.uint8)
+    img[30:90, 40:120] = (250, 30, 30)
+
+    def generate():
+        gen = SamAutomaticMaskGenerator(sam, points_per_side=6, pred_iou_thresh=1e-6, stability_score_thresh=0.0,
+                                        crop_n_layers=1, box_nms_thresh=0.99, decode_workers=1)
+        return gen.generate(img)
+
+    got = generate()
+    if kernels.decoder_available():
+        assert any(v is not None for v in fused_tail_visible)
+    monkeypatch.setattr(SamPredictor, "_visible_embedding", lambda self: tuple(self.features.shape[-2:]))
+    want = generate()
+    assert len(got) == len(want) > 10
+    for a, b in zip(got, want):
+        assert np.array_equal(a["segmentation"], b["segmentation"])
+        assert (a["bbox"], a["predicted_iou"], a["stability_score"], a["crop_box"]) == (b["bbox"], b["predicted_iou"], b["stability_score"], b["crop_box"])
+
+
 @pytest.mark.parametrize("config", DEC_CONFIGS[:2])
 def test_decoder_workspace_reuses_its_buffers_and_changes_no_result(config):
     """Segment everything decodes batch after batch in a workspace: the second call of a size

@@ -134,7 +134,7 @@ def _declare(name: str, lib: ctypes.CDLL) -> None:
     else:
         lib.segany_decoder_tail.argtypes = [i64, i64, i64, i64, i64, i64, i64, p, p, p, i64, p, i64, p, p, f32, p, p, p, p, i64, i64]
         lib.segany_decoder_tail.restype = ctypes.c_int
-        lib.segany_decoder_tail_fused.argtypes = [i64, i64, i64, i64, i64, i64, i64, i64, p, p, i64, p, p, i64, p, i64, p, p, f32, p, p, p, p, i64]
+        lib.segany_decoder_tail_fused.argtypes = [i64, i64, i64, i64, i64, i64, i64, i64, i64, i64, p, p, i64, p, p, i64, p, i64, p, p, f32, p, p, p, p, i64]
         lib.segany_decoder_tail_fused.restype = ctypes.c_int
         lib.segany_layer_norm_rows.argtypes = [i64, i64, i64, i64, p, p, i64, p, p, f32, ctypes.c_int, p, p]
         lib.segany_update_row_stats.argtypes = [i64, i64, i64, i64, i64, p, i64, p, i64, p, p, f32, p, p]
@@ -486,11 +486,14 @@ def fused_tail_ok(w: int, c1: int) -> bool:
 
 def decoder_tail_fused(qw: torch.Tensor, P: torch.Tensor, w: int, ln_weight: torch.Tensor, ln_bias: torch.Tensor,
                        eps: float, w2: torch.Tensor, bias2: torch.Tensor, hyper_in: torch.Tensor, out: torch.Tensor,
-                       bias1: torch.Tensor, base: torch.Tensor, alpha: torch.Tensor) -> None:
+                       bias1: torch.Tensor, base: torch.Tensor, alpha: torch.Tensor,
+                       visible: Optional[Tuple[int, int]] = None) -> None:
     """:func:`decoder_tail` over all embedding rows with the first convolution's product formed
     row by row inside the kernel: ``yT = qw @ P`` (qw (B, 4*c1, r) contiguous, P (B, r, h*w) with
     contiguous matrices, any batch stride) never goes through memory. base (4*c1, h*w) and alpha
-    (B, h*w) as there (required: this is the factored tokens' path); out (B, M, 4h, 4w)."""
+    (B, h*w) as there (required: this is the factored tokens' path); out (B, M, 4h, 4w).
+    ``visible`` (rows, cols): only embedding rows < rows and columns < cols are computed, the rest
+    of ``out`` is set to zero."""
     lib = _decoder_lib()
     B, C4, r = qw.shape
     c1 = C4 // 4
@@ -503,11 +506,18 @@ def decoder_tail_fused(qw: torch.Tensor, P: torch.Tensor, w: int, ln_weight: tor
             or bias2.numel() != 2 * c2 or tuple(out.shape) != (B, M, 4 * h, 4 * w) or hyper_in.shape[0] != B \
             or bias1.numel() != c1:
         raise ValueError("decoder_tail_fused: inconsistent shapes")
+    rv, wv = (h, w) if visible is None else (int(visible[0]), int(visible[1]))
+    if not (0 < rv <= h and 0 < wv <= w):
+        raise ValueError(f"decoder_tail_fused: visible {visible} outside the {h}x{w} embedding")
     base_args = _base_alpha_args("decoder_tail_fused", base, alpha, C4, B, N)
-    args = (h, w, c1, c2, M, r, qw.data_ptr(), P.data_ptr(), p_bstride, bias1.data_ptr(), *base_args,
+    args = (h, w, rv, wv, c1, c2, M, r, qw.data_ptr(), P.data_ptr(), p_bstride, bias1.data_ptr(), *base_args,
             ln_weight.data_ptr(), ln_bias.data_ptr(), float(eps), w2.data_ptr(),
             bias2.data_ptr(), hyper_in.data_ptr(), out.data_ptr(), out.shape[2])
-    _run_pieces(lib, lambda p0, p1: lib.segany_decoder_tail_fused(p0, p1, *args), B * h)
+    _run_pieces(lib, lambda p0, p1: lib.segany_decoder_tail_fused(p0, p1, *args), B * rv)
+    if rv < h:
+        out[:, :, 4 * rv:].zero_()
+    if wv < w:
+        out[:, :, : 4 * rv, 4 * wv:].zero_()
 
 
 def layer_norm_rows_(y: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,

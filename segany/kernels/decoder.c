@@ -151,17 +151,18 @@ static inline __attribute__((always_inline)) void conv2_row(const float *restric
     }
 }
 
-/* One embedding row i of one prompt: 4 output rows of 4w pixels for each of the M masks.
-   yT points at the prompt's (4*c1, N) first-conv map. Pixels are taken in the order (bb, j),
-   each run of w padded to w_pad (whole vectors); the stores put column 4j+2bb+b2 in place.
-   work: n_pad * (c1 + 2*c2 + 2) floats, n_pad = 2*w_pad. */
+/* One embedding row i of one prompt: 4 output rows of 4w pixels for each of the M masks, of
+   which the first 4*wc (embedding columns j < wc <= w) are computed. yT points at the prompt's
+   (4*c1, N) first-conv map. Pixels are taken in the order (bb, j), each run of wc padded to
+   w_pad (whole vectors); the stores put column 4j+2bb+b2 in place.
+   work: n_pad * (c1 + 2*c2 + 2) floats, n_pad = 2*w_pad (at most 2w rounded up to vectors). */
 static inline __attribute__((always_inline)) void tail_row(
-    const float *restrict yT, int64_t N, int64_t i, int64_t yi, int64_t w, int64_t c1, int64_t c2, int64_t M,
+    const float *restrict yT, int64_t N, int64_t i, int64_t yi, int64_t w, int64_t wc, int64_t c1, int64_t c2, int64_t M,
     const float *restrict bias1, const float *restrict base, int64_t base_stride, const float *restrict alpha,
     const float *restrict ln_w, const float *restrict ln_b, float eps, const float *restrict w2,
     const float *restrict bias2, const float *restrict hyp, float *restrict out, int64_t out_plane,
     float *restrict work) {
-    const int64_t w_pad = (w + LANES - 1) / LANES * LANES, n_pad = 2 * w_pad;
+    const int64_t w_pad = (wc + LANES - 1) / LANES * LANES, n_pad = 2 * w_pad;
     const int64_t OW = 4 * w, NO = 2 * c2;
     float *vT = work;              /* (c1, n_pad): first-conv row 2i+a, normalised, through GELU */
     float *zT = vT + c1 * n_pad;   /* (2, c2, n_pad): one output row before the dot products */
@@ -181,18 +182,18 @@ static inline __attribute__((always_inline)) void tail_row(
                kernel's time). */
             for (int64_t c = 0; c < c1; c++) {
                 const float *sc = src + c * N;
-                for (int64_t j = 0; j < w; j += 64 / (int64_t)sizeof(float)) __builtin_prefetch(sc + w + j);
+                for (int64_t j = 0; j < wc; j += 64 / (int64_t)sizeof(float)) __builtin_prefetch(sc + w + j);
                 if (bs) {
                     const float *bc = bs + c * base_stride;
-                    for (int64_t j = 0; j < w; j += 64 / (int64_t)sizeof(float)) __builtin_prefetch(bc + w + j);
+                    for (int64_t j = 0; j < wc; j += 64 / (int64_t)sizeof(float)) __builtin_prefetch(bc + w + j);
                     for (int64_t j0 = 0; j0 < w_pad; j0 += LANES) {
-                        int64_t n = w - j0;
+                        int64_t n = wc - j0;
                         vf x = (load_part(sc + j0, n) + load_part(bc + j0, n)) * load_part(alpha + i * w + j0, n) + bias1[c];
                         __builtin_memcpy(dst + c * n_pad + j0, &x, sizeof x);
                     }
                 } else {
                     for (int64_t j0 = 0; j0 < w_pad; j0 += LANES) {
-                        vf x = load_part(sc + j0, w - j0) + bias1[c];
+                        vf x = load_part(sc + j0, wc - j0) + bias1[c];
                         __builtin_memcpy(dst + c * n_pad + j0, &x, sizeof x);
                     }
                 }
@@ -244,7 +245,7 @@ static inline __attribute__((always_inline)) void tail_row(
                     }
                 }
                 float *o = out + m * out_plane + row * OW;
-                for (int64_t j = 0; j < w; j++) {
+                for (int64_t j = 0; j < wc; j++) {
                     o[4 * j + 0] = d[j];
                     o[4 * j + 1] = d[n_pad + j];
                     o[4 * j + 2] = d[w_pad + j];
@@ -279,11 +280,11 @@ int segany_decoder_tail(int64_t p0, int64_t p1, int64_t R, int64_t w, int64_t c1
         int64_t plane = OH * 4 * w;
         /* constant channel counts let the compiler unroll the channel loops */
         if (c1 == 64 && c2 == 32)
-            tail_row(yb, N, i, i, w, 64, 32, M, bias1, base, base_stride, ab, ln_w, ln_b, eps, w2, b2, hp, op, plane, work);
+            tail_row(yb, N, i, i, w, w, 64, 32, M, bias1, base, base_stride, ab, ln_w, ln_b, eps, w2, b2, hp, op, plane, work);
         else if (c1 == 32 && c2 == 16)
-            tail_row(yb, N, i, i, w, 32, 16, M, bias1, base, base_stride, ab, ln_w, ln_b, eps, w2, b2, hp, op, plane, work);
+            tail_row(yb, N, i, i, w, w, 32, 16, M, bias1, base, base_stride, ab, ln_w, ln_b, eps, w2, b2, hp, op, plane, work);
         else
-            tail_row(yb, N, i, i, w, c1, c2, M, bias1, base, base_stride, ab, ln_w, ln_b, eps, w2, b2, hp, op, plane, work);
+            tail_row(yb, N, i, i, w, w, c1, c2, M, bias1, base, base_stride, ab, ln_w, ln_b, eps, w2, b2, hp, op, plane, work);
         ftz_end(csr);
     }
     return err;
@@ -293,15 +294,20 @@ int segany_decoder_tail(int64_t p0, int64_t p1, int64_t R, int64_t w, int64_t c1
    its row's (4*c1, w) block Y = A_b P_b[:, i*w : (i+1)*w] in the work buffer (A (B, 4*c1, r)
    contiguous, P (B, r, R*w) rows R*w floats apart, batch stride p_bstride) and runs the tail on
    it: the product never goes through a multi-MB buffer read back across 4*c1 channel streams.
-   w must be a multiple of LANES, 4*c1 of GEMM_QB (else 2 is returned and nothing written). */
-int segany_decoder_tail_fused(int64_t p0, int64_t p1, int64_t R, int64_t w, int64_t c1, int64_t c2, int64_t M,
+   w must be a multiple of LANES, 4*c1 of GEMM_QB (else 2 is returned and nothing written).
+   Only embedding rows i < rv and columns j < wv are computed (pieces p0..p1-1 of B*rv): the masks'
+   part that the upscale to the original size reads (the rest lies in the input's padding, see
+   fast_decoder._upscale_masks); the other outputs are not written. */
+int segany_decoder_tail_fused(int64_t p0, int64_t p1, int64_t R, int64_t w, int64_t rv, int64_t wv, int64_t c1, int64_t c2, int64_t M,
                               int64_t r, const float *A, const float *P, int64_t p_bstride, const float *bias1,
                               const float *base, int64_t base_stride, const float *alpha, int64_t alpha_stride,
                               const float *ln_w, const float *ln_b, float eps, const float *w2, const float *b2,
                               const float *hyp, float *out, int64_t OH) {
-    if (w % LANES || (4 * c1) % GEMM_QB) return 2;
+    if (w % LANES || (4 * c1) % GEMM_QB || rv < 1 || rv > R || wv < 1 || wv > w) return 2;
     int err = 0;
+    /* wv_pad: the columns the product forms, whole vectors (w is a multiple of LANES) */
     const int64_t N = R * w, n_pad = 2 * ((w + LANES - 1) / LANES * LANES), tail_work = n_pad * (c1 + 2 * c2 + 2);
+    const int64_t wv_pad = (wv + LANES - 1) / LANES * LANES;
 #pragma omp parallel for schedule(dynamic) reduction(| : err)
     for (int64_t p = p0; p < p1; p++) {
         float *work = scratch((size_t)(tail_work + 4 * c1 * w + r * w));
@@ -310,27 +316,27 @@ int segany_decoder_tail_fused(int64_t p0, int64_t p1, int64_t R, int64_t w, int6
             continue;
         }
         const unsigned int csr = ftz_begin();
-        int64_t b = p / R, i = p % R;
+        int64_t b = p / rv, i = p % rv;
         float *Y = work + tail_work, *Pk = Y + 4 * c1 * w;
-        if (i + PF_AHEAD < R) {
+        if (i + PF_AHEAD < rv) {
             const float *Pn = P + b * p_bstride + (i + PF_AHEAD) * w;
             for (int64_t k = 0; k < r; k++)
-                for (int64_t q = 0; q < w; q += 64 / (int64_t)sizeof(float)) __builtin_prefetch(Pn + k * N + q);
+                for (int64_t q = 0; q < wv_pad; q += 64 / (int64_t)sizeof(float)) __builtin_prefetch(Pn + k * N + q);
         }
         const float *Ab = A + b * 4 * c1 * r, *Pb = P + b * p_bstride + i * w;
         /* the row's block of P, side by side: read 4*c1/GEMM_QB times, and its rows N floats
            apart fall in a few L1 sets (see factored_scores) */
         for (int64_t k = 0; k < r; k++)
-            for (int64_t j = 0; j < w; j += LANES) vstore(Pk + k * w + j, vload(Pb + k * N + j));
-        for (int64_t c0 = 0; c0 < 4 * c1; c0 += GEMM_QB) rows_gemm(w, r, Ab + c0 * r, r, Pk, w, Y + c0 * w, w, 0);
+            for (int64_t j = 0; j < wv_pad; j += LANES) vstore(Pk + k * w + j, vload(Pb + k * N + j));
+        for (int64_t c0 = 0; c0 < 4 * c1; c0 += GEMM_QB) rows_gemm(wv_pad, r, Ab + c0 * r, r, Pk, w, Y + c0 * w, w, 0);
         float *op = out + b * M * OH * 4 * w + i * 4 * 4 * w;
         const float *hp = hyp + b * M * c2;
         const float *ab = base ? alpha + b * alpha_stride : 0;
         int64_t plane = OH * 4 * w;
         if (c1 == 64 && c2 == 32)
-            tail_row(Y, w, i, 0, w, 64, 32, M, bias1, base, base_stride, ab, ln_w, ln_b, eps, w2, b2, hp, op, plane, work);
+            tail_row(Y, w, i, 0, w, wv, 64, 32, M, bias1, base, base_stride, ab, ln_w, ln_b, eps, w2, b2, hp, op, plane, work);
         else
-            tail_row(Y, w, i, 0, w, c1, c2, M, bias1, base, base_stride, ab, ln_w, ln_b, eps, w2, b2, hp, op, plane, work);
+            tail_row(Y, w, i, 0, w, wv, c1, c2, M, bias1, base, base_stride, ab, ln_w, ln_b, eps, w2, b2, hp, op, plane, work);
         ftz_end(csr);
     }
     return err;

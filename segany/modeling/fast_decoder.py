@@ -925,6 +925,7 @@ def predict_masks_fast(
     scratch_masks: bool = False,
     best_only: bool = False,
     mask_factor: Optional[Tuple[Tensor, Tensor]] = None,
+    visible: Optional[Tuple[int, int]] = None,
 ) -> Tuple[Tensor, Tensor]:
     """Same outputs as ``decoder(image_embeddings, image_pe, sparse, dense, multimask_output)``.
 
@@ -944,7 +945,13 @@ def predict_masks_fast(
     ``best_only`` (not with ``iou_thresh``): per prompt only the candidate with the highest
     predicted IoU (the first of equal ones, as ``argmax``), the one an interactive click shows:
     masks (B, 1, 4h, 4w) and its iou (B, 1). The IoU head runs before the output upscaling, so
-    the other candidates' hypernetwork MLPs and mask products are skipped."""
+    the other candidates' hypernetwork MLPs and mask products are skipped.
+
+    ``visible`` (rows, cols) of the (h, w) embedding: only the masks' first 4*rows rows and 4*cols
+    columns are needed (callers that upscale them to the original image and return nothing else:
+    the rest lies in the input's padding, which the upscale never reads; see
+    ``segany.upscale.used_extent``). Where the native output upscaling runs, the rest is not
+    computed and is zero; elsewhere it is computed as usual."""
     if best_only and iou_thresh is not None:
         raise ValueError("best_only and iou_thresh do not combine")
     # The native kernels' eligibility is asked once per call, not by each of the ~10 helpers
@@ -953,7 +960,7 @@ def predict_masks_fast(
     _per_thread.tokens = _per_thread.native and kernels.tokens_usable()
     try:
         return _predict_masks_fast(decoder, sparse_prompt_embeddings, cache, image_embeddings, image_pe, dense_prompt_embeddings,
-                                   multimask_output, iou_thresh, scratch_masks, best_only, mask_factor)
+                                   multimask_output, iou_thresh, scratch_masks, best_only, mask_factor, visible)
     finally:
         _per_thread.native = _per_thread.tokens = None
 
@@ -970,7 +977,7 @@ def _index_tensor(indices: Tuple[int, ...], device: torch.device) -> Tensor:
 
 
 def _predict_masks_fast(decoder, sparse_prompt_embeddings, cache, image_embeddings, image_pe, dense_prompt_embeddings,
-                        multimask_output, iou_thresh, scratch_masks, best_only, mask_factor):
+                        multimask_output, iou_thresh, scratch_masks, best_only, mask_factor, visible):
     B = sparse_prompt_embeddings.shape[0]
     tokens = torch.cat((decoder.iou_token.weight.expand(B, -1, -1), decoder.mask_tokens.weight.expand(B, -1, -1),
                         sparse_prompt_embeddings), dim=1)
@@ -1016,7 +1023,7 @@ def _predict_masks_fast(decoder, sparse_prompt_embeddings, cache, image_embeddin
         if len(rows) < B:  # (all kept: nothing to gather)
             fx, queries, tokens = fx.select(rows), queries[rows], tokens[rows]
         hyper_in = hypernetworks(_final_cached(decoder, queries[:, mask_tokens], tokens[:, mask_tokens], fx, cache))
-        masks = _upscale_masks(decoder, (fx, cache.upscale, cache.upscale_t), hyper_in, h, w, scratch=True)
+        masks = _upscale_masks(decoder, (fx, cache.upscale, cache.upscale_t), hyper_in, h, w, visible=visible, scratch=True)
         return _kept_masks(masks, keep[rows], scratch_masks), iou_pred
 
     # Only the IoU token and the requested mask tokens are read after the final token->image
@@ -1031,18 +1038,18 @@ def _predict_masks_fast(decoder, sparse_prompt_embeddings, cache, image_embeddin
     if best_only and B == 1:  # (a click: a dozen fewer small operations than the batched form below)
         i = int(iou_pred.argmax())
         hyper_in = _mlp_head(decoder.output_hypernetworks_mlps[idx[i]], queries[:, 1 + i])[:, None]
-        return _upscale_masks(decoder, upscale_in, hyper_in, h, w, scratch=scratch_masks), iou_pred[:, i : i + 1]
+        return _upscale_masks(decoder, upscale_in, hyper_in, h, w, visible=visible, scratch=scratch_masks), iou_pred[:, i : i + 1]
     if best_only:
         best = iou_pred.argmax(1)  # (B,)
         hyper_in = queries.new_empty(B, 1, decoder.output_hypernetworks_mlps[0].layers[-1].out_features)
         for i in best.unique().tolist():  # prompts that chose the same candidate share one MLP call
             rows = (best == i).nonzero().flatten()
             hyper_in[rows, 0] = _mlp_head(decoder.output_hypernetworks_mlps[idx[i]], queries[rows, 1 + i, :])
-        return (_upscale_masks(decoder, upscale_in, hyper_in, h, w, scratch=scratch_masks),
+        return (_upscale_masks(decoder, upscale_in, hyper_in, h, w, visible=visible, scratch=scratch_masks),
                 iou_pred.gather(1, best[:, None]))
     hyper_in = hypernetworks(queries[:, 1:])
     if iou_thresh is None:
-        return _upscale_masks(decoder, upscale_in, hyper_in, h, w, scratch=scratch_masks), iou_pred
+        return _upscale_masks(decoder, upscale_in, hyper_in, h, w, visible=visible, scratch=scratch_masks), iou_pred
     keep = iou_pred > iou_thresh  # (B, M)
     rows = keep.any(1).nonzero().flatten()
     if len(rows) == 0:
@@ -1050,7 +1057,7 @@ def _predict_masks_fast(decoder, sparse_prompt_embeddings, cache, image_embeddin
     if len(rows) < B:  # (all kept: nothing to gather)
         upscale_in = torch.index_select(upscale_in, 0, rows)
         hyper_in = hyper_in[rows]
-    masks = _upscale_masks(decoder, upscale_in, hyper_in, h, w, scratch=True)  # (R, M, 4h, 4w)
+    masks = _upscale_masks(decoder, upscale_in, hyper_in, h, w, visible=visible, scratch=True)  # (R, M, 4h, 4w)
     return _kept_masks(masks, keep[rows], scratch_masks), iou_pred
 
 
@@ -1410,7 +1417,8 @@ def _native_tail_ok(decoder: MaskDecoder, x: Tensor) -> bool:
     )
 
 
-def _upscale_masks_native(decoder: MaskDecoder, keys, hyper_in: Tensor, h: int, w: int, scratch: bool = False) -> Tensor:
+def _upscale_masks_native(decoder: MaskDecoder, keys, hyper_in: Tensor, h: int, w: int, scratch: bool = False,
+                          visible: Optional[Tuple[int, int]] = None) -> Tensor:
     """:func:`_upscale_masks` with the part after the first convolution in ``segany.kernels``:
     the first convolution is a GEMM producing channel-major (B, 4*c1, pixels) chunks, which the
     kernel reads with pixels along its vectors."""
@@ -1439,7 +1447,7 @@ def _upscale_masks_native(decoder: MaskDecoder, keys, hyper_in: Tensor, h: int, 
             # the product formed row by row inside the tail (one click's upscaling 0.9x: no
             # multi-MB chunk written and read back across 256 channel streams)
             kernels.decoder_tail_fused(qw1t.contiguous(), fx.P, w, ln.weight, ln.bias, ln.eps, w2, b2, hyp, out, ct1.bias,
-                                       base_w1t, fx.alpha)
+                                       base_w1t, fx.alpha, visible=visible)
             return out
     # one chunk buffer, filled in place by the GEMM; the bias and the per-image part are added in
     # the kernel as it reads the chunk (an addcmul pass less: a vit_b click ~1.5% faster)
@@ -1459,7 +1467,8 @@ def _upscale_masks_native(decoder: MaskDecoder, keys, hyper_in: Tensor, h: int, 
 
 
 def _upscale_masks(
-    decoder: MaskDecoder, keys, hyper_in: Tensor, h: int, w: int, rows_per_chunk: Optional[int] = None, scratch: bool = False
+    decoder: MaskDecoder, keys, hyper_in: Tensor, h: int, w: int, rows_per_chunk: Optional[int] = None, scratch: bool = False,
+    visible: Optional[Tuple[int, int]] = None,
 ) -> Tensor:
     """keys (B, h*w, C) channel-last, or (factored keys, their base through the first conv
     (h*w, 4*c1) or None, the same transposed (4*c1, h*w) or None); hyper_in (B, M, C/8) -> masks (B, M, 4h, 4w).
@@ -1469,7 +1478,9 @@ def _upscale_masks(
     (6-7 ms vs 8.6-9 ms for 8 rows at 64x64), while a batch of prompts keeps its intermediates
     (16x the pixels at up to 64 channels per prompt) bounded."""
     if rows_per_chunk is None and _native_tail_ok(decoder, hyper_in):
-        return _upscale_masks_native(decoder, keys, hyper_in, h, w, scratch)
+        if visible is not None and tuple(visible) == (h, w):
+            visible = None
+        return _upscale_masks_native(decoder, keys, hyper_in, h, w, scratch, visible)
     ct1, ln, act1, ct2, act2 = decoder.output_upscaling
     C = ct1.in_channels
     B = hyper_in.shape[0]
