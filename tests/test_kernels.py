@@ -125,7 +125,7 @@ def test_native_fused_tail_computes_the_visible_part_only(B, M, rows, cols):
         part = fast_decoder._upscale_masks_native(dec, (fx, None, base_w1t), hyper, h, w, visible=(rows, cols))
     assert torch.equal(part[..., : 4 * rows, : 4 * cols], full[..., : 4 * rows, : 4 * cols])
     assert not part[..., 4 * rows :, :].any() and not part[..., : 4 * rows, 4 * cols :].any()
-    assert torch.isfinite(full).all() and full[..., 4 * rows :, :].abs().sum() + full[..., 4 * cols :].abs().sum() > 0 or (rows, cols) == (h, w)
+    assert full[..., 4 * rows :, :].abs().sum() + full[..., : 4 * rows, 4 * cols :].abs().sum() > 0  # (so the zeros above are skipped work)
 
 
 @needs_decoder_kernel
