@@ -1476,7 +1476,8 @@ def _upscale_masks(
     Runs ``rows_per_chunk`` embedding rows at a time (default: ~4096 embedding pixels over the
     batch per chunk): fewer, larger ops were faster than cache-sized pieces at one prompt
     (6-7 ms vs 8.6-9 ms for 8 rows at 64x64), while a batch of prompts keeps its intermediates
-    (16x the pixels at up to 64 channels per prompt) bounded."""
+    (16x the pixels at up to 64 channels per prompt) bounded. ``visible``: the part of the masks
+    that is needed (see predict_masks_fast); the fused native tail computes only that part."""
     if rows_per_chunk is None and _native_tail_ok(decoder, hyper_in):
         if visible is not None and tuple(visible) == (h, w):
             visible = None
