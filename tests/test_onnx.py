@@ -93,6 +93,8 @@ def test_onnx_predictor_matches_torch(tiny, exported, prompt):
     np.testing.assert_allclose(b[1][0], a[1][i], atol=1e-4)
     np.testing.assert_allclose(b[2][0], a[2][i], atol=1e-3)
     assert _iou(b[0][0], a[0][i]) >= 0.999 or (a[0][i].sum() + b[0][0].sum()) < 5
+    m, s, none = onx.predict_best(**kw, return_low_res=False)  # (the exported decoder makes all the logits)
+    assert none is None and np.array_equal(m, b[0]) and np.array_equal(s, b[1])
 
 
 def test_export_cli(tmp_path, monkeypatch):
