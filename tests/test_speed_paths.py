@@ -480,6 +480,43 @@ def test_segment_everything_unchanged_by_skipping_the_padding(fused_tail_visible
         assert (a["bbox"], a["predicted_iou"], a["stability_score"], a["crop_box"]) == (b["bbox"], b["predicted_iou"], b["stability_score"], b["crop_box"])
 
 
+def test_decoder_caches_share_the_positional_maps():
+    """The image-independent part of the per-image decoder state (the positional encoding and its
+    share of the later layers' maps) is one copy for every image's cache of a decoder, the masks
+    are those of separate copies, and a change to the weights it comes from makes it anew."""
+    sam = _model(TINY_VIT)
+    rng = np.random.default_rng(4)
+    preds = [SamPredictor(sam) for _ in range(2)]
+    for p in preds:
+        p.set_image(rng.integers(0, 255, (90, 130, 3), dtype=np.uint8))
+    pts, lab = np.array([[40.0, 30.0], [90.0, 60.0]]), np.array([1, 0])
+    got = [p.predict(pts, lab)[2] for p in preds]
+    c1, c2 = (p._get_decoder_cache() for p in preds)
+    assert c1.pe is c2.pe and c1.layers[0].t2i_kpe is c2.layers[0].t2i_kpe and c1.final.t2i_kpe is c2.final.t2i_kpe
+    assert c1.layers[0].t2i_k is not c2.layers[0].t2i_k  # (the per-image maps are each image's)
+    for p, g in zip(preds, got):  # the official module structure, image by image
+        want = _module_logits(p, pts, lab)
+        np.testing.assert_allclose(g, want, rtol=1e-4, atol=1e-4 * max(1.0, np.abs(want).max()))
+    with torch.no_grad():  # a weight the positional share goes through
+        sam.mask_decoder.transformer.final_attn_token_to_image.k_proj.bias.add_(0.5)
+    got = [p.predict(pts, lab)[2] for p in preds]
+    c3 = preds[0]._get_decoder_cache()
+    assert c3.final.t2i_kpe is not c1.final.t2i_kpe and c3.final.t2i_kpe is preds[1]._get_decoder_cache().final.t2i_kpe
+    for p, g in zip(preds, got):
+        want = _module_logits(p, pts, lab)
+        np.testing.assert_allclose(g, want, rtol=1e-4, atol=1e-4 * max(1.0, np.abs(want).max()))
+
+
+def _module_logits(p: SamPredictor, pts: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Low-res logits of ``p``'s image through the official modules (no fast path)."""
+    sam = p.model
+    coords = torch.as_tensor(p.transform.apply_coords(pts, p.original_size), dtype=torch.float)[None]
+    with torch.no_grad():
+        sparse, dense = sam.prompt_encoder(points=(coords, torch.as_tensor(labels, dtype=torch.int)[None]), boxes=None, masks=None)
+        low, _ = sam.mask_decoder(p.features, sam.prompt_encoder.get_dense_pe(), sparse, dense, multimask_output=True)
+    return low[0].numpy()
+
+
 @pytest.mark.parametrize("config", DEC_CONFIGS[:2])
 def test_decoder_workspace_reuses_its_buffers_and_changes_no_result(config):
     """Segment everything decodes batch after batch in a workspace: the second call of a size

@@ -268,20 +268,70 @@ def _project(linear: torch.nn.Linear, x: Tensor, bias: bool) -> Tensor:
     return F.linear(x, linear.weight, linear.bias if bias else None)
 
 
-def _layer_projections(t2i: Attention, i2t: Optional[Attention], base: Tensor, pe: Tensor) -> _LayerProjections:
-    # the maps the factored scores read, in the native kernel's pixel tiles where it is the
-    # default (kernels.scores_tiles; the PyTorch path unpacks them): with AVX2 a click 0.97x (emulated)
-    tile = kernels.scores_tiles if kernels.decoder_preferred() else (lambda m: m)
-    nh = t2i.num_heads
+def _score_maps_tiling():
+    """The layout of the maps the factored scores read: the native kernel's pixel tiles where it
+    is the default (kernels.scores_tiles; the PyTorch path unpacks them: with AVX2 a click 0.97x,
+    emulated), else (heads, hd, N) as they are."""
+    return kernels.scores_tiles if kernels.decoder_preferred() else None
+
+
+def _layer_projections(t2i: Attention, i2t: Optional[Attention], base: Tensor, pe_shares: Tuple[Tensor, Optional[Tensor]],
+                       tiling) -> _LayerProjections:
+    """The per-image maps of one layer past the first, with ``pe_shares`` (t2i_kpe, i2t_qpe) from
+    :func:`_pe_shares` (shared by the images)."""
+    tile = tiling or (lambda m: m)
     lp = _LayerProjections(
-        t2i_k=tile(_head_cols(_project(t2i.k_proj, base, False), nh)),
-        t2i_kpe=tile(_head_cols(_project(t2i.k_proj, pe, True), nh)),
-        t2i_v=_head_rows(_project(t2i.v_proj, base, False), nh),
+        t2i_k=tile(_head_cols(_project(t2i.k_proj, base, False), t2i.num_heads)),
+        t2i_kpe=pe_shares[0],
+        t2i_v=_head_rows(_project(t2i.v_proj, base, False), t2i.num_heads),
     )
     if i2t is not None:
         lp.i2t_q = tile(_head_cols(_project(i2t.q_proj, base, False), i2t.num_heads))
-        lp.i2t_qpe = tile(_head_cols(_project(i2t.q_proj, pe, True), i2t.num_heads))
+        lp.i2t_qpe = pe_shares[1]
     return lp
+
+
+def _pe_shares(t2i: Attention, i2t: Optional[Attention], pe: Tensor, tiling) -> Tuple[Tensor, Optional[Tensor]]:
+    """The positional encoding's share of one layer's maps (biases included): (t2i_kpe, i2t_qpe)."""
+    tile = tiling or (lambda m: m)
+    kpe = tile(_head_cols(_project(t2i.k_proj, pe, True), t2i.num_heads))
+    return kpe, None if i2t is None else tile(_head_cols(_project(i2t.q_proj, pe, True), i2t.num_heads))
+
+
+@dataclass
+class _PeMaps:
+    """The image-independent part of the decoder caches: the positional encoding channel-last and
+    its share of every later layer's maps (~10 MB at SAM's sizes), one copy for all the images
+    whose caches come from the same decoder and ``image_pe`` (a server's LRU of embeddings)."""
+
+    pe: Tensor  # (1, N, C)
+    layers: tuple  # per layer past the first, (t2i_kpe, i2t_qpe)
+    final: tuple  # (t2i_kpe, None)
+    tiling: object
+    sources: tuple  # as DecoderCache's, for cache_current: the decoder's links and image_pe
+    generation: int
+
+
+_pe_maps: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # decoder -> _PeMaps (the last image_pe's)
+
+
+def _shared_pe_maps(decoder: MaskDecoder, image_pe: Tensor) -> _PeMaps:
+    """The decoder's :class:`_PeMaps` for ``image_pe`` (1, C, h, w): the kept ones while
+    :func:`cache_current` holds for them (the same image_pe, unchanged, and the same decoder
+    weights) and their layout is still the kernels', else made anew."""
+    tiling = _score_maps_tiling()
+    kept = _pe_maps.get(decoder)
+    if kept is not None and kept.tiling is tiling and kept.sources[-1][2] is image_pe and cache_current(kept):
+        return kept
+    sources = _cache_sources(decoder, (image_pe,), None)
+    generation = _common._weights_generation
+    pe = image_pe.flatten(2).transpose(1, 2).contiguous()
+    tf = decoder.transformer
+    layers = tuple(_pe_shares(layer.cross_attn_token_to_image, layer.cross_attn_image_to_token, pe[0], tiling) for layer in tf.layers[1:])
+    final = _pe_shares(tf.final_attn_token_to_image, None, pe[0], tiling)
+    kept = _PeMaps(pe=pe, layers=layers, final=final, tiling=tiling, sources=sources, generation=generation)
+    _pe_maps[decoder] = kept
+    return kept
 
 
 def _cache_sources(decoder: MaskDecoder, inputs: Tuple[Tensor, ...], prompt_encoder: Optional[torch.nn.Module]) -> tuple:
@@ -346,9 +396,9 @@ def build_cache(decoder: MaskDecoder, image_embeddings: Tensor, image_pe: Tensor
     generation = _common._weights_generation
     h, w = image_embeddings.shape[-2:]
     src = image_embeddings.flatten(2).transpose(1, 2) + no_mask_embed.reshape(1, 1, -1)
-    pe = image_pe.flatten(2).transpose(1, 2)
     src = src.contiguous()
-    pe = pe.contiguous()
+    shared = _shared_pe_maps(decoder, image_pe)
+    pe = shared.pe
     src_pe = src + pe
     layer0 = decoder.transformer.layers[0]
     t2i: Attention = layer0.cross_attn_token_to_image
@@ -359,14 +409,14 @@ def build_cache(decoder: MaskDecoder, image_embeddings: Tensor, image_pe: Tensor
     q0 = _head_cols(i2t.q_proj(src_pe)[0], i2t.num_heads)
     # The per-image bases S_l of the factored image tokens and their projections.
     base = src[0]
-    pe0 = pe[0]
     layers = []
     blocks = decoder.transformer.layers
     for i, layer in enumerate(blocks[1:]):
         base = base * blocks[i].norm4.weight  # the previous block's norm4 gain
-        layers.append(_layer_projections(layer.cross_attn_token_to_image, layer.cross_attn_image_to_token, base, pe0))
+        layers.append(_layer_projections(layer.cross_attn_token_to_image, layer.cross_attn_image_to_token, base,
+                                         shared.layers[i], shared.tiling))
     base = base * blocks[-1].norm4.weight
-    final = _layer_projections(decoder.transformer.final_attn_token_to_image, None, base, pe0)
+    final = _layer_projections(decoder.transformer.final_attn_token_to_image, None, base, shared.final, shared.tiling)
     w1 = _first_conv_channels_last(decoder.output_upscaling[0])
     cache = DecoderCache(src=src, pe=pe, src_pe=src_pe, k0=k0, v0=v0, q0=q0, hw=(int(h), int(w)), layers=tuple(layers), final=final,
                          stats=_stats_maps(decoder, src[0]), sources=sources, generation=generation)
