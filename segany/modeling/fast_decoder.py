@@ -321,6 +321,7 @@ def _shared_pe_maps(decoder: MaskDecoder, image_pe: Tensor) -> _PeMaps:
     weights) and their layout is still the kernels', else made anew."""
     tiling = _score_maps_tiling()
     kept = _pe_maps.get(decoder)
+    # (image_pe is the last of the kept sources, the input: _cache_sources lists inputs last)
     if kept is not None and kept.tiling is tiling and kept.sources[-1][2] is image_pe and cache_current(kept):
         return kept
     sources = _cache_sources(decoder, (image_pe,), None)
